@@ -1,0 +1,51 @@
+//! `hostd inspect`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use shm::{Access, InspectOptions, Mapping, RegionReport};
+
+use super::{CommandResult, EXIT_PROBLEM_FOUND};
+use crate::render;
+use crate::state_dir::StateDir;
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A node name (its region in the state directory) or a path to a region file.
+    pub node: String,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// List at most this many records (all are still checked).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+}
+
+pub fn run(state: &StateDir, args: &InspectArgs) -> CommandResult {
+    let path = state.resolve_region(&args.node)?;
+    // Read-only: inspecting must never disturb the region's writer.
+    let mapping = Mapping::open(&path, Access::ReadOnly)?;
+    let report = shm::inspect(
+        mapping,
+        InspectOptions {
+            max_records: args.limit,
+        },
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render::region_report(&report));
+    }
+    let problem = match &report {
+        RegionReport::Node(n) => n.problem.is_some(),
+        RegionReport::Control(c) => c.problem.is_some(),
+        RegionReport::Unknown { .. } => true,
+    };
+    Ok(if problem {
+        ExitCode::from(EXIT_PROBLEM_FOUND)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

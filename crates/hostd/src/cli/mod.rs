@@ -1,0 +1,56 @@
+//! Command-line parsing and dispatch.
+
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::state_dir::{DEFAULT_STATE_DIR, StateDir};
+
+/// ivha host daemon: keeps a pair of QEMU guests highly available through shared memory.
+#[derive(Debug, Parser)]
+#[command(name = "hostd", version, about, long_about = None)]
+pub struct Cli {
+    /// The cluster's state directory (regions, sockets, logs); use one per cluster.
+    #[arg(long, global = true, env = "IVHA_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Decode a node's shared-memory region: header, heartbeat, log cursors and records.
+    ///
+    /// Works on any region, including one whose writer is dead or whose log is corrupt:
+    /// the first problem found is reported, and the exit status is 3 when there is one.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Exit status when the command worked but found a problem in what it inspected.
+pub const EXIT_PROBLEM_FOUND: u8 = 3;
+
+/// Parses the command line, runs the command and prints errors with their whole chain.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let state = StateDir::new(&cli.state_dir);
+    let result = match &cli.command {
+        Command::Inspect(args) => inspect::run(&state, args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!(
+                "hostd: error: {}",
+                shm::inspect::error_chain(error.as_ref())
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a command returns: an exit status, or an error to print.
+pub type CommandResult = Result<ExitCode, Box<dyn std::error::Error>>;

@@ -1,0 +1,196 @@
+//! Text rendering of reports for people (the JSON forms are for programs).
+
+use std::fmt::Write;
+
+use shm::inspect::{ControlReport, NodeReport, Problem, RegionReport};
+
+/// Renders any region report.
+pub fn region_report(report: &RegionReport) -> String {
+    match report {
+        RegionReport::Node(node) => node_report(node),
+        RegionReport::Control(control) => control_report(control),
+        RegionReport::Unknown {
+            source,
+            size,
+            problem,
+        } => {
+            let mut out = format!("region {source} ({})\n", bytes(*size));
+            problem_line(&mut out, Some(problem));
+            out
+        }
+    }
+}
+
+/// Renders a node region report.
+pub fn node_report(r: &NodeReport) -> String {
+    let mut out = String::new();
+    let Some(h) = &r.header else {
+        let _ = writeln!(out, "node region {} ({})", r.source, bytes(r.size));
+        problem_line(&mut out, r.problem.as_ref());
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "node region {} (node {}) at {}, {}",
+        h.name,
+        h.node_id,
+        r.source,
+        bytes(r.size)
+    );
+    let _ = writeln!(
+        out,
+        "  format      v{}, ring of {} at offset {}, records up to {}",
+        h.version,
+        bytes(h.geometry.ring_size),
+        h.geometry.ring_offset,
+        bytes(h.geometry.max_payload)
+    );
+    let _ = writeln!(out, "  boot id     {:#018x}", r.boot_id);
+    match r.heartbeat {
+        Some(hb) if hb.counter > 0 => {
+            let _ = writeln!(
+                out,
+                "  heartbeat   #{} ({} ago by the writer's clock)",
+                hb.counter,
+                age(hb.unix_ns)
+            );
+        }
+        Some(_) => out.push_str("  heartbeat   never beat\n"),
+        None => out.push_str("  heartbeat   unreadable\n"),
+    }
+    if let (Some(head), Some(flushed)) = (r.head, r.flushed) {
+        let _ = writeln!(
+            out,
+            "  log         head seq {} @{}, flushed seq {} @{}: {} records, {} unflushed",
+            head.seq,
+            head.pos,
+            flushed.seq,
+            flushed.pos,
+            r.unflushed_records,
+            bytes(r.unflushed_bytes)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  pressure    {} waits for ring space, {:.1} ms waited",
+        r.stats.backpressure_waits,
+        r.stats.backpressure_wait_ns as f64 / 1e6
+    );
+    if let Some(ack) = r.ack.filter(|a| a.command_seq > 0) {
+        let _ = writeln!(
+            out,
+            "  ack         command {} at epoch {}: status {}, seqs {}..{}",
+            ack.command_seq, ack.epoch, ack.status, ack.first_seq, ack.last_seq
+        );
+    }
+    if r.records.is_empty() {
+        out.push_str("  records     none unflushed\n");
+    } else {
+        out.push_str("  records (unflushed)\n");
+        let _ = writeln!(
+            out,
+            "    {:>10} {:>12} {:<12} {:>6} {:>14} {:>10}  crc",
+            "seq", "pos", "kind", "export", "offset", "len"
+        );
+        for rec in &r.records {
+            let kind = rec
+                .kind
+                .map_or_else(|| "?".to_owned(), |k| format!("{k:?}").to_lowercase());
+            let _ = writeln!(
+                out,
+                "    {:>10} {:>12} {:<12} {:>6} {:>14} {:>10}  {}",
+                rec.seq,
+                rec.pos,
+                kind,
+                rec.export.map_or("?".into(), |e| e.to_string()),
+                rec.offset.map_or("?".into(), |o| o.to_string()),
+                rec.len,
+                if rec.crc_ok { "ok" } else { "BAD" }
+            );
+        }
+        if r.records_truncated {
+            out.push_str("    ... (more records; raise --limit to list them)\n");
+        }
+    }
+    if let Some(tail) = &r.unpublished_tail {
+        let _ = writeln!(
+            out,
+            "  torn tail   record {} at @{} ({} bytes) was being appended but never published (never acknowledged)",
+            tail.seq, tail.pos, tail.payload_len
+        );
+    }
+    problem_line(&mut out, r.problem.as_ref());
+    out
+}
+
+/// Renders a control region report.
+pub fn control_report(r: &ControlReport) -> String {
+    let mut out = format!("control region at {}, {}\n", r.source, bytes(r.size));
+    if r.header.is_some() {
+        let _ = writeln!(out, "  epoch       {}", r.epoch);
+        for owner in &r.owners {
+            let _ = writeln!(
+                out,
+                "  identity    {} served by {} (since epoch {})",
+                owner.identity,
+                owner.owner.as_deref().unwrap_or("nobody"),
+                owner.raw.map_or(0, |o| o.epoch)
+            );
+        }
+        for command in &r.commands {
+            if let Some(c) = command.command.filter(|c| c.seq > 0) {
+                let _ = writeln!(
+                    out,
+                    "  command     to {}: #{} {:?} identity {} at epoch {}",
+                    command.node, c.seq, c.kind, c.identity, c.epoch
+                );
+            }
+        }
+    }
+    problem_line(&mut out, r.problem.as_ref());
+    out
+}
+
+fn problem_line(out: &mut String, problem: Option<&Problem>) {
+    match problem {
+        Some(p) => {
+            let _ = writeln!(out, "  PROBLEM     {}", p.message);
+        }
+        None => out.push_str("  problems    none\n"),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    // Exact units only: an operator comparing sizes should never see rounding.
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024 && value % 1024 == 0 && unit < UNITS.len() - 1 {
+        value /= 1024;
+        unit += 1;
+    }
+    format!("{value} {}", UNITS[unit])
+}
+
+fn age(unix_ns: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    match now.checked_sub(unix_ns) {
+        Some(ns) => format!("{:.2} s", ns as f64 / 1e9),
+        None => "in the future".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(bytes(64 << 20), "64 MiB");
+        assert_eq!(bytes(4096), "4 KiB");
+        assert_eq!(bytes(1000), "1000 B");
+        assert_eq!(bytes(67104768), "65532 KiB");
+    }
+}

@@ -1,0 +1,124 @@
+//! Where everything lives in the node and control regions.
+//!
+//! Both regions start with a 4 KiB header page. Its first 128 bytes are a static header,
+//! written once when the region is formatted and covered by a crc32c; the rest of the page
+//! holds the live words, each written by exactly one party. In a node region the ring fills
+//! everything after the header page.
+//!
+//! All multi-byte fields are little-endian; all live words are naturally aligned `u64`s.
+
+use crate::published::{Published, published_size};
+
+/// Size of the header page of both region kinds.
+pub const HEADER_PAGE: u64 = 4096;
+/// Bytes of the static header covered by its crc (the crc sits right after them).
+pub const STATIC_HEADER_CRC_OFFSET: usize = 120;
+/// Length of the static header, crc included.
+pub const STATIC_HEADER_LEN: usize = 128;
+/// Region format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Longest node or identity name, in bytes.
+pub const NAME_LEN: usize = 16;
+
+/// Magic of a node region ("IVHANODE").
+pub const NODE_MAGIC: [u8; 8] = *b"IVHANODE";
+/// Magic of the control region ("IVHACTRL").
+pub const CONTROL_MAGIC: [u8; 8] = *b"IVHACTRL";
+
+/// Most nodes and identities a control region describes.
+pub const MAX_NODES: usize = 8;
+/// Most identities (exports with their addresses) a control region describes.
+pub const MAX_IDENTITIES: usize = 8;
+
+/// Static node header fields (byte offsets).
+pub mod node_header {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_LEN: usize = 12;
+    pub const REGION_SIZE: usize = 16;
+    pub const RING_OFFSET: usize = 24;
+    pub const RING_SIZE: usize = 32;
+    pub const MAX_PAYLOAD: usize = 40;
+    pub const NODE_ID: usize = 48;
+    pub const NAME: usize = 56;
+    pub const CREATED_UNIX_NS: usize = 72;
+}
+
+/// Live words of a node region, all written by that node's agent.
+pub mod node_live {
+    use super::*;
+
+    /// Random id the agent picks each time it starts writing the region.
+    pub const BOOT_ID: u64 = 512;
+    /// `(counter, unix time ns)`.
+    pub const HEARTBEAT: Published<2> = Published::at(576);
+    /// `(seq, position)` just past the last published record.
+    pub const HEAD: Published<2> = Published::at(640);
+    /// `(seq, position)` just past the last record applied to disk and synced.
+    pub const FLUSHED: Published<2> = Published::at(704);
+    /// Times an append waited for ring space (back-pressure).
+    pub const BACKPRESSURE_WAITS: u64 = 768;
+    /// Total nanoseconds appends spent waiting for ring space.
+    pub const BACKPRESSURE_WAIT_NS: u64 = 776;
+    /// Acknowledgement of the last command hostd addressed to this node:
+    /// `(command seq, epoch, status, first seq, last seq)`.
+    pub const ACK: Published<5> = Published::at(1024);
+
+    const _: () = assert!(HEARTBEAT.end() <= HEAD.offset());
+    const _: () = assert!(HEAD.end() <= FLUSHED.offset());
+    const _: () = assert!(FLUSHED.end() <= BACKPRESSURE_WAITS);
+    const _: () = assert!(ACK.end() <= HEADER_PAGE);
+}
+
+/// Static control header fields (byte offsets).
+pub mod control_header {
+    pub const MAGIC: usize = 0;
+    pub const VERSION: usize = 8;
+    pub const HEADER_LEN: usize = 12;
+    pub const REGION_SIZE: usize = 16;
+    pub const NODE_COUNT: usize = 24;
+    pub const IDENTITY_COUNT: usize = 28;
+    pub const CREATED_UNIX_NS: usize = 32;
+}
+
+/// Names of nodes and identities in the control region's header page (outside the crc'd
+/// static header: 8 names of 16 bytes each do not fit in it). Written once at format.
+pub mod control_names {
+    use super::*;
+    pub const NODES: u64 = 256;
+    pub const IDENTITIES: u64 = NODES + (MAX_NODES * NAME_LEN) as u64;
+    /// crc32c over both name tables.
+    pub const CRC: u64 = IDENTITIES + (MAX_IDENTITIES * NAME_LEN) as u64;
+    const _: () = assert!(CRC + 8 <= 1024);
+}
+
+/// Live words of the control region, all written by hostd.
+pub mod control_live {
+    use super::*;
+
+    /// The cluster epoch: bumped before every change of identity ownership.
+    pub const EPOCH: u64 = 1024;
+    /// Distance between two identity owner records.
+    pub const OWNER_STRIDE: u64 = 64;
+    /// Owner of identity 0: `(owner node id + 1, epoch)`; 0 means unowned.
+    pub const OWNERS: u64 = 1088;
+    /// Distance between two command slots.
+    pub const COMMAND_STRIDE: u64 = 128;
+    /// Command slot of node 0: `(command seq, kind, identity, epoch, argument)`.
+    pub const COMMANDS: u64 = 2048;
+
+    /// Owner record of identity `index`.
+    pub const fn owner(index: usize) -> Published<2> {
+        Published::at(OWNERS + index as u64 * OWNER_STRIDE)
+    }
+
+    /// Command slot of node `index`.
+    pub const fn command(index: usize) -> Published<5> {
+        Published::at(COMMANDS + index as u64 * COMMAND_STRIDE)
+    }
+
+    const _: () = assert!(OWNER_STRIDE >= published_size(2));
+    const _: () = assert!(OWNERS + MAX_IDENTITIES as u64 * OWNER_STRIDE <= COMMANDS);
+    const _: () = assert!(COMMAND_STRIDE >= published_size(5));
+    const _: () = assert!(COMMANDS + MAX_NODES as u64 * COMMAND_STRIDE <= HEADER_PAGE);
+}

@@ -1,0 +1,478 @@
+//! A node region: one node's header, heartbeat, acknowledgements and write log.
+//!
+//! Only that node's agent writes it. Its partner and hostd map it read-only and read it
+//! through [`NodeRegion`]; the agent gets the writer halves from [`NodeRegion::writer`], one
+//! value per group of words it owns, so that ownership of every shared word is a Rust value.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::header::{self, HeaderError, StaticHeader};
+use crate::layout::{FORMAT_VERSION, HEADER_PAGE, NAME_LEN, NODE_MAGIC, node_header, node_live};
+use crate::log::{Cursor, FlushedWriter, Geometry, LogAppender, LogError, LogScanner};
+use crate::mapping::{Access, Mapping};
+use crate::published::PublishedWriter;
+
+/// Errors from formatting or opening a node region.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("region {source_path} is not a usable node region")]
+    Header {
+        source_path: String,
+        #[source]
+        source: HeaderError,
+    },
+    #[error("node name {name:?} is empty or longer than {NAME_LEN} bytes")]
+    BadName { name: String },
+    #[error("region {source_path} is mapped read-only; only its owner may write it")]
+    ReadOnly { source_path: String },
+    #[error("the log of region {source_path} cannot be resumed")]
+    Log {
+        source_path: String,
+        #[source]
+        source: LogError,
+    },
+}
+
+/// The static part of a node region's header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeHeader {
+    pub version: u32,
+    pub region_size: u64,
+    pub node_id: u32,
+    pub name: String,
+    pub created_unix_ns: u64,
+    #[serde(flatten)]
+    pub geometry: Geometry,
+}
+
+/// A heartbeat as last published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Heartbeat {
+    /// Increases by one per beat; 0 means the agent never beat.
+    pub counter: u64,
+    /// The agent's wall clock at that beat, ns since the Unix epoch (informative only:
+    /// monitors judge liveness by the counter moving, on their own clock).
+    pub unix_ns: u64,
+}
+
+/// What an agent says about the last command hostd gave it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    /// The command's seq (0: nothing acknowledged yet).
+    pub command_seq: u64,
+    pub epoch: u64,
+    /// 0 is success; other values are command specific.
+    pub status: u64,
+    /// Command specific, e.g. the first and last seq replayed by a takeover.
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Counters the appender keeps in the region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NodeStats {
+    /// Appends that found the ring full and waited for the flusher.
+    pub backpressure_waits: u64,
+    /// Nanoseconds spent in those waits.
+    pub backpressure_wait_ns: u64,
+}
+
+/// A mapped, validated node region (read side; works on read-only mappings).
+#[derive(Debug, Clone)]
+pub struct NodeRegion {
+    mapping: Arc<Mapping>,
+    header: NodeHeader,
+}
+
+impl NodeRegion {
+    /// Writes a fresh header and empty log into a read-write mapping, erasing what was there.
+    pub fn format(mapping: Mapping, node_id: u32, name: &str) -> Result<Self, NodeError> {
+        let source_path = mapping.source().display().to_string();
+        if mapping.access() != Access::ReadWrite {
+            return Err(NodeError::ReadOnly { source_path });
+        }
+        if name.is_empty() || name.len() > NAME_LEN {
+            return Err(NodeError::BadName { name: name.into() });
+        }
+        let region_size = mapping.len();
+        let ring_size = region_size - HEADER_PAGE;
+        let geometry = Geometry {
+            ring_offset: HEADER_PAGE,
+            ring_size,
+            max_payload: Geometry::default_max_payload(ring_size),
+        };
+        let mut h = StaticHeader::new(NODE_MAGIC);
+        h.put_u32(node_header::VERSION, FORMAT_VERSION);
+        h.put_u32(node_header::HEADER_LEN, HEADER_PAGE as u32);
+        h.put_u64(node_header::REGION_SIZE, region_size);
+        h.put_u64(node_header::RING_OFFSET, geometry.ring_offset);
+        h.put_u64(node_header::RING_SIZE, geometry.ring_size);
+        h.put_u64(node_header::MAX_PAYLOAD, geometry.max_payload);
+        h.put_u32(node_header::NODE_ID, node_id);
+        h.put_name(node_header::NAME, name);
+        h.put_u64(node_header::CREATED_UNIX_NS, unix_ns());
+        // Zero the live words first, then the header: a region is only recognised once its
+        // magic is there, so a crash mid-format leaves something that does not open.
+        header::clear_header_page(&mapping);
+        h.store(&mapping);
+        Self::open(mapping)
+    }
+
+    /// Validates the header of a mapped region.
+    pub fn open(mapping: Mapping) -> Result<Self, NodeError> {
+        let source_path = mapping.source().display().to_string();
+        let header = read_header(&mapping).map_err(|source| NodeError::Header {
+            source_path,
+            source,
+        })?;
+        Ok(Self {
+            mapping: Arc::new(mapping),
+            header,
+        })
+    }
+
+    /// Node id and name, if `mapping` holds a valid node region.
+    pub(crate) fn peek_identity(mapping: &Mapping) -> Option<(u32, String)> {
+        read_header(mapping).ok().map(|h| (h.node_id, h.name))
+    }
+
+    pub fn header(&self) -> &NodeHeader {
+        &self.header
+    }
+
+    pub fn mapping(&self) -> &Mapping {
+        &self.mapping
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.header.geometry
+    }
+
+    /// The boot id of the agent that last started writing this region (0: never).
+    pub fn boot_id(&self) -> u64 {
+        self.mapping.load(node_live::BOOT_ID)
+    }
+
+    pub fn heartbeat(&self) -> Option<Heartbeat> {
+        let [counter, unix_ns] = node_live::HEARTBEAT.read(&self.mapping)?;
+        Some(Heartbeat { counter, unix_ns })
+    }
+
+    pub fn head(&self) -> Option<Cursor> {
+        node_live::HEAD.read(&self.mapping).map(Cursor::from_words)
+    }
+
+    pub fn flushed(&self) -> Option<Cursor> {
+        node_live::FLUSHED
+            .read(&self.mapping)
+            .map(Cursor::from_words)
+    }
+
+    pub fn ack(&self) -> Option<Ack> {
+        let [command_seq, epoch, status, first_seq, last_seq] =
+            node_live::ACK.read(&self.mapping)?;
+        Some(Ack {
+            command_seq,
+            epoch,
+            status,
+            first_seq,
+            last_seq,
+        })
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        NodeStats {
+            backpressure_waits: self.mapping.load(node_live::BACKPRESSURE_WAITS),
+            backpressure_wait_ns: self.mapping.load(node_live::BACKPRESSURE_WAIT_NS),
+        }
+    }
+
+    /// Scans the unflushed records: what a partner replays after this node died.
+    pub fn unflushed(&self) -> Result<LogScanner<'_>, LogError> {
+        let flushed = self
+            .flushed()
+            .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
+        let head = self
+            .head()
+            .ok_or(LogError::CursorUnreadable { name: "head" })?;
+        Ok(LogScanner::new(
+            &self.mapping,
+            self.geometry(),
+            flushed,
+            head,
+        ))
+    }
+
+    /// Takes over writing the region: picks a new boot id and returns one writer per group
+    /// of words. The log resumes from its published cursors.
+    pub fn writer(&self, boot_id: u64) -> Result<NodeWriter, NodeError> {
+        let source_path = self.mapping.source().display().to_string();
+        if self.mapping.access() != Access::ReadWrite {
+            return Err(NodeError::ReadOnly { source_path });
+        }
+        let log_error = |source| NodeError::Log {
+            source_path: source_path.clone(),
+            source,
+        };
+        let appender =
+            LogAppender::resume(Arc::clone(&self.mapping), self.geometry()).map_err(log_error)?;
+        let flushed =
+            FlushedWriter::resume(Arc::clone(&self.mapping), self.geometry()).map_err(log_error)?;
+        if let Some(word) = self.mapping.word(node_live::BOOT_ID) {
+            word.store(boot_id, Ordering::Release);
+        }
+        let heartbeat = HeartbeatWriter {
+            counter: self.heartbeat().map_or(0, |h| h.counter),
+            writer: PublishedWriter::new(node_live::HEARTBEAT, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
+        let ack = AckWriter {
+            writer: PublishedWriter::new(node_live::ACK, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
+        Ok(NodeWriter {
+            appender,
+            flushed,
+            heartbeat,
+            ack,
+        })
+    }
+}
+
+/// Everything a node's agent writes, split so each part can go to its own thread.
+#[derive(Debug)]
+pub struct NodeWriter {
+    pub appender: LogAppender,
+    pub flushed: FlushedWriter,
+    pub heartbeat: HeartbeatWriter,
+    pub ack: AckWriter,
+}
+
+/// Publishes heartbeats.
+#[derive(Debug)]
+pub struct HeartbeatWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<2>,
+    counter: u64,
+}
+
+impl HeartbeatWriter {
+    /// Publishes the next beat and returns it.
+    pub fn beat(&mut self) -> Heartbeat {
+        self.counter += 1;
+        let beat = Heartbeat {
+            counter: self.counter,
+            unix_ns: unix_ns(),
+        };
+        self.writer
+            .publish(&self.mapping, [beat.counter, beat.unix_ns]);
+        beat
+    }
+}
+
+/// Publishes acknowledgements of hostd's commands.
+#[derive(Debug)]
+pub struct AckWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<5>,
+}
+
+impl AckWriter {
+    pub fn acknowledge(&mut self, ack: Ack) {
+        self.writer.publish(
+            &self.mapping,
+            [
+                ack.command_seq,
+                ack.epoch,
+                ack.status,
+                ack.first_seq,
+                ack.last_seq,
+            ],
+        );
+    }
+}
+
+fn read_header(mapping: &Mapping) -> Result<NodeHeader, HeaderError> {
+    let h = StaticHeader::load(mapping, NODE_MAGIC)?;
+    let version = h.u32(node_header::VERSION);
+    if version != FORMAT_VERSION {
+        return Err(HeaderError::Version {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let region_size = h.u64(node_header::REGION_SIZE);
+    if region_size != mapping.len() {
+        return Err(HeaderError::Size {
+            recorded: region_size,
+            mapped: mapping.len(),
+        });
+    }
+    let header_len = u64::from(h.u32(node_header::HEADER_LEN));
+    let geometry = Geometry {
+        ring_offset: h.u64(node_header::RING_OFFSET),
+        ring_size: h.u64(node_header::RING_SIZE),
+        max_payload: h.u64(node_header::MAX_PAYLOAD),
+    };
+    if header_len != HEADER_PAGE || geometry.ring_offset < header_len {
+        return Err(HeaderError::Geometry(format!(
+            "header of {header_len} bytes and ring at {} overlap or are unknown",
+            geometry.ring_offset
+        )));
+    }
+    geometry
+        .validate(region_size)
+        .map_err(HeaderError::Geometry)?;
+    Ok(NodeHeader {
+        version,
+        region_size,
+        node_id: h.u32(node_header::NODE_ID),
+        name: h.name(node_header::NAME)?,
+        created_unix_ns: h.u64(node_header::CREATED_UNIX_NS),
+        geometry,
+    })
+}
+
+pub(crate) fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{BackPressure, Entry};
+
+    fn region(size: u64) -> NodeRegion {
+        NodeRegion::format(Mapping::create_memfd("n", size).unwrap(), 0, "a").unwrap()
+    }
+
+    #[test]
+    fn format_then_open_gives_the_same_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.region");
+        let formatted =
+            NodeRegion::format(Mapping::create_file(&path, 1 << 20).unwrap(), 1, "b").unwrap();
+        let reopened = NodeRegion::open(Mapping::open(&path, Access::ReadOnly).unwrap()).unwrap();
+        assert_eq!(formatted.header(), reopened.header());
+        assert_eq!(reopened.header().name, "b");
+        assert_eq!(reopened.header().node_id, 1);
+        assert_eq!(reopened.geometry().ring_size, (1 << 20) - 4096);
+        assert_eq!(reopened.head(), Some(Cursor::default()));
+    }
+
+    #[test]
+    fn read_only_regions_give_no_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.region");
+        NodeRegion::format(Mapping::create_file(&path, 65536).unwrap(), 0, "a").unwrap();
+        let ro = NodeRegion::open(Mapping::open(&path, Access::ReadOnly).unwrap()).unwrap();
+        assert!(matches!(ro.writer(1), Err(NodeError::ReadOnly { .. })));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let m = || Mapping::create_memfd("n", 65536).unwrap();
+        assert!(matches!(
+            NodeRegion::format(m(), 0, ""),
+            Err(NodeError::BadName { .. })
+        ));
+        assert!(matches!(
+            NodeRegion::format(m(), 0, "a-name-longer-than-16"),
+            Err(NodeError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn heartbeat_ack_and_boot_id_are_visible_to_readers() {
+        let r = region(65536);
+        let mut w = r.writer(0xb007).unwrap();
+        assert_eq!(r.boot_id(), 0xb007);
+        assert_eq!(r.heartbeat().unwrap().counter, 0);
+        w.heartbeat.beat();
+        let beat = w.heartbeat.beat();
+        assert_eq!(r.heartbeat(), Some(beat));
+        assert_eq!(beat.counter, 2);
+        let ack = Ack {
+            command_seq: 3,
+            epoch: 2,
+            status: 0,
+            first_seq: 10,
+            last_seq: 20,
+        };
+        w.ack.acknowledge(ack);
+        assert_eq!(r.ack(), Some(ack));
+        // A restarted agent continues the heartbeat counter.
+        drop(w);
+        let mut w2 = r.writer(0xb008).unwrap();
+        assert_eq!(w2.heartbeat.beat().counter, 3);
+    }
+
+    #[test]
+    fn a_resumed_writer_continues_the_log() {
+        let r = region(65536);
+        let mut w = r.writer(1).unwrap();
+        let data = [1u8; 100];
+        let entry = Entry::Write {
+            export: 0,
+            offset: 0,
+            data: &data,
+        };
+        for _ in 0..3 {
+            w.appender.append(&entry, BackPressure::default()).unwrap();
+        }
+        drop(w);
+        let mut w = r.writer(2).unwrap();
+        let appended = w.appender.append(&entry, BackPressure::default()).unwrap();
+        assert_eq!(appended.seq, 4);
+        let seqs: Vec<u64> = r.unflushed().unwrap().map(|rec| rec.unwrap().seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn back_pressure_waits_for_the_flusher_and_is_counted() {
+        let r = region(16384);
+        let mut w = r.writer(1).unwrap();
+        let data = vec![5u8; 1000];
+        let entry = Entry::Write {
+            export: 0,
+            offset: 0,
+            data: &data,
+        };
+        let short = BackPressure {
+            timeout: std::time::Duration::from_millis(20),
+        };
+        let mut appended = 0;
+        let err = loop {
+            match w.appender.append(&entry, short) {
+                Ok(_) => appended += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, LogError::BackPressureTimeout { .. }), "{err}");
+        assert!(appended >= 10, "only {appended} records fit");
+        assert_eq!(r.stats().backpressure_waits, 1);
+        // A flusher frees space on another thread; the blocked append then goes through.
+        let NodeWriter {
+            mut appender,
+            mut flushed,
+            ..
+        } = w;
+        let reader = r.clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                let first = reader.unflushed().unwrap().next().unwrap().unwrap();
+                flushed.advance(first.end()).unwrap();
+            });
+            appender.append(&entry, BackPressure::default()).unwrap();
+        });
+        assert_eq!(r.stats().backpressure_waits, 2);
+        assert!(r.stats().backpressure_wait_ns > 0);
+    }
+}
