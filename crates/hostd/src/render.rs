@@ -169,7 +169,16 @@ fn bytes(n: u64) -> String {
         value /= 1024;
         unit += 1;
     }
-    format!("{value} {}", UNITS[unit])
+    if value < 1024 || unit == UNITS.len() - 1 {
+        return format!("{value} {}", UNITS[unit]);
+    }
+    // Not a whole number of any larger unit: show both, so nothing is hidden.
+    let (mut scaled, mut unit) = (value as f64, unit);
+    while scaled >= 1024.0 && unit < UNITS.len() - 1 {
+        scaled /= 1024.0;
+        unit += 1;
+    }
+    format!("{scaled:.1} {} ({n} B)", UNITS[unit])
 }
 
 fn age(unix_ns: u64) -> String {
@@ -191,6 +200,7 @@ mod tests {
         assert_eq!(bytes(64 << 20), "64 MiB");
         assert_eq!(bytes(4096), "4 KiB");
         assert_eq!(bytes(1000), "1000 B");
-        assert_eq!(bytes(67104768), "65532 KiB");
+        assert_eq!(bytes(67104768), "64.0 MiB (67104768 B)");
+        assert_eq!(bytes(33552352), "32.0 MiB (33552352 B)");
     }
 }

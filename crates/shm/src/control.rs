@@ -337,7 +337,7 @@ fn read_header(mapping: &Mapping) -> Result<ControlHeader, HeaderError> {
     }
     let (stored, computed) = (u32::from_le_bytes(crc), crc32c::crc32c(&names));
     if stored != computed {
-        return Err(HeaderError::Crc { stored, computed });
+        return Err(HeaderError::NameTableCrc { stored, computed });
     }
     let name_at = |slot: usize| {
         decode_name(&names[slot * NAME_LEN..(slot + 1) * NAME_LEN]).ok_or(HeaderError::Name {

@@ -12,6 +12,8 @@ pub enum HeaderError {
     Magic { found: String, expected: String },
     #[error("header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Crc { stored: u32, computed: u32 },
+    #[error("name table checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    NameTableCrc { stored: u32, computed: u32 },
     #[error("format version {found} is not supported (this build reads version {supported})")]
     Version { found: u32, supported: u32 },
     #[error("header says the region is {recorded} bytes, but {mapped} bytes are mapped")]

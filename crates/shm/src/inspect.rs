@@ -193,8 +193,11 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
             };
         }
     };
-    let head = region.head();
-    let flushed = region.flushed();
+    let cursors = region.log_cursors();
+    let (flushed, head) = match &cursors {
+        Ok((flushed, head)) => (Some(*flushed), Some(*head)),
+        Err(_) => (region.flushed(), region.head()),
+    };
     let mut report = NodeReport {
         source,
         size,
@@ -214,11 +217,12 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         unpublished_tail: None,
         problem: None,
     };
-    let (Some(head), Some(flushed)) = (head, flushed) else {
-        report.problem = Some(Problem::from_log(&LogError::CursorUnreadable {
-            name: "head or flushed",
-        }));
-        return report;
+    let (flushed, head) = match cursors {
+        Ok(pair) => pair,
+        Err(error) => {
+            report.problem = Some(Problem::from_log(&error));
+            return report;
+        }
     };
     report.unflushed_records = head.seq.saturating_sub(flushed.seq);
     report.unflushed_bytes = head.pos.saturating_sub(flushed.pos);
@@ -251,7 +255,10 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
             }
         }
     }
-    report.unpublished_tail = unpublished_tail(&region, head);
+    // Only a head that passed the cursor checks is worth looking past.
+    if crate::log::check_cursors(&region.geometry(), flushed, head).is_ok() {
+        report.unpublished_tail = unpublished_tail(&region, head);
+    }
     report
 }
 
@@ -296,7 +303,7 @@ fn unpublished_tail(region: &NodeRegion, head: Cursor) -> Option<UnpublishedTail
     let mut bytes = [0u8; RECORD_HEADER_LEN];
     for _ in 0..2 {
         if geometry.remaining_in_ring(pos) < RECORD_HEADER_LEN as u64 {
-            pos += geometry.remaining_in_ring(pos);
+            pos = pos.checked_add(geometry.remaining_in_ring(pos))?;
             continue;
         }
         if !region
@@ -310,7 +317,7 @@ fn unpublished_tail(region: &NodeRegion, head: Cursor) -> Option<UnpublishedTail
             return None;
         }
         if header.kind_code == RecordKind::Wrap.code() {
-            pos += geometry.remaining_in_ring(pos);
+            pos = pos.checked_add(geometry.remaining_in_ring(pos))?;
             continue;
         }
         return Some(UnpublishedTail {
@@ -392,4 +399,67 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{BackPressure, Entry};
+    use crate::mapping::Access;
+
+    #[test]
+    fn a_live_healthy_log_is_never_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.region");
+        let region =
+            NodeRegion::format(Mapping::create_file(&path, 65536).unwrap(), 0, "a").unwrap();
+        let writer = region.writer(1).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        // Stops the writer even when an assertion below panics; otherwise the scope would
+        // wait for it forever and the test would hang instead of failing.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let crate::node::NodeWriter {
+                    mut appender,
+                    mut flushed,
+                    ..
+                } = writer;
+                let data = [9u8; 200];
+                let entry = Entry::Write {
+                    export: 0,
+                    offset: 0,
+                    data: &data,
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let appended = appender.append(&entry, BackPressure::default()).unwrap();
+                    if appended.seq % 3 == 0 {
+                        flushed.advance(appended.head).unwrap();
+                    }
+                }
+            });
+            let _stop_writer = StopOnDrop(&stop);
+            let mut inspected = 0;
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(1500) {
+                let mapping = Mapping::open(&path, Access::ReadOnly).unwrap();
+                let report = inspect_node(mapping, InspectOptions::default());
+                // A record reused after the flusher passed it is "overwritten", not corrupt.
+                if let Some(problem) = &report.problem {
+                    assert!(
+                        problem.message.contains("overwritten while being read"),
+                        "a healthy log was reported as corrupt: {}",
+                        problem.message
+                    );
+                }
+                inspected += 1;
+            }
+            assert!(inspected > 100, "only {inspected} inspections ran");
+        });
+    }
 }

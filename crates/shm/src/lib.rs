@@ -29,8 +29,8 @@ pub mod published;
 pub use control::{Command, CommandKind, ControlError, ControlRegion, ControlWriter, Owner};
 pub use inspect::{InspectOptions, RegionKind, RegionReport, identify, inspect};
 pub use log::{
-    Appended, BackPressure, Cursor, Entry, Geometry, LogAppender, LogError, LogScanner, Record,
-    RecordKind,
+    Appended, BackPressure, Cursor, Entry, FlushedWriter, Geometry, LogAppender, LogError,
+    LogScanner, Record, RecordKind,
 };
 pub use mapping::{Access, Mapping, MappingError};
 pub use node::{Ack, Heartbeat, NodeError, NodeRegion, NodeWriter};

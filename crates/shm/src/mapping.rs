@@ -10,7 +10,7 @@
 //! never hand out writers for a read-only mapping.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -59,7 +59,7 @@ pub enum MappingError {
     },
     #[error("region size {size} is not a multiple of the page size 4096")]
     Unaligned { size: u64 },
-    #[error("region {path} is not a regular file or a PCI resource")]
+    #[error("region {path} is not a regular file")]
     NotAFile { path: PathBuf },
     #[error("cannot create memfd {name}")]
     Memfd {
@@ -132,8 +132,9 @@ impl Mapping {
             path: path.to_owned(),
             source,
         })?;
-        let file_type = meta.file_type();
-        if !(file_type.is_file() || file_type.is_char_device()) {
+        // sysfs PCI resources are regular files too; anything else (a directory, a device
+        // node) is a mistake we refuse before mapping it.
+        if !meta.file_type().is_file() {
             return Err(MappingError::NotAFile {
                 path: path.to_owned(),
             });
@@ -150,8 +151,9 @@ impl Mapping {
     }
 
     /// Creates an anonymous region in a memfd, sealed so that nobody can shrink or grow it
-    /// while it is mapped, and maps it read-write. Pass [`Mapping::file`] (dup'ed without
-    /// `CLOEXEC`) to QEMU as `mem-path=/proc/self/fd/N`.
+    /// while it is mapped, and maps it read-write. Another process reaches it by path as
+    /// `/proc/<this pid>/fd/<fd of [`Mapping::file`]>` (QEMU: `mem-path=` that path), for as
+    /// long as this process holds it open.
     pub fn create_memfd(name: &str, size: u64) -> Result<Self, MappingError> {
         check_size(size)?;
         let memfd_error = |source: std::io::Error| MappingError::Memfd {

@@ -191,14 +191,34 @@ impl NodeRegion {
         }
     }
 
+    /// The flushed and head cursors as they were at one instant.
+    ///
+    /// They are published separately (by the flusher and the appender), so reading one and
+    /// then the other can pair a stale head with a newer flushed cursor. Both only grow:
+    /// reading flushed, head, flushed again, an unchanged flushed cursor means it still held
+    /// when the head was read, so the pair is a true snapshot.
+    pub fn log_cursors(&self) -> Result<(Cursor, Cursor), LogError> {
+        const ATTEMPTS: usize = 1000;
+        for _ in 0..ATTEMPTS {
+            let flushed = self
+                .flushed()
+                .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
+            let head = self
+                .head()
+                .ok_or(LogError::CursorUnreadable { name: "head" })?;
+            if self.flushed() == Some(flushed) {
+                return Ok((flushed, head));
+            }
+            std::hint::spin_loop();
+        }
+        Err(LogError::CursorUnreadable {
+            name: "flushed and head together",
+        })
+    }
+
     /// Scans the unflushed records: what a partner replays after this node died.
     pub fn unflushed(&self) -> Result<LogScanner<'_>, LogError> {
-        let flushed = self
-            .flushed()
-            .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
-        let head = self
-            .head()
-            .ok_or(LogError::CursorUnreadable { name: "head" })?;
+        let (flushed, head) = self.log_cursors()?;
         Ok(LogScanner::new(
             &self.mapping,
             self.geometry(),

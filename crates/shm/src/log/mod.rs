@@ -124,6 +124,8 @@ pub enum LogError {
         to: Cursor,
         detail: String,
     },
+    #[error("the log's geometry is unusable: {0}")]
+    BadGeometry(String),
     #[error("the log's layout points outside its region (a bug or a corrupt header)")]
     OutOfRegion,
     #[error(
@@ -141,7 +143,7 @@ pub enum LogError {
     },
     #[error("log record {seq} at position {pos}: header says it belongs at position {recorded}")]
     WrongPosition { seq: u64, pos: u64, recorded: u64 },
-    #[error("log record at position {pos}: seq {found} where {seq} was expected")]
+    #[error("log record {seq} at position {pos}: header carries seq {found} instead")]
     SeqGap { seq: u64, pos: u64, found: u64 },
     #[error("log record {seq} at position {pos}: length {len} exceeds {limit} ({why})")]
     BadLength {
@@ -194,6 +196,14 @@ pub(crate) fn check_cursors(
     head: Cursor,
 ) -> Result<(), LogError> {
     let bad = |detail: String| Err(LogError::BadCursors { detail });
+    // Positions count bytes written since the region was formatted; nothing real comes
+    // near 2^64, and keeping far from it lets every `pos + size` below be plain addition.
+    if head.pos > u64::MAX - 2 * geometry.ring_size {
+        return bad(format!(
+            "head position {} is beyond any log's reach",
+            head.pos
+        ));
+    }
     if flushed.pos > head.pos || flushed.seq > head.seq {
         return bad(format!("flushed {flushed:?} is past head {head:?}"));
     }
@@ -220,4 +230,74 @@ pub(crate) fn check_cursors(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::node_live;
+    use crate::mapping::Mapping;
+    use crate::node::NodeRegion;
+    use crate::published::PublishedWriter;
+
+    fn log_with(records: usize) -> (NodeRegion, Vec<Record>) {
+        let region =
+            NodeRegion::format(Mapping::create_memfd("log", 65536).unwrap(), 0, "a").unwrap();
+        let mut w = region.writer(1).unwrap();
+        for i in 0..records {
+            let data = vec![i as u8; 100 + i];
+            w.appender
+                .try_append(&Entry::Write {
+                    export: 1,
+                    offset: i as u64,
+                    data: &data,
+                })
+                .unwrap();
+        }
+        let scanned = region.unflushed().unwrap().map(Result::unwrap).collect();
+        (region, scanned)
+    }
+
+    #[test]
+    fn a_head_inside_a_record_is_an_error_not_a_panic() {
+        let (region, records) = log_with(3);
+        let mut head = PublishedWriter::new(node_live::HEAD, region.mapping());
+        // Head 8 bytes into record 3's header: seq 3 claimed, its bytes not all covered.
+        head.publish(region.mapping(), [3, records[2].pos + 8]);
+        let results: Vec<_> = region.unflushed().unwrap().collect();
+        assert_eq!(results.len(), 3);
+        assert!(results[0].is_ok() && results[1].is_ok());
+        let error = results[2].clone().unwrap_err();
+        assert!(
+            matches!(error, LogError::BadLength { seq: 3, .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_unusable_geometry_is_refused_up_front() {
+        let (region, _) = log_with(1);
+        let zero = Geometry {
+            ring_offset: 4096,
+            ring_size: 0,
+            max_payload: 0,
+        };
+        let head = region.head().unwrap();
+        let mut scan = LogScanner::new(region.mapping(), zero, Cursor::default(), head);
+        assert!(matches!(scan.next(), Some(Err(LogError::BadGeometry(_)))));
+        assert!(scan.next().is_none());
+    }
+
+    #[test]
+    fn starting_at_seq_skips_earlier_records() {
+        let (region, records) = log_with(5);
+        let from_three: Vec<u64> = region
+            .unflushed()
+            .unwrap()
+            .starting_at_seq(3)
+            .map(|r| r.unwrap().seq)
+            .collect();
+        assert_eq!(from_three, [3, 4, 5]);
+        assert_eq!(records[4].entry().kind(), RecordKind::Write);
+    }
 }

@@ -26,7 +26,8 @@ pub const WRITE_PREFIX_LEN: usize = 16;
 /// Bytes of a trim or write-zeroes payload.
 pub const RANGE_PAYLOAD_LEN: usize = 24;
 
-const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"IVLR");
+/// The first four bytes of every record header.
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"IVLR");
 
 /// What a record asks the flusher (or a replaying partner) to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,7 +44,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    pub(crate) fn code(self) -> u16 {
+    pub fn code(self) -> u16 {
         match self {
             RecordKind::Write => 1,
             RecordKind::Trim => 2,
@@ -52,7 +53,7 @@ impl RecordKind {
         }
     }
 
-    pub(crate) fn from_code(code: u16) -> Option<Self> {
+    pub fn from_code(code: u16) -> Option<Self> {
         match code {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Trim),
@@ -76,7 +77,7 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    pub(crate) fn new(kind: RecordKind, seq: u64, len: u32, pos: u64) -> Self {
+    pub fn new(kind: RecordKind, seq: u64, len: u32, pos: u64) -> Self {
         Self {
             magic: RECORD_MAGIC,
             kind_code: kind.code(),
@@ -88,7 +89,7 @@ impl RecordHeader {
         }
     }
 
-    pub(crate) fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut b = [0u8; RECORD_HEADER_LEN];
         b[0..4].copy_from_slice(&self.magic.to_le_bytes());
         b[4..6].copy_from_slice(&self.kind_code.to_le_bytes());
@@ -100,7 +101,7 @@ impl RecordHeader {
         b
     }
 
-    pub(crate) fn decode(b: &[u8; RECORD_HEADER_LEN]) -> Self {
+    pub fn decode(b: &[u8; RECORD_HEADER_LEN]) -> Self {
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| u64::from_le_bytes(array8(&b[o..o + 8]));
@@ -116,12 +117,12 @@ impl RecordHeader {
     }
 
     /// The crc32c this header and `payload` should carry.
-    pub(crate) fn compute_crc(&self, payload: &[u8]) -> u32 {
+    pub fn compute_crc(&self, payload: &[u8]) -> u32 {
         self.compute_crc_parts(&[payload])
     }
 
     /// The crc32c this header should carry for a payload given in consecutive parts.
-    pub(crate) fn compute_crc_parts(&self, parts: &[&[u8]]) -> u32 {
+    pub fn compute_crc_parts(&self, parts: &[&[u8]]) -> u32 {
         let mut zeroed = *self;
         zeroed.crc = 0;
         let crc = crc32c::crc32c(&zeroed.encode());
@@ -131,7 +132,7 @@ impl RecordHeader {
     }
 
     /// Whether the magic is right (a cheap first test of "is this a record at all").
-    pub(crate) fn has_magic(&self) -> bool {
+    pub fn has_magic(&self) -> bool {
         self.magic == RECORD_MAGIC
     }
 }

@@ -32,7 +32,11 @@ impl<'m> LogScanner<'m> {
             next: from,
             end: to,
             skip_before_seq: 0,
-            pending_error: super::check_cursors(&geometry, from, to).err(),
+            pending_error: geometry
+                .validate(mapping.len())
+                .map_err(LogError::BadGeometry)
+                .and_then(|()| super::check_cursors(&geometry, from, to))
+                .err(),
             done: false,
         }
     }
@@ -139,7 +143,7 @@ impl<'m> LogScanner<'m> {
             }
             if pos + size > self.end.pos {
                 return Err(bad_length(
-                    self.end.pos - pos - RECORD_HEADER_LEN as u64,
+                    (self.end.pos - pos).saturating_sub(RECORD_HEADER_LEN as u64),
                     "the room left before the head",
                 ));
             }
