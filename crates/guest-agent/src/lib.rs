@@ -1,6 +1,10 @@
 //! The ivha guest agent.
 //!
-//! Scope: runs inside each guest (or as a host process in tests) and owns that node's
-//! region through `shm::NodeWriter`: NBD service, log appends, the flusher, heartbeats and
-//! the failover monitor. It arrives with the paired-guests and NBD issues; until then this
-//! crate has no binary, so nothing pretends to serve.
+//! Runs inside each guest (regions are ivshmem BARs found on PCI) or as a host process
+//! (regions are files in a directory). Today it owns its node's region: it publishes
+//! heartbeats and what it reads in its partner's region. NBD service, the flusher and the
+//! failover monitor arrive with the NBD and takeover issues.
+
+pub mod agent;
+pub mod args;
+pub mod regions;

@@ -4,6 +4,103 @@ use std::fmt::Write;
 
 use shm::inspect::{ControlReport, NodeReport, Problem, RegionReport};
 
+use crate::protocol::{ClusterStatus, NodeState};
+
+/// One line of boot progress: how long it has been, and each node's state.
+pub fn progress_line(status: &ClusterStatus) -> String {
+    format!("[{:5.1} s] {}", status.uptime_s, progress_states(status))
+}
+
+/// Each node's state in a few words (what changes between progress lines).
+pub fn progress_states(status: &ClusterStatus) -> String {
+    let nodes: Vec<String> = status
+        .nodes
+        .iter()
+        .map(|n| match n.state {
+            NodeState::Booting => format!("{}: booting", n.name),
+            NodeState::Up => format!("{}: agent up", n.name),
+            other => format!("{}: {} ({})", n.name, other.as_str(), n.vm),
+        })
+        .collect();
+    nodes.join(", ")
+}
+
+/// The status table, in the spirit of `storage failover show` and `crm_mon`.
+pub fn status_table(status: &ClusterStatus) -> String {
+    let mut out = format!(
+        "cluster  epoch {}, hostd pid {}, {} ({}), state dir {}\n",
+        status.epoch, status.hostd_pid, status.accel, status.accel_reason, status.state_dir
+    );
+    let header = [
+        "NODE",
+        "PARTNER",
+        "STATE",
+        "VM",
+        "PID",
+        "HEARTBEAT",
+        "LOG HEAD/FLUSHED",
+        "SERVED BY",
+        "NBD",
+    ];
+    let rows: Vec<[String; 9]> = status
+        .nodes
+        .iter()
+        .map(|n| {
+            [
+                n.name.clone(),
+                n.partner.clone(),
+                n.state.as_str().to_owned(),
+                n.vm.clone(),
+                n.pid.map_or("-".into(), |p| p.to_string()),
+                match n.heartbeat_age_ms {
+                    Some(age) => format!("#{} {:.1}s ago", n.heartbeat, age as f64 / 1000.0),
+                    None => "none yet".into(),
+                },
+                format!(
+                    "{}/{}",
+                    n.head_seq.map_or("?".into(), |s| s.to_string()),
+                    n.flushed_seq.map_or("?".into(), |s| s.to_string())
+                ),
+                n.served_by.clone().unwrap_or_else(|| "nobody".into()),
+                n.nbd.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (cell, w) in cells.iter().zip(widths) {
+            let _ = write!(l, "{cell:<w$}  ");
+        }
+        l.trim_end().to_owned() + "\n"
+    };
+    out.push_str(&line(&header));
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        out.push_str(&line(&cells));
+    }
+    for n in &status.nodes {
+        let _ = writeln!(
+            out,
+            "takeover of {}: {} ({}); console {}",
+            n.name,
+            if n.takeover_possible {
+                "possible"
+            } else {
+                "not possible"
+            },
+            n.takeover_reason,
+            n.console
+        );
+    }
+    out
+}
+
 /// Renders any region report.
 pub fn region_report(report: &RegionReport) -> String {
     match report {

@@ -47,6 +47,68 @@ impl StateDir {
         Ok(self.root.join("regions").join(format!("{name}.region")))
     }
 
+    /// The control region.
+    pub fn control_region(&self) -> PathBuf {
+        self.root.join("regions").join("control.region")
+    }
+
+    /// Directory of the region files.
+    pub fn regions_dir(&self) -> PathBuf {
+        self.root.join("regions")
+    }
+
+    /// Guest console log of node `name` (names are validated by the config).
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.root.join("consoles").join(format!("{name}.log"))
+    }
+
+    /// QEMU's own stdout/stderr for node `name`.
+    pub fn qemu_log(&self, name: &str) -> PathBuf {
+        self.root.join("consoles").join(format!("{name}.qemu.log"))
+    }
+
+    /// QMP socket of node `name`.
+    pub fn qmp_socket(&self, name: &str) -> PathBuf {
+        self.root.join("qmp").join(format!("{name}.sock"))
+    }
+
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("hostd.sock")
+    }
+
+    /// Held (flock) by the running daemon: one daemon per state directory.
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("hostd.lock")
+    }
+
+    /// Output of a detached daemon.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join("hostd.log")
+    }
+
+    /// Default directory of the disk images.
+    pub fn default_disk_dir(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+
+    /// Creates the directories a running cluster uses (mode 0700: they hold client data and
+    /// the control socket).
+    pub fn create(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true).mode(0o700);
+        for dir in [
+            self.root.clone(),
+            self.regions_dir(),
+            self.root.join("consoles"),
+            self.root.join("qmp"),
+        ] {
+            builder.create(&dir)?;
+        }
+        Ok(())
+    }
+
     /// Resolves what a user typed: a path to a region file, or a node name.
     pub fn resolve_region(&self, node_or_path: &str) -> Result<PathBuf, StateDirError> {
         let as_path = Path::new(node_or_path);

@@ -1,4 +1,20 @@
 //! QEMU integration for ivha.
 //!
-//! Scope: the command-line builder, the QMP client, the child handle with its pidfd and
-//! accelerator detection. It arrives with the paired-guests issue.
+//! - [`cmdline`]: builds `qemu-system-x86_64` command lines ([`QemuCommand`]).
+//! - [`qmp`]: a QMP client with commands and events ([`QmpClient`]).
+//! - [`child`]: a child process owned through a pidfd, killed on drop ([`QemuChild`]).
+//! - [`accel`]: chooses KVM or TCG ([`detect`]).
+//!
+//! This crate holds no `unsafe` code.
+
+#![forbid(unsafe_code)]
+
+pub mod accel;
+pub mod child;
+pub mod cmdline;
+pub mod qmp;
+
+pub use accel::{Accel, AccelChoice, AccelError, detect};
+pub use child::{ChildError, QemuChild, Signal};
+pub use cmdline::{CmdlineError, HostForward, PanicAction, QemuCommand};
+pub use qmp::{QmpClient, QmpError, QmpEvent};

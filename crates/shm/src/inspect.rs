@@ -12,7 +12,7 @@ use crate::layout::{CONTROL_MAGIC, NODE_MAGIC};
 use crate::log::record::{RECORD_HEADER_LEN, RecordHeader, RecordKind, WRITE_PREFIX_LEN};
 use crate::log::{Cursor, LogError, LogScanner};
 use crate::mapping::Mapping;
-use crate::node::{Ack, Heartbeat, NodeHeader, NodeRegion, NodeStats};
+use crate::node::{Ack, Heartbeat, NodeHeader, NodeRegion, NodeStats, PeerObservation};
 
 /// What kind of region a mapping holds, judged by its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +97,7 @@ pub struct NodeReport {
     pub unflushed_bytes: u64,
     pub stats: NodeStats,
     pub ack: Option<Ack>,
+    pub peer: Option<PeerObservation>,
     pub records: Vec<RecordSummary>,
     /// True when `max_records` cut the list short.
     pub records_truncated: bool,
@@ -134,7 +135,7 @@ pub struct NodeCommand {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "region", rename_all = "snake_case")]
 pub enum RegionReport {
-    Node(NodeReport),
+    Node(Box<NodeReport>),
     Control(ControlReport),
     Unknown {
         source: String,
@@ -146,7 +147,7 @@ pub enum RegionReport {
 /// Decodes whatever region `mapping` holds.
 pub fn inspect(mapping: Mapping, options: InspectOptions) -> RegionReport {
     match StaticHeader::peek_magic(&mapping) {
-        Some(NODE_MAGIC) => RegionReport::Node(inspect_node(mapping, options)),
+        Some(NODE_MAGIC) => RegionReport::Node(Box::new(inspect_node(mapping, options))),
         Some(CONTROL_MAGIC) => RegionReport::Control(inspect_control(mapping)),
         magic => RegionReport::Unknown {
             source: mapping.source().display().to_string(),
@@ -183,6 +184,7 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
                 unflushed_bytes: 0,
                 stats: NodeStats::default(),
                 ack: None,
+                peer: None,
                 records: Vec::new(),
                 records_truncated: false,
                 unpublished_tail: None,
@@ -212,6 +214,7 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         unflushed_bytes: 0,
         stats: region.stats(),
         ack: region.ack(),
+        peer: region.peer(),
         records: Vec::new(),
         records_truncated: false,
         unpublished_tail: None,

@@ -60,6 +60,12 @@ pub mod node_live {
     pub const BACKPRESSURE_WAITS: u64 = 768;
     /// Total nanoseconds appends spent waiting for ring space.
     pub const BACKPRESSURE_WAIT_NS: u64 = 776;
+    /// What this node last read in its partner's region, through its read-only mapping:
+    /// `(partner node id + 1, partner boot id, partner heartbeat counter)`.
+    pub const PEER: Published<3> = Published::at(800);
+    /// Never written by anyone in a healthy cluster: the target of the self-test in which
+    /// a partner tries to write into this region through its read-only mapping.
+    pub const WRITE_PROBE: u64 = 3072;
     /// Acknowledgement of the last command hostd addressed to this node:
     /// `(command seq, epoch, status, first seq, last seq)`.
     pub const ACK: Published<5> = Published::at(1024);
@@ -67,6 +73,9 @@ pub mod node_live {
     const _: () = assert!(HEARTBEAT.end() <= HEAD.offset());
     const _: () = assert!(HEAD.end() <= FLUSHED.offset());
     const _: () = assert!(FLUSHED.end() <= BACKPRESSURE_WAITS);
+    const _: () = assert!(BACKPRESSURE_WAIT_NS + 8 <= PEER.offset());
+    const _: () = assert!(PEER.end() <= ACK.offset());
+    const _: () = assert!(ACK.end() <= WRITE_PROBE);
     const _: () = assert!(ACK.end() <= HEADER_PAGE);
 }
 

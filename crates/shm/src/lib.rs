@@ -33,4 +33,4 @@ pub use log::{
     LogScanner, Record, RecordKind,
 };
 pub use mapping::{Access, Mapping, MappingError};
-pub use node::{Ack, Heartbeat, NodeError, NodeRegion, NodeWriter};
+pub use node::{Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation};

@@ -82,6 +82,15 @@ pub enum MappingError {
     },
 }
 
+/// Why a probe store was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("the mapping is read-only: a store would fault")]
+    ReadOnlyMapping,
+    #[error("offset {offset} is outside the region or not 8-byte aligned")]
+    Offset { offset: u64 },
+}
+
 /// A shared mapping of a whole region.
 #[derive(Debug)]
 pub struct Mapping {
@@ -242,6 +251,19 @@ impl Mapping {
     pub(crate) fn word(&self, offset: u64) -> Option<&AtomicU64> {
         let offset = usize::try_from(offset).ok()?;
         self.region.get_atomic_ref::<AtomicU64>(offset).ok()
+    }
+
+    /// Stores `value` at word `offset`, for the write-protection self-test only: it lets a
+    /// test try to write where it must not be able to (a partner's region, mapped
+    /// read-write from the guest's side while QEMU maps it `readonly=on`). Refused on a
+    /// read-only mapping, where the store would fault.
+    pub fn probe_store(&self, offset: u64, value: u64) -> Result<(), ProbeError> {
+        if self.access != Access::ReadWrite {
+            return Err(ProbeError::ReadOnlyMapping);
+        }
+        let word = self.word(offset).ok_or(ProbeError::Offset { offset })?;
+        word.store(value, Ordering::Release);
+        Ok(())
     }
 
     /// Loads the word at `offset` with acquire ordering (0 when out of bounds).

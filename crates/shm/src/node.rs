@@ -72,6 +72,15 @@ pub struct Ack {
     pub last_seq: u64,
 }
 
+/// What a node last read in its partner's region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PeerObservation {
+    /// The partner's node id, or `None` if nothing was observed yet.
+    pub node_id: Option<u32>,
+    pub boot_id: u64,
+    pub heartbeat: u64,
+}
+
 /// Counters the appender keeps in the region.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct NodeStats {
@@ -184,6 +193,21 @@ impl NodeRegion {
         })
     }
 
+    pub fn peer(&self) -> Option<PeerObservation> {
+        let [node, boot_id, heartbeat] = node_live::PEER.read(&self.mapping)?;
+        Some(PeerObservation {
+            node_id: node.checked_sub(1).map(|n| n as u32),
+            boot_id,
+            heartbeat,
+        })
+    }
+
+    /// The write-probe word: 0 unless someone wrote where nobody may (see
+    /// [`crate::layout::node_live::WRITE_PROBE`]).
+    pub fn write_probe(&self) -> u64 {
+        self.mapping.load(node_live::WRITE_PROBE)
+    }
+
     pub fn stats(&self) -> NodeStats {
         NodeStats {
             backpressure_waits: self.mapping.load(node_live::BACKPRESSURE_WAITS),
@@ -254,11 +278,16 @@ impl NodeRegion {
             writer: PublishedWriter::new(node_live::ACK, &self.mapping),
             mapping: Arc::clone(&self.mapping),
         };
+        let peer = PeerWriter {
+            writer: PublishedWriter::new(node_live::PEER, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
         Ok(NodeWriter {
             appender,
             flushed,
             heartbeat,
             ack,
+            peer,
         })
     }
 }
@@ -270,6 +299,7 @@ pub struct NodeWriter {
     pub flushed: FlushedWriter,
     pub heartbeat: HeartbeatWriter,
     pub ack: AckWriter,
+    pub peer: PeerWriter,
 }
 
 /// Publishes heartbeats.
@@ -313,6 +343,21 @@ impl AckWriter {
                 ack.last_seq,
             ],
         );
+    }
+}
+
+/// Publishes what this node read in its partner's region.
+#[derive(Debug)]
+pub struct PeerWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<3>,
+}
+
+impl PeerWriter {
+    pub fn observe(&mut self, seen: PeerObservation) {
+        let node = seen.node_id.map_or(0, |n| u64::from(n) + 1);
+        self.writer
+            .publish(&self.mapping, [node, seen.boot_id, seen.heartbeat]);
     }
 }
 
@@ -427,6 +472,14 @@ mod tests {
         };
         w.ack.acknowledge(ack);
         assert_eq!(r.ack(), Some(ack));
+        let seen = PeerObservation {
+            node_id: Some(1),
+            boot_id: 77,
+            heartbeat: 5,
+        };
+        w.peer.observe(seen);
+        assert_eq!(r.peer(), Some(seen));
+        assert_eq!(r.write_probe(), 0);
         // A restarted agent continues the heartbeat counter.
         drop(w);
         let mut w2 = r.writer(0xb008).unwrap();

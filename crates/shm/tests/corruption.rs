@@ -4,18 +4,20 @@
 //! before it intact. Nothing may panic.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+#[allow(dead_code)]
+mod common;
 
+use common::{Raw, RegionFile, scan_all, sealed};
 use shm::header::HeaderError;
 use shm::inspect::{
-    InspectOptions, NodeReport, RegionReport, UnpublishedTail, error_chain, inspect, inspect_node,
+    InspectOptions, NodeReport, RegionReport, UnpublishedTail, error_chain, inspect,
 };
 use shm::layout::{
     FORMAT_VERSION, STATIC_HEADER_CRC_OFFSET, control_names, node_header, node_live,
 };
-use shm::log::record::{RECORD_HEADER_LEN, WRITE_PREFIX_LEN, footprint};
+use shm::log::record::{
+    RECORD_HEADER_LEN, RECORD_MAGIC, RecordHeader, WRITE_PREFIX_LEN, footprint,
+};
 use shm::{
     Access, ControlError, ControlRegion, Cursor, Entry, LogError, LogScanner, Mapping, NodeError,
     NodeRegion, Record, RecordKind, RegionKind, identify,
@@ -27,106 +29,48 @@ const REGION_SIZE: u64 = 16 * 1024;
 // Raw access and record headers
 // ---------------------------------------------------------------------------------------
 
-/// Reads and writes region bytes through the file of a second read-write [`Mapping`] of the
-/// region (the mapping itself offers no public byte access). The file is `MAP_SHARED`, so
-/// what is written here is what every mapping sees.
-struct Raw {
-    _mapping: Mapping,
-    file: File,
+/// Rewrites the crc of the static header after a field was changed on purpose.
+fn reseal_static_header(raw: &Raw) {
+    let bytes = raw.read(0, STATIC_HEADER_CRC_OFFSET);
+    let crc = crc32c::crc32c(&bytes);
+    raw.write(STATIC_HEADER_CRC_OFFSET as u64, &crc.to_le_bytes());
 }
 
-impl Raw {
-    fn open(path: &Path) -> Self {
-        let mapping = Mapping::open(path, Access::ReadWrite).unwrap();
-        let file = mapping.file().try_clone().unwrap();
-        Self {
-            _mapping: mapping,
-            file,
-        }
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset).unwrap();
-        buf
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) {
-        self.file.write_all_at(bytes, offset).unwrap();
-    }
-
-    fn flip_bit(&self, offset: u64, bit: u32) {
-        let mut byte = self.read(offset, 1);
-        byte[0] ^= 1 << bit;
-        self.write(offset, &byte);
-    }
-
-    fn u64(&self, offset: u64) -> u64 {
-        u64::from_le_bytes(self.read(offset, 8).try_into().unwrap())
-    }
-
-    /// Publishes `value` at a double-buffered location the way `PublishedWriter` does:
-    /// the slot the generation does not point at, then the generation.
-    fn publish(&self, generation_offset: u64, value: [u64; 2]) {
-        let next = self.u64(generation_offset).wrapping_add(1);
-        let slot = generation_offset + 8 + (next & 1) * 16;
-        self.write(slot, &value[0].to_le_bytes());
-        self.write(slot + 8, &value[1].to_le_bytes());
-        self.write(generation_offset, &next.to_le_bytes());
-    }
-
-    fn publish_head(&self, head: Cursor) {
-        self.publish(node_live::HEAD.offset(), [head.seq, head.pos]);
-    }
-
-    fn publish_flushed(&self, flushed: Cursor) {
-        self.publish(node_live::FLUSHED.offset(), [flushed.seq, flushed.pos]);
-    }
-
-    /// Rewrites the crc of the static header after a field was changed on purpose.
-    fn reseal_static_header(&self) {
-        let bytes = self.read(0, STATIC_HEADER_CRC_OFFSET);
-        let crc = crc32c::crc32c(&bytes);
-        self.write(STATIC_HEADER_CRC_OFFSET as u64, &crc.to_le_bytes());
-    }
-}
-
-const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"IVLR");
-const WRITE_KIND: u16 = 1;
-const WRAP_KIND: u16 = 0xfffe;
-
-/// Byte offsets of the fields of a record header (see `shm::log::record`).
-mod field {
-    pub const MAGIC: u64 = 0;
-    pub const KIND: u64 = 4;
-    pub const FLAGS: u64 = 6;
-    pub const SEQ: u64 = 8;
-    pub const LEN: u64 = 16;
-    pub const CRC: u64 = 20;
-    pub const POS: u64 = 24;
-}
-
-/// A record header as laid out in the ring.
+/// A record header field: its byte offset and width, as laid out in the ring (see
+/// `shm::log::record`; [`record_headers_used_here_match_the_format`] checks this table).
 #[derive(Debug, Clone, Copy)]
-struct RawHeader {
-    kind: u16,
-    seq: u64,
-    len: u32,
-    pos: u64,
+struct Field {
+    name: &'static str,
+    offset: u64,
+    bits: u32,
 }
 
-impl RawHeader {
-    fn encode_with_crc(&self, payload: &[u8]) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&self.kind.to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..20].copy_from_slice(&self.len.to_le_bytes());
-        b[24..32].copy_from_slice(&self.pos.to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&b), payload);
-        b[20..24].copy_from_slice(&crc.to_le_bytes());
-        b
+impl Field {
+    const MAGIC: Field = Field::new("magic", 0, 32);
+    const KIND: Field = Field::new("kind", 4, 16);
+    const FLAGS: Field = Field::new("flags", 6, 16);
+    const SEQ: Field = Field::new("seq", 8, 64);
+    const LEN: Field = Field::new("len", 16, 32);
+    const CRC: Field = Field::new("crc", 20, 32);
+    const POS: Field = Field::new("pos", 24, 64);
+    const ALL: [Field; 7] = [
+        Self::MAGIC,
+        Self::KIND,
+        Self::FLAGS,
+        Self::SEQ,
+        Self::LEN,
+        Self::CRC,
+        Self::POS,
+    ];
+
+    const fn new(name: &'static str, offset: u64, bits: u32) -> Self {
+        Self { name, offset, bits }
     }
+}
+
+/// The bytes of a header of `kind` with a crc over `payload`.
+fn header(kind: RecordKind, seq: u64, len: u32, pos: u64, payload: &[u8]) -> [u8; 32] {
+    sealed(RecordHeader::new(kind, seq, len, pos), payload)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -137,8 +81,7 @@ impl RawHeader {
 /// unflushed ones: `C` exactly fills the ring's end, `D` starts the second lap, and the
 /// rest follow. The writer is gone (as after a crash); what remains is the region file.
 struct Damaged {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+    file: RegionFile,
     region: NodeRegion,
     raw: Raw,
     /// The unflushed records, as scanned before any damage.
@@ -154,10 +97,7 @@ fn data_of(i: usize, len: usize) -> Vec<u8> {
 
 impl Damaged {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.region");
-        let region =
-            NodeRegion::format(Mapping::create_file(&path, REGION_SIZE).unwrap(), 0, "a").unwrap();
+        let (file, region) = RegionFile::format(REGION_SIZE, 0, "a");
         let ring = region.geometry().ring_size;
         {
             let mut w = region.writer(7).unwrap();
@@ -198,18 +138,13 @@ impl Damaged {
                 })
                 .unwrap();
         }
-        let records: Vec<Record> = region
-            .unflushed()
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let records = scan_all(&region);
         assert_eq!(records.len(), 9);
-        let raw = Raw::open(&path);
+        let raw = file.raw();
         Self {
             flushed: region.flushed().unwrap(),
             head: region.head().unwrap(),
-            _dir: dir,
-            path,
+            file,
             region,
             raw,
             records,
@@ -240,10 +175,7 @@ impl Damaged {
     }
 
     fn inspect(&self) -> NodeReport {
-        inspect_node(
-            Mapping::open(&self.path, Access::ReadOnly).unwrap(),
-            InspectOptions::default(),
-        )
+        self.file.inspect()
     }
 
     fn scan(&self) -> Vec<Result<Record, LogError>> {
@@ -409,102 +341,70 @@ fn the_report_of_a_bad_crc_lists_the_bad_record_after_the_good_ones() {
     assert_eq!(report.flushed, Some(log.flushed));
 }
 
-#[test]
-fn a_flipped_magic_bit_is_a_bad_magic() {
+/// Flips every bit of `field` in each of the [`targets`], one at a time: the scan must stop
+/// at that record with an error `accept` takes (given the intact record and the bit), and
+/// the log must be whole again once the bit is flipped back.
+fn flip_each_bit(field: Field, accept: impl Fn(&Record, u32, &LogError) -> bool) {
     let log = Damaged::new();
     for seq in targets(&log) {
-        for bit in 0..32 {
-            let at = log.offset(seq, field::MAGIC) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} magic bit {bit}"), |e| {
-                matches!(e, LogError::BadMagic { .. })
-            });
+        let record = log.record(seq);
+        for bit in 0..field.bits {
+            let at = log.offset(seq, field.offset) + u64::from(bit / 8);
+            let context = format!("{seq} {} bit {bit}", field.name);
+            log.flip_and_check(at, bit % 8, seq, &context, |e| accept(record, bit, e));
         }
     }
+}
+
+#[test]
+fn a_flipped_magic_bit_is_a_bad_magic() {
+    flip_each_bit(Field::MAGIC, |_, _, e| {
+        matches!(e, LogError::BadMagic { .. })
+    });
 }
 
 #[test]
 fn a_flipped_kind_bit_is_an_unknown_kind_or_a_crc_error() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..16 {
-            let at = log.offset(seq, field::KIND) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} kind bit {bit}"), |e| {
-                matches!(e, LogError::UnknownKind { .. } | LogError::BadCrc { .. })
-            });
-        }
-    }
+    flip_each_bit(Field::KIND, |_, _, e| {
+        matches!(e, LogError::UnknownKind { .. } | LogError::BadCrc { .. })
+    });
 }
 
 #[test]
 fn a_flipped_flags_bit_is_an_unknown_flag() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..16 {
-            let at = log.offset(seq, field::FLAGS) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} flags bit {bit}"), |e| {
-                matches!(e, LogError::UnknownFlags { .. } | LogError::BadCrc { .. })
-            });
-        }
-    }
+    flip_each_bit(Field::FLAGS, |_, _, e| {
+        matches!(e, LogError::UnknownFlags { .. } | LogError::BadCrc { .. })
+    });
 }
 
 /// BUG(shm): `LogError::SeqGap` is the one record error whose message does not say
 /// "record {seq}" (src/log/mod.rs, the `SeqGap` variant): this test fails until it does.
 #[test]
 fn a_flipped_seq_bit_is_a_seq_gap_naming_the_expected_record() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..64 {
-            let at = log.offset(seq, field::SEQ) + u64::from(bit / 8);
-            log.flip_and_check(
-                at,
-                bit % 8,
-                seq,
-                &format!("{seq} seq bit {bit}"),
-                |e| matches!(e, LogError::SeqGap { found, .. } if *found == seq ^ (1 << bit)),
-            );
-        }
-    }
+    flip_each_bit(
+        Field::SEQ,
+        |record, bit, e| matches!(e, LogError::SeqGap { found, .. } if *found == record.seq ^ (1 << bit)),
+    );
 }
 
 #[test]
 fn a_flipped_len_bit_is_a_bad_length_or_a_crc_error() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..32 {
-            let at = log.offset(seq, field::LEN) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} len bit {bit}"), |e| {
-                matches!(e, LogError::BadLength { .. } | LogError::BadCrc { .. })
-            });
-        }
-    }
+    flip_each_bit(Field::LEN, |_, _, e| {
+        matches!(e, LogError::BadLength { .. } | LogError::BadCrc { .. })
+    });
 }
 
 #[test]
 fn a_flipped_crc_bit_is_a_crc_error() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..32 {
-            let at = log.offset(seq, field::CRC) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} crc bit {bit}"), |e| {
-                matches!(e, LogError::BadCrc { .. })
-            });
-        }
-    }
+    flip_each_bit(Field::CRC, |_, _, e| matches!(e, LogError::BadCrc { .. }));
 }
 
 #[test]
 fn a_flipped_pos_bit_is_a_wrong_position() {
-    let log = Damaged::new();
-    for seq in targets(&log) {
-        for bit in 0..64 {
-            let at = log.offset(seq, field::POS) + u64::from(bit / 8);
-            log.flip_and_check(at, bit % 8, seq, &format!("{seq} pos bit {bit}"), |e| {
-                matches!(e, LogError::WrongPosition { recorded, .. }
-                    if *recorded == log.record(seq).pos ^ (1 << bit))
-            });
-        }
-    }
+    flip_each_bit(
+        Field::POS,
+        |record, bit, e| matches!(e, LogError::WrongPosition { recorded, .. } if *recorded == record.pos ^ (1 << bit)),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -577,10 +477,10 @@ fn absurd_lengths_are_bad_lengths_not_huge_allocations() {
     let max = log.region.geometry().max_payload;
     let set_len = |seq: u64, len: u32| {
         log.raw
-            .write(log.offset(seq, field::LEN), &len.to_le_bytes());
+            .write(log.offset(seq, Field::LEN.offset), &len.to_le_bytes());
     };
     let check = |seq: u64, len: u32, limit: u64, why: &str| {
-        let original = log.raw.read(log.offset(seq, field::LEN), 4);
+        let original = log.raw.read(log.offset(seq, Field::LEN.offset), 4);
         set_len(seq, len);
         let context = format!("record {seq} with length {len}");
         let error = log.assert_stops_at(seq, &context);
@@ -597,7 +497,7 @@ fn absurd_lengths_are_bad_lengths_not_huge_allocations() {
             }
             other => panic!("{context}: {other:?}"),
         }
-        log.raw.write(log.offset(seq, field::LEN), &original);
+        log.raw.write(log.offset(seq, Field::LEN.offset), &original);
         log.assert_intact();
     };
     let [first, middle, last] = targets(&log);
@@ -630,14 +530,15 @@ fn a_torn_tail_is_reported_but_not_scanned() {
     // made it to the ring before the writer died. The head was never published.
     let mut payload = vec![0u8; WRITE_PREFIX_LEN];
     payload.extend(data_of(99, 484));
-    let header = RawHeader {
-        kind: WRITE_KIND,
-        seq: head.seq + 1,
-        len: payload.len() as u32,
-        pos: head.pos,
-    };
+    let header = header(
+        RecordKind::Write,
+        head.seq + 1,
+        payload.len() as u32,
+        head.pos,
+        &payload,
+    );
     let at = g.ring_offset + head.pos % g.ring_size;
-    log.raw.write(at, &header.encode_with_crc(&payload));
+    log.raw.write(at, &header);
     log.raw.write(at + 32, &payload[..100]);
 
     log.assert_intact();
@@ -681,23 +582,11 @@ fn a_torn_tail_behind_a_wrap_marker_is_reported() {
     log.raw.publish_head(end);
     log.raw.publish_flushed(end);
     // The dead writer wrote a wrap marker there and began the record at the next lap.
-    let marker = RawHeader {
-        kind: WRAP_KIND,
-        seq: end.seq + 1,
-        len: 0,
-        pos: end.pos,
-    };
-    log.raw
-        .write(g.ring_offset + ring - 64, &marker.encode_with_crc(&[]));
+    let marker = header(RecordKind::Wrap, end.seq + 1, 0, end.pos, &[]);
+    log.raw.write(g.ring_offset + ring - 64, &marker);
     let payload = vec![7u8; 200];
-    let header = RawHeader {
-        kind: WRITE_KIND,
-        seq: end.seq + 1,
-        len: 200,
-        pos: 2 * ring,
-    };
-    log.raw
-        .write(g.ring_offset, &header.encode_with_crc(&payload));
+    let header = header(RecordKind::Write, end.seq + 1, 200, 2 * ring, &payload);
+    log.raw.write(g.ring_offset, &header);
     log.raw.write(g.ring_offset + 32, &payload[..50]);
 
     assert_eq!(log.scan(), []);
@@ -785,12 +674,9 @@ const TOP_POS: u64 = !7;
 /// A region whose cursors sit at the very top of the position space (corrupt words: a
 /// real log never gets there) must give an error, not an arithmetic overflow.
 fn top_of_position_space(region_size: u64, write: impl Fn(&Raw, u64, u64)) -> NodeReport {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node.region");
-    let region =
-        NodeRegion::format(Mapping::create_file(&path, region_size).unwrap(), 0, "a").unwrap();
+    let (file, region) = RegionFile::format(region_size, 0, "a");
     let g = region.geometry();
-    write(&Raw::open(&path), g.ring_offset, g.ring_size);
+    write(&file.raw(), g.ring_offset, g.ring_size);
     if let Ok(scanner) = region.unflushed() {
         for item in scanner.take(100) {
             let _ = item;
@@ -802,10 +688,7 @@ fn top_of_position_space(region_size: u64, write: impl Fn(&Raw, u64, u64)) -> No
             let _ = item;
         }
     }
-    inspect_node(
-        Mapping::open(&path, Access::ReadOnly).unwrap(),
-        InspectOptions::default(),
-    )
+    file.inspect()
 }
 
 /// BUG(shm): `inspect`'s `unpublished_tail` (src/inspect.rs, `pos += remaining_in_ring`)
@@ -833,15 +716,9 @@ fn a_wrap_marker_at_the_top_of_the_position_space_is_an_error_not_an_overflow() 
             pos: TOP_POS,
         };
         assert!(head.pos - flushed.pos <= ring);
-        let marker = RawHeader {
-            kind: WRAP_KIND,
-            seq: 1,
-            len: 0,
-            pos,
-        };
-        raw.write(ring_offset + 64, &marker.encode_with_crc(&[]));
-        raw.publish(node_live::FLUSHED.offset(), [flushed.seq, flushed.pos]);
-        raw.publish(node_live::HEAD.offset(), [head.seq, head.pos]);
+        raw.write(ring_offset + 64, &header(RecordKind::Wrap, 1, 0, pos, &[]));
+        raw.publish_flushed(flushed);
+        raw.publish_head(head);
     });
     assert!(report.problem.is_some());
 }
@@ -855,14 +732,8 @@ fn a_record_at_the_top_of_the_position_space_is_an_error_not_an_overflow() {
         // last 128 bytes would end at 2^64.
         let pos = 0u64.wrapping_sub(128);
         let payload = vec![1u8; 96];
-        let header = RawHeader {
-            kind: WRITE_KIND,
-            seq: 1,
-            len: 96,
-            pos,
-        };
         let at = ring_offset + pos % ring;
-        raw.write(at, &header.encode_with_crc(&payload));
+        raw.write(at, &header(RecordKind::Write, 1, 96, pos, &payload));
         raw.write(at + 32, &payload);
         raw.publish(node_live::FLUSHED.offset(), [0, pos]);
         raw.publish(node_live::HEAD.offset(), [1, TOP_POS]);
@@ -880,9 +751,8 @@ fn a_header_from_another_version_is_refused_by_its_version() {
     for version in [0, FORMAT_VERSION + 1, u32::MAX] {
         log.raw
             .write(node_header::VERSION as u64, &version.to_le_bytes());
-        log.raw.reseal_static_header();
-        let error =
-            NodeRegion::open(Mapping::open(&log.path, Access::ReadOnly).unwrap()).unwrap_err();
+        reseal_static_header(&log.raw);
+        let error = NodeRegion::open(log.file.mapping(Access::ReadOnly)).unwrap_err();
         assert!(
             matches!(
                 &error,
@@ -901,7 +771,7 @@ fn a_header_from_another_version_is_refused_by_its_version() {
         assert_eq!(problem.seq, None);
         assert!(problem.message.contains("version"), "{}", problem.message);
         // Still recognised as a node region by its magic, but not identified.
-        let mapping = Mapping::open(&log.path, Access::ReadOnly).unwrap();
+        let mapping = log.file.mapping(Access::ReadOnly);
         assert_eq!(identify(&mapping), RegionKind::Unknown);
         assert!(matches!(
             inspect(mapping, InspectOptions::default()),
@@ -910,7 +780,7 @@ fn a_header_from_another_version_is_refused_by_its_version() {
     }
     log.raw
         .write(node_header::VERSION as u64, &FORMAT_VERSION.to_le_bytes());
-    log.raw.reseal_static_header();
+    reseal_static_header(&log.raw);
     log.assert_intact();
 }
 
@@ -923,8 +793,7 @@ fn a_static_header_with_a_bad_crc_is_refused() {
         STATIC_HEADER_CRC_OFFSET as u64 + 2,
     ] {
         log.raw.flip_bit(offset, 4);
-        let error =
-            NodeRegion::open(Mapping::open(&log.path, Access::ReadOnly).unwrap()).unwrap_err();
+        let error = NodeRegion::open(log.file.mapping(Access::ReadOnly)).unwrap_err();
         assert!(
             matches!(
                 &error,
@@ -1041,4 +910,47 @@ fn footprints_used_here_match_the_format() {
     assert_eq!(RECORD_HEADER_LEN, 32);
     assert_eq!(footprint(16), 48);
     assert_eq!(footprint(16 + 60), 112);
+}
+
+#[test]
+fn record_headers_used_here_match_the_format() {
+    // The field table above covers the header exactly, field after field.
+    let mut next = 0;
+    for field in Field::ALL {
+        assert_eq!(field.offset, next, "{}", field.name);
+        next += u64::from(field.bits / 8);
+    }
+    assert_eq!(next, RECORD_HEADER_LEN as u64);
+    // Each field's bytes hold its little-endian value.
+    let (seq, pos) = (0x0102_0304_0506_0708, 0x1122_3344_5566_7788);
+    let payload = [5u8; 24];
+    let bytes = header(RecordKind::Trim, seq, 24, pos, &payload);
+    let crc = RecordHeader::decode(&bytes).crc;
+    for (field, value) in Field::ALL.into_iter().zip([
+        u64::from(RECORD_MAGIC),
+        u64::from(RecordKind::Trim.code()),
+        0,
+        seq,
+        24,
+        u64::from(crc),
+        pos,
+    ]) {
+        let at = field.offset as usize;
+        let width = field.bits as usize / 8;
+        assert_eq!(
+            bytes[at..at + width],
+            value.to_le_bytes()[..width],
+            "{}",
+            field.name
+        );
+    }
+    assert_eq!(&bytes[..4], b"IVLR");
+    // The crc, computed here and not by the library: crc32c of the header with its crc
+    // field zeroed, then of the payload.
+    let mut zeroed = bytes;
+    zeroed[20..24].fill(0);
+    assert_eq!(
+        crc,
+        crc32c::crc32c_append(crc32c::crc32c(&zeroed), &payload)
+    );
 }

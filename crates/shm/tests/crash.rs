@@ -28,16 +28,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[allow(dead_code)]
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{ChildGuard, OwnedEntry, Rng, mix, rerun_test};
 use shm::inspect::{InspectOptions, RegionReport, inspect};
 use shm::log::FlushedWriter;
-use shm::{Access, BackPressure, Cursor, Entry, LogScanner, Mapping, NodeRegion, Record};
+use shm::{Access, BackPressure, Cursor, LogScanner, Mapping, NodeRegion, Record};
 
 /// Name of the test function that acts as the writer in the child process.
 const CHILD_TEST: &str = "crash_writer_child";
@@ -59,164 +63,33 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const CHILD_LIFETIME: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
-// Deterministic generators.
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// splitmix64.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-
-    /// Uniform-ish in `0..n` (0 when `n` is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
+// Deterministic contents.
 
 /// What record `seq` must contain: a pure function of the data seed and the seq, so the
 /// parent can check any record it finds without talking to the writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Spec {
-    Write {
-        export: u32,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Trim {
-        export: u32,
-        offset: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        export: u32,
-        offset: u64,
-        len: u64,
-    },
-}
-
-impl Spec {
-    fn for_seq(data_seed: u64, seq: u64) -> Self {
-        let mut rng = Rng::new(mix(data_seed ^ mix(seq)));
-        let export = rng.below(4) as u32;
-        let offset = rng.below(1 << 30) * 512;
-        let range_len = |rng: &mut Rng| (rng.below(256) + 1) * 4096;
-        match rng.below(16) {
-            0 => Spec::Trim {
-                export,
-                offset,
-                len: range_len(&mut rng),
-            },
-            1 => Spec::WriteZeroes {
-                export,
-                offset,
-                len: range_len(&mut rng),
-            },
-            k => {
-                // Mostly small and medium writes, some empty, some of several KiB.
-                let len = match k % 4 {
-                    0 => rng.below(64),
-                    1 | 2 => rng.below(2048),
-                    _ => rng.below(8192),
-                } as usize;
-                let mut data = Vec::with_capacity(len + 8);
-                while data.len() < len {
-                    data.extend_from_slice(&rng.next().to_le_bytes());
-                }
-                data.truncate(len);
-                Spec::Write {
-                    export,
-                    offset,
-                    data,
-                }
-            }
-        }
-    }
-
-    fn entry(&self) -> Entry<'_> {
-        match *self {
-            Spec::Write {
-                export,
-                offset,
-                ref data,
-            } => Entry::Write {
-                export,
-                offset,
-                data,
-            },
-            Spec::Trim {
-                export,
-                offset,
-                len,
-            } => Entry::Trim {
-                export,
-                offset,
-                len,
-            },
-            Spec::WriteZeroes {
-                export,
-                offset,
-                len,
-            } => Entry::WriteZeroes {
-                export,
-                offset,
-                len,
-            },
+fn spec(data_seed: u64, seq: u64) -> OwnedEntry {
+    let mut rng = Rng::new(mix(data_seed ^ mix(seq)));
+    let export = rng.below(4) as u32;
+    let offset = rng.below(1 << 30) * 512;
+    let range_len = |rng: &mut Rng| (rng.below(256) + 1) * 4096;
+    match rng.below(16) {
+        0 => OwnedEntry::trim(export, offset, range_len(&mut rng)),
+        1 => OwnedEntry::write_zeroes(export, offset, range_len(&mut rng)),
+        k => {
+            // Mostly small and medium writes, some empty, some of several KiB.
+            let len = match k % 4 {
+                0 => rng.below(64),
+                1 | 2 => rng.below(2048),
+                _ => rng.below(8192),
+            } as usize;
+            OwnedEntry::write(export, offset, rng.bytes(len))
         }
     }
 }
 
 /// Checks that `record` is record `seq` with the contents its seq generates.
 fn check_record(data_seed: u64, seq: u64, record: &Record) -> Result<(), String> {
-    if record.seq != seq {
-        return Err(format!(
-            "expected record {seq}, found record {}",
-            record.seq
-        ));
-    }
-    let spec = Spec::for_seq(data_seed, seq);
-    if record.entry() != spec.entry() {
-        let found = match record.entry() {
-            Entry::Write {
-                export,
-                offset,
-                data,
-            } => format!(
-                "write export {export} offset {offset} of {} bytes",
-                data.len()
-            ),
-            other => format!("{other:?}"),
-        };
-        let wanted = match spec.entry() {
-            Entry::Write {
-                export,
-                offset,
-                data,
-            } => format!(
-                "write export {export} offset {offset} of {} bytes",
-                data.len()
-            ),
-            other => format!("{other:?}"),
-        };
-        return Err(format!(
-            "record {seq} at position {} holds the wrong contents: found {found}, expected {wanted}",
-            record.pos
-        ));
-    }
-    Ok(())
+    common::check_record(record, seq, &spec(data_seed, seq).entry())
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -306,7 +179,7 @@ fn run_writer(path: &Path) {
 
     loop {
         let seq = appender.head().seq + 1;
-        let spec = Spec::for_seq(data_seed, seq);
+        let spec = spec(data_seed, seq);
         if ack_first {
             say(&format!("ACK {seq}"));
         }
@@ -363,25 +236,6 @@ fn run_flusher(region: &NodeRegion, mut flushed: FlushedWriter, seed: u64, data_
 // ---------------------------------------------------------------------------------------
 // The parent.
 
-/// Kills and reaps the child however the test ends.
-#[derive(Debug)]
-struct ChildGuard(Child);
-
-impl ChildGuard {
-    fn kill_and_wait(&mut self) -> std::io::Result<ExitStatus> {
-        // SIGKILL; an error only means it already exited, which `wait` then reports.
-        let _ = self.0.kill();
-        self.0.wait()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum KillPlan {
     /// Kill this long after spawning, whatever the child is doing (startup, resume).
@@ -423,10 +277,8 @@ fn run_and_kill(
     plan: KillPlan,
     sabotage: Option<&str>,
 ) -> Result<Killed, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let mut command = Command::new(exe);
+    let mut command = rerun_test(CHILD_TEST).map_err(|e| format!("current_exe: {e}"))?;
     command
-        .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
         .env(ENV_REGION, path)
         .env(ENV_CHILD_SEED, child_seed.to_string())
         .env(ENV_DATA_SEED, data_seed.to_string())
@@ -437,16 +289,12 @@ fn run_and_kill(
     if let Some(sabotage) = sabotage {
         command.env(ENV_SABOTAGE, sabotage);
     }
-    let mut child = ChildGuard(
-        command
-            .spawn()
-            .map_err(|e| format!("cannot start the writer: {e}"))?,
-    );
-    let stdout = child.0.stdout.take().ok_or("no stdout pipe")?;
-    let mut stderr = child.0.stderr.take().ok_or("no stderr pipe")?;
+    let mut child =
+        ChildGuard::spawn(&mut command).map_err(|e| format!("cannot start the writer: {e}"))?;
+    let stdout = child.child.stdout.take().ok_or("no stdout pipe")?;
 
-    // Drain both pipes on threads, so the child never blocks on a full pipe and the
-    // parent can wait for READY with a timeout.
+    // Drain stdout on a thread (the guard drains stderr), so the child never blocks on a
+    // full pipe and the parent can wait for READY with a timeout.
     let (lines_tx, lines) = mpsc::channel::<String>();
     let stdout_thread = std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
@@ -464,11 +312,6 @@ fn run_and_kill(
                 }
             }
         }
-    });
-    let stderr_thread = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
     });
 
     let mut seen = Vec::new();
@@ -507,7 +350,7 @@ fn run_and_kill(
         .map_err(|e| format!("cannot reap the writer: {e}"))?;
     seen.extend(lines.iter());
     let _ = stdout_thread.join();
-    let stderr = stderr_thread.join().unwrap_or_default();
+    let stderr = child.stderr();
     if let Some(problem) = problem {
         return Err(format!(
             "{problem} (status {status})\nwriter stderr:\n{stderr}"

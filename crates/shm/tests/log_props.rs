@@ -4,90 +4,35 @@
 //! Regions are small (8-64 KiB) so that the ring wraps every few records.
 #![allow(clippy::unwrap_used)]
 
+#[allow(dead_code)]
+mod common;
+
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::{OwnedEntry, RegionFile, scan_all, sealed};
 use proptest::prelude::*;
-use shm::inspect::{InspectOptions, inspect_node};
+use shm::inspect::NodeReport;
 use shm::layout::node_live;
-use shm::log::record::{RECORD_HEADER_LEN, WRITE_PREFIX_LEN, footprint};
+use shm::log::record::{
+    RECORD_HEADER_LEN, RECORD_MAGIC, RecordHeader, WRITE_PREFIX_LEN, footprint,
+};
 use shm::{
-    Access, Appended, BackPressure, Cursor, Entry, LogError, LogScanner, Mapping, NodeRegion,
-    NodeWriter, Record, RecordKind,
+    Appended, BackPressure, Cursor, LogError, LogScanner, Mapping, NodeRegion, NodeWriter, Record,
+    RecordKind,
 };
 
 const KIB: u64 = 1024;
-/// Footprint of the smallest record an [`Entry`] can make (a write without data).
+/// Footprint of the smallest record an [`shm::Entry`] can make (a write without data).
 const MIN_ENTRY_FOOTPRINT: u64 = 48;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
 
-/// An [`Entry`] that owns its data, as the model keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Owned {
-    Write {
-        export: u32,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Trim {
-        export: u32,
-        offset: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        export: u32,
-        offset: u64,
-        len: u64,
-    },
-}
-
-impl Owned {
-    fn entry(&self) -> Entry<'_> {
-        match self {
-            Owned::Write {
-                export,
-                offset,
-                data,
-            } => Entry::Write {
-                export: *export,
-                offset: *offset,
-                data,
-            },
-            Owned::Trim {
-                export,
-                offset,
-                len,
-            } => Entry::Trim {
-                export: *export,
-                offset: *offset,
-                len: *len,
-            },
-            Owned::WriteZeroes {
-                export,
-                offset,
-                len,
-            } => Entry::WriteZeroes {
-                export: *export,
-                offset: *offset,
-                len: *len,
-            },
-        }
-    }
-
-    /// A write of `len` data bytes whose content depends on `seed`.
-    fn write(len: usize, seed: u8) -> Self {
-        Owned::Write {
-            export: u32::from(seed),
-            offset: len as u64 * 512,
-            data: pattern(len, seed),
-        }
-    }
+/// A write of `len` data bytes whose content depends on `seed`.
+fn patterned(len: usize, seed: u8) -> OwnedEntry {
+    OwnedEntry::write(u32::from(seed), len as u64 * 512, pattern(len, seed))
 }
 
 /// Deterministic, non-zero-ish bytes (cheaper for proptest than random vectors).
@@ -97,125 +42,17 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// A region file in a temporary directory, so that a second mapping can be opened on it.
-struct RegionFile {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+/// A region file of `size` bytes, as [`RegionFile::format`] makes it for these tests.
+fn region_file(size: u64) -> (RegionFile, NodeRegion) {
+    RegionFile::format(size, 0, "props")
 }
 
-impl RegionFile {
-    fn new(size: u64) -> (Self, NodeRegion) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.region");
-        let region =
-            NodeRegion::format(Mapping::create_file(&path, size).unwrap(), 0, "props").unwrap();
-        (Self { _dir: dir, path }, region)
-    }
-
-    /// Raw read-write access through a second mapping of the same file.
-    fn raw(&self) -> Raw {
-        Raw::open(&self.path)
-    }
-
-    fn inspect(&self) -> shm::inspect::NodeReport {
-        inspect_node(
-            Mapping::open(&self.path, Access::ReadOnly).unwrap(),
-            InspectOptions::default(),
-        )
-    }
-}
-
-/// Reads and writes region bytes through the file of a second read-write [`Mapping`]
-/// (the mapping itself offers no public byte access). The file is `MAP_SHARED`, so these
-/// writes are what every mapping sees.
-struct Raw {
-    _mapping: Mapping,
-    file: File,
-}
-
-impl Raw {
-    fn open(path: &Path) -> Self {
-        let mapping = Mapping::open(path, Access::ReadWrite).unwrap();
-        let file = mapping.file().try_clone().unwrap();
-        Self {
-            _mapping: mapping,
-            file,
-        }
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset).unwrap();
-        buf
-    }
-
-    fn write(&self, offset: u64, bytes: &[u8]) {
-        self.file.write_all_at(bytes, offset).unwrap();
-    }
-
-    fn u64(&self, offset: u64) -> u64 {
-        u64::from_le_bytes(self.read(offset, 8).try_into().unwrap())
-    }
-
-    /// Publishes `value` at a double-buffered location the way `PublishedWriter` does.
-    fn publish(&self, generation_offset: u64, value: [u64; 2]) {
-        let next = self.u64(generation_offset).wrapping_add(1);
-        let slot = generation_offset + 8 + (next & 1) * 16;
-        self.write(slot, &value[0].to_le_bytes());
-        self.write(slot + 8, &value[1].to_le_bytes());
-        self.write(generation_offset, &next.to_le_bytes());
-    }
-}
-
-/// A record header as laid out in the ring (see `shm::log::record`).
-#[derive(Debug, Clone, Copy)]
-struct RawHeader {
-    magic: u32,
-    kind: u16,
-    flags: u16,
-    seq: u64,
-    len: u32,
-    crc: u32,
-    pos: u64,
-}
-
-const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"IVLR");
-const WRAP_KIND: u16 = 0xfffe;
-
-impl RawHeader {
-    fn encode(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        b[0..4].copy_from_slice(&self.magic.to_le_bytes());
-        b[4..6].copy_from_slice(&self.kind.to_le_bytes());
-        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
-        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        b[16..20].copy_from_slice(&self.len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.crc.to_le_bytes());
-        b[24..32].copy_from_slice(&self.pos.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Self {
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        Self {
-            magic: u32_at(0),
-            kind: u16_at(4),
-            flags: u16_at(6),
-            seq: u64_at(8),
-            len: u32_at(16),
-            crc: u32_at(20),
-            pos: u64_at(24),
-        }
-    }
-
-    /// The crc this header should carry over `payload`.
-    fn crc_over(&self, payload: &[u8]) -> u32 {
-        let mut zeroed = *self;
-        zeroed.crc = 0;
-        crc32c::crc32c_append(crc32c::crc32c(&zeroed.encode()), payload)
-    }
+/// Inspects the region in `file`: it must find no problem and exactly `records` records.
+fn inspect_clean(file: &RegionFile, records: usize, context: &str) -> NodeReport {
+    let report = file.inspect();
+    assert_eq!(report.problem, None, "{context}");
+    assert_eq!(report.records.len(), records, "{context}");
+    report
 }
 
 /// A log under test and the model of what its unflushed part must hold.
@@ -223,7 +60,7 @@ struct Log {
     region: NodeRegion,
     writer: NodeWriter,
     /// Unflushed records, oldest first: (position, entry). Seqs follow the flushed cursor.
-    model: VecDeque<(u64, Owned)>,
+    model: VecDeque<(u64, OwnedEntry)>,
 }
 
 impl Log {
@@ -235,6 +72,12 @@ impl Log {
         )
         .unwrap();
         Self::on(region)
+    }
+
+    /// A log in a 16 KiB region file, for tests that also look at the file.
+    fn in_file() -> (RegionFile, Self) {
+        let (file, region) = region_file(16 * KIB);
+        (file, Self::on(region))
     }
 
     fn on(region: NodeRegion) -> Self {
@@ -278,7 +121,7 @@ impl Log {
     }
 
     /// `try_append`, checked against the model. `None` when the ring was (rightly) full.
-    fn append(&mut self, owned: Owned) -> Option<Appended> {
+    fn append(&mut self, owned: OwnedEntry) -> Option<Appended> {
         let head = self.head();
         let len = owned.entry().payload_len();
         let (skip, size, full) = self.placement(len);
@@ -314,7 +157,7 @@ impl Log {
     }
 
     /// Appends, flushing everything first if the ring is full.
-    fn append_flushing(&mut self, owned: Owned) -> Appended {
+    fn append_flushing(&mut self, owned: OwnedEntry) -> Appended {
         if let Some(a) = self.append(owned.clone()) {
             return a;
         }
@@ -324,11 +167,7 @@ impl Log {
 
     /// Everything from flushed to head; panics on any scan error.
     fn scan(&self) -> Vec<Record> {
-        self.region
-            .unflushed()
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
+        scan_all(&self.region)
     }
 
     /// Scans and compares with the model.
@@ -388,7 +227,7 @@ impl Log {
             if ring - at(self) < MIN_ENTRY_FOOTPRINT {
                 // Too little room for any record: one small record skips to the next lap.
                 self.flush_all();
-                self.append(Owned::write(0, 0)).unwrap();
+                self.append(patterned(0, 0)).unwrap();
             }
             let to_end = ring - at(self);
             self.fill(to_end);
@@ -397,6 +236,22 @@ impl Log {
         self.fill(target);
         self.flush_all();
         assert_eq!(at(self), target);
+    }
+
+    /// Appends a record that ends exactly `room` bytes before the ring's end and leaves it
+    /// unflushed; returns the head after it.
+    fn leave_room_at_ring_end(&mut self, room: u64) -> Cursor {
+        let ring = self.ring();
+        self.drive_to(ring - room - 200);
+        let head = self.append(patterned(200 - 48, 1)).unwrap().head;
+        assert_eq!(ring - head.pos % ring, room);
+        head
+    }
+
+    /// The region offset of log position `pos`.
+    fn region_offset(&self, pos: u64) -> u64 {
+        let g = self.region.geometry();
+        g.ring_offset + pos % g.ring_size
     }
 
     /// Appends writes whose footprints add up to exactly `distance` bytes.
@@ -410,7 +265,7 @@ impl Log {
             assert!(chunk >= MIN_ENTRY_FOOTPRINT);
             self.flush_all();
             let before = self.head().pos;
-            self.append(Owned::write((chunk - MIN_ENTRY_FOOTPRINT) as usize, 7))
+            self.append(patterned((chunk - MIN_ENTRY_FOOTPRINT) as usize, 7))
                 .unwrap();
             assert_eq!(
                 self.head().pos - before,
@@ -426,26 +281,22 @@ impl Log {
 // Strategies
 // ---------------------------------------------------------------------------------------
 
-fn entry_strategy(max_data: usize) -> impl Strategy<Value = Owned> {
+fn entry_strategy(max_data: usize) -> impl Strategy<Value = OwnedEntry> {
     let data_len = prop_oneof![0..=64usize, 0..=max_data];
     prop_oneof![
         4 => (any::<u32>(), any::<u64>(), data_len, any::<u8>()).prop_map(
-            |(export, offset, len, seed)| Owned::Write {
-                export,
-                offset,
-                data: pattern(len, seed),
-            }
+            |(export, offset, len, seed)| OwnedEntry::write(export, offset, pattern(len, seed))
         ),
         1 => (any::<u32>(), any::<u64>(), any::<u64>())
-            .prop_map(|(export, offset, len)| Owned::Trim { export, offset, len }),
+            .prop_map(|(export, offset, len)| OwnedEntry::trim(export, offset, len)),
         1 => (any::<u32>(), any::<u64>(), any::<u64>())
-            .prop_map(|(export, offset, len)| Owned::WriteZeroes { export, offset, len }),
+            .prop_map(|(export, offset, len)| OwnedEntry::write_zeroes(export, offset, len)),
     ]
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append(Owned),
+    Append(OwnedEntry),
     /// Advance flushed to the end of the `index`th unflushed record (if any).
     Flush(prop::sample::Index),
 }
@@ -542,7 +393,7 @@ fn positions_run_past_several_laps() {
         while log.head().pos < 6 * log.ring() {
             // Sizes that do not divide the ring, so records land all over it.
             let len = (i * 397) % (log.max_data() + 1);
-            if log.append(Owned::write(len, i as u8)).is_none() {
+            if log.append(patterned(len, i as u8)).is_none() {
                 // Flush about half of what is there, then retry.
                 log.flush_through(log.model.len() / 2);
                 continue;
@@ -560,15 +411,14 @@ fn positions_run_past_several_laps() {
 
 #[test]
 fn a_record_that_exactly_fills_the_ring_end_is_not_skipped() {
-    let (file, region) = RegionFile::new(16 * KIB);
-    let mut log = Log::on(region);
+    let (file, mut log) = Log::in_file();
     let ring = log.ring();
     let max_footprint = footprint(log.max_payload());
     for room in [MIN_ENTRY_FOOTPRINT, 56, 200, 1000, max_footprint] {
         log.drive_to(ring - room);
         let lap = log.head().pos / ring;
         let data = (room - MIN_ENTRY_FOOTPRINT) as usize;
-        let a = log.append(Owned::write(data, 3)).unwrap();
+        let a = log.append(patterned(data, 3)).unwrap();
         assert_eq!(
             a.pos % ring,
             ring - room,
@@ -580,41 +430,31 @@ fn a_record_that_exactly_fills_the_ring_end_is_not_skipped() {
             "room {room}: does not end at the ring end"
         );
         // The next one starts the next lap at offset 0, without a gap.
-        let b = log.append(Owned::write(10, 4)).unwrap();
+        let b = log.append(patterned(10, 4)).unwrap();
         assert_eq!(b.pos, (lap + 1) * ring);
         let records = log.check();
         assert_eq!(records.len(), 2);
-        let report = file.inspect();
-        assert_eq!(report.problem, None);
-        assert_eq!(report.records.len(), 2);
+        inspect_clean(&file, 2, &format!("room {room}"));
         log.flush_all();
     }
 }
 
 #[test]
 fn less_than_a_header_at_the_ring_end_is_skipped_without_a_marker() {
-    let (file, region) = RegionFile::new(16 * KIB);
+    let (file, mut log) = Log::in_file();
     let raw = file.raw();
-    let mut log = Log::on(region);
     let ring = log.ring();
-    let ring_offset = log.region.geometry().ring_offset;
     for tail in [8, 16, 24] {
-        log.drive_to(ring - tail - 200);
         // One record ends `tail` bytes before the ring end and stays unflushed.
-        let first = log.append(Owned::write(200 - 48, 1)).unwrap();
-        assert_eq!(ring - first.head.pos % ring, tail);
-        let gap = ring_offset + ring - tail;
+        let end = log.leave_room_at_ring_end(tail);
+        let gap = log.region_offset(end.pos);
         let before = raw.read(gap, tail as usize);
-        let lap_start = first.head.pos + tail;
+        let lap_start = end.pos + tail;
         for kind in 0..3 {
             let owned = match kind {
-                0 => Owned::write(0, 2),
-                1 => Owned::Trim {
-                    export: 1,
-                    offset: 2,
-                    len: 3,
-                },
-                _ => Owned::write(100, 2),
+                0 => patterned(0, 2),
+                1 => OwnedEntry::trim(1, 2, 3),
+                _ => patterned(100, 2),
             };
             let a = log.append(owned).unwrap();
             if kind == 0 {
@@ -631,9 +471,7 @@ fn less_than_a_header_at_the_ring_end_is_skipped_without_a_marker() {
         log.flush_through(0);
         assert_eq!(log.flushed().pos % ring, ring - tail);
         assert_eq!(log.check().first().unwrap().pos, lap_start);
-        let report = file.inspect();
-        assert_eq!(report.problem, None, "tail {tail}");
-        assert_eq!(report.records.len(), 3);
+        let report = inspect_clean(&file, 3, &format!("tail {tail}"));
         assert_eq!(report.records[0].pos, lap_start);
         log.flush_all();
     }
@@ -641,40 +479,32 @@ fn less_than_a_header_at_the_ring_end_is_skipped_without_a_marker() {
 
 #[test]
 fn a_wrap_marker_is_written_when_a_header_fits_but_the_record_does_not() {
-    let (file, region) = RegionFile::new(16 * KIB);
+    let (file, mut log) = Log::in_file();
     let raw = file.raw();
-    let mut log = Log::on(region);
-    let ring = log.ring();
-    let ring_offset = log.region.geometry().ring_offset;
     for room in [32u64, 40, 48, 96, 1000] {
         // Leave `room` bytes at the ring end, then append a record one word too big for it.
-        log.drive_to(ring - room - 200);
-        log.append(Owned::write(200 - 48, 1)).unwrap();
-        let head = log.head();
-        assert_eq!(ring - head.pos % ring, room);
+        let head = log.leave_room_at_ring_end(room);
         let data = (room + 8).saturating_sub(MIN_ENTRY_FOOTPRINT) as usize;
-        let a = log.append(Owned::write(data, 9)).unwrap();
+        let a = log.append(patterned(data, 9)).unwrap();
         assert_eq!(
             a.pos,
             head.pos + room,
             "room {room}: the record did not wrap"
         );
-        let marker = RawHeader::decode(&raw.read(ring_offset + ring - room, RECORD_HEADER_LEN));
+        let marker = raw.header(log.region_offset(head.pos));
         assert_eq!(marker.magic, RECORD_MAGIC, "room {room}: no wrap marker");
-        assert_eq!(marker.kind, WRAP_KIND);
+        assert_eq!(marker.kind_code, RecordKind::Wrap.code());
         assert_eq!(marker.flags, 0);
         assert_eq!(marker.seq, a.seq, "a wrap marker carries the seq after it");
         assert_eq!(marker.len, 0);
         assert_eq!(marker.pos, head.pos);
-        assert_eq!(marker.crc, marker.crc_over(&[]));
+        assert_eq!(marker.crc, marker.compute_crc(&[]));
         let records = log.check();
         assert_eq!(records.len(), 2, "the marker is not a record");
         // A scan starting at the marker skips it.
         log.flush_through(0);
         assert_eq!(log.check()[0].seq, a.seq);
-        let report = file.inspect();
-        assert_eq!(report.problem, None, "room {room}");
-        assert_eq!(report.records.len(), 1);
+        let report = inspect_clean(&file, 1, &format!("room {room}"));
         assert_eq!(report.records[0].seq, a.seq);
         log.flush_all();
     }
@@ -688,7 +518,7 @@ fn a_wrap_marker_is_written_when_a_header_fits_but_the_record_does_not() {
 fn a_full_ring_refuses_appends_until_the_flusher_frees_space() {
     for data in [1000usize, 0, 4000] {
         let mut log = Log::memfd(16 * KIB);
-        let owned = Owned::write(data, 5);
+        let owned = patterned(data, 5);
         let mut refusals = 0;
         // Several laps of: fill until refused, then free the oldest record(s).
         while log.head().pos < 4 * log.ring() {
@@ -725,7 +555,7 @@ fn a_full_ring_refuses_appends_until_the_flusher_frees_space() {
 #[test]
 fn append_gives_up_after_its_back_pressure_timeout_and_counts_the_wait() {
     let mut log = Log::memfd(16 * KIB);
-    let owned = Owned::write(1500, 1);
+    let owned = patterned(1500, 1);
     while log.append(owned.clone()).is_some() {}
     assert_eq!(log.region.stats().backpressure_waits, 0);
     let short = BackPressure {
@@ -775,7 +605,7 @@ fn every_record_size_round_trips_and_larger_ones_are_refused() {
             log.max_payload()
         );
         for len in 0..=max_data {
-            let a = log.append(Owned::write(len, len as u8)).unwrap();
+            let a = log.append(patterned(len, len as u8)).unwrap();
             let records = log.check();
             assert_eq!(records.len(), 1);
             assert_eq!(records[0].data.len(), len);
@@ -800,7 +630,7 @@ fn near_maximum_records_round_trip_in_a_large_region() {
         .into_iter()
         .enumerate()
     {
-        log.append_flushing(Owned::write(len, i as u8));
+        log.append_flushing(patterned(len, i as u8));
         let records = log.check();
         assert_eq!(records.last().unwrap().data.len(), len);
     }
@@ -818,7 +648,7 @@ fn too_large_is_refused(log: &mut Log) {
         max as usize,
         2 * max as usize,
     ] {
-        let owned = Owned::write(data_len, 0);
+        let owned = patterned(data_len, 0);
         let want = LogError::TooLarge {
             len: data_len as u64 + WRITE_PREFIX_LEN as u64,
             max,
@@ -906,7 +736,13 @@ fn damage_strategy() -> impl Strategy<Value = Damage> {
         Just(16),
         Just(24),
     ];
-    let kind = prop_oneof![Just(1u16), Just(2), Just(3), Just(WRAP_KIND), any::<u16>()];
+    let kind = prop_oneof![
+        Just(RecordKind::Write.code()),
+        Just(RecordKind::Trim.code()),
+        Just(RecordKind::WriteZeroes.code()),
+        Just(RecordKind::Wrap.code()),
+        any::<u16>(),
+    ];
     prop_oneof![
         4 => (any::<prop::sample::Index>(), prop::collection::vec(any::<u8>(), 1..48))
             .prop_map(|(at, bytes)| Damage::Bytes { at, bytes }),
@@ -983,25 +819,23 @@ fn apply(damage: &Damage, file: &RegionFile, region: &NodeRegion) {
                 None => return,
             };
             let seq = flushed.seq.wrapping_add(1).wrapping_add(*seq_delta as u64);
-            let mut h = RawHeader {
-                magic: RECORD_MAGIC,
-                kind: *kind,
+            let h = RecordHeader {
+                kind_code: *kind,
                 flags: *flags,
-                seq,
-                len: *len,
-                crc: 0,
-                pos,
+                ..RecordHeader::new(RecordKind::Write, seq, *len, pos)
             };
-            if *fix_crc {
+            let bytes = if *fix_crc {
                 let available = (ring - offset - 32) as usize;
                 let payload = raw.read(g.ring_offset + offset + 32, (*len as usize).min(available));
-                h.crc = h.crc_over(&payload);
-            }
-            raw.write(g.ring_offset + offset, &h.encode());
+                sealed(h, &payload)
+            } else {
+                h.encode()
+            };
+            raw.write(g.ring_offset + offset, &bytes);
         }
         Damage::Cursors { flushed, head } => {
-            raw.publish(node_live::FLUSHED.offset(), [flushed.seq, flushed.pos]);
-            raw.publish(node_live::HEAD.offset(), [head.seq, head.pos]);
+            raw.publish_flushed(*flushed);
+            raw.publish_head(*head);
         }
         Damage::CursorPair {
             base,
@@ -1088,7 +922,7 @@ proptest! {
         to in cursor_strategy(),
         skip_below in prop_oneof![Just(0u64), 0..64u64, any::<u64>()],
     ) {
-        let (file, region) = RegionFile::new(size);
+        let (file, region) = region_file(size);
         {
             let mut log = Log::on(region.clone());
             for owned in records {

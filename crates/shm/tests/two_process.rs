@@ -8,16 +8,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, Read, Write};
+#[allow(dead_code)]
+mod common;
+
+use std::io::{BufRead, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::thread::JoinHandle;
+use std::process::{ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
-use shm::{
-    Access, BackPressure, Cursor, Entry, Heartbeat, LogScanner, Mapping, NodeRegion, Record,
-};
+use common::{ChildGuard, OwnedEntry, RegionFile, Rng, mix, rerun_test};
+use shm::{Access, BackPressure, Cursor, Heartbeat, LogScanner, Mapping, NodeRegion, Record};
 
 /// Name of the test function that acts as the writer in the child process.
 const CHILD_TEST: &str = "two_process_child";
@@ -36,108 +37,25 @@ const REGION_SIZE: u64 = 1 << 20;
 // ---------------------------------------------------------------------------------------
 // Deterministic contents.
 
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// splitmix64.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix(self.0)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
-
 /// Record `seq` as the child appends it: a write of 0..2 KiB, or now and then a trim or
 /// write-zeroes. A pure function of the seed and the seq.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Spec {
-    kind: u64,
-    export: u32,
-    offset: u64,
-    len: u64,
-    data: Vec<u8>,
-}
-
-impl Spec {
-    fn for_seq(data_seed: u64, seq: u64) -> Self {
-        let mut rng = Rng(mix(data_seed ^ mix(seq)));
-        let kind = rng.below(10);
-        let export = rng.below(4) as u32;
-        let offset = rng.below(1 << 30) * 512;
-        let len = if kind < 2 {
-            (rng.below(64) + 1) * 4096
-        } else {
-            rng.below(2048)
-        };
-        let mut data = Vec::new();
-        if kind >= 2 {
-            while (data.len() as u64) < len {
-                data.extend_from_slice(&rng.next().to_le_bytes());
-            }
-            data.truncate(len as usize);
-        }
-        Self {
-            kind,
-            export,
-            offset,
-            len,
-            data,
-        }
-    }
-
-    fn entry(&self) -> Entry<'_> {
-        let (export, offset, len) = (self.export, self.offset, self.len);
-        match self.kind {
-            0 => Entry::Trim {
-                export,
-                offset,
-                len,
-            },
-            1 => Entry::WriteZeroes {
-                export,
-                offset,
-                len,
-            },
-            _ => Entry::Write {
-                export,
-                offset,
-                data: &self.data,
-            },
+fn spec(data_seed: u64, seq: u64) -> OwnedEntry {
+    let mut rng = Rng::new(mix(data_seed ^ mix(seq)));
+    let kind = rng.below(10);
+    let export = rng.below(4) as u32;
+    let offset = rng.below(1 << 30) * 512;
+    match kind {
+        0 => OwnedEntry::trim(export, offset, (rng.below(64) + 1) * 4096),
+        1 => OwnedEntry::write_zeroes(export, offset, (rng.below(64) + 1) * 4096),
+        _ => {
+            let len = rng.below(2048) as usize;
+            OwnedEntry::write(export, offset, rng.bytes(len))
         }
     }
 }
 
 fn check_record(data_seed: u64, seq: u64, record: &Record) -> Result<(), String> {
-    if record.seq != seq {
-        return Err(format!("expected record {seq}, found {}", record.seq));
-    }
-    let spec = Spec::for_seq(data_seed, seq);
-    if record.entry() != spec.entry() {
-        return Err(format!(
-            "record {seq} at position {} holds the wrong contents ({:?} export {} offset {} \
-             len {}, expected kind #{} export {} offset {} len {})",
-            record.pos,
-            record.kind,
-            record.export,
-            record.offset,
-            record.len,
-            spec.kind,
-            spec.export,
-            spec.offset,
-            spec.len
-        ));
-    }
-    Ok(())
+    common::check_record(record, seq, &spec(data_seed, seq).entry())
 }
 
 /// Heartbeats the child publishes for batches of these sizes.
@@ -174,7 +92,7 @@ fn two_process_child() {
         }
         for k in 1..=n {
             let seq = writer.appender.head().seq + 1;
-            let spec = Spec::for_seq(data_seed, seq);
+            let spec = spec(data_seed, seq);
             let appended = writer
                 .appender
                 .append(&spec.entry(), BackPressure::default())
@@ -194,41 +112,29 @@ fn two_process_child() {
 /// A running writer. Dropping it kills and reaps the child.
 #[derive(Debug)]
 struct Writer {
-    child: Child,
+    guard: ChildGuard,
     stdin: Option<ChildStdin>,
-    stderr: Option<JoinHandle<String>>,
 }
 
 impl Writer {
     fn spawn(region_path: &Path, batches: &[u64], data_seed: u64) -> Self {
         let batches: Vec<String> = batches.iter().map(u64::to_string).collect();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        let mut command = rerun_test(CHILD_TEST).unwrap();
+        command
             .env(ENV_REGION, region_path)
             .env(ENV_BATCHES, batches.join(","))
             .env(ENV_DATA_SEED, data_seed.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        Self {
-            child,
-            stdin,
-            stderr: Some(stderr),
-        }
+            .stderr(Stdio::piped());
+        let mut guard = ChildGuard::spawn(&mut command).unwrap();
+        let stdin = guard.child.stdin.take();
+        Self { guard, stdin }
     }
 
     /// Whether the child is still running.
     fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.guard.running()
     }
 
     fn go(&mut self) {
@@ -239,17 +145,11 @@ impl Writer {
 
     /// Kills the child (if it still runs) and returns how it ended and its stderr.
     fn finish(&mut self) -> (String, String) {
-        let _ = self.child.kill();
         let status = self
-            .child
-            .wait()
+            .guard
+            .kill_and_wait()
             .map_or_else(|e| format!("unknown ({e})"), |s| s.to_string());
-        let stderr = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        (status, stderr)
+        (status, self.guard.stderr())
     }
 
     /// Fails the test with `message`, the child's status and its stderr.
@@ -263,7 +163,7 @@ impl Writer {
         drop(self.stdin.take());
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            match self.child.try_wait() {
+            match self.guard.child.try_wait() {
                 Ok(Some(status)) if status.success() => return,
                 Ok(Some(_)) => self.fail("the writer failed"),
                 Ok(None) if Instant::now() > deadline => {
@@ -273,13 +173,6 @@ impl Writer {
                 Err(e) => self.fail(&format!("cannot wait for the writer: {e}")),
             }
         }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -368,19 +261,16 @@ impl Follower {
 }
 
 /// A fresh file-backed node region; returns its read-only view for the parent.
-fn file_region(dir: &Path) -> (std::path::PathBuf, NodeRegion) {
-    let path = dir.join("node1.region");
-    let formatted =
-        NodeRegion::format(Mapping::create_file(&path, REGION_SIZE).unwrap(), 1, "b").unwrap();
+fn file_region() -> (RegionFile, NodeRegion) {
+    let (file, formatted) = RegionFile::format(REGION_SIZE, 1, "b");
     drop(formatted);
-    let reader = NodeRegion::open(Mapping::open(&path, Access::ReadOnly).unwrap()).unwrap();
-    (path, reader)
+    let reader = file.open(Access::ReadOnly);
+    (file, reader)
 }
 
 #[test]
 fn the_parent_sees_every_record_and_beat_a_child_process_publishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, reader) = file_region(dir.path());
+    let (file, reader) = file_region();
     assert_eq!(reader.mapping().access(), Access::ReadOnly);
     let data_seed = 0x5eed_0001;
     let batches = [300];
@@ -388,7 +278,7 @@ fn the_parent_sees_every_record_and_beat_a_child_process_publishes() {
     assert_eq!(follower.seen, Cursor::default());
     assert_eq!(follower.beat.counter, 0);
 
-    let mut writer = Writer::spawn(&path, &batches, data_seed);
+    let mut writer = Writer::spawn(&file.path, &batches, data_seed);
     follower.wait_for(&mut writer, 300, beats_for(&batches));
     writer.expect_success();
     assert!(follower.beat.unix_ns > 0);
@@ -401,12 +291,11 @@ fn the_parent_sees_every_record_and_beat_a_child_process_publishes() {
 
 #[test]
 fn records_appear_in_the_parent_while_the_child_is_still_writing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, reader) = file_region(dir.path());
+    let (file, reader) = file_region();
     let data_seed = 0x5eed_0002;
     let batches = [40, 60, 25];
     let mut follower = Follower::new(reader, data_seed);
-    let mut writer = Writer::spawn(&path, &batches, data_seed);
+    let mut writer = Writer::spawn(&file.path, &batches, data_seed);
 
     let mut total = 0;
     for (i, &n) in batches.iter().enumerate() {

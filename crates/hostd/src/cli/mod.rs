@@ -1,6 +1,10 @@
 //! Command-line parsing and dispatch.
 
+mod client;
+mod down;
 mod inspect;
+mod status;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +27,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Start the pair: regions, disks, both guests; with --detach, return once both agents are up.
+    Up(up::UpArgs),
+
+    /// Show each node: VM and agent state, heartbeat, log, who serves it, its NBD address.
+    Status(status::StatusArgs),
+
+    /// Stop both guests (QMP quit, SIGKILL if they do not go) and the daemon.
+    Down(down::DownArgs),
+
+    /// Run the daemon in the foreground without progress output (what `up --detach` starts).
+    #[command(hide = true)]
+    Daemon(up::DaemonArgs),
+
     /// Decode a node's shared-memory region: header, heartbeat, log cursors and records.
     ///
     /// Works on any region, including one whose writer is dead or whose log is corrupt:
@@ -38,6 +55,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let state = StateDir::new(&cli.state_dir);
     let result = match &cli.command {
+        Command::Up(args) => up::run(&state, args),
+        Command::Status(args) => status::run(&state, args),
+        Command::Down(args) => down::run(&state, args),
+        Command::Daemon(args) => up::run_daemon(&state, args),
         Command::Inspect(args) => inspect::run(&state, args),
     };
     match result {

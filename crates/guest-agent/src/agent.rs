@@ -1,0 +1,148 @@
+//! The agent's main loop: own the node region, beat, watch the partner.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use shm::layout::node_live;
+use shm::{Access, Mapping, NodeRegion, PeerObservation};
+
+use crate::args::Args;
+use crate::regions::{self, RegionsError};
+
+/// The marker the write-protection self-test stores ("IVHAPROB").
+pub const WRITE_PROBE_MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot find this node's regions")]
+    Regions(#[from] RegionsError),
+    #[error("cannot map region {path}")]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: shm::MappingError,
+    },
+    #[error("region {path} cannot be used")]
+    Node {
+        path: PathBuf,
+        #[source]
+        source: shm::NodeError,
+    },
+}
+
+/// Runs the agent until killed (or for `--beats` heartbeats).
+pub fn run(args: &Args) -> Result<(), AgentError> {
+    let candidates = regions::candidates(&args.pci_root, args.region_dir.as_deref())?;
+    let found = regions::classify(&args.node, &candidates)?;
+    let own = open_node(&found.own, Access::ReadWrite)?;
+    let partner = match &found.partner {
+        Some((_, path)) => Some(open_node(path, Access::ReadOnly)?),
+        None => None,
+    };
+    let mut writer = own.writer(boot_id()).map_err(|source| AgentError::Node {
+        path: found.own.clone(),
+        source,
+    })?;
+    writer.heartbeat.beat();
+    log::info!(
+        "node {} up: own region {}, partner {}, control {}, boot id {:#018x}",
+        args.node,
+        found.own.display(),
+        found
+            .partner
+            .as_ref()
+            .map_or("none".to_owned(), |(name, path)| format!(
+                "{name} at {}",
+                path.display()
+            )),
+        found
+            .control
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string()),
+        own.boot_id()
+    );
+    if args.selftest_write_partner {
+        selftest_write_partner(&args.node, &found);
+    }
+
+    let interval = args.heartbeat_interval();
+    let mut next = Instant::now() + interval;
+    let mut last_seen = PeerObservation::default();
+    let mut beats = 1;
+    while args.beats.is_none_or(|max| beats < max) {
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next += interval;
+        writer.heartbeat.beat();
+        beats += 1;
+        if let Some(partner) = &partner {
+            let seen = PeerObservation {
+                node_id: Some(partner.header().node_id),
+                boot_id: partner.boot_id(),
+                heartbeat: partner.heartbeat().map_or(0, |h| h.counter),
+            };
+            if seen.boot_id != last_seen.boot_id {
+                log::info!(
+                    "partner {} boot id {:#018x}, heartbeat {}",
+                    partner.header().name,
+                    seen.boot_id,
+                    seen.heartbeat
+                );
+            }
+            writer.peer.observe(seen);
+            last_seen = seen;
+        }
+    }
+    Ok(())
+}
+
+fn open_node(path: &std::path::Path, access: Access) -> Result<NodeRegion, AgentError> {
+    let mapping = Mapping::open(path, access).map_err(|source| AgentError::Map {
+        path: path.to_owned(),
+        source,
+    })?;
+    NodeRegion::open(mapping).map_err(|source| AgentError::Node {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Tries to write where the partner must not be able to. The verdict is the host's: it
+/// reads both region files and finds the marker in ours only.
+fn selftest_write_partner(node: &str, found: &regions::Found) {
+    let Some((partner_name, partner)) = &found.partner else {
+        log::warn!("selftest: no partner region to try");
+        return;
+    };
+    for (name, path) in [(node, &found.own), (partner_name.as_str(), partner)] {
+        let result = Mapping::open(path, Access::ReadWrite)
+            .map_err(|e| shm::inspect::error_chain(&e))
+            .and_then(|m| {
+                m.probe_store(node_live::WRITE_PROBE, WRITE_PROBE_MARKER)
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(()) => log::info!("selftest: stored the probe marker into node {name}'s region"),
+            Err(error) => {
+                log::info!("selftest: could not store into node {name}'s region: {error}")
+            }
+        }
+    }
+}
+
+/// A random id for this run of the agent, so the host can tell restarts apart.
+fn boot_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    match random {
+        Ok(()) => u64::from_le_bytes(bytes).max(1),
+        // Never 0 (which means "never started"); time and pid are unique enough here.
+        Err(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (now ^ u64::from(std::process::id()) << 32).max(1)
+        }
+    }
+}

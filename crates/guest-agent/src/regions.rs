@@ -1,0 +1,146 @@
+//! Finding this node's regions and telling them apart.
+//!
+//! Inside a guest the regions are ivshmem BARs, in PCI slot order, which says nothing about
+//! which is which; each is identified by its header instead.
+
+use std::path::{Path, PathBuf};
+
+use shm::{Access, Mapping, RegionKind};
+
+/// Errors finding regions.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionsError {
+    #[error("cannot list regions")]
+    Scan(#[source] shm::MappingError),
+    #[error("cannot read region directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no node region named {node:?} among {searched} candidate regions {where_}")]
+    OwnMissing {
+        node: String,
+        searched: usize,
+        where_: String,
+    },
+    #[error("two regions claim to be node {node:?}: {first} and {second}")]
+    Duplicate {
+        node: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+}
+
+/// The regions this node maps, by role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub own: PathBuf,
+    /// The partner's node region (the first other node region found).
+    pub partner: Option<(String, PathBuf)>,
+    pub control: Option<PathBuf>,
+}
+
+/// Candidate region paths: PCI BARs, or `*.region` files in a directory.
+pub fn candidates(
+    pci_root: &Path,
+    region_dir: Option<&Path>,
+) -> Result<Vec<PathBuf>, RegionsError> {
+    match region_dir {
+        None => shm::mapping::ivshmem_resources(pci_root).map_err(RegionsError::Scan),
+        Some(dir) => {
+            let entries = std::fs::read_dir(dir).map_err(|source| RegionsError::Dir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let mut paths: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "region"))
+                .collect();
+            paths.sort();
+            Ok(paths)
+        }
+    }
+}
+
+/// Identifies each candidate by its header and picks this node's regions.
+pub fn classify(node: &str, candidates: &[PathBuf]) -> Result<Found, RegionsError> {
+    let mut own: Option<PathBuf> = None;
+    let mut partner = None;
+    let mut control = None;
+    for path in candidates {
+        let kind = match Mapping::open(path, Access::ReadOnly) {
+            Ok(mapping) => shm::identify(&mapping),
+            Err(error) => {
+                log::warn!("skipping {}: {error}", path.display());
+                continue;
+            }
+        };
+        match kind {
+            RegionKind::Node { name, .. } if name == node => {
+                if let Some(first) = own.replace(path.clone()) {
+                    return Err(RegionsError::Duplicate {
+                        node: name,
+                        first,
+                        second: path.clone(),
+                    });
+                }
+            }
+            RegionKind::Node { name, .. } => {
+                if partner.is_none() {
+                    partner = Some((name, path.clone()));
+                }
+            }
+            RegionKind::Control => control = control.or(Some(path.clone())),
+            RegionKind::Unknown => log::warn!("{} holds no ivha region", path.display()),
+        }
+    }
+    let own = own.ok_or_else(|| RegionsError::OwnMissing {
+        node: node.to_owned(),
+        searched: candidates.len(),
+        where_: candidates
+            .first()
+            .and_then(|p| p.parent())
+            .map_or_else(String::new, |p| format!("under {}", p.display())),
+    })?;
+    Ok(Found {
+        own,
+        partner,
+        control,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm::{ControlRegion, NodeRegion};
+
+    #[test]
+    fn regions_are_told_apart_by_header_not_by_name_or_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // File names deliberately mislead: identification must read headers.
+        let paths = ["1.region", "2.region", "3.region", "junk.region"].map(|n| dir.path().join(n));
+        NodeRegion::format(Mapping::create_file(&paths[0], 65536).unwrap(), 1, "b").unwrap();
+        ControlRegion::format(
+            Mapping::create_file(&paths[1], 65536).unwrap(),
+            &["a", "b"],
+            &["a", "b"],
+        )
+        .unwrap();
+        NodeRegion::format(Mapping::create_file(&paths[2], 65536).unwrap(), 0, "a").unwrap();
+        std::fs::write(&paths[3], vec![0u8; 65536]).unwrap();
+
+        let found = classify(
+            "a",
+            &candidates(Path::new("/nonexistent"), Some(dir.path())).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(found.own, paths[2]);
+        assert_eq!(found.partner, Some(("b".to_owned(), paths[0].clone())));
+        assert_eq!(found.control, Some(paths[1].clone()));
+
+        let missing = classify("c", &candidates(Path::new("/x"), Some(dir.path())).unwrap());
+        assert!(matches!(missing, Err(RegionsError::OwnMissing { .. })));
+    }
+}

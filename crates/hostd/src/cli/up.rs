@@ -1,0 +1,164 @@
+//! `hostd up`: start the pair.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use super::{CommandResult, client};
+use crate::config::Config;
+use crate::protocol::{ClusterStatus, Request, Response};
+use crate::render;
+use crate::state_dir::StateDir;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Cluster configuration (TOML); every setting has a default.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where the guests run. Only `qemu` exists today; `process` (agents as host
+    /// processes) arrives with the NBD issue.
+    #[arg(long, value_enum, default_value_t = Backend::Qemu)]
+    pub backend: Backend,
+
+    /// Start the daemon in the background and return once both agents are up.
+    #[arg(long)]
+    pub detach: bool,
+
+    /// With --detach: give up if the agents are not up after this many seconds.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Qemu,
+    Process,
+}
+
+/// Errors specific to `up`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error(
+        "the process backend is not available yet: it arrives with the NBD issue; use --backend qemu"
+    )]
+    ProcessBackend,
+    #[error("cannot start the daemon")]
+    Spawn(#[source] std::io::Error),
+    #[error("the daemon exited before the pair was up; the end of {log}:\n{tail}")]
+    DaemonDied { log: String, tail: String },
+    #[error("the agents were not up after {seconds} s; last status:\n{status}")]
+    Timeout { seconds: u64, status: String },
+}
+
+pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
+    if args.backend == Backend::Process {
+        return Err(UpError::ProcessBackend.into());
+    }
+    let config = Config::load(args.config.as_deref())?;
+    if args.detach {
+        return detach(state, args);
+    }
+    println!(
+        "starting the pair in {} (Ctrl-C stops it)",
+        state.root().display()
+    );
+    let mut last_states = String::new();
+    crate::daemon::run(&config, state, |status| {
+        let states = render::progress_states(status);
+        if states != last_states {
+            println!("{}", render::progress_line(status));
+            last_states = states;
+        }
+        if status.all_up() {
+            print!("{}", render::status_table(status));
+            println!("the pair is up; `hostd status` shows it, `hostd down` stops it");
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `hostd daemon` in the background and follows its progress over the socket.
+fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
+    state.create()?;
+    let log_path = state.daemon_log();
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .arg("--state-dir")
+        .arg(state.root())
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(config) = &args.config {
+        command.arg("--config").arg(config);
+    }
+    // Its own process group: a Ctrl-C at this terminal must not reach the daemon.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut daemon = command.spawn().map_err(UpError::Spawn)?;
+    println!(
+        "hostd daemon started (pid {}), log {}",
+        daemon.id(),
+        log_path.display()
+    );
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout);
+    let mut last_states = String::new();
+    let mut last_status: Option<ClusterStatus> = None;
+    loop {
+        if let Some(exit) = daemon.try_wait()? {
+            return Err(UpError::DaemonDied {
+                log: format!("{} ({exit})", log_path.display()),
+                tail: crate::daemon::tail(&log_path, 25),
+            }
+            .into());
+        }
+        if let Ok(Response::Status(status)) =
+            client::call(state, &Request::Status, Duration::from_secs(5))
+        {
+            let states = render::progress_states(&status);
+            if states != last_states {
+                println!("{}", render::progress_line(&status));
+                last_states = states;
+            }
+            if status.all_up() {
+                print!("{}", render::status_table(&status));
+                println!(
+                    "the pair is up after {:.1} s; `hostd status` shows it, `hostd down` stops it",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            last_status = Some(status);
+        }
+        if Instant::now() >= deadline {
+            return Err(UpError::Timeout {
+                seconds: args.timeout,
+                status: last_status
+                    .map(|s| render::status_table(&s))
+                    .unwrap_or_else(|| "(the daemon never answered)".into()),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The hidden `daemon` subcommand: what `up --detach` runs in the background.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run_daemon(state: &StateDir, args: &DaemonArgs) -> CommandResult {
+    let config = Config::load(args.config.as_deref())?;
+    crate::daemon::run(&config, state, |status| {
+        log::info!("{}", render::progress_line(status));
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

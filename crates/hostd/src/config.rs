@@ -1,0 +1,368 @@
+//! The cluster configuration: a TOML file whose every field has a default, so `hostd up`
+//! needs no file at all.
+//!
+//! ```toml
+//! [qemu]
+//! binary = "qemu-system-x86_64"
+//! accel = "auto"            # auto | kvm | tcg
+//! memory_mib = 256
+//! cpus = 1
+//! kernel = "target/guest/vmlinuz"             # default: the image scripts/build-guest-image.sh makes
+//! initrd = "target/guest/initramfs.cpio.gz"
+//! kernel_args = ""          # appended to the guest kernel command line
+//!
+//! [regions]
+//! node_mib = 64             # each node's NVRAM region
+//!
+//! [disks]
+//! size_mib = 1024           # sparse images, created once and never truncated
+//! dir = "/var/lib/ivha"     # default: STATE_DIR/disks
+//!
+//! [heartbeat]
+//! interval_ms = 100
+//! timeout_ms = 3000
+//!
+//! [[node]]
+//! name = "a"
+//! nbd_port = 10809
+//! kernel_args = ""          # this node only, e.g. "ivha.debug=1"
+//! [[node]]
+//! name = "b"
+//! nbd_port = 10810
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Which accelerator to run guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelSetting {
+    /// KVM where the CPU and a probe allow it, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    pub accel: AccelSetting,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Guest kernel; default: the image built by `scripts/build-guest-image.sh`.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Appended to the guest kernel command line.
+    pub kernel_args: String,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: AccelSetting::Auto,
+            memory_mib: 256,
+            cpus: 1,
+            kernel: None,
+            initrd: None,
+            kernel_args: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Size of each node's region in MiB (a power of two: ivshmem BARs are).
+    pub node_mib: u64,
+}
+
+impl Default for RegionConfig {
+    fn default() -> Self {
+        Self { node_mib: 64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    pub size_mib: u64,
+    /// Where disk images live; default `STATE_DIR/disks`. Put them on real storage: the
+    /// state directory is usually tmpfs.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            size_mib: 1024,
+            dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    pub interval_ms: u64,
+    /// A heartbeat older than this counts as missed. Generous by default: a TCG guest on a
+    /// busy host can stall for a second without being dead.
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 100,
+            timeout_ms: 3000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Host port (on 127.0.0.1) that clients reach this node's NBD export at.
+    pub nbd_port: u16,
+    /// Appended to this node's guest kernel command line (after `qemu.kernel_args`).
+    #[serde(default)]
+    pub kernel_args: String,
+}
+
+/// A whole cluster configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub qemu: QemuConfig,
+    pub regions: RegionConfig,
+    pub disks: DiskConfig,
+    pub heartbeat: HeartbeatConfig,
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            qemu: QemuConfig::default(),
+            regions: RegionConfig::default(),
+            disks: DiskConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            nodes: vec![
+                NodeConfig {
+                    name: "a".into(),
+                    nbd_port: 10809,
+                    kernel_args: String::new(),
+                },
+                NodeConfig {
+                    name: "b".into(),
+                    nbd_port: 10810,
+                    kernel_args: String::new(),
+                },
+            ],
+        }
+    }
+}
+
+/// The NBD port the agent listens on inside each guest.
+pub const GUEST_NBD_PORT: u16 = 10809;
+
+impl Config {
+    /// Loads `path`, or the defaults when no file is given.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse { source, .. } => ConfigError::Parse {
+                        path: path.to_owned(),
+                        source,
+                    },
+                    other => other,
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (without validating).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks everything a launch depends on that can be checked without launching.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.nodes.len() != 2 {
+            return invalid(format!(
+                "a cluster is a pair: 2 [[node]] entries are needed, {} given",
+                self.nodes.len()
+            ));
+        }
+        for node in &self.nodes {
+            let plain = !node.name.is_empty()
+                && node.name.len() <= shm::layout::NAME_LEN
+                && node
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !plain {
+                return invalid(format!(
+                    "node name {:?} must be 1 to 16 letters, digits, '-' or '_'",
+                    node.name
+                ));
+            }
+            if node.nbd_port == 0 {
+                return invalid(format!("node {}: nbd_port 0 is not a port", node.name));
+            }
+        }
+        if self.nodes[0].name == self.nodes[1].name {
+            return invalid(format!("both nodes are named {:?}", self.nodes[0].name));
+        }
+        if self.nodes[0].nbd_port == self.nodes[1].nbd_port {
+            return invalid(format!(
+                "both nodes use nbd_port {}",
+                self.nodes[0].nbd_port
+            ));
+        }
+        let mib = self.regions.node_mib;
+        if !(1..=4096).contains(&mib) || !mib.is_power_of_two() {
+            return invalid(format!(
+                "regions.node_mib = {mib}: a power of two from 1 to 4096 is needed (ivshmem BARs are powers of two)"
+            ));
+        }
+        if self.disks.size_mib == 0 {
+            return invalid("disks.size_mib must be more than 0".into());
+        }
+        if self.qemu.memory_mib < 64 {
+            return invalid(format!(
+                "qemu.memory_mib = {}: guests need at least 64",
+                self.qemu.memory_mib
+            ));
+        }
+        if self.qemu.cpus == 0 {
+            return invalid("qemu.cpus must be at least 1".into());
+        }
+        let hb = &self.heartbeat;
+        if hb.interval_ms == 0 || hb.timeout_ms < 2 * hb.interval_ms {
+            return invalid(format!(
+                "heartbeat: interval_ms {} must be positive and timeout_ms {} at least twice it",
+                hb.interval_ms, hb.timeout_ms
+            ));
+        }
+        let all_args = self
+            .nodes
+            .iter()
+            .map(|n| n.kernel_args.as_str())
+            .chain([self.qemu.kernel_args.as_str()]);
+        for args in all_args {
+            if args.contains("ivha.node=") {
+                return invalid("kernel_args must not set ivha.node: hostd sets it".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The other node of the pair.
+    pub fn partner_of(&self, index: usize) -> &NodeConfig {
+        &self.nodes[1 - index]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file_and_are_valid() {
+        let config = Config::load(None).unwrap();
+        assert_eq!(config.nodes[0].name, "a");
+        assert_eq!(config.nodes[1].nbd_port, 10810);
+        assert_eq!(Config::parse("").unwrap(), config);
+    }
+
+    #[test]
+    fn partial_files_keep_the_other_defaults() {
+        let config = Config::parse(
+            "[heartbeat]\ntimeout_ms = 5000\n[[node]]\nname = \"x\"\nnbd_port = 2000\n[[node]]\nname = \"y\"\nnbd_port = 2001\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.heartbeat.timeout_ms, 5000);
+        assert_eq!(config.heartbeat.interval_ms, 100);
+        assert_eq!(config.nodes[1].name, "y");
+        assert_eq!(config.regions.node_mib, 64);
+    }
+
+    #[test]
+    fn mistakes_get_clear_errors() {
+        let cases = [
+            ("[qemu]\nmemroy_mib = 5\n", "unknown field"),
+            ("[regions]\nnode_mib = 48\n", "power of two"),
+            (
+                "[[node]]\nname = \"a\"\nnbd_port = 1\n",
+                "2 [[node]] entries",
+            ),
+            (
+                "[[node]]\nname = \"a\"\nnbd_port = 1\n[[node]]\nname = \"a\"\nnbd_port = 2\n",
+                "both nodes are named",
+            ),
+            (
+                "[[node]]\nname = \"a/b\"\nnbd_port = 1\n[[node]]\nname = \"c\"\nnbd_port = 2\n",
+                "letters, digits",
+            ),
+            (
+                "[heartbeat]\ninterval_ms = 100\ntimeout_ms = 150\n",
+                "at least twice",
+            ),
+            (
+                "[qemu]\nkernel_args = \"ivha.node=b\"\n",
+                "must not set ivha.node",
+            ),
+            ("[disks]\nsize_mib = \"big\"\n", "invalid type"),
+        ];
+        for (text, expected) in cases {
+            let error = Config::parse(text).and_then(|c| c.validate()).unwrap_err();
+            let message = shm::inspect::error_chain(&error);
+            assert!(message.contains(expected), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let error = Config::load(Some(Path::new("/nonexistent/ivha.toml"))).unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/ivha.toml"));
+    }
+}

@@ -1,0 +1,202 @@
+//! Getting the state directory ready for a launch: regions and disks.
+//!
+//! Nothing that could hold client data is ever recreated: an existing region is kept (its
+//! agent resumes the log) and an existing disk is never truncated.
+
+use std::path::{Path, PathBuf};
+
+use shm::{Access, ControlRegion, Mapping, NodeRegion};
+
+use crate::config::Config;
+use crate::state_dir::StateDir;
+
+/// Errors preparing regions and disks.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create region {path}")]
+    Region {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "region {path} is {actual} bytes but the configuration asks for {wanted}; it may hold unflushed writes, so it is not replaced (remove it with `hostd down --purge` once you are sure)"
+    )]
+    RegionSize {
+        path: PathBuf,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("region {path} belongs to node {found:?}, not {expected:?}")]
+    RegionOwner {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("cannot create disk image {path}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Paths of one node's files.
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    pub region: PathBuf,
+    pub disk: PathBuf,
+}
+
+/// Creates what is missing and checks what exists. Returns the files per node (in config
+/// order) and the control region's path.
+pub fn prepare(
+    config: &Config,
+    state: &StateDir,
+) -> Result<(Vec<NodeFiles>, PathBuf), PrepareError> {
+    state.create().map_err(|source| PrepareError::StateDir {
+        path: state.root().to_owned(),
+        source,
+    })?;
+    let disk_dir = config
+        .disks
+        .dir
+        .clone()
+        .unwrap_or_else(|| state.default_disk_dir());
+    std::fs::create_dir_all(&disk_dir).map_err(|source| PrepareError::StateDir {
+        path: disk_dir.clone(),
+        source,
+    })?;
+    let region_size = config.regions.node_mib << 20;
+    let mut files = Vec::new();
+    for (index, node) in config.nodes.iter().enumerate() {
+        let region = state
+            .region_path(&node.name)
+            .map_err(|e| PrepareError::Region {
+                path: state.regions_dir(),
+                source: Box::new(e),
+            })?;
+        node_region(&region, index as u32, &node.name, region_size)?;
+        let disk = disk_dir.join(format!("{}.img", node.name));
+        sparse_disk(&disk, config.disks.size_mib << 20)?;
+        files.push(NodeFiles { region, disk });
+    }
+    let control = state.control_region();
+    if !control.exists() {
+        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        Mapping::create_file(&control, 64 << 10)
+            .map_err(|e| boxed(&control, e))
+            .and_then(|m| {
+                ControlRegion::format(m, &names, &names).map_err(|e| boxed(&control, e))
+            })?;
+    }
+    Ok((files, control))
+}
+
+fn boxed(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> PrepareError {
+    PrepareError::Region {
+        path: path.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+fn node_region(path: &Path, id: u32, name: &str, size: u64) -> Result<(), PrepareError> {
+    if !path.exists() {
+        let mapping = Mapping::create_file(path, size).map_err(|e| boxed(path, e))?;
+        NodeRegion::format(mapping, id, name).map_err(|e| boxed(path, e))?;
+        log::info!("created region {} ({} MiB)", path.display(), size >> 20);
+        return Ok(());
+    }
+    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|e| boxed(path, e))?;
+    if mapping.len() != size {
+        return Err(PrepareError::RegionSize {
+            path: path.to_owned(),
+            actual: mapping.len(),
+            wanted: size,
+        });
+    }
+    let region = NodeRegion::open(mapping).map_err(|e| boxed(path, e))?;
+    if region.header().name != name {
+        return Err(PrepareError::RegionOwner {
+            path: path.to_owned(),
+            found: region.header().name.clone(),
+            expected: name.to_owned(),
+        });
+    }
+    log::info!(
+        "kept region {} (head seq {}, flushed seq {})",
+        path.display(),
+        region.head().map_or(0, |c| c.seq),
+        region.flushed().map_or(0, |c| c.seq)
+    );
+    Ok(())
+}
+
+fn sparse_disk(path: &Path, size: u64) -> Result<(), PrepareError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| PrepareError::Disk {
+            path: path.to_owned(),
+            source,
+        })?;
+    let current = file
+        .metadata()
+        .map_err(|source| PrepareError::Disk {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    // Grow a new (or smaller) image; never shrink one: that would destroy data.
+    if current < size {
+        file.set_len(size).map_err(|source| PrepareError::Disk {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_creates_then_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let mut config = Config::default();
+        config.regions.node_mib = 1;
+        config.disks.size_mib = 4;
+        let (files, control) = prepare(&config, &state).unwrap();
+        assert_eq!(files.len(), 2);
+        assert!(control.exists());
+        assert_eq!(std::fs::metadata(&files[1].disk).unwrap().len(), 4 << 20);
+        // Data in a disk and a region survives a second prepare.
+        std::fs::write(&files[0].disk, b"precious").unwrap();
+        let region =
+            NodeRegion::open(Mapping::open(&files[0].region, Access::ReadWrite).unwrap()).unwrap();
+        region.writer(7).unwrap().heartbeat.beat();
+        prepare(&config, &state).unwrap();
+        assert!(
+            std::fs::read(&files[0].disk)
+                .unwrap()
+                .starts_with(b"precious")
+        );
+        let region =
+            NodeRegion::open(Mapping::open(&files[0].region, Access::ReadOnly).unwrap()).unwrap();
+        assert_eq!(region.boot_id(), 7);
+        // A size change is refused rather than reformatting.
+        config.regions.node_mib = 2;
+        let error = prepare(&config, &state).unwrap_err();
+        assert!(matches!(error, PrepareError::RegionSize { .. }), "{error}");
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Measures `hostd up --detach` until both agents are up, N times (default 5), and prints
+# each time and the median. Needs the guest image (scripts/build-guest-image.sh).
+# Usage: scripts/measure-boot.sh [N]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+runs=${1:-5}
+cargo build --release --quiet -p hostd --bin hostd
+hostd=$PWD/target/release/hostd
+state=$(mktemp -d /dev/shm/ivha-measure.XXXXXX)
+config=$state.toml
+trap 'IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true; rm -rf "$state" "$config"' EXIT
+printf '[regions]\nnode_mib = 64\n[[node]]\nname = "a"\nnbd_port = 20809\n[[node]]\nname = "b"\nnbd_port = 20810\n' >"$config"
+
+times=()
+for i in $(seq 1 "$runs"); do
+    start=$(date +%s.%N)
+    IVHA_STATE_DIR=$state "$hostd" up --detach --config "$config" >/dev/null
+    end=$(date +%s.%N)
+    t=$(awk "BEGIN { print $end - $start }")
+    times+=("$t")
+    printf 'run %d: %.2f s from `hostd up` to both agents up\n' "$i" "$t"
+    IVHA_STATE_DIR=$state "$hostd" down >/dev/null
+done
+printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median of %d: %.2f s (min %.2f, max %.2f)\n", NR, (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR]}'
