@@ -15,12 +15,11 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-repo=$PWD
 
 out=target/guest
 cache=$out/cache
 target_triple=x86_64-unknown-linux-gnu
-agent=target/$target_triple/guest/guest-agent
+agent=${CARGO_TARGET_DIR:-target}/$target_triple/guest-agent/guest-agent
 overlay=scripts/guest
 meta_package=linux-image-cloud-amd64
 # Modules the guest needs; their dependencies are added from modules.dep.
@@ -137,6 +136,7 @@ else
                 die "$deb does not match the archive's SHA256 $kpkg_sha"
         fi
     else
+        # shellcheck disable=SC2012 # our own file names: no odd characters
         deb=$(ls -t "$cache"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | head -n1 || true)
         [[ -n $deb ]] || die "cannot resolve $meta_package (no apt lists, no network?) and no cached kernel .deb in $cache/"
         say "warning: cannot resolve $meta_package; using the cached $deb"
@@ -172,7 +172,7 @@ else
     done
     [[ -n $vmlinuz_src ]] || die "$deb has no vmlinuz-$release"
     # depmod wants <base>/lib/modules/<release>.
-    base=${moddir%/lib/modules/$release}
+    base=${moddir%/lib/modules/"$release"}
     "$depmod" -b "$base" "$release" || die "depmod failed on $moddir"
 
     # modules.dep: "kernel/x/a.ko[.xz]: kernel/y/b.ko kernel/z/c.ko"; names use "_" for "-".
@@ -230,9 +230,9 @@ mapfile -t load_order <"$kdir/load-order"
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (see scripts/install-deps.sh)"
 [[ -d $(rustc --print sysroot)/lib/rustlib/$target_triple/lib ]] ||
     die "the Rust standard library for $target_triple is not installed (rustup target add $target_triple)"
-say "agent: cargo build --profile guest -p guest-agent --target $target_triple (static)"
+say "agent: cargo build --profile guest-agent -p guest-agent --target $target_triple (static)"
 RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-    cargo build --quiet --profile guest -p guest-agent --target "$target_triple" ||
+    cargo build --quiet --profile guest-agent -p guest-agent --target "$target_triple" ||
     die "building the guest agent failed"
 [[ -x $agent ]] || die "cargo did not produce $agent"
 is_static "$agent" || die "$agent is dynamically linked: the crt-static build did not take"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job. Today: the NVRAM log, killed mid-stream, then inspected.
-# The paired QEMU guests and takeover replace this with the full demo as they land.
+# The main job: launch the QEMU pair, look at it, show what the NVRAM log keeps when its
+# writer is killed, and shut down. (Takeover joins the demo with the takeover issue.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -9,16 +9,52 @@ bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 bold "checking dependencies"
 scripts/install-deps.sh
 
-bold "building (release)"
+bold "building (release) and the guest image"
 cargo build --release --quiet -p hostd --bin hostd -p shm --example log-writer
-hostd=target/release/hostd
-writer=target/release/examples/log-writer
+scripts/build-guest-image.sh | tail -n 1
+hostd=$PWD/target/release/hostd
+writer=$PWD/target/release/examples/log-writer
 
 state=$(mktemp -d /dev/shm/ivha-demo.XXXXXX)
 export IVHA_STATE_DIR=$state
-trap 'rm -rf "$state"' EXIT
-mkdir -p "$state/regions"
-region=$state/regions/a.region
+cleanup() {
+    "$hostd" down --purge >/dev/null 2>&1 || true
+    rm -rf "$state" "$log_dir"
+}
+log_dir=$(mktemp -d /dev/shm/ivha-demo-log.XXXXXX)
+trap cleanup EXIT
+# Ports well away from NBD's 10809, in case a real NBD server runs here.
+printf '[[node]]\nname = "a"\nnbd_port = 21809\n[[node]]\nname = "b"\nnbd_port = 21810\n' >"$state/ivha.toml"
+
+bold "hostd up --detach  (two QEMU guests sharing NVRAM regions)"
+"$hostd" up --detach --config "$state/ivha.toml"
+
+bold "hostd status"
+sleep 1
+"$hostd" status
+
+bold "hostd inspect b  (b's region, read-only: heartbeat, and what b read in a's region)"
+"$hostd" inspect b --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+name, boot, beat = r["header"]["name"], r["boot_id"], r["heartbeat"]["counter"]
+peer_boot, peer_beat = r["peer"]["boot_id"], r["peer"]["heartbeat"]
+print(f"node {name}: boot id {boot:#x}, heartbeat #{beat}")
+print(f"it last read node a (through its read-only mapping) with boot id {peer_boot:#x} at heartbeat #{peer_beat}")
+'
+"$hostd" inspect a --json | python3 -c '
+import json, sys
+boot = json.load(sys.stdin)["boot_id"]
+print(f"node a, in its own region: boot id {boot:#x}")
+'
+
+bold "hostd down"
+"$hostd" down
+
+# The NVRAM log on its own: a writer on the host, killed mid-stream.
+export IVHA_STATE_DIR=$log_dir
+mkdir -p "$log_dir/regions"
+region=$log_dir/regions/a.region
 
 bold "node a appends 4 KiB writes to its NVRAM log (the last 64 kept unflushed)"
 "$writer" "$region" --flush-lag 64 >"$state/acks" &
@@ -64,4 +100,4 @@ print(f"flipped one bit in the data of record {seq}")
 "$hostd" inspect a --limit 0 | grep -E "^  (log|PROBLEM)" || true
 
 bold "done"
-echo "The QEMU pair, NBD service and takeover arrive with the next issues (see README)."
+echo "NBD service and takeover join this demo with the next issues (see README)."

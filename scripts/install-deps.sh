@@ -3,8 +3,10 @@
 # Idempotent: installs only what is missing. Needs root (or sudo) for apt.
 set -euo pipefail
 
-# Debian packages the build and tests use (more arrive with the VM issues).
-packages=(build-essential pkg-config)
+# Debian packages the build and the tests use:
+#   qemu-system-x86            runs the guests
+#   busybox-static, cpio       the guest image (scripts/build-guest-image.sh)
+packages=(build-essential pkg-config qemu-system-x86 busybox-static cpio)
 
 missing=()
 for p in "${packages[@]}"; do

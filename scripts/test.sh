@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, every test, and a smoke run of the benchmark.
+# The test command: formatting, lints, every test (VM tests with real QEMU guests
+# included), and a smoke run of the benchmark. Installs what it needs first.
 # Usage: scripts/test.sh            (what CI runs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "guest image (for the VM tests)"
+scripts/build-guest-image.sh
 
 step "cargo fmt --check"
 cargo fmt --all --check

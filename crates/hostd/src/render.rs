@@ -155,6 +155,15 @@ pub fn node_report(r: &NodeReport) -> String {
         Some(_) => out.push_str("  heartbeat   never beat\n"),
         None => out.push_str("  heartbeat   unreadable\n"),
     }
+    if let Some(peer) = r.peer.filter(|p| p.node_id.is_some()) {
+        let _ = writeln!(
+            out,
+            "  partner     last read node {} with boot id {:#018x} at heartbeat #{}",
+            peer.node_id.unwrap_or_default(),
+            peer.boot_id,
+            peer.heartbeat
+        );
+    }
     if let (Some(head), Some(flushed)) = (r.head, r.flushed) {
         let _ = writeln!(
             out,

@@ -58,6 +58,9 @@ pub enum AccelError {
     /// `IVHA_ACCEL` holds something other than `kvm` or `tcg`.
     #[error("{ACCEL_ENV} must be `kvm` or `tcg`, not `{0}`")]
     InvalidOverride(String),
+    /// The QEMU probe could not confirm KVM (returned by [`probe_kvm`] only).
+    #[error("KVM probe failed: {0}")]
+    Probe(String),
 }
 
 /// Decides between KVM and TCG for the QEMU at `binary`, honouring `IVHA_ACCEL`.
@@ -152,14 +155,18 @@ fn detect_host(binary: &Path, cpuinfo: &Path, kvm_dev: &Path, timeout: Duration)
                 reason,
             }
         }
-        Err(e) => tcg(format!("KVM probe failed: {e}")),
+        Err(e) => tcg(e.to_string()),
     }
 }
 
 /// Starts `binary` with `-machine none -accel kvm -qmp stdio`, asks `query-kvm`, and
 /// succeeds only if KVM is both present and enabled. The process is killed if it has not
-/// finished within `timeout`. The error is a description, including QEMU's stderr.
-pub fn probe_kvm(binary: &Path, timeout: Duration) -> Result<(), String> {
+/// finished within `timeout`. The error describes what went wrong, with QEMU's stderr.
+pub fn probe_kvm(binary: &Path, timeout: Duration) -> Result<(), AccelError> {
+    probe(binary, timeout).map_err(AccelError::Probe)
+}
+
+fn probe(binary: &Path, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut cmd = Command::new(binary);
     cmd.args([
@@ -346,7 +353,9 @@ mod tests {
                 r#"{GREET}; read l; echo '{{"return": {{"enabled": false, "present": true}}, "id": 1}}'; read l"#
             ),
         );
-        let err = probe_kvm(&fake, Duration::from_secs(5)).unwrap_err();
+        let err = probe_kvm(&fake, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("query-kvm answered"), "{err}");
     }
 
@@ -357,7 +366,9 @@ mod tests {
             dir.path(),
             "echo 'Could not access KVM kernel module: Permission denied' >&2; exit 1",
         );
-        let err = probe_kvm(&fake, Duration::from_secs(5)).unwrap_err();
+        let err = probe_kvm(&fake, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Permission denied"), "{err}");
     }
 
@@ -366,7 +377,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = script(dir.path(), "exec sleep 30");
         let started = Instant::now();
-        let err = probe_kvm(&fake, Duration::from_millis(300)).unwrap_err();
+        let err = probe_kvm(&fake, Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

@@ -158,7 +158,7 @@ impl HostForward {
 /// What QEMU does when the guest reports a panic through pvpanic (`-action panic=...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PanicAction {
-    /// Stop the vCPUs and keep the process (the default of QEMU 7.2 is `shutdown`).
+    /// Stop the vCPUs and keep the process, so memory can still be inspected.
     Pause,
     /// Shut the guest down; QEMU exits with status 0.
     Shutdown,
@@ -225,6 +225,7 @@ pub struct QemuCommand {
     disks: Vec<Disk>,
     nets: Vec<UserNet>,
     pvpanic: bool,
+    rng: bool,
     panic_action: Option<PanicAction>,
     extra: Vec<OsString>,
 }
@@ -249,6 +250,7 @@ impl QemuCommand {
             disks: Vec::new(),
             nets: Vec::new(),
             pvpanic: false,
+            rng: false,
             panic_action: None,
             extra: Vec::new(),
         }
@@ -314,13 +316,14 @@ impl QemuCommand {
         self
     }
 
-    /// Maps the file at `path` into the guest as an `ivshmem-plain` PCI device (BAR 2)
-    /// whose memory backend and device are both named `id` (QMP `query-pci` shows it as
-    /// `qdev_id`),
-    /// shared with every other process that maps the file. `size_bytes` must be a power of
-    /// two of at least [`MIN_REGION_SIZE`]; a missing or empty file is created or grown by
-    /// QEMU, any other file must already have exactly that length. With `readonly` the
-    /// guest cannot modify the region.
+    /// Maps the file at `path` into the guest as the BAR 2 of an `ivshmem-plain` PCI device
+    /// (vendor 0x1af4, device 0x1110), shared with every other process mapping the file.
+    /// The memory backend and the device are both named `id` (`qdev_id` in `query-pci`).
+    ///
+    /// `size_bytes` must be a power of two of at least [`MIN_REGION_SIZE`]. A missing or
+    /// empty file is created or grown by QEMU; any other file must already have exactly
+    /// that length ([`Self::args`] checks). With `readonly`, QEMU maps the file without
+    /// write permission and the guest cannot modify the region.
     pub fn shared_region(
         mut self,
         id: &str,
@@ -345,7 +348,11 @@ impl QemuCommand {
     /// the image see one host page cache, and guest flushes still become `fdatasync`.
     /// With `shared`, the drive gets `file.locking=off` and the device `share-rw=on`, so a
     /// second QEMU process can attach the same image read-write; keeping only one writer at
-    /// a time is then the caller's job.
+    /// a time is then the caller's job. Drive and device are both named `id`.
+    ///
+    /// How the cache behaves in the guest depends on its driver: Linux's virtio_blk
+    /// negotiates flushes and sees a write-back cache; a driver without flush support
+    /// (SeaBIOS) makes QEMU switch the device to write-through.
     pub fn disk(mut self, id: &str, path: impl Into<PathBuf>, serial: &str, shared: bool) -> Self {
         self.disks.push(Disk {
             id: id.to_owned(),
@@ -356,7 +363,9 @@ impl QemuCommand {
         self
     }
 
-    /// Adds a user-mode (slirp) network with a virtio-net NIC and TCP port forwards.
+    /// Adds a user-mode (slirp) network with a virtio-net NIC and TCP port forwards. The
+    /// netdev and the NIC are both named `netdev_id`; forwards can be changed at run time
+    /// with HMP `hostfwd_add`/`hostfwd_remove` on `netdev_id`.
     pub fn user_net(mut self, netdev_id: &str, forwards: &[HostForward]) -> Self {
         self.nets.push(UserNet {
             id: netdev_id.to_owned(),
@@ -368,6 +377,13 @@ impl QemuCommand {
     /// Adds the ISA pvpanic device, so a guest panic emits QMP `GUEST_PANICKED`.
     pub fn pvpanic(mut self) -> Self {
         self.pvpanic = true;
+        self
+    }
+
+    /// Adds a virtio RNG fed from the host, so the guest's entropy pool is ready at boot
+    /// (under TCG an unseeded pool can stall the first `/dev/urandom` read for a second).
+    pub fn virtio_rng(mut self) -> Self {
+        self.rng = true;
         self
     }
 
@@ -386,6 +402,11 @@ impl QemuCommand {
     /// The QEMU binary this command runs.
     pub fn binary(&self) -> &Path {
         &self.binary
+    }
+
+    /// The QMP socket set with [`Self::qmp_socket`], if any.
+    pub fn qmp_socket_path(&self) -> Option<&Path> {
+        self.qmp_socket.as_deref()
     }
 
     /// Validates the settings and returns the arguments (without the binary).
@@ -493,6 +514,10 @@ impl QemuCommand {
         if self.pvpanic {
             args.push("-device");
             args.push("pvpanic");
+        }
+        if self.rng {
+            args.push("-device");
+            args.push("virtio-rng-pci");
         }
         if let Some(action) = self.panic_action {
             args.push("-action");
@@ -725,6 +750,8 @@ mod tests {
             ["unix:/s/qmp.sock,server=on,wait=off"]
         );
         assert_eq!(values(&args, "-device"), ["pvpanic"]);
+        let with_rng = strings(&QemuCommand::new("qemu").virtio_rng());
+        assert_eq!(values(&with_rng, "-device"), ["virtio-rng-pci"]);
         assert_eq!(values(&args, "-action"), ["panic=exit-failure"]);
         let built = cmd.build().unwrap();
         assert_eq!(built.get_program(), "/usr/bin/qemu-system-x86_64");

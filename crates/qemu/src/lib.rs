@@ -4,6 +4,7 @@
 //! - [`qmp`]: a QMP client with commands and events ([`QmpClient`]).
 //! - [`child`]: a child process owned through a pidfd, killed on drop ([`QemuChild`]).
 //! - [`accel`]: chooses KVM or TCG ([`detect`]).
+//! - [`launch`](mod@launch): starts QEMU and connects to QMP, with QEMU's own words on failure.
 //!
 //! This crate holds no `unsafe` code.
 
@@ -12,9 +13,11 @@
 pub mod accel;
 pub mod child;
 pub mod cmdline;
+pub mod launch;
 pub mod qmp;
 
 pub use accel::{Accel, AccelChoice, AccelError, detect};
 pub use child::{ChildError, QemuChild, Signal};
 pub use cmdline::{CmdlineError, HostForward, PanicAction, QemuCommand};
+pub use launch::{LaunchError, connect_qmp, launch};
 pub use qmp::{QmpClient, QmpError, QmpEvent};

@@ -321,7 +321,7 @@ impl QmpClient {
         loop {
             match self.incoming.recv_deadline(deadline) {
                 Ok(Incoming::Response { id: rid, outcome }) => {
-                    if rid.as_ref().is_some_and(|r| *r != Value::from(id)) {
+                    if rid.as_ref().is_some_and(|r| r.as_u64() != Some(id)) {
                         log::warn!(
                             "dropping a late QMP response (id {rid:?}) while waiting for `{command}`"
                         );

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qemu::{Accel, AccelChoice, HostForward, QemuChild, QemuCommand, QmpClient};
+use qemu::{Accel, AccelChoice, HostForward, QemuChild, QemuCommand};
 use shm::{Access, ControlRegion, Mapping, NodeRegion};
 
 use super::node::Node;
@@ -40,12 +40,11 @@ pub enum LaunchError {
         #[source]
         source: qemu::ChildError,
     },
-    #[error("QEMU for node {node} did not open its QMP socket; its output ends with:\n{log}")]
+    #[error("QEMU for node {node} did not start")]
     Qmp {
         node: String,
-        log: String,
         #[source]
-        source: qemu::QmpError,
+        source: qemu::LaunchError,
     },
     #[error("cannot map region {path}")]
     Region {
@@ -191,21 +190,19 @@ pub fn launch(
     }
     for index in 0..cluster.nodes.len() {
         let name = cluster.nodes[index].name.clone();
-        match QmpClient::connect(&state.qmp_socket(&name), QMP_CONNECT_TIMEOUT) {
+        let socket = state.qmp_socket(&name);
+        let connected = match cluster.nodes[index].child.as_mut() {
+            Some(child) => qemu::connect_qmp(child, &socket, QMP_CONNECT_TIMEOUT),
+            None => continue,
+        };
+        match connected {
             Ok(qmp) => {
                 cluster.nodes[index].events = Some(qmp.events());
                 cluster.nodes[index].qmp = Some(qmp);
             }
             Err(source) => {
-                // Let QEMU finish printing why it failed before reading its log.
-                std::thread::sleep(Duration::from_millis(200));
-                let log = super::tail(&state.qemu_log(&name), 20);
                 cluster.kill_all();
-                return Err(LaunchError::Qmp {
-                    node: name,
-                    log,
-                    source,
-                });
+                return Err(LaunchError::Qmp { node: name, source });
             }
         }
     }
@@ -259,8 +256,8 @@ impl Cluster {
             .kernel(kernel)
             .initrd(initrd)
             .append(&append)
-            .serial_log(&self.state.console_log(&node.name))
-            .qmp_socket(&self.state.qmp_socket(&node.name))
+            .serial_log(self.state.console_log(&node.name))
+            .qmp_socket(self.state.qmp_socket(&node.name))
             // Its own region read-write; the partner's and the control region read-only,
             // so this guest cannot write them even by mistake.
             .shared_region("own", &files[index].region, region_size, false)
@@ -288,6 +285,11 @@ impl Cluster {
                 }],
             )
             .pvpanic()
+            // Only the event: QEMU's default action ends the process before the kernel has
+            // printed the panic, and the console would not say why the guest died. The
+            // guest's `panic=-1` with QEMU's -no-reboot still ends the process right after.
+            .panic_action(qemu::PanicAction::None)
+            .virtio_rng()
             .build()
             .map_err(|source| LaunchError::Cmdline {
                 node: node.name.clone(),
@@ -363,9 +365,9 @@ impl Cluster {
                 (None, _) => "never started".to_owned(),
                 (Some(_), Some(exit)) => format!("had already {exit}"),
                 (Some(child), None) => {
-                    let quit = node.qmp.as_mut().map(|qmp| qmp.execute("quit", None));
+                    let quit = node.qmp.as_mut().map(|qmp| qmp.quit());
                     match child.wait_timeout(super::QUIT_TIMEOUT) {
-                        Ok(Some(_)) if matches!(quit, Some(Ok(_))) => "quit cleanly".to_owned(),
+                        Ok(Some(_)) if matches!(quit, Some(Ok(()))) => "quit cleanly".to_owned(),
                         _ => match child.kill_and_reap(super::QUIT_TIMEOUT) {
                             Ok(_) => "killed (did not quit in time)".to_owned(),
                             Err(error) => format!("could not be killed: {error}"),

@@ -41,17 +41,12 @@ pub fn log_of(child: &QemuChild) -> String {
         .unwrap_or_default()
 }
 
-/// Connects to QMP; if that fails, panics with QEMU's exit status and stderr.
+/// Connects to QMP; if QEMU refuses to start or QMP cannot be reached, panics with
+/// QEMU's own output.
 pub fn connect_or_explain(child: &mut QemuChild, sock: &Path) -> QmpClient {
-    match QmpClient::connect(sock, Duration::from_secs(30)) {
+    match qemu::connect_qmp(child, sock, Duration::from_secs(30)) {
         Ok(c) => c,
-        Err(e) => {
-            let status = child.wait_timeout(Duration::from_secs(2)).unwrap();
-            panic!(
-                "QMP connect failed: {e}\nQEMU exit status: {status:?}\nQEMU output:\n{}",
-                log_of(child)
-            );
-        }
+        Err(e) => panic!("QEMU did not come up: {e}\nQEMU output:\n{}", log_of(child)),
     }
 }
 
