@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use shm::layout::node_live;
-use shm::{Access, Mapping, NodeRegion, PeerObservation};
+use shm::{Access, ControlRegion, Mapping, NodeRegion, PeerObservation};
 
 use crate::args::Args;
 use crate::regions::{self, RegionsError};
@@ -24,6 +24,12 @@ pub enum AgentError {
         #[source]
         source: shm::MappingError,
     },
+    #[error("control region {path} cannot be used")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: shm::ControlError,
+    },
     #[error("region {path} cannot be used")]
     Node {
         path: PathBuf,
@@ -41,13 +47,17 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         Some((_, path)) => Some(open_node(path, Access::ReadOnly)?),
         None => None,
     };
+    let control = match &found.control {
+        Some(path) => Some(open_control(path)?),
+        None => None,
+    };
     let mut writer = own.writer(boot_id()).map_err(|source| AgentError::Node {
         path: found.own.clone(),
         source,
     })?;
     writer.heartbeat.beat();
     log::info!(
-        "node {} up: own region {}, partner {}, control {}, boot id {:#018x}",
+        "node {} up: own region {}, partner {}, control {} (epoch {}), boot id {:#018x}",
         args.node,
         found.own.display(),
         found
@@ -61,6 +71,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             .control
             .as_ref()
             .map_or("none".to_owned(), |p| p.display().to_string()),
+        control.as_ref().map_or(0, ControlRegion::epoch),
         own.boot_id()
     );
     if args.selftest_write_partner {
@@ -95,6 +106,17 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+fn open_control(path: &std::path::Path) -> Result<ControlRegion, AgentError> {
+    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|source| AgentError::Map {
+        path: path.to_owned(),
+        source,
+    })?;
+    ControlRegion::open(mapping).map_err(|source| AgentError::Control {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn open_node(path: &std::path::Path, access: Access) -> Result<NodeRegion, AgentError> {

@@ -87,6 +87,11 @@ impl StateDir {
         self.root.join("hostd.log")
     }
 
+    /// The structured event log.
+    pub fn event_log(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
     /// Default directory of the disk images.
     pub fn default_disk_dir(&self) -> PathBuf {
         self.root.join("disks")

@@ -281,6 +281,38 @@ fn down_leaves_no_qemu_behind() {
     for pid in pids {
         assert!(!alive(pid), "QEMU {pid} is still running after hostd down");
     }
+    // The event log tells the story: both nodes came up, then the pair stopped.
+    let events: Vec<Value> = std::fs::read_to_string(pair.state.path().join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| match e["event"].as_str().unwrap() {
+            "node_state" => format!(
+                "{} {}->{}",
+                e["node"].as_str().unwrap(),
+                e["from"].as_str().unwrap(),
+                e["to"].as_str().unwrap()
+            ),
+            other => other.to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("pair_starting"),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"a booting->up".to_owned()), "{kinds:?}");
+    assert!(kinds.contains(&"b booting->up".to_owned()), "{kinds:?}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("pair_stopped"),
+        "{kinds:?}"
+    );
+    assert!(events.iter().all(|e| e["time_unix_ms"].as_u64() > Some(0)));
+
     // State was kept (no --purge): a region still has its header and the agent's boot id.
     assert_ne!(pair.region("a").boot_id(), 0);
     let (code, _, stderr) = pair.hostd(&["status"]);

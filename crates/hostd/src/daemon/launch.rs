@@ -9,6 +9,7 @@ use shm::{Access, ControlRegion, Mapping, NodeRegion};
 use super::node::Node;
 use super::prepare::NodeFiles;
 use crate::config::{AccelSetting, Config, GUEST_NBD_PORT};
+use crate::events::{Event, EventLog};
 use crate::protocol::{ClusterStatus, DownReport, NodeState, NodeStatus};
 use crate::state_dir::StateDir;
 
@@ -64,6 +65,9 @@ pub struct Cluster {
     accel: AccelChoice,
     started: Instant,
     disks: Vec<PathBuf>,
+    events: EventLog,
+    /// Each node's state at the last sample, to record transitions.
+    last_states: Vec<NodeState>,
 }
 
 /// Where the guest image is looked for when the config names none: `IVHA_GUEST_DIR`, then
@@ -139,7 +143,11 @@ pub fn launch(
         binary: config.qemu.binary.clone(),
     })?;
     let accel = choose_accel(config, &binary)?;
-    log::info!("accelerator {:?}: {}", accel.accel, accel.reason);
+    let events = EventLog::new(&state.event_log());
+    events.record(&Event::PairStarting {
+        accel: format!("{:?}", accel.accel).to_lowercase(),
+        accel_reason: accel.reason.clone(),
+    });
     let map_error =
         |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| LaunchError::Region {
             path: path.to_owned(),
@@ -172,13 +180,16 @@ pub fn launch(
         accel,
         started: Instant::now(),
         disks: files.iter().map(|f| f.disk.clone()).collect(),
+        events,
+        last_states: vec![NodeState::Booting; config.nodes.len()],
     };
     // Both QEMUs start before either QMP connection is awaited: they boot in parallel.
     for index in 0..cluster.nodes.len() {
         let command = cluster.command(index, &binary, &kernel, &initrd, files, control_path)?;
         let name = cluster.nodes[index].name.clone();
         let _ = std::fs::remove_file(state.qmp_socket(&name));
-        log::info!("starting node {name}: {}", display_command(&command));
+        log::info!("starting node {name}");
+        log::debug!("node {name}: {}", display_command(&command));
         let child =
             QemuChild::spawn_with_log(command, &state.qemu_log(&name)).map_err(|source| {
                 LaunchError::Spawn {
@@ -297,11 +308,27 @@ impl Cluster {
             })
     }
 
-    /// Samples every node.
+    /// Samples every node and records each state change as an event.
     pub fn sample(&mut self) {
         let now = Instant::now();
-        for node in &mut self.nodes {
+        let timeout = Duration::from_millis(self.config.heartbeat.timeout_ms);
+        for (node, last) in self.nodes.iter_mut().zip(&mut self.last_states) {
             node.sample(now);
+            let state = node.state(now, timeout);
+            if state != *last {
+                self.events.record(&Event::NodeState {
+                    node: node.name.clone(),
+                    from: last.as_str().to_owned(),
+                    to: state.as_str().to_owned(),
+                    detail: format!(
+                        "vm {}, heartbeat {}, boot id {:#018x}",
+                        node.vm_description(),
+                        node.heartbeat(),
+                        node.region.boot_id()
+                    ),
+                });
+                *last = state;
+            }
         }
     }
 
@@ -379,6 +406,9 @@ impl Cluster {
             node.qmp = None;
             stopped.push((node.name.clone(), how));
         }
+        self.events.record(&Event::PairStopped {
+            stopped: stopped.clone(),
+        });
         let mut purged = false;
         if purge {
             purged = self.purge();

@@ -69,10 +69,18 @@ impl Node {
         }
         if let Some(events) = &self.events {
             for event in events.try_iter() {
-                log::info!("node {}: QMP event {}", self.name, event.name);
+                log::debug!(
+                    "node {}: QMP event {} {}",
+                    self.name,
+                    event.name,
+                    event.data
+                );
                 match event.name.as_str() {
                     "STOP" => self.paused = true,
                     "RESUME" => self.paused = false,
+                    "GUEST_PANICKED" | "SHUTDOWN" => {
+                        log::warn!("node {}: {} {}", self.name, event.name, event.data);
+                    }
                     _ => {}
                 }
             }
