@@ -7,4 +7,5 @@
 
 pub mod agent;
 pub mod args;
+pub mod export;
 pub mod regions;
