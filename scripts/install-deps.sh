@@ -6,7 +6,9 @@ set -euo pipefail
 # Debian packages the build and the tests use:
 #   qemu-system-x86            runs the guests
 #   busybox-static, cpio       the guest image (scripts/build-guest-image.sh)
-packages=(build-essential pkg-config qemu-system-x86 busybox-static cpio)
+#   qemu-utils, libnbd-bin     real NBD clients for the tests: qemu-io, qemu-img, nbdinfo, nbdcopy
+#   nbdkit, fio                the NBD benchmark's peer server and load generator
+packages=(build-essential pkg-config qemu-system-x86 busybox-static cpio qemu-utils libnbd-bin nbdkit fio)
 
 missing=()
 for p in "${packages[@]}"; do

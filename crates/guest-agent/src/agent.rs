@@ -1,13 +1,19 @@
 //! The agent's main loop: own the node region, beat, watch the partner.
 
 use std::io::Read;
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shm::layout::node_live;
-use shm::{Access, ControlRegion, Mapping, NodeRegion, PeerObservation};
+use shm::{Access, BackPressure, ControlRegion, Mapping, NodeRegion, NodeWriter, PeerObservation};
 
 use crate::args::Args;
+use crate::export::ExportRegistry;
+use crate::nvram::flusher::{Flusher, FlusherConfig};
+use crate::nvram::volume::{Disk, DiskError, Volume};
+use crate::nvram::{Nvram, NvramError};
 use crate::regions::{self, RegionsError};
 
 /// The marker the write-protection self-test stores ("IVHAPROB").
@@ -24,6 +30,18 @@ pub enum AgentError {
         #[source]
         source: shm::MappingError,
     },
+    #[error("cannot open this node's disk")]
+    Disk(#[from] DiskError),
+    #[error("cannot load the log's unflushed records")]
+    Nvram(#[from] NvramError),
+    #[error("cannot listen for NBD clients on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
     #[error("control region {path} cannot be used")]
     Control {
         path: PathBuf,
@@ -51,11 +69,60 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         Some(path) => Some(open_control(path)?),
         None => None,
     };
-    let mut writer = own.writer(boot_id()).map_err(|source| AgentError::Node {
+    let writer = own.writer(boot_id()).map_err(|source| AgentError::Node {
         path: found.own.clone(),
         source,
     })?;
-    writer.heartbeat.beat();
+    let NodeWriter {
+        appender,
+        flushed,
+        mut heartbeat,
+        peer: mut peer_writer,
+        ..
+    } = writer;
+
+    // The node's own export: its disk, behind NVRAM write-back.
+    let disk_path = match &args.disk {
+        Some(path) => path.clone(),
+        None => regions::disk_by_serial(&args.sys_block, &format!("ivha-{}", args.node))?,
+    };
+    let disk = Disk::open(&disk_path)?;
+    let back_pressure = BackPressure {
+        timeout: Duration::from_secs(args.backpressure_timeout_s),
+    };
+    let nvram = Nvram::new(own.clone(), appender, back_pressure);
+    let export = nvram.add_volume(Volume::new(own.header().node_id, &args.node, disk));
+    // Writes acknowledged before a crash of this agent are served from the log until the
+    // flusher has put them on disk.
+    let recovered = nvram.recover()?;
+    if recovered > 0 {
+        log::info!("recovered {recovered} unflushed records from the log");
+    }
+    let _flusher = Flusher::spawn(
+        Arc::clone(&nvram),
+        flushed,
+        FlusherConfig {
+            delay: Duration::from_millis(args.flush_delay_ms),
+            paused: args.flush_paused,
+        },
+    )
+    .map_err(AgentError::Thread)?;
+    let registry = Arc::new(ExportRegistry::new());
+    registry.insert(export);
+    let listener = TcpListener::bind(args.listen).map_err(|source| AgentError::Listen {
+        addr: args.listen,
+        source,
+    })?;
+    let _server =
+        crate::nbd::Server::spawn(listener, Arc::clone(&registry)).map_err(AgentError::Thread)?;
+    log::info!(
+        "serving export {} ({} bytes, disk {}) over NBD on {}",
+        args.node,
+        nvram_size(&registry, &args.node),
+        disk_path.display(),
+        args.listen
+    );
+    heartbeat.beat();
     log::info!(
         "node {} up: own region {}, partner {}, control {} (epoch {}), boot id {:#018x}",
         args.node,
@@ -85,7 +152,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     while args.beats.is_none_or(|max| beats < max) {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next += interval;
-        writer.heartbeat.beat();
+        heartbeat.beat();
         beats += 1;
         if let Some(partner) = &partner {
             let seen = PeerObservation {
@@ -101,7 +168,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
                     seen.heartbeat
                 );
             }
-            writer.peer.observe(seen);
+            peer_writer.observe(seen);
             last_seen = seen;
         }
     }
@@ -167,4 +234,8 @@ fn boot_id() -> u64 {
             (now ^ u64::from(std::process::id()) << 32).max(1)
         }
     }
+}
+
+fn nvram_size(registry: &ExportRegistry, name: &str) -> u64 {
+    registry.get(name).map_or(0, |e| e.size())
 }

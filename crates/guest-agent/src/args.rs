@@ -35,6 +35,30 @@ pub struct Args {
     /// Stop after this many heartbeats (default: run until killed).
     #[arg(long)]
     pub beats: Option<u64>,
+
+    /// This node's disk. Default: the block device whose virtio serial is `ivha-NODE`.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+
+    /// Where block devices are listed (to find disks by serial).
+    #[arg(long, default_value = "/sys/block", hide = true)]
+    pub sys_block: PathBuf,
+
+    /// Address the NBD server listens on.
+    #[arg(long, default_value = "0.0.0.0:10809")]
+    pub listen: std::net::SocketAddr,
+
+    /// Flusher: wait this long before each batch (keeps records unflushed for a while).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub flush_delay_ms: u64,
+
+    /// Flusher: never flush (writes stay in the log; they block once it is full).
+    #[arg(long)]
+    pub flush_paused: bool,
+
+    /// How long a write waits for ring space before failing with EIO.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub backpressure_timeout_s: u64,
 }
 
 impl Args {

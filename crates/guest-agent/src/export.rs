@@ -26,7 +26,8 @@ pub trait Export: Send + Sync + std::fmt::Debug {
     /// `fua`: the client asked that this write be durable before the reply.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
     /// Zeroes `len` bytes at `offset` (may deallocate when `may_trim`).
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool) -> std::io::Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_trim: bool)
+    -> std::io::Result<()>;
     /// Discards `len` bytes at `offset`; later reads may return anything there, but ivha
     /// exports return zeroes.
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;

@@ -8,4 +8,7 @@
 pub mod agent;
 pub mod args;
 pub mod export;
+pub mod export_file;
+pub mod nbd;
+pub mod nvram;
 pub mod regions;

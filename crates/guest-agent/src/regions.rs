@@ -24,6 +24,8 @@ pub enum RegionsError {
         searched: usize,
         where_: String,
     },
+    #[error("no disk with serial {serial:?} (serials seen: {seen}); pass --disk PATH")]
+    NoDisk { serial: String, seen: String },
     #[error("two regions claim to be node {node:?}: {first} and {second}")]
     Duplicate {
         node: String,
@@ -39,6 +41,34 @@ pub struct Found {
     /// The partner's node region (the first other node region found).
     pub partner: Option<(String, PathBuf)>,
     pub control: Option<PathBuf>,
+}
+
+/// The block device (under `/dev`) whose virtio serial is `serial`, found through `sys_block`
+/// (normally `/sys/block`).
+pub fn disk_by_serial(sys_block: &Path, serial: &str) -> Result<PathBuf, RegionsError> {
+    let entries = std::fs::read_dir(sys_block).map_err(|source| RegionsError::Dir {
+        path: sys_block.to_owned(),
+        source,
+    })?;
+    let mut seen = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if found.trim() == serial {
+            return Ok(PathBuf::from("/dev").join(name));
+        }
+        if !found.trim().is_empty() {
+            seen.push(format!("{name}={}", found.trim()));
+        }
+    }
+    Err(RegionsError::NoDisk {
+        serial: serial.to_owned(),
+        seen: if seen.is_empty() {
+            "none".into()
+        } else {
+            seen.join(", ")
+        },
+    })
 }
 
 /// Candidate region paths: PCI BARs, or `*.region` files in a directory.
@@ -142,5 +172,22 @@ mod tests {
 
         let missing = classify("c", &candidates(Path::new("/x"), Some(dir.path())).unwrap());
         assert!(matches!(missing, Err(RegionsError::OwnMissing { .. })));
+    }
+
+    #[test]
+    fn disks_are_found_by_serial() {
+        let sys = tempfile::tempdir().unwrap();
+        for (dev, serial) in [("vda", "ivha-b\n"), ("vdb", "ivha-a\n"), ("loop0", "")] {
+            std::fs::create_dir(sys.path().join(dev)).unwrap();
+            std::fs::write(sys.path().join(dev).join("serial"), serial).unwrap();
+        }
+        assert_eq!(
+            disk_by_serial(sys.path(), "ivha-a").unwrap(),
+            Path::new("/dev/vdb")
+        );
+        let error = disk_by_serial(sys.path(), "ivha-c")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("vda=ivha-b"), "{error}");
     }
 }

@@ -26,12 +26,23 @@ fn regions(dir: &Path) {
         &["a", "b"],
     )
     .unwrap();
+    for disk in ["a.img", "b.img"] {
+        std::fs::File::create(dir.join(disk))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
 }
 
 fn agent(dir: &Path, args: &[&str]) -> std::process::Output {
+    let node = args[1];
     Command::new(env!("CARGO_BIN_EXE_guest-agent"))
         .arg("--region-dir")
         .arg(dir)
+        .arg("--disk")
+        .arg(dir.join(format!("{node}.img")))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
         .args(args)
         .output()
         .unwrap()

@@ -2,6 +2,8 @@
 //! needs no file at all.
 //!
 //! ```toml
+//! backend = "qemu"          # qemu | process (agents as host processes, for tests)
+//!
 //! [qemu]
 //! binary = "qemu-system-x86_64"
 //! accel = "auto"            # auto | kvm | tcg
@@ -21,6 +23,10 @@
 //! [heartbeat]
 //! interval_ms = 100
 //! timeout_ms = 3000
+//!
+//! [flusher]
+//! delay_ms = 0              # > 0 keeps records unflushed for a while (demos, tests)
+//! paused = false            # true: nothing is flushed (replay tests)
 //!
 //! [[node]]
 //! name = "a"
@@ -52,6 +58,18 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// Where the nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Each node is a QEMU guest (the real thing).
+    #[default]
+    Qemu,
+    /// Each node's agent runs as a host process over the same region files and disk
+    /// images: for fast tests and machines without QEMU. No fencing of a guest, no VM.
+    Process,
 }
 
 /// Which accelerator to run guests with.
@@ -142,6 +160,17 @@ impl Default for HeartbeatConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlusherSettings {
+    /// The agents' flushers wait this long before each batch, so unflushed records stay
+    /// visible (and replayable) for a while. 0 in production.
+    pub delay_ms: u64,
+    /// The flushers never run: for replay tests and demos only (writes block once a log is
+    /// full).
+    pub paused: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -157,10 +186,12 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub backend: Backend,
     pub qemu: QemuConfig,
     pub regions: RegionConfig,
     pub disks: DiskConfig,
     pub heartbeat: HeartbeatConfig,
+    pub flusher: FlusherSettings,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
@@ -168,10 +199,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            backend: Backend::Qemu,
             qemu: QemuConfig::default(),
             regions: RegionConfig::default(),
             disks: DiskConfig::default(),
             heartbeat: HeartbeatConfig::default(),
+            flusher: FlusherSettings::default(),
             nodes: vec![
                 NodeConfig {
                     name: "a".into(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::{CommandResult, client};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::protocol::{ClusterStatus, Request, Response};
 use crate::render;
 use crate::state_dir::StateDir;
@@ -18,10 +18,10 @@ pub struct UpArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Where the guests run. Only `qemu` exists today; `process` (agents as host
-    /// processes) arrives with the NBD issue.
-    #[arg(long, value_enum, default_value_t = Backend::Qemu)]
-    pub backend: Backend,
+    /// Where the nodes run (overrides `backend` in the config): QEMU guests, or agents as
+    /// host processes (fast tests, machines without QEMU).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
 
     /// Start the daemon in the background and return once both agents are up.
     #[arg(long)]
@@ -32,19 +32,9 @@ pub struct UpArgs {
     pub timeout: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Qemu,
-    Process,
-}
-
 /// Errors specific to `up`.
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    #[error(
-        "the process backend is not available yet: it arrives with the NBD issue; use --backend qemu"
-    )]
-    ProcessBackend,
     #[error("cannot start the daemon")]
     Spawn(#[source] std::io::Error),
     #[error("the daemon exited before the pair was up; the end of {log}:\n{tail}")]
@@ -54,10 +44,10 @@ pub enum UpError {
 }
 
 pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
-    if args.backend == Backend::Process {
-        return Err(UpError::ProcessBackend.into());
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(backend) = args.backend {
+        config.backend = backend;
     }
-    let config = Config::load(args.config.as_deref())?;
     if args.detach {
         return detach(state, args);
     }
@@ -95,6 +85,13 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
         .stderr(log);
     if let Some(config) = &args.config {
         command.arg("--config").arg(config);
+    }
+    if let Some(backend) = args.backend {
+        let name = match backend {
+            Backend::Qemu => "qemu",
+            Backend::Process => "process",
+        };
+        command.arg("--backend").arg(name);
     }
     // Its own process group: a Ctrl-C at this terminal must not reach the daemon.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -153,10 +150,15 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
 pub struct DaemonArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
 }
 
 pub fn run_daemon(state: &StateDir, args: &DaemonArgs) -> CommandResult {
-    let config = Config::load(args.config.as_deref())?;
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(backend) = args.backend {
+        config.backend = backend;
+    }
     crate::daemon::run(&config, state, |status| {
         log::info!("{}", render::progress_line(status));
     })?;

@@ -8,7 +8,7 @@ use shm::{Access, ControlRegion, Mapping, NodeRegion};
 
 use super::node::Node;
 use super::prepare::NodeFiles;
-use crate::config::{AccelSetting, Config, GUEST_NBD_PORT};
+use crate::config::{AccelSetting, Backend, Config, GUEST_NBD_PORT};
 use crate::events::{Event, EventLog};
 use crate::protocol::{ClusterStatus, DownReport, NodeState, NodeStatus};
 use crate::state_dir::StateDir;
@@ -27,6 +27,10 @@ pub enum LaunchError {
         "{binary} not found: install QEMU (`apt-get install qemu-system-x86`) or set qemu.binary"
     )]
     NoQemu { binary: PathBuf },
+    #[error(
+        "guest-agent not found at {path}: build it (`cargo build -p guest-agent`) or set IVHA_AGENT_BINARY"
+    )]
+    NoAgent { path: PathBuf },
     #[error("cannot choose an accelerator")]
     Accel(#[source] qemu::AccelError),
     #[error("cannot build the QEMU command line for node {node}")]
@@ -62,7 +66,8 @@ pub struct Cluster {
     state: StateDir,
     nodes: Vec<Node>,
     control: ControlRegion,
-    accel: AccelChoice,
+    /// "tcg", "kvm" or "process", and why.
+    accel: (String, String),
     started: Instant,
     disks: Vec<PathBuf>,
     events: EventLog,
@@ -138,15 +143,38 @@ pub fn launch(
     files: &[NodeFiles],
     control_path: &Path,
 ) -> Result<Cluster, LaunchError> {
-    let (kernel, initrd) = image(config)?;
-    let binary = find_binary(&config.qemu.binary).ok_or_else(|| LaunchError::NoQemu {
-        binary: config.qemu.binary.clone(),
-    })?;
-    let accel = choose_accel(config, &binary)?;
+    let plan = match config.backend {
+        Backend::Qemu => {
+            let (kernel, initrd) = image(config)?;
+            let binary = find_binary(&config.qemu.binary).ok_or_else(|| LaunchError::NoQemu {
+                binary: config.qemu.binary.clone(),
+            })?;
+            let accel = choose_accel(config, &binary)?;
+            Plan::Qemu {
+                binary,
+                kernel,
+                initrd,
+                accel,
+            }
+        }
+        Backend::Process => Plan::Process {
+            agent: agent_binary()?,
+        },
+    };
+    let accel = match &plan {
+        Plan::Qemu { accel, .. } => (
+            format!("{:?}", accel.accel).to_lowercase(),
+            accel.reason.clone(),
+        ),
+        Plan::Process { .. } => (
+            "process".to_owned(),
+            "agents run as host processes (--backend process)".to_owned(),
+        ),
+    };
     let events = EventLog::new(&state.event_log());
     events.record(&Event::PairStarting {
-        accel: format!("{:?}", accel.accel).to_lowercase(),
-        accel_reason: accel.reason.clone(),
+        accel: accel.0.clone(),
+        accel_reason: accel.1.clone(),
     });
     let map_error =
         |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| LaunchError::Region {
@@ -183,9 +211,24 @@ pub fn launch(
         events,
         last_states: vec![NodeState::Booting; config.nodes.len()],
     };
-    // Both QEMUs start before either QMP connection is awaited: they boot in parallel.
+    // Both nodes start before either QMP connection is awaited: they boot in parallel.
     for index in 0..cluster.nodes.len() {
-        let command = cluster.command(index, &binary, &kernel, &initrd, files, control_path)?;
+        let command = match &plan {
+            Plan::Qemu {
+                binary,
+                kernel,
+                initrd,
+                accel,
+            } => cluster.command(
+                index,
+                (binary, accel.accel),
+                kernel,
+                initrd,
+                files,
+                control_path,
+            )?,
+            Plan::Process { agent } => cluster.agent_command(index, agent, files),
+        };
         let name = cluster.nodes[index].name.clone();
         let _ = std::fs::remove_file(state.qmp_socket(&name));
         log::info!("starting node {name}");
@@ -200,6 +243,9 @@ pub fn launch(
         cluster.nodes[index].child = Some(child);
     }
     for index in 0..cluster.nodes.len() {
+        if config.backend == Backend::Process {
+            break;
+        }
         let name = cluster.nodes[index].name.clone();
         let socket = state.qmp_socket(&name);
         let connected = match cluster.nodes[index].child.as_mut() {
@@ -221,6 +267,35 @@ pub fn launch(
     Ok(cluster)
 }
 
+/// What to start for each node.
+enum Plan {
+    Qemu {
+        binary: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        accel: AccelChoice,
+    },
+    Process {
+        agent: PathBuf,
+    },
+}
+
+/// The agent binary for the process backend: `IVHA_AGENT_BINARY`, else beside hostd.
+fn agent_binary() -> Result<PathBuf, LaunchError> {
+    let path = match std::env::var_os("IVHA_AGENT_BINARY") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("guest-agent")))
+            .unwrap_or_else(|| PathBuf::from("guest-agent")),
+    };
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(LaunchError::NoAgent { path })
+    }
+}
+
 fn display_command(command: &std::process::Command) -> String {
     std::iter::once(command.get_program())
         .chain(command.get_args())
@@ -238,7 +313,7 @@ impl Cluster {
     fn command(
         &self,
         index: usize,
-        binary: &Path,
+        (binary, accel): (&Path, Accel),
         kernel: &Path,
         initrd: &Path,
         files: &[NodeFiles],
@@ -253,6 +328,15 @@ impl Cluster {
             "console=ttyS0 panic=-1 ivha.node={} ivha.heartbeat_ms={}",
             node.name, self.config.heartbeat.interval_ms
         );
+        if self.config.flusher.delay_ms > 0 {
+            append.push_str(&format!(
+                " ivha.flush_delay_ms={}",
+                self.config.flusher.delay_ms
+            ));
+        }
+        if self.config.flusher.paused {
+            append.push_str(" ivha.flush_paused=1");
+        }
         for extra in [&self.config.qemu.kernel_args, &node.kernel_args] {
             if !extra.is_empty() {
                 append.push(' ');
@@ -261,7 +345,7 @@ impl Cluster {
         }
         QemuCommand::new(binary)
             .name(&format!("ivha-{}", node.name))
-            .accel(self.accel.accel)
+            .accel(accel)
             .memory_mib(self.config.qemu.memory_mib)
             .cpus(self.config.qemu.cpus)
             .kernel(kernel)
@@ -306,6 +390,37 @@ impl Cluster {
                 node: node.name.clone(),
                 source,
             })
+    }
+
+    /// The command line of node `index`'s agent as a host process.
+    fn agent_command(
+        &self,
+        index: usize,
+        agent: &Path,
+        files: &[NodeFiles],
+    ) -> std::process::Command {
+        let node = &self.config.nodes[index];
+        let mut command = std::process::Command::new(agent);
+        command
+            .arg("--node")
+            .arg(&node.name)
+            .arg("--region-dir")
+            .arg(self.state.regions_dir())
+            .arg("--disk")
+            .arg(&files[index].disk)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", node.nbd_port))
+            .arg("--heartbeat-ms")
+            .arg(self.config.heartbeat.interval_ms.to_string());
+        if self.config.flusher.delay_ms > 0 {
+            command
+                .arg("--flush-delay-ms")
+                .arg(self.config.flusher.delay_ms.to_string());
+        }
+        if self.config.flusher.paused {
+            command.arg("--flush-paused");
+        }
+        command
     }
 
     /// Samples every node and records each state change as an event.
@@ -377,8 +492,8 @@ impl Cluster {
             epoch: self.control.epoch(),
             state_dir: self.state.root().display().to_string(),
             hostd_pid: std::process::id(),
-            accel: format!("{:?}", self.accel.accel).to_lowercase(),
-            accel_reason: self.accel.reason.clone(),
+            accel: self.accel.0.clone(),
+            accel_reason: self.accel.1.clone(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             nodes,
         }
@@ -391,6 +506,17 @@ impl Cluster {
             let how = match (node.child.as_mut(), &node.exit) {
                 (None, _) => "never started".to_owned(),
                 (Some(_), Some(exit)) => format!("had already {exit}"),
+                (Some(child), None) if node.qmp.is_none() => {
+                    // A process-backend agent: SIGTERM, then SIGKILL.
+                    let _ = child.signal(qemu::Signal::Term);
+                    match child.wait_timeout(super::QUIT_TIMEOUT) {
+                        Ok(Some(_)) => "stopped (SIGTERM)".to_owned(),
+                        _ => match child.kill_and_reap(super::QUIT_TIMEOUT) {
+                            Ok(_) => "killed (did not stop in time)".to_owned(),
+                            Err(error) => format!("could not be killed: {error}"),
+                        },
+                    }
+                }
                 (Some(child), None) => {
                     let quit = node.qmp.as_mut().map(|qmp| qmp.quit());
                     match child.wait_timeout(super::QUIT_TIMEOUT) {

@@ -1,0 +1,405 @@
+//! Accepting connections, one thread each.
+//!
+//! [`Server::spawn`] runs the accept loop on a background thread and returns a handle that
+//! can stop it; [`serve`] runs the same loop on the calling thread, for ever. Each accepted
+//! connection gets `TCP_NODELAY`, a reader and a writer buffered with
+//! [`ServerConfig::buffer_size`] bytes, and its own thread: a client that misbehaves, stalls
+//! or disappears ends only its own connection.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::export::{Export, ExportRegistry};
+
+use super::handshake::{self, Negotiated};
+use super::transmission::{self, End, Stats};
+use super::{ConnectionError, IoContext};
+
+/// How often the accept loop looks at its stop flag while no client connects.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// How long [`Server::shutdown`] waits for connection threads to finish.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Tunables of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Longest the server waits for any one read during negotiation before dropping the
+    /// client (`None`: for ever). Transmission has no timeout: clients may idle.
+    pub handshake_timeout: Option<Duration>,
+    /// Capacity of each connection's read buffer and of its write buffer.
+    pub buffer_size: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Some(Duration::from_secs(30)),
+            buffer_size: 256 * 1024,
+        }
+    }
+}
+
+/// A running NBD server: an accept thread plus a thread per connection.
+///
+/// Dropping it is the same as [`Server::shutdown`].
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts serving `registry` on `listener` with the default configuration.
+    pub fn spawn(listener: TcpListener, registry: Arc<ExportRegistry>) -> io::Result<Self> {
+        Self::spawn_with(listener, registry, ServerConfig::default())
+    }
+
+    /// Starts serving `registry` on `listener`.
+    pub fn spawn_with(
+        listener: TcpListener,
+        registry: Arc<ExportRegistry>,
+        config: ServerConfig,
+    ) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let shared = Arc::new(Shared::new(registry, config));
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("nbd-accept {local_addr}"))
+                .spawn(move || {
+                    if let Err(error) = accept_loop(&listener, &shared) {
+                        log::error!("nbd: server on {local_addr} stopped: {error}");
+                    }
+                })?
+        };
+        log::info!("nbd: serving on {local_addr}");
+        Ok(Self {
+            local_addr,
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The address the server listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Number of connections open now (negotiating or transmitting).
+    pub fn connection_count(&self) -> usize {
+        self.shared.connections().live.len()
+    }
+
+    /// Closes every connection that is using export `name` (hard disconnect); returns how
+    /// many. Remove the export from the registry first: a connection that picks it
+    /// concurrently is then closed too, as soon as it has picked it.
+    pub fn disconnect_export(&self, name: &str) -> usize {
+        let connections = self.shared.connections();
+        let mut count = 0;
+        for connection in connections.live.values() {
+            if connection.export.as_deref() == Some(name) {
+                log::info!(
+                    "nbd: disconnecting {} from export {name:?}",
+                    connection.peer
+                );
+                let _ = connection.stream.shutdown(Shutdown::Both);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Stops accepting new connections (within ~100 ms); open ones go on.
+    pub fn stop_accepting(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+    }
+
+    /// Stops accepting, closes every connection, and waits (up to 5 s) for their threads to
+    /// finish. Requests being executed complete; their replies may not reach the client.
+    pub fn shutdown(mut self) {
+        self.shutdown_inner();
+    }
+
+    fn shutdown_inner(&mut self) {
+        let Some(acceptor) = self.acceptor.take() else {
+            return;
+        };
+        self.stop_accepting();
+        if acceptor.join().is_err() {
+            log::error!("nbd: the accept thread of {} panicked", self.local_addr);
+        }
+        {
+            let connections = self.shared.connections();
+            for connection in connections.live.values() {
+                let _ = connection.stream.shutdown(Shutdown::Both);
+            }
+        }
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while self.connection_count() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.connection_count();
+        if left > 0 {
+            log::warn!(
+                "nbd: server on {} stopped with {left} connection thread(s) still busy",
+                self.local_addr
+            );
+        } else {
+            log::info!("nbd: server on {} stopped", self.local_addr);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown_inner();
+    }
+}
+
+/// Serves `registry` on `listener` on the calling thread with the default configuration.
+/// Returns only if the listener cannot be used.
+pub fn serve(listener: TcpListener, registry: Arc<ExportRegistry>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    if let Ok(addr) = listener.local_addr() {
+        log::info!("nbd: serving on {addr}");
+    }
+    let shared = Arc::new(Shared::new(registry, ServerConfig::default()));
+    accept_loop(&listener, &shared)
+}
+
+/// State shared by the accept loop, the connection threads and the [`Server`] handle.
+#[derive(Debug)]
+struct Shared {
+    registry: Arc<ExportRegistry>,
+    config: ServerConfig,
+    stopping: AtomicBool,
+    connections: Mutex<Connections>,
+}
+
+#[derive(Debug, Default)]
+struct Connections {
+    next_id: u64,
+    live: HashMap<u64, Connection>,
+}
+
+/// What the server keeps of an open connection: enough to close it and to say what it uses.
+#[derive(Debug)]
+struct Connection {
+    peer: SocketAddr,
+    stream: TcpStream,
+    export: Option<String>,
+}
+
+impl Shared {
+    fn new(registry: Arc<ExportRegistry>, config: ServerConfig) -> Self {
+        Self {
+            registry,
+            config,
+            stopping: AtomicBool::new(false),
+            connections: Mutex::new(Connections::default()),
+        }
+    }
+
+    fn connections(&self) -> MutexGuard<'_, Connections> {
+        // The table stays consistent even if a holder panicked: every update is one insert,
+        // remove or field store.
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records a new connection; `None` if the server is stopping.
+    fn register(&self, peer: SocketAddr, stream: TcpStream) -> Option<u64> {
+        let mut connections = self.connections();
+        if self.stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = connections.next_id;
+        connections.next_id += 1;
+        connections.live.insert(
+            id,
+            Connection {
+                peer,
+                stream,
+                export: None,
+            },
+        );
+        Some(id)
+    }
+
+    /// Notes the export a connection chose; false if that export has left the registry
+    /// meanwhile (the connection must then close).
+    fn set_export(&self, id: u64, export: &Arc<dyn Export>) -> bool {
+        let mut connections = self.connections();
+        if let Some(connection) = connections.live.get_mut(&id) {
+            connection.export = Some(export.name().to_owned());
+        }
+        self.registry
+            .get(export.name())
+            .is_some_and(|current| Arc::ptr_eq(&current, export))
+    }
+
+    fn deregister(&self, id: u64) {
+        self.connections().live.remove(&id);
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) -> io::Result<()> {
+    let timeout = PollTimeout::try_from(ACCEPT_POLL).unwrap_or(PollTimeout::MAX);
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => start_connection(stream, peer, shared),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(errno) => return Err(io::Error::from(errno)),
+                }
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(error) => {
+                // Out of file descriptors or memory, most likely: wait and retry.
+                log::warn!("nbd: accept failed: {error}; retrying");
+                thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+}
+
+fn start_connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    let handle = match stream.try_clone() {
+        Ok(handle) => handle,
+        Err(error) => {
+            log::warn!("nbd: dropping connection from {peer}: {error}");
+            return;
+        }
+    };
+    let Some(id) = shared.register(peer, handle) else {
+        return;
+    };
+    let thread_shared = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name(format!("nbd {peer}"))
+        .spawn(move || run_connection(stream, peer, id, &thread_shared));
+    if let Err(error) = spawned {
+        log::warn!("nbd: dropping connection from {peer}: no thread: {error}");
+        shared.deregister(id);
+    }
+}
+
+/// Removes a connection from the table when its thread ends, even by panic.
+struct Deregister<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Deregister<'_> {
+    fn drop(&mut self) {
+        self.shared.deregister(self.id);
+    }
+}
+
+fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
+    let _deregister = Deregister { shared, id };
+    log::info!("nbd: connection from {peer}");
+    let mut stats = Stats::default();
+    match connection(stream, peer, id, shared, &mut stats) {
+        Ok(None) => log::info!("nbd: {peer} disconnected during negotiation"),
+        Ok(Some((export, end))) => {
+            let how = match end {
+                End::Disconnect => "disconnected",
+                End::HangUp => "hung up",
+            };
+            log::info!("nbd: {peer} {how} from export {export:?} ({stats})");
+        }
+        Err(error) if error.is_hang_up() => {
+            log::info!("nbd: {peer} went away: {} ({stats})", chain(&error));
+        }
+        Err(error) => {
+            log::warn!(
+                "nbd: closing connection from {peer}: {} ({stats})",
+                chain(&error)
+            );
+        }
+    }
+}
+
+/// Negotiates and serves one connection; `None` if it ended during negotiation.
+fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    shared: &Shared,
+    stats: &mut Stats,
+) -> Result<Option<(String, End)>, ConnectionError> {
+    // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure anyway.
+    stream
+        .set_nonblocking(false)
+        .context("configuring the socket")?;
+    stream.set_nodelay(true).context("configuring the socket")?;
+    stream
+        .set_read_timeout(shared.config.handshake_timeout)
+        .context("configuring the socket")?;
+    let read_half = stream.try_clone().context("configuring the socket")?;
+    let mut reader = BufReader::with_capacity(shared.config.buffer_size, read_half);
+    let mut writer = BufWriter::with_capacity(shared.config.buffer_size, stream);
+
+    let export = match handshake::negotiate(&mut reader, &mut writer, &shared.registry)? {
+        Negotiated::Transmission(export) => export,
+        Negotiated::Ended => return Ok(None),
+    };
+    if !shared.set_export(id, &export) {
+        log::info!(
+            "nbd: {peer} chose export {:?} as it was withdrawn; closing",
+            export.name()
+        );
+        return Ok(None);
+    }
+    writer
+        .get_ref()
+        .set_read_timeout(None)
+        .context("configuring the socket")?;
+    log::info!(
+        "nbd: {peer} uses export {:?} ({} bytes{})",
+        export.name(),
+        export.size(),
+        if export.read_only() {
+            ", read-only"
+        } else {
+            ""
+        }
+    );
+    let end = transmission::serve(&mut reader, &mut writer, export.as_ref(), stats)?;
+    Ok(Some((export.name().to_owned(), end)))
+}
+
+/// An error and its sources, joined with ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        out.push_str(": ");
+        out.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    out
+}

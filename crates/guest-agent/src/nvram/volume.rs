@@ -1,0 +1,125 @@
+//! One export's disk and its overlay of unflushed writes.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use super::overlay::Overlay;
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {path} is empty")]
+    Empty { path: PathBuf },
+}
+
+/// A disk image or block device, read and written at offsets.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    size: u64,
+    path: PathBuf,
+}
+
+impl Disk {
+    pub fn open(path: &Path) -> Result<Self, DiskError> {
+        let open_error = |source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(open_error)?;
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let size = file.seek(SeekFrom::End(0)).map_err(open_error)?;
+        if size == 0 {
+            return Err(DiskError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            file,
+            size,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Writes zeroes over a range (trim and write-zeroes both end here: ivha exports read
+    /// trimmed ranges as zeroes, so the disk must hold zeroes too).
+    pub fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min(len - done);
+            self.file
+                .write_all_at(&zeroes[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// An export's disk with its unflushed writes on top.
+#[derive(Debug)]
+pub struct Volume {
+    pub export_id: u32,
+    pub name: String,
+    pub disk: Disk,
+    pub overlay: RwLock<Overlay>,
+}
+
+impl Volume {
+    pub fn new(export_id: u32, name: &str, disk: Disk) -> Arc<Self> {
+        Arc::new(Self {
+            export_id,
+            name: name.to_owned(),
+            disk,
+            overlay: RwLock::new(Overlay::new()),
+        })
+    }
+
+    /// Reads what clients see: the disk, with every unflushed write applied. The overlay's
+    /// read lock is held across the disk read, so the flusher cannot prune a segment
+    /// between the two (it prunes under the write lock, after writing the disk).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let overlay = self.overlay.read().map_err(|_| poisoned())?;
+        self.disk.read_at(offset, buf)?;
+        overlay.apply(offset, buf);
+        Ok(())
+    }
+}
+
+pub(crate) fn poisoned() -> std::io::Error {
+    std::io::Error::other("a thread panicked while holding the volume's lock")
+}

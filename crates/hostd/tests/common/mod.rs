@@ -1,0 +1,252 @@
+//! Shared harness for tests that run a real pair through the real `hostd` binary.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shm::{Access, Mapping, NodeRegion};
+
+pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
+pub const WRITE_PROBE_OFFSET: u64 = 3072;
+
+pub fn image_dir() -> PathBuf {
+    // CARGO_MANIFEST_DIR is crates/hostd; the image is built into the workspace target dir.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
+}
+
+/// Whether the VM tests can run here; under CI a missing prerequisite fails the test.
+pub fn prerequisites() -> bool {
+    let mut missing = Vec::new();
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
+    if !qemu.is_ok_and(|o| o.status.success()) {
+        missing.push("qemu-system-x86_64 (apt-get install qemu-system-x86)".to_owned());
+    }
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        if !image_dir().join(file).exists() {
+            missing.push(format!(
+                "{} (run scripts/build-guest-image.sh)",
+                image_dir().join(file).display()
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("VM test prerequisites missing: {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED: {message}");
+    false
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A pair started with `hostd up --detach` in its own state directory.
+pub struct Pair {
+    pub state: tempfile::TempDir,
+    pub pids: Vec<u32>,
+    /// Per node, the host port of its NBD export.
+    pub ports: Vec<u16>,
+}
+
+impl Pair {
+    /// A QEMU pair; `node_b_kernel_args` go to b's kernel command line.
+    pub fn up(node_b_kernel_args: &str) -> Pair {
+        Self::up_with(
+            &format!("[[node]]\nname = \"b\"\nkernel_args = \"{node_b_kernel_args}\"\n"),
+            "",
+        )
+    }
+
+    /// A pair with extra config text: `node_b` is the second [[node]] table (without its port),
+    /// `extra` is prepended (top-level keys and tables such as [flusher]).
+    pub fn up_with(node_b: &str, extra: &str) -> Pair {
+        let state = tempfile::Builder::new()
+            .prefix("ivha-vmtest-")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        let ports = vec![free_port(), free_port()];
+        let config = format!(
+            "{extra}\n[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
+             [[node]]\nname = \"a\"\nnbd_port = {}\n{}nbd_port = {}\n",
+            ports[0], node_b, ports[1],
+        );
+        std::fs::write(state.path().join("ivha.toml"), config).unwrap();
+        let mut pair = Pair {
+            state,
+            pids: Vec::new(),
+            ports,
+        };
+        let config_path = pair.state.path().join("ivha.toml");
+        let (code, stdout, stderr) = pair.hostd(&[
+            "up",
+            "--detach",
+            "--timeout",
+            "180",
+            "--config",
+            config_path.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "hostd up failed:\n{stdout}\n{stderr}");
+        pair.pids = pair.status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect();
+        assert_eq!(pair.pids.len(), 2, "both QEMUs have pids");
+        pair
+    }
+
+    pub fn hostd(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_hostd"))
+            .args(args)
+            .env("IVHA_STATE_DIR", self.state.path())
+            .env("IVHA_GUEST_DIR", image_dir())
+            .env("IVHA_AGENT_BINARY", agent_binary())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn status(&self) -> Value {
+        let (code, stdout, stderr) = self.hostd(&["status", "--json"]);
+        assert_eq!(code, 0, "hostd status failed: {stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    }
+
+    pub fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()
+    }
+
+    pub fn region(&self, name: &str) -> NodeRegion {
+        let path = self.state.path().join(format!("regions/{name}.region"));
+        NodeRegion::open(Mapping::open(&path, Access::ReadOnly).unwrap()).unwrap()
+    }
+
+    /// Polls until `check` holds or the time is up.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut check: impl FnMut(&Value) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if check(&status) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {status:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn print_diagnostics(&self) {
+        for file in [
+            "consoles/a.log",
+            "consoles/b.log",
+            "consoles/a.qemu.log",
+            "consoles/b.qemu.log",
+            "hostd.log",
+        ] {
+            let text = std::fs::read_to_string(self.state.path().join(file)).unwrap_or_default();
+            eprintln!("===== {file} =====\n{text}");
+        }
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie is not alive for our purposes: it has been killed, not yet reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false)
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_diagnostics();
+        }
+        let _ = self.hostd(&["down", "--purge"]);
+        for pid in &self.pids {
+            if alive(*pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// The guest-agent binary for the process backend. `cargo test --workspace` builds it
+/// (the agent's own tests need it); a lone `cargo test -p hostd` may not.
+pub fn agent_binary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/guest-agent")
+}
+
+/// Whether the process backend can run; under CI a missing agent fails the test.
+pub fn agent_prerequisite() -> bool {
+    if agent_binary().exists() {
+        return true;
+    }
+    let message = format!(
+        "{} is missing: run `cargo build -p guest-agent` (or cargo test --workspace)",
+        agent_binary().display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED: {message}");
+    false
+}
+
+/// The NBD URI of node `index`'s export.
+pub fn nbd_uri(pair: &Pair, index: usize, name: &str) -> String {
+    format!("nbd://127.0.0.1:{}/{name}", pair.ports[index])
+}
+
+/// Whether a tool is installed; under CI a missing one fails the test.
+pub fn tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let message = format!("{name} is not installed (scripts/install-deps.sh installs it)");
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED: {message}");
+    }
+    found
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
