@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-/// A volume served over NBD. Offsets and lengths are already checked against `size()`
-/// and `max_request()` by the caller.
+/// A volume served over NBD. The server checks every range against `size()` before calling,
+/// and read and write lengths against `max_request()`; trim and write-zeroes lengths may
+/// be anything up to the size (clients do not split them).
 pub trait Export: Send + Sync + std::fmt::Debug {
     /// The export's name (what clients ask for).
     fn name(&self) -> &str;

@@ -45,6 +45,8 @@ pub struct Nvram {
 pub enum NvramError {
     #[error("the log's unflushed records cannot be read")]
     Log(#[source] LogError),
+    #[error("a thread panicked while holding the volume table")]
+    Poisoned,
     #[error("unflushed log record {seq} is for export {export}, which has no disk here")]
     UnknownExport { seq: u64, export: u32 },
 }
@@ -88,10 +90,7 @@ impl Nvram {
     /// acknowledged before this agent (re)started. Call after adding the volumes and
     /// before serving.
     pub fn recover(&self) -> Result<u64, NvramError> {
-        let volumes = self
-            .volumes
-            .read()
-            .map_err(|_| NvramError::Log(LogError::OutOfRegion))?;
+        let volumes = self.volumes.read().map_err(|_| NvramError::Poisoned)?;
         let mut count = 0;
         for record in self.region.unflushed().map_err(NvramError::Log)? {
             let record = record.map_err(NvramError::Log)?;
