@@ -4,11 +4,14 @@
 #   ivha         the guest agent in process mode (hostd up --backend process): NVRAM write-back
 #   nbdkit-file  nbdkit's file plugin on an image in the same directory (same disk)
 #   nbdkit-mem   nbdkit's memory plugin (RAM only: nothing survives anything)
-# Usage: scripts/bench-nbd.sh [SECONDS_PER_RUN]   (default 5; IVHA_BENCH_DIR: where images go)
+# Each workload runs on the three servers in turn, ROUNDS times (default 3), and the median is
+# reported: single runs on a small machine vary by tens of percent.
+# Usage: scripts/bench-nbd.sh [SECONDS_PER_RUN [ROUNDS]]   (default 4 and 3; IVHA_BENCH_DIR: where images go)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-runtime=${1:-5}
+runtime=${1:-4}
+rounds=${2:-3}
 for tool in fio nbdkit python3; do
     command -v "$tool" >/dev/null || { echo "error: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
 done
@@ -60,24 +63,38 @@ fio_iops() { # URI RW DEPTH
         python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["write"]["iops"] + j["read"]["iops"]))'
 }
 
-echo "ivha NBD benchmark: fio $(fio --version | cut -d- -f2), nbd engine, 4 KiB random I/O, ${runtime} s per run"
+echo "ivha NBD benchmark: fio $(fio --version | cut -d- -f2), nbd engine, 4 KiB random I/O, ${runtime} s per run, median of $rounds rounds"
 echo "  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc) cores)"
 echo "  images in $work ($(stat -f -c %T "$work")); ivha's region on /dev/shm"
 echo
-declare -A iops
-for server in ivha nbdkit-file nbdkit-mem; do
-    case $server in
-    ivha) uri="nbd://127.0.0.1:$port_a/a" ;;
-    nbdkit-file) uri="nbd://127.0.0.1:$port_file/" ;;
-    nbdkit-mem) uri="nbd://127.0.0.1:$port_mem/" ;;
+uri_of() {
+    case $1 in
+    ivha) echo "nbd://127.0.0.1:$port_a/a" ;;
+    nbdkit-file) echo "nbd://127.0.0.1:$port_file/" ;;
+    nbdkit-mem) echo "nbd://127.0.0.1:$port_mem/" ;;
     esac
-    # Writes first: reads then find data everywhere (a fresh sparse image reads as holes).
-    for rw in randwrite randread; do
-        for depth in 1 16; do
-            iops[$server.$rw.$depth]=$(fio_iops "$uri" "$rw" "$depth")
+}
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+declare -A iops
+# Writes first: reads then find data everywhere (a fresh sparse image reads as holes).
+for rw in randwrite randread; do
+    for depth in 1 16; do
+        declare -A samples=()
+        for round in $(seq 1 "$rounds"); do
+            for server in ivha nbdkit-file nbdkit-mem; do
+                samples[$server]+="$(fio_iops "$(uri_of $server)" "$rw" "$depth") "
+            done
         done
+        for server in ivha nbdkit-file nbdkit-mem; do
+            # shellcheck disable=SC2086 # word splitting wanted
+            iops[$server.$rw.$depth]=$(median ${samples[$server]})
+            echo "  $rw qd$depth $server: ${samples[$server]}" >&2
+        done
+        unset samples
     done
 done
+echo >&2
 
 printf '%-14s %12s %12s %12s   %-10s %-10s\n' "workload" "ivha" "nbdkit-file" "nbdkit-mem" "ivha/file" "ivha/mem"
 for rw in randwrite randread; do
