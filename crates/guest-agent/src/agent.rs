@@ -40,6 +40,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agent already writes region {path}: one writer per region")]
+    RegionBusy { path: PathBuf },
+    #[error("cannot lock region {path}")]
+    RegionLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("control region {path} cannot be used")]
@@ -69,6 +77,13 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         Some(path) => Some(open_control(path)?),
         None => None,
     };
+    // Everything that can fail without touching the region comes first: an agent that
+    // cannot serve must not take the region from one that does.
+    let listener = TcpListener::bind(args.listen).map_err(|source| AgentError::Listen {
+        addr: args.listen,
+        source,
+    })?;
+    let _region_lock = lock_region(&found.own)?;
     let writer = own.writer(boot_id()).map_err(|source| AgentError::Node {
         path: found.own.clone(),
         source,
@@ -109,10 +124,6 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     .map_err(AgentError::Thread)?;
     let registry = Arc::new(ExportRegistry::new());
     registry.insert(export);
-    let listener = TcpListener::bind(args.listen).map_err(|source| AgentError::Listen {
-        addr: args.listen,
-        source,
-    })?;
     let _server =
         crate::nbd::Server::spawn(listener, Arc::clone(&registry)).map_err(AgentError::Thread)?;
     log::info!(
@@ -173,6 +184,25 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         }
     }
     Ok(())
+}
+
+/// An exclusive lock on the region file for as long as this agent writes it: a second agent
+/// for the same node (say, left over from a crashed hostd) fails here instead of writing
+/// the region alongside the first.
+fn lock_region(path: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, AgentError> {
+    let lock_error = |source: std::io::Error| AgentError::RegionLock {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(lock_error)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => AgentError::RegionBusy {
+                path: path.to_owned(),
+            },
+            other => lock_error(other.into()),
+        },
+    )
 }
 
 fn open_control(path: &std::path::Path) -> Result<ControlRegion, AgentError> {

@@ -105,3 +105,50 @@ fn a_missing_region_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no node region named \"c\""), "{stderr}");
 }
+
+#[test]
+fn a_second_agent_for_a_node_leaves_the_region_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    regions(dir.path());
+    let mut first = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args([
+            "--node",
+            "a",
+            "--heartbeat-ms",
+            "5",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--region-dir")
+        .arg(dir.path())
+        .arg("--disk")
+        .arg(dir.path().join("a.img"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let region = open(&dir.path().join("x.region"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while region.heartbeat().unwrap().counter < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first agent never beat"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let boot_id = region.boot_id();
+    // Same node, another port: it gets past the bind, and must stop at the region lock.
+    let out = agent(dir.path(), &["--node", "a", "--beats", "1"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another agent already writes region"),
+        "{stderr}"
+    );
+    assert_eq!(
+        region.boot_id(),
+        boot_id,
+        "the second agent took the region over"
+    );
+}

@@ -118,9 +118,14 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
             Ok(_) => {}
             Err(error) => {
                 log::error!("flusher: {error}; retrying in {} s", ERROR_WAIT.as_secs());
-                // Start again from what is known to be on disk.
-                state.applied = flushed.flushed();
-                state.touched.clear();
+                // Keep what applied cleanly before the failure (so one bad record does not
+                // hold back the rest of the log), else start again from what is on disk.
+                let kept = state.applied != flushed.flushed()
+                    && sync(nvram, &mut state, &mut flushed).is_ok();
+                if !kept {
+                    state.applied = flushed.flushed();
+                    state.touched.clear();
+                }
                 std::thread::sleep(ERROR_WAIT);
             }
         }

@@ -100,9 +100,7 @@ impl Nvram {
                     export: record.export,
                 });
             };
-            let Ok(mut overlay) = volume.overlay.write() else {
-                continue;
-            };
+            let mut overlay = volume.overlay.write().map_err(|_| NvramError::Poisoned)?;
             match record.kind {
                 RecordKind::Write => overlay.write(record.offset, record.data.into(), record.seq),
                 RecordKind::Trim | RecordKind::WriteZeroes => {
@@ -154,10 +152,14 @@ impl Nvram {
             | Entry::Trim { export, .. }
             | Entry::WriteZeroes { export, .. } => *export,
         };
-        if let Some(volume) = self.volume(export) {
-            let mut overlay = volume.overlay.write().map_err(|_| poisoned())?;
-            update(&mut overlay, appended.seq);
-        }
+        // Not reachable (exports are made from volumes), but a write that is logged without
+        // reaching the overlay would read stale until flushed: refuse to acknowledge it.
+        let volume = self.volume(export).ok_or_else(|| {
+            std::io::Error::other(format!("export {export} has no volume on this node"))
+        })?;
+        let mut overlay = volume.overlay.write().map_err(|_| poisoned())?;
+        update(&mut overlay, appended.seq);
+        drop(overlay);
         drop(appender);
         // Wake the flusher if it sleeps; a full channel means it is already awake.
         let _ = self.wake_flusher.try_send(());

@@ -133,6 +133,8 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
             last_status = Some(status);
         }
         if Instant::now() >= deadline {
+            // Leave nothing running behind a failed start.
+            stop_daemon(state, &mut daemon);
             return Err(UpError::Timeout {
                 seconds: args.timeout,
                 status: last_status
@@ -143,6 +145,24 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Stops a daemon this command started: `down` over the socket, SIGKILL if it lingers.
+fn stop_daemon(state: &StateDir, daemon: &mut std::process::Child) {
+    let asked = client::call(
+        state,
+        &Request::Down { purge: false },
+        Duration::from_secs(15),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while asked.is_ok() && Instant::now() < deadline {
+        if let Ok(Some(_)) = daemon.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
 
 /// The hidden `daemon` subcommand: what `up --detach` runs in the background.

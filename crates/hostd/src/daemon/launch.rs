@@ -499,30 +499,37 @@ impl Cluster {
         }
     }
 
-    /// Stops both guests: QMP `quit` first, SIGKILL if QEMU does not go in time.
+    /// Stops both nodes: asks each to go (QMP `quit`, or SIGTERM for an agent process), then
+    /// waits for all of them on one deadline and SIGKILLs whatever is left. A hung node
+    /// costs at most [`super::QMP_QUIT_TIMEOUT`] plus [`super::QUIT_TIMEOUT`] in all.
     pub fn shut_down(&mut self, purge: bool) -> DownReport {
-        let mut stopped = Vec::new();
+        let mut asked = Vec::new();
         for node in &mut self.nodes {
+            let request = match (node.child.as_mut(), &node.exit, node.qmp.as_mut()) {
+                (Some(_), None, Some(qmp)) => {
+                    qmp.set_timeout(super::QMP_QUIT_TIMEOUT);
+                    qmp.quit().map_err(|e| e.to_string())
+                }
+                (Some(child), None, None) => {
+                    child.signal(qemu::Signal::Term).map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
+            };
+            asked.push(request);
+        }
+        let deadline = Instant::now() + super::QUIT_TIMEOUT;
+        let mut stopped = Vec::new();
+        for (node, request) in self.nodes.iter_mut().zip(asked) {
             let how = match (node.child.as_mut(), &node.exit) {
                 (None, _) => "never started".to_owned(),
                 (Some(_), Some(exit)) => format!("had already {exit}"),
-                (Some(child), None) if node.qmp.is_none() => {
-                    // A process-backend agent: SIGTERM, then SIGKILL.
-                    let _ = child.signal(qemu::Signal::Term);
-                    match child.wait_timeout(super::QUIT_TIMEOUT) {
-                        Ok(Some(_)) => "stopped (SIGTERM)".to_owned(),
+                (Some(child), None) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match (child.wait_timeout(left), request) {
+                        (Ok(Some(_)), Ok(())) if node.qmp.is_some() => "quit cleanly".to_owned(),
+                        (Ok(Some(_)), Ok(())) => "stopped (SIGTERM)".to_owned(),
                         _ => match child.kill_and_reap(super::QUIT_TIMEOUT) {
                             Ok(_) => "killed (did not stop in time)".to_owned(),
-                            Err(error) => format!("could not be killed: {error}"),
-                        },
-                    }
-                }
-                (Some(child), None) => {
-                    let quit = node.qmp.as_mut().map(|qmp| qmp.quit());
-                    match child.wait_timeout(super::QUIT_TIMEOUT) {
-                        Ok(Some(_)) if matches!(quit, Some(Ok(()))) => "quit cleanly".to_owned(),
-                        _ => match child.kill_and_reap(super::QUIT_TIMEOUT) {
-                            Ok(_) => "killed (did not quit in time)".to_owned(),
                             Err(error) => format!("could not be killed: {error}"),
                         },
                     }

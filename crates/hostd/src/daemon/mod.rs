@@ -79,7 +79,7 @@ pub fn run(
         path: state.root().to_owned(),
         source,
     })?;
-    let _lock = lock(state)?;
+    let lock = lock(state)?;
     let (files, control) = prepare::prepare(config, state)?;
     let (requests_tx, requests) = crossbeam_channel::unbounded::<Envelope>();
     let listener =
@@ -109,6 +109,10 @@ pub fn run(
 
     let mut cluster = launch::launch(config, state, &files, &control)?;
     let result = main_loop(&mut cluster, &requests, &mut on_progress);
+    // Children (reaped), then the lock, then the socket: `hostd down` takes a gone socket
+    // to mean the state directory is free for the next `hostd up`.
+    drop(cluster);
+    drop(lock);
     drop(listener);
     let _ = std::fs::remove_file(state.control_socket());
     result
@@ -196,5 +200,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// How long hostd waits for QEMU to quit on its own before killing it.
+/// How long hostd waits, in all, for the nodes to quit on their own before killing them.
 pub const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one QMP `quit` may take to be answered (a paused or hung QEMU never answers).
+pub const QMP_QUIT_TIMEOUT: Duration = Duration::from_secs(1);

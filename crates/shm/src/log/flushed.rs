@@ -54,6 +54,16 @@ impl FlushedWriter {
         if to.seq < self.flushed.seq || to.pos < self.flushed.pos {
             return refuse("the flushed cursor only moves forward".into());
         }
+        // Another writer of this region (which must not exist) may have moved it on.
+        let published = node_live::FLUSHED
+            .read(&self.mapping)
+            .map(Cursor::from_words)
+            .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
+        if to.seq < published.seq || to.pos < published.pos {
+            return refuse(format!(
+                "the region's flushed cursor is already at {published:?}: another flusher writes this region"
+            ));
+        }
         if to.seq > head.seq || to.pos > head.pos {
             return refuse(format!("it would pass the head {head:?}"));
         }
