@@ -102,6 +102,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         None => regions::disk_by_serial(&args.sys_block, &format!("ivha-{}", args.node))?,
     };
     let disk = Disk::open(&disk_path)?;
+    let disk_size = disk.size();
     let back_pressure = BackPressure {
         timeout: Duration::from_secs(args.backpressure_timeout_s),
     };
@@ -129,7 +130,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     log::info!(
         "serving export {} ({} bytes, disk {}) over NBD on {}",
         args.node,
-        nvram_size(&registry, &args.node),
+        disk_size,
         disk_path.display(),
         args.listen
     );
@@ -264,8 +265,4 @@ fn boot_id() -> u64 {
             (now ^ u64::from(std::process::id()) << 32).max(1)
         }
     }
-}
-
-fn nvram_size(registry: &ExportRegistry, name: &str) -> u64 {
-    registry.get(name).map_or(0, |e| e.size())
 }

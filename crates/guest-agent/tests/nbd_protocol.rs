@@ -77,13 +77,9 @@ impl Client {
     }
 
     fn option(&mut self, option: u32, data: &[u8]) {
-        let mut out = OptionHeader {
-            magic: IHAVEOPT,
-            option,
-            length: data.len() as u32,
-        }
-        .encode()
-        .to_vec();
+        let mut out = OptionHeader::new(option, data.len() as u32)
+            .encode()
+            .to_vec();
         out.extend_from_slice(data);
         self.stream.write_all(&out).unwrap();
     }
@@ -138,17 +134,7 @@ impl Client {
 
     fn send(&mut self, command: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
         self.stream
-            .write_all(
-                &Request {
-                    magic: REQUEST_MAGIC,
-                    flags,
-                    command,
-                    cookie,
-                    offset,
-                    length,
-                }
-                .encode(),
-            )
+            .write_all(&Request::new(command, flags, cookie, offset, length).encode())
             .unwrap();
     }
 
@@ -538,29 +524,9 @@ fn pipelined_requests_are_answered_in_order() {
     let mut c = Client::connect(f.server.local_addr(), "a");
     let mut batch = Vec::new();
     for i in 0..64u64 {
-        batch.extend(
-            Request {
-                magic: REQUEST_MAGIC,
-                flags: 0,
-                command: CMD_WRITE,
-                cookie: 1000 + i,
-                offset: i * 4096,
-                length: 4096,
-            }
-            .encode(),
-        );
+        batch.extend(Request::new(CMD_WRITE, 0, 1000 + i, i * 4096, 4096).encode());
         batch.extend(vec![i as u8; 4096]);
-        batch.extend(
-            Request {
-                magic: REQUEST_MAGIC,
-                flags: 0,
-                command: CMD_READ,
-                cookie: 2000 + i,
-                offset: i * 4096,
-                length: 4096,
-            }
-            .encode(),
-        );
+        batch.extend(Request::new(CMD_READ, 0, 2000 + i, i * 4096, 4096).encode());
     }
     c.stream.write_all(&batch).unwrap();
     for i in 0..64u64 {

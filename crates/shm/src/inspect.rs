@@ -82,7 +82,7 @@ pub struct UnpublishedTail {
 }
 
 /// A decoded node region.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct NodeReport {
     pub source: String,
     pub size: u64,
@@ -173,25 +173,11 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
             return NodeReport {
                 source,
                 size,
-                header: None,
-                boot_id: 0,
-                heartbeat: None,
-                head: None,
-                flushed: None,
-                head_seq: None,
-                flushed_seq: None,
-                unflushed_records: 0,
-                unflushed_bytes: 0,
-                stats: NodeStats::default(),
-                ack: None,
-                peer: None,
-                records: Vec::new(),
-                records_truncated: false,
-                unpublished_tail: None,
                 problem: Some(Problem {
                     seq: None,
                     message: error_chain(&error),
                 }),
+                ..NodeReport::default()
             };
         }
     };
@@ -210,15 +196,10 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         flushed,
         head_seq: head.map(|c| c.seq),
         flushed_seq: flushed.map(|c| c.seq),
-        unflushed_records: 0,
-        unflushed_bytes: 0,
         stats: region.stats(),
         ack: region.ack(),
         peer: region.peer(),
-        records: Vec::new(),
-        records_truncated: false,
-        unpublished_tail: None,
-        problem: None,
+        ..NodeReport::default()
     };
     let (flushed, head) = match cursors {
         Ok(pair) => pair,

@@ -330,13 +330,9 @@ mod tests {
     }
 
     fn opt(option: u32, data: &[u8]) -> Vec<u8> {
-        let mut out = OptionHeader {
-            magic: IHAVEOPT,
-            option,
-            length: data.len() as u32,
-        }
-        .encode()
-        .to_vec();
+        let mut out = OptionHeader::new(option, data.len() as u32)
+            .encode()
+            .to_vec();
         out.extend_from_slice(data);
         out
     }

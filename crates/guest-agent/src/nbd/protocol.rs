@@ -180,6 +180,15 @@ pub struct OptionHeader {
 }
 
 impl OptionHeader {
+    /// The header a client sends for `option` with `length` bytes of data.
+    pub fn new(option: u32, length: u32) -> Self {
+        Self {
+            magic: IHAVEOPT,
+            option,
+            length,
+        }
+    }
+
     /// Decodes an option header.
     pub fn decode(bytes: &[u8; OPTION_HEADER_LEN]) -> Self {
         Self {
@@ -368,6 +377,18 @@ pub struct Request {
 }
 
 impl Request {
+    /// The request a client sends.
+    pub fn new(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Self {
+        Self {
+            magic: REQUEST_MAGIC,
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+    }
+
     /// Decodes a request header (the magic is not checked here).
     pub fn decode(bytes: &[u8; REQUEST_LEN]) -> Self {
         Self {

@@ -211,10 +211,7 @@ impl Session<'_> {
         reader
             .read_exact(data)
             .context("reading a write's payload")?;
-        let checked = check_flags(request, CMD_FLAG_FUA)
-            .and_then(|()| self.check_writable())
-            .and_then(|()| self.check_range(request, ENOSPC));
-        if let Err(error) = checked {
+        if let Err(error) = self.check_change(request, CMD_FLAG_FUA, ENOSPC) {
             return Ok(error);
         }
         if len == 0 {
@@ -242,10 +239,7 @@ impl Session<'_> {
     }
 
     fn trim(&mut self, request: &Request) -> u32 {
-        let checked = check_flags(request, CMD_FLAG_FUA)
-            .and_then(|()| self.check_writable())
-            .and_then(|()| self.check_range(request, EINVAL));
-        if let Err(error) = checked {
+        if let Err(error) = self.check_change(request, CMD_FLAG_FUA, EINVAL) {
             return error;
         }
         if request.length == 0 {
@@ -268,10 +262,7 @@ impl Session<'_> {
     }
 
     fn write_zeroes(&mut self, request: &Request) -> u32 {
-        let checked = check_flags(request, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE)
-            .and_then(|()| self.check_writable())
-            .and_then(|()| self.check_range(request, ENOSPC));
-        if let Err(error) = checked {
+        if let Err(error) = self.check_change(request, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE, ENOSPC) {
             return error;
         }
         if request.length == 0 {
@@ -295,6 +286,19 @@ impl Session<'_> {
         } else {
             Ok(())
         }
+    }
+
+    /// The checks every command that changes data passes, in the order the errors take
+    /// precedence: flags (`EINVAL`), read-only (`EPERM`), range (`beyond_end` past the end).
+    fn check_change(
+        &self,
+        request: &Request,
+        allowed_flags: u16,
+        beyond_end: u32,
+    ) -> Result<(), u32> {
+        check_flags(request, allowed_flags)?;
+        self.check_writable()?;
+        self.check_range(request, beyond_end)
     }
 
     fn check_writable(&self) -> Result<(), u32> {
@@ -417,16 +421,9 @@ mod tests {
     }
 
     fn req(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        Request {
-            magic: REQUEST_MAGIC,
-            flags,
-            command,
-            cookie,
-            offset,
-            length,
-        }
-        .encode()
-        .to_vec()
+        Request::new(command, flags, cookie, offset, length)
+            .encode()
+            .to_vec()
     }
 
     /// A reply as (error, cookie, data).

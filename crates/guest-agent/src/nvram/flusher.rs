@@ -150,15 +150,22 @@ fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<usize, String> {
     let scanner = LogScanner::new(region.mapping(), region.geometry(), state.applied, head);
     let mut count = 0;
     let mut bytes = 0;
+    // Records of a batch are nearly always for one export: look its volume up once.
+    let mut volume: Option<Arc<Volume>> = None;
     for record in scanner {
         let record = record.map_err(|e| format!("cannot read the log: {e}"))?;
-        let volume = nvram.volume(record.export).ok_or_else(|| {
-            format!(
-                "log record {} is for export {}, which has no disk here",
-                record.seq, record.export
-            )
-        })?;
-        apply(&volume, &record).map_err(|e| {
+        if volume.as_ref().is_none_or(|v| v.export_id != record.export) {
+            volume = Some(nvram.volume(record.export).ok_or_else(|| {
+                format!(
+                    "log record {} is for export {}, which has no disk here",
+                    record.seq, record.export
+                )
+            })?);
+        }
+        let Some(volume) = volume.as_deref() else {
+            continue;
+        };
+        apply(volume, &record).map_err(|e| {
             format!(
                 "cannot apply log record {} to {}: {e}",
                 record.seq,

@@ -132,9 +132,11 @@ impl Nvram {
         &self.wakeups
     }
 
-    /// Appends `entry` and updates the overlay under the appender's lock.
+    /// Appends `entry` (a change to `volume`) and updates the volume's overlay under the
+    /// appender's lock.
     fn log(
         &self,
+        volume: &Volume,
         entry: &Entry<'_>,
         update: impl FnOnce(&mut overlay::Overlay, u64),
     ) -> std::io::Result<()> {
@@ -147,16 +149,6 @@ impl Nvram {
                 }
                 other => std::io::Error::other(other.to_string()),
             })?;
-        let export = match entry {
-            Entry::Write { export, .. }
-            | Entry::Trim { export, .. }
-            | Entry::WriteZeroes { export, .. } => *export,
-        };
-        // Not reachable (exports are made from volumes), but a write that is logged without
-        // reaching the overlay would read stale until flushed: refuse to acknowledge it.
-        let volume = self.volume(export).ok_or_else(|| {
-            std::io::Error::other(format!("export {export} has no volume on this node"))
-        })?;
         let mut overlay = volume.overlay.write().map_err(|_| poisoned())?;
         update(&mut overlay, appended.seq);
         drop(overlay);
@@ -198,8 +190,9 @@ impl Export for NvramExport {
             offset,
             data,
         };
-        self.nvram
-            .log(&entry, |overlay, seq| overlay.write(offset, shared, seq))
+        self.nvram.log(&self.volume, &entry, |overlay, seq| {
+            overlay.write(offset, shared, seq)
+        })
     }
 
     fn write_zeroes(
@@ -214,8 +207,9 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram
-            .log(&entry, |overlay, seq| overlay.zero(offset, len, seq))
+        self.nvram.log(&self.volume, &entry, |overlay, seq| {
+            overlay.zero(offset, len, seq)
+        })
     }
 
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -224,8 +218,9 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram
-            .log(&entry, |overlay, seq| overlay.zero(offset, len, seq))
+        self.nvram.log(&self.volume, &entry, |overlay, seq| {
+            overlay.zero(offset, len, seq)
+        })
     }
 
     fn flush(&self) -> std::io::Result<()> {

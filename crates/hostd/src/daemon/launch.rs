@@ -460,6 +460,8 @@ impl Cluster {
                 let state = node.state(now, timeout);
                 let partner = &self.nodes[1 - index];
                 let peer = node.region.peer().unwrap_or_default();
+                // One snapshot: read apart, a live flusher can make flushed pass head.
+                let cursors = node.region.log_cursors().ok();
                 let served_by = self
                     .control
                     .owner(index)
@@ -478,8 +480,8 @@ impl Cluster {
                     boot_id: node.region.boot_id(),
                     peer_boot_id: peer.boot_id,
                     peer_heartbeat: peer.heartbeat,
-                    head_seq: node.region.head().map(|c| c.seq),
-                    flushed_seq: node.region.flushed().map(|c| c.seq),
+                    head_seq: cursors.map(|(_, head)| head.seq),
+                    flushed_seq: cursors.map(|(flushed, _)| flushed.seq),
                     served_by,
                     nbd: format!("nbd://127.0.0.1:{}/{}", node.nbd_port, node.name),
                     takeover_possible,
