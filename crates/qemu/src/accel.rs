@@ -229,7 +229,7 @@ fn is_true(v: &Value, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use crate::test_support::fake_qemu;
 
     const INTEL: &str = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme de pse vmx sse2\nvmx flags\t: vnmi preemption_timer\n\nprocessor\t: 1\nflags\t\t: fpu vme de pse vmx sse2\n";
     const AMD: &str = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 svm npt\n";
@@ -318,20 +318,13 @@ mod tests {
         );
     }
 
-    /// Writes an executable shell script standing in for QEMU.
-    fn script(dir: &Path, body: &str) -> std::path::PathBuf {
-        let p = dir.join("fake-qemu");
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
 
     const GREET: &str = r#"echo '{"QMP": {"version": {}, "capabilities": []}}'; read l; echo '{"return": {}, "id": 0}'"#;
 
     #[test]
     fn probe_accepts_present_and_enabled() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(
+        let fake = fake_qemu(
             dir.path(),
             &format!(
                 r#"{GREET}; read l; echo '{{"return": {{"enabled": true, "present": true}}, "id": 1}}'; read l; echo '{{"return": {{}}, "id": 2}}'"#
@@ -347,7 +340,7 @@ mod tests {
     #[test]
     fn probe_rejects_disabled_kvm() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(
+        let fake = fake_qemu(
             dir.path(),
             &format!(
                 r#"{GREET}; read l; echo '{{"return": {{"enabled": false, "present": true}}, "id": 1}}'; read l"#
@@ -362,7 +355,7 @@ mod tests {
     #[test]
     fn probe_reports_qemu_stderr() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(
+        let fake = fake_qemu(
             dir.path(),
             "echo 'Could not access KVM kernel module: Permission denied' >&2; exit 1",
         );
@@ -375,7 +368,7 @@ mod tests {
     #[test]
     fn probe_kills_a_hung_qemu() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(dir.path(), "exec sleep 30");
+        let fake = fake_qemu(dir.path(), "exec sleep 30");
         let started = Instant::now();
         let err = probe_kvm(&fake, Duration::from_millis(300))
             .unwrap_err()

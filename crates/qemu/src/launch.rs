@@ -126,19 +126,13 @@ fn read_tail(path: &Path, max: u64) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use crate::test_support::fake_qemu;
 
-    fn script(dir: &Path, body: &str) -> std::path::PathBuf {
-        let p = dir.join("fake-qemu");
-        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
 
     #[test]
     fn rejected_command_line_reports_the_output() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(
+        let fake = fake_qemu(
             dir.path(),
             "echo \"qemu-system-x86_64: -device nope: 'nope' is not a valid device model name\" >&2; exit 1",
         );
@@ -162,7 +156,7 @@ mod tests {
         let sock = dir.path().join("qmp.sock");
         // The socket path exists but nobody listens: connect is refused until QEMU is gone.
         std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let fake = script(dir.path(), "sleep 0.2; echo 'failed late' >&2; exit 3");
+        let fake = fake_qemu(dir.path(), "sleep 0.2; echo 'failed late' >&2; exit 3");
         let cmd = QemuCommand::new(&fake).qmp_socket(&sock);
         let err = launch(
             &cmd,
@@ -176,7 +170,7 @@ mod tests {
     #[test]
     fn silent_hang_times_out_and_is_killed() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(dir.path(), "exec sleep 30");
+        let fake = fake_qemu(dir.path(), "exec sleep 30");
         let cmd = QemuCommand::new(&fake).qmp_socket(dir.path().join("qmp.sock"));
         let err = launch(
             &cmd,

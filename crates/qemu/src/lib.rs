@@ -15,6 +15,8 @@ pub mod child;
 pub mod cmdline;
 pub mod launch;
 pub mod qmp;
+#[cfg(test)]
+mod test_support;
 
 pub use accel::{Accel, AccelChoice, AccelError, detect};
 pub use child::{ChildError, QemuChild, Signal};
