@@ -1,5 +1,6 @@
 //! The agent's main loop: own the node region, beat, watch the partner.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -11,9 +12,10 @@ use shm::{Access, BackPressure, ControlRegion, Mapping, NodeRegion, NodeWriter, 
 
 use crate::args::Args;
 use crate::export::ExportRegistry;
+use crate::failover::{FailoverMonitor, Identity};
 use crate::nvram::flusher::{Flusher, FlusherConfig};
 use crate::nvram::volume::{Disk, DiskError, Volume};
-use crate::nvram::{Nvram, NvramError};
+use crate::nvram::{Nvram, NvramError, Ownership};
 use crate::regions::{self, RegionsError};
 
 /// The marker the write-protection self-test stores ("IVHAPROB").
@@ -56,6 +58,12 @@ pub enum AgentError {
         #[source]
         source: shm::ControlError,
     },
+    #[error(
+        "this node's identity is owned by {owner} (epoch {epoch}), which has not acknowledged replaying this node's log: refusing to start rather than lose or reapply it"
+    )]
+    UnreplayedLog { owner: String, epoch: u64 },
+    #[error("cannot discard this node's replayed log")]
+    Discard(#[source] shm::LogError),
     #[error("region {path} cannot be used")]
     Node {
         path: PathBuf,
@@ -90,13 +98,25 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     })?;
     let NodeWriter {
         appender,
-        flushed,
+        mut flushed,
         mut heartbeat,
+        ack,
         peer: mut peer_writer,
-        ..
     } = writer;
+    let node_id = own.header().node_id;
+    let ownership = control.as_ref().map(|control| Ownership {
+        control: control.clone(),
+        node: node_id,
+    });
+    let owns = |identity: u32| ownership.as_ref().is_none_or(|o| o.owns(identity));
+    if !owns(node_id) {
+        // The partner took this node's identity over while it was down, replaying this
+        // log onto the disk and writing more since: what is left here is stale.
+        discard_replayed_log(&own, partner.as_ref(), control.as_ref(), &mut flushed)?;
+    }
 
-    // The node's own export: its disk, behind NVRAM write-back.
+    // The node's own export: its disk, behind NVRAM write-back; and the partner's disk,
+    // served only after a takeover.
     let disk_path = match &args.disk {
         Some(path) => path.clone(),
         None => regions::disk_by_serial(&args.sys_block, &format!("ivha-{}", args.node))?,
@@ -106,8 +126,37 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let back_pressure = BackPressure {
         timeout: Duration::from_secs(args.backpressure_timeout_s),
     };
-    let nvram = Nvram::new(own.clone(), appender, back_pressure);
-    let export = nvram.add_volume(Volume::new(own.header().node_id, &args.node, disk));
+    let nvram = Nvram::with_ownership(own.clone(), appender, back_pressure, ownership.clone());
+    let mut identities = BTreeMap::new();
+    let export = nvram.add_volume(Volume::with_access(
+        node_id,
+        &args.node,
+        disk,
+        owns(node_id),
+    ));
+    identities.insert(node_id, Identity::new(Arc::clone(&export)));
+    if let Some(partner) = &partner {
+        let partner_id = partner.header().node_id;
+        let name = &partner.header().name;
+        let partner_disk = match &args.partner_disk {
+            Some(path) => Ok(path.clone()),
+            None => regions::disk_by_serial(&args.sys_block, &format!("ivha-{name}")),
+        };
+        match partner_disk
+            .map_err(AgentError::from)
+            .and_then(|path| Ok(Disk::open(&path)?))
+        {
+            Ok(disk) => {
+                let writable = ownership.as_ref().is_some_and(|o| o.owns(partner_id));
+                let volume = Volume::with_access(partner_id, name, disk, writable);
+                identities.insert(partner_id, Identity::new(nvram.add_volume(volume)));
+            }
+            Err(error) => log::warn!(
+                "partner {name}'s disk is not usable, so this node cannot take it over: {}",
+                shm::inspect::error_chain(&error)
+            ),
+        }
+    }
     // Writes acknowledged before a crash of this agent are served from the log until the
     // flusher has put them on disk.
     let recovered = nvram.recover()?;
@@ -124,16 +173,55 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     )
     .map_err(AgentError::Thread)?;
     let registry = Arc::new(ExportRegistry::new());
-    registry.insert(export);
-    let _server =
+    for identity in identities.values() {
+        if identity.export.volume().writable() {
+            registry.insert(Arc::clone(&identity.export) as Arc<dyn crate::export::Export>);
+        }
+    }
+    let server =
         crate::nbd::Server::spawn(listener, Arc::clone(&registry)).map_err(AgentError::Thread)?;
+    // In process mode the listener is the identity's address: it goes when the identity
+    // is released. In a guest it is the guest's NBD port, and hostd moves the address.
+    let process_mode = args.region_dir.is_some();
+    let server = if process_mode && export.volume().writable() {
+        identities.insert(
+            node_id,
+            Identity::with_listener(Arc::clone(&export), server),
+        );
+        None
+    } else {
+        Some(Arc::new(server))
+    };
     log::info!(
-        "serving export {} ({} bytes, disk {}) over NBD on {}",
+        "export {} ({} bytes, disk {}) over NBD on {}: {}",
         args.node,
         disk_size,
         disk_path.display(),
-        args.listen
+        args.listen,
+        if export.volume().writable() {
+            "serving"
+        } else {
+            "held by the partner"
+        }
     );
+    if let Some(control) = &control {
+        let monitor = FailoverMonitor {
+            node_id,
+            control: control.clone(),
+            partner: partner.clone(),
+            nvram: Arc::clone(&nvram),
+            registry: Arc::clone(&registry),
+            server: server.clone(),
+            identities,
+            handled: own.ack().map_or(0, |a| a.command_seq),
+            ack,
+            listen_ip: process_mode.then(|| args.listen.ip()),
+        };
+        std::thread::Builder::new()
+            .name("failover".into())
+            .spawn(move || monitor.run())
+            .map_err(AgentError::Thread)?;
+    }
     heartbeat.beat();
     log::info!(
         "node {} up: own region {}, partner {}, control {} (epoch {}), boot id {:#018x}",
@@ -184,6 +272,52 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             last_seen = seen;
         }
     }
+    Ok(())
+}
+
+/// Marks this node's whole log as flushed without applying it: the partner, which owns this
+/// node's identity now, replayed it and has written the disk since. Only done once the
+/// partner's acknowledgement proves the replay (its ack carries the ownership's epoch).
+fn discard_replayed_log(
+    own: &NodeRegion,
+    partner: Option<&NodeRegion>,
+    control: Option<&ControlRegion>,
+    flushed: &mut shm::FlushedWriter,
+) -> Result<(), AgentError> {
+    let Some(owner) = control.and_then(|c| c.owner(own.header().node_id as usize)) else {
+        return Ok(());
+    };
+    let owner_name = owner
+        .node
+        .and_then(|n| control?.header().nodes.get(n as usize).cloned())
+        .unwrap_or_else(|| "nobody".to_owned());
+    let (_, head) = own.log_cursors().map_err(AgentError::Discard)?;
+    if flushed.flushed() == head {
+        log::info!(
+            "identity held by {owner_name} (epoch {}); log empty",
+            owner.epoch
+        );
+        return Ok(());
+    }
+    let replayed = partner.is_some_and(|p| {
+        Some(p.header().node_id) == owner.node
+            && p.ack().is_some_and(|a| {
+                a.epoch >= owner.epoch && a.status != crate::failover::status::FAILED
+            })
+    });
+    if !replayed {
+        return Err(AgentError::UnreplayedLog {
+            owner: owner_name,
+            epoch: owner.epoch,
+        });
+    }
+    let from = flushed.flushed().seq;
+    flushed.advance(head).map_err(AgentError::Discard)?;
+    log::info!(
+        "identity held by {owner_name} (epoch {}), which replayed this log: discarded seq {from}..{}",
+        owner.epoch,
+        head.seq
+    );
     Ok(())
 }
 

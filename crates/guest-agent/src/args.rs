@@ -40,6 +40,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
 
+    /// The partner's disk, written only after taking the partner over. Default: the block
+    /// device whose virtio serial is `ivha-PARTNER`.
+    #[arg(long, value_name = "PATH")]
+    pub partner_disk: Option<PathBuf>,
+
     /// Where block devices are listed (to find disks by serial).
     #[arg(long, default_value = "/sys/block", hide = true)]
     pub sys_block: PathBuf,

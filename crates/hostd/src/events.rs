@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::protocol::MoveReport;
+
 /// One event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -23,6 +25,19 @@ pub enum Event {
         /// What hostd saw: e.g. the QEMU exit status, or the heartbeat counter.
         detail: String,
     },
+    /// A node's identity moved to its partner (a takeover).
+    Takeover(MoveReport),
+    /// A node took its identity back.
+    Giveback(MoveReport),
+    /// A takeover or giveback could not be completed.
+    MoveFailed {
+        node: String,
+        to: String,
+        reason: String,
+        error: String,
+    },
+    /// hostd injected a fault (`hostd kill`).
+    FaultInjected { node: String, signal: String },
     /// The pair was stopped.
     PairStopped { stopped: Vec<(String, String)> },
 }

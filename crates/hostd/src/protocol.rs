@@ -14,6 +14,31 @@ pub enum Request {
     Down {
         purge: bool,
     },
+    /// Inject a fault into a node (the monitor then detects it and fails over).
+    Kill {
+        node: String,
+        signal: KillSignal,
+    },
+    /// Planned takeover: the partner takes the node's identity over; nothing is killed.
+    Takeover {
+        node: String,
+    },
+    /// The node takes its identity back (its QEMU is restarted first if it is not running).
+    Giveback {
+        node: String,
+    },
+}
+
+/// How `hostd kill` hurts a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum KillSignal {
+    /// SIGKILL the node's QEMU: the process dies at once.
+    Kill,
+    /// SIGSTOP the node's QEMU: it hangs; only its heartbeat's silence tells.
+    Stop,
+    /// Panic the guest kernel (an NMI through QMP `inject-nmi`; the guest panics on it).
+    Panic,
 }
 
 /// The daemon's answer.
@@ -22,7 +47,15 @@ pub enum Request {
 pub enum Response {
     Status(ClusterStatus),
     Down(DownReport),
-    Error { message: String },
+    /// What `kill` did.
+    Killed {
+        message: String,
+    },
+    /// A finished takeover or giveback, with its timeline.
+    Moved(MoveReport),
+    Error {
+        message: String,
+    },
 }
 
 /// The whole cluster as `hostd status` shows it.
@@ -53,12 +86,14 @@ pub enum NodeState {
     Booting,
     /// The agent's heartbeat advances.
     Up,
-    /// The heartbeat has not advanced within the timeout.
-    Stale,
+    /// The heartbeat is late (not yet past the timeout, or the node still shows activity).
+    Suspect,
     /// QEMU is paused (QMP STOP).
     Paused,
-    /// The QEMU process has exited.
-    Dead,
+    /// Dead: QEMU exited, the guest panicked or shut down, or the heartbeat timed out.
+    Down,
+    /// Killed and reaped by hostd; its identity is served by its partner.
+    Fenced,
 }
 
 impl NodeState {
@@ -66,9 +101,10 @@ impl NodeState {
         match self {
             NodeState::Booting => "booting",
             NodeState::Up => "up",
-            NodeState::Stale => "stale",
+            NodeState::Suspect => "suspect",
             NodeState::Paused => "paused",
-            NodeState::Dead => "dead",
+            NodeState::Down => "down",
+            NodeState::Fenced => "fenced",
         }
     }
 }
@@ -79,6 +115,8 @@ pub struct NodeStatus {
     pub name: String,
     pub partner: String,
     pub state: NodeState,
+    /// Why the node is not up, in words (empty when it is).
+    pub health: String,
     /// QEMU's state in words ("running", "paused", "exited: signal 9", ...).
     pub vm: String,
     pub pid: Option<u32>,
@@ -91,6 +129,8 @@ pub struct NodeStatus {
     pub peer_boot_id: u64,
     pub peer_heartbeat: u64,
     pub head_seq: Option<u64>,
+    /// Acknowledgement of the last command hostd gave the node (see `shm::node::Ack`).
+    pub last_ack_seq: u64,
     pub flushed_seq: Option<u64>,
     /// Node serving this node's identity (from the control region).
     pub served_by: Option<String>,
@@ -106,4 +146,48 @@ pub struct DownReport {
     /// Per node: how its QEMU ended ("quit cleanly", "killed after 5 s", "already exited").
     pub stopped: Vec<(String, String)>,
     pub purged: bool,
+}
+
+/// One finished identity move (takeover or giveback), as recorded in the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveReport {
+    /// The identity that moved (named after its home node).
+    pub node: String,
+    pub from: String,
+    pub to: String,
+    pub planned: bool,
+    /// Why: the monitor's verdict, or the operator's command.
+    pub reason: String,
+    pub epoch: u64,
+    /// Wall-clock time the move started (failure detected, or command received).
+    pub detected_unix_ms: u64,
+    /// When each step completed, in milliseconds after `detected_unix_ms`.
+    pub timeline_ms: Timeline,
+    /// Records of the old owner's log replayed onto the disk (unplanned takeover).
+    pub replayed_records: u64,
+    pub replayed_first_seq: u64,
+    pub replayed_last_seq: u64,
+    /// False when the replay stopped at a bad record (see the survivor's console).
+    pub replay_complete: bool,
+}
+
+/// The steps of an identity move, each in milliseconds after the move started; a step the
+/// move did not need is absent. Fields are in the order the steps happen.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// Giveback: the returning node's QEMU was started again and its agent is up.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub restarted: Option<f64>,
+    /// Planned move: the old owner stopped writing and flushed its log.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub released: Option<f64>,
+    /// Unplanned takeover: the failed node was killed and reaped.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fenced: Option<f64>,
+    /// The new owner replayed the old owner's log and acknowledged.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub replayed: Option<f64>,
+    /// The identity's address leads to the new owner.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub serving: Option<f64>,
 }

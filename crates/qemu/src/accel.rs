@@ -318,7 +318,6 @@ mod tests {
         );
     }
 
-
     const GREET: &str = r#"echo '{"QMP": {"version": {}, "capabilities": []}}'; read l; echo '{"return": {}, "id": 0}'"#;
 
     #[test]

@@ -128,7 +128,6 @@ mod tests {
     use super::*;
     use crate::test_support::fake_qemu;
 
-
     #[test]
     fn rejected_command_line_reports_the_output() {
         let dir = tempfile::tempdir().unwrap();

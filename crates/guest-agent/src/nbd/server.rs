@@ -24,7 +24,7 @@ use super::transmission::{self, End, Stats};
 use super::{ConnectionError, IoContext};
 
 /// How often the accept loop looks at its stop flag while no client connects.
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
 /// How long [`Server::shutdown`] waits for connection threads to finish.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -119,7 +119,7 @@ impl Server {
         count
     }
 
-    /// Stops accepting new connections (within ~100 ms); open ones go on.
+    /// Stops accepting new connections (within ~10 ms); open ones go on.
     pub fn stop_accepting(&self) {
         self.shared.stopping.store(true, Ordering::Release);
     }

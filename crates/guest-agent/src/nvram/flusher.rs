@@ -86,11 +86,13 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
         last_sync: Instant::now(),
     };
     while !stop.load(Ordering::Relaxed) {
-        if config.paused {
+        // A drain (a release of an identity) overrides the pause and the delay.
+        let draining = nvram.draining(flushed.flushed());
+        if config.paused && !draining {
             let _ = nvram.wakeups().recv_timeout(IDLE_WAIT);
             continue;
         }
-        if !config.delay.is_zero() {
+        if !config.delay.is_zero() && !draining {
             std::thread::sleep(config.delay);
         }
         let result = apply_batch(nvram, &mut state).and_then(|applied| {
@@ -98,8 +100,10 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
             let lagging = state.applied.pos - flushed.flushed().pos
                 >= nvram.region().geometry().ring_size / 4;
             let since = state.last_sync.elapsed();
-            let due =
-                lagging || since >= SYNC_INTERVAL || (applied == 0 && since >= IDLE_SYNC_DELAY);
+            let due = draining
+                || lagging
+                || since >= SYNC_INTERVAL
+                || (applied == 0 && since >= IDLE_SYNC_DELAY);
             if unsynced && due {
                 sync(nvram, &mut state, &mut flushed)?;
             }
@@ -205,7 +209,7 @@ fn sync(nvram: &Nvram, state: &mut State, flushed: &mut FlushedWriter) -> Result
     Ok(())
 }
 
-fn apply(volume: &Volume, record: &Record) -> std::io::Result<()> {
+pub(crate) fn apply(volume: &Volume, record: &Record) -> std::io::Result<()> {
     // The server checked the range before logging it; check again rather than let a bad
     // record grow an image file or fail deep in the block layer.
     if record

@@ -16,10 +16,14 @@ pub mod overlay;
 pub mod volume;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use shm::{BackPressure, Entry, LogAppender, LogError, NodeRegion, RecordKind};
+use shm::{
+    BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion, RecordKind,
+};
 
 use crate::export::Export;
 use volume::{Volume, poisoned};
@@ -38,6 +42,29 @@ pub struct Nvram {
     wake_flusher: Sender<()>,
     wakeups: Receiver<()>,
     max_request: u32,
+    ownership: Option<Ownership>,
+    /// Seq the flusher must reach even when paused or delayed (see [`Nvram::drain`]).
+    drain_target: AtomicU64,
+}
+
+/// Who may write what, from the control region: a write for an identity is logged only
+/// while the control region names this node as its owner. This is the epoch fence: once
+/// hostd has moved an identity elsewhere, a node that lagged behind (paused, partitioned)
+/// cannot log another write for it, whatever it believes.
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    pub control: ControlRegion,
+    /// This node's id (the identity it owns by birth has the same index).
+    pub node: u32,
+}
+
+impl Ownership {
+    /// Whether this node owns identity `export` now.
+    pub fn owns(&self, export: u32) -> bool {
+        self.control
+            .owner(export as usize)
+            .is_some_and(|owner| owner.node == Some(self.node))
+    }
 }
 
 /// Errors setting up NVRAM exports.
@@ -49,6 +76,14 @@ pub enum NvramError {
     Poisoned,
     #[error("unflushed log record {seq} is for export {export}, which has no disk here")]
     UnknownExport { seq: u64, export: u32 },
+    #[error(
+        "the flusher did not write the log up to seq {target} within {waited:?} (it reached {reached})"
+    )]
+    DrainTimeout {
+        target: u64,
+        reached: u64,
+        waited: Duration,
+    },
 }
 
 impl Nvram {
@@ -57,6 +92,16 @@ impl Nvram {
         region: NodeRegion,
         appender: LogAppender,
         back_pressure: BackPressure,
+    ) -> Arc<Self> {
+        Self::with_ownership(region, appender, back_pressure, None)
+    }
+
+    /// Like [`Nvram::new`], with writes fenced by the control region's owners.
+    pub fn with_ownership(
+        region: NodeRegion,
+        appender: LogAppender,
+        back_pressure: BackPressure,
+        ownership: Option<Ownership>,
     ) -> Arc<Self> {
         let max_payload = region.geometry().max_payload;
         let max_request = (max_payload.saturating_sub(shm::log::record::WRITE_PREFIX_LEN as u64))
@@ -72,7 +117,54 @@ impl Nvram {
             wake_flusher,
             wakeups,
             max_request: max_request as u32,
+            ownership,
+            drain_target: AtomicU64::new(0),
         })
+    }
+
+    /// Allows or refuses writes to `volume`. Taken under the appender's lock: once this
+    /// returns `false`-ed, no write for the volume is logged after it, so the head read
+    /// next covers every write the volume will ever have from this node.
+    pub fn set_writable(&self, volume: &Volume, writable: bool) -> Result<(), NvramError> {
+        let _appender = self.appender.lock().map_err(|_| NvramError::Poisoned)?;
+        volume.store_writable(writable);
+        Ok(())
+    }
+
+    /// Has the flusher write and sync everything logged so far, even if it is paused or
+    /// delayed by configuration, and waits for it; returns the flushed cursor.
+    pub fn drain(&self, timeout: Duration) -> Result<Cursor, NvramError> {
+        let head = self
+            .region
+            .head()
+            .ok_or(NvramError::Log(LogError::CursorUnreadable { name: "head" }))?;
+        self.drain_target.fetch_max(head.seq, Ordering::AcqRel);
+        let started = Instant::now();
+        loop {
+            let _ = self.wake_flusher.try_send(());
+            let flushed =
+                self.region
+                    .flushed()
+                    .ok_or(NvramError::Log(LogError::CursorUnreadable {
+                        name: "flushed",
+                    }))?;
+            if flushed.seq >= head.seq {
+                return Ok(flushed);
+            }
+            if started.elapsed() >= timeout {
+                return Err(NvramError::DrainTimeout {
+                    target: head.seq,
+                    reached: flushed.seq,
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Whether the flusher must go on past `flushed` although paused (see [`Nvram::drain`]).
+    pub(crate) fn draining(&self, flushed: Cursor) -> bool {
+        self.drain_target.load(Ordering::Acquire) > flushed.seq
     }
 
     /// Adds a volume and returns its export.
@@ -141,6 +233,19 @@ impl Nvram {
         update: impl FnOnce(&mut overlay::Overlay, u64),
     ) -> std::io::Result<()> {
         let mut appender = self.appender.lock().map_err(|_| poisoned())?;
+        let owned = self
+            .ownership
+            .as_ref()
+            .is_none_or(|o| o.owns(volume.export_id));
+        if !volume.writable() || !owned {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "export {} is not served by this node any more (fenced)",
+                    volume.name
+                ),
+            ));
+        }
         let appended = appender
             .append(entry, self.back_pressure)
             .map_err(|e| match e {
@@ -164,6 +269,12 @@ impl Nvram {
 pub struct NvramExport {
     nvram: Arc<Nvram>,
     volume: Arc<Volume>,
+}
+
+impl NvramExport {
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
 }
 
 impl Export for NvramExport {

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::overlay::Overlay;
@@ -88,6 +89,20 @@ impl Disk {
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
+
+    /// Syncs, then drops this disk's pages from the page cache. Both guests of a pair see
+    /// each disk: before a node starts serving a disk that the other node may have written
+    /// since, it must not read pages it cached before.
+    pub fn drop_cache(&self) -> std::io::Result<()> {
+        self.sync()?;
+        nix::fcntl::posix_fadvise(
+            &self.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(std::io::Error::from)
+    }
 }
 
 /// An export's disk with its unflushed writes on top.
@@ -97,16 +112,34 @@ pub struct Volume {
     pub name: String,
     pub disk: Disk,
     pub overlay: RwLock<Overlay>,
+    /// Whether this node may log writes for the volume: false once it is fenced or released
+    /// (changed only under the log's appender lock, see [`super::Nvram::set_writable`]).
+    writable: AtomicBool,
 }
 
 impl Volume {
+    /// A writable volume.
     pub fn new(export_id: u32, name: &str, disk: Disk) -> Arc<Self> {
+        Self::with_access(export_id, name, disk, true)
+    }
+
+    /// A volume that refuses writes until [`super::Nvram::set_writable`] allows them.
+    pub fn with_access(export_id: u32, name: &str, disk: Disk, writable: bool) -> Arc<Self> {
         Arc::new(Self {
             export_id,
             name: name.to_owned(),
             disk,
             overlay: RwLock::new(Overlay::new()),
+            writable: AtomicBool::new(writable),
         })
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Acquire)
+    }
+
+    pub(super) fn store_writable(&self, writable: bool) {
+        self.writable.store(writable, Ordering::Release);
     }
 
     /// Reads what clients see: the disk, with every unflushed write applied. The overlay's

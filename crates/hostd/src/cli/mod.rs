@@ -2,6 +2,8 @@
 
 mod client;
 mod down;
+mod events;
+mod failover;
 mod inspect;
 mod status;
 mod up;
@@ -36,6 +38,19 @@ pub enum Command {
     /// Stop both guests (QMP quit, SIGKILL if they do not go) and the daemon.
     Down(down::DownArgs),
 
+    /// Inject a fault into a node: SIGKILL or SIGSTOP its QEMU, or panic its kernel.
+    ///
+    /// hostd's monitor then detects the failure, fences the node and moves its identity
+    /// to the partner, like for any real failure.
+    Kill(failover::KillArgs),
+
+    /// Planned takeover: the partner takes the node's identity over (the node flushes and
+    /// releases it first; nothing is killed, nothing is lost).
+    Takeover(failover::MoveArgs),
+
+    /// Give a node its identity back, restarting its QEMU first if it is not running.
+    Giveback(failover::MoveArgs),
+
     /// Run the daemon in the foreground without progress output (what `up --detach` starts).
     #[command(hide = true)]
     Daemon(up::DaemonArgs),
@@ -45,6 +60,9 @@ pub enum Command {
     /// Works on any region, including one whose writer is dead or whose log is corrupt:
     /// the first problem found is reported, and the exit status is 3 when there is one.
     Inspect(inspect::InspectArgs),
+
+    /// Show the event history (state changes, takeovers, givebacks), optionally following it.
+    Events(events::EventsArgs),
 }
 
 /// Exit status when the command worked but found a problem in what it inspected.
@@ -58,8 +76,12 @@ pub fn main() -> ExitCode {
         Command::Up(args) => up::run(&state, args),
         Command::Status(args) => status::run(&state, args),
         Command::Down(args) => down::run(&state, args),
+        Command::Kill(args) => failover::kill(&state, args),
+        Command::Takeover(args) => failover::takeover(&state, args),
+        Command::Giveback(args) => failover::giveback(&state, args),
         Command::Daemon(args) => up::run_daemon(&state, args),
         Command::Inspect(args) => inspect::run(&state, args),
+        Command::Events(args) => events::run(&state, args),
     };
     match result {
         Ok(code) => code,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qemu::{Accel, AccelChoice, HostForward, QemuChild, QemuCommand};
-use shm::{Access, ControlRegion, Mapping, NodeRegion};
+use shm::{Access, ControlRegion, ControlWriter, Mapping, NodeRegion};
 
 use super::node::Node;
 use super::prepare::NodeFiles;
@@ -59,20 +59,30 @@ pub enum LaunchError {
     },
 }
 
-/// The launched pair.
+/// The launched pair. The failover steps live in `failover.rs`.
 #[derive(Debug)]
 pub struct Cluster {
-    config: Config,
-    state: StateDir,
-    nodes: Vec<Node>,
-    control: ControlRegion,
+    pub(super) config: Config,
+    pub(super) state: StateDir,
+    pub(super) nodes: Vec<Node>,
+    pub(super) control: ControlRegion,
+    /// hostd is the control region's only writer.
+    pub(super) control_writer: ControlWriter,
+    /// Seq of the last command issued to any node.
+    pub(super) command_seq: u64,
     /// "tcg", "kvm" or "process", and why.
     accel: (String, String),
+    plan: Plan,
+    files: Vec<NodeFiles>,
+    control_path: PathBuf,
     started: Instant,
-    disks: Vec<PathBuf>,
-    events: EventLog,
+    /// Origin of the monitors' clock.
+    pub(super) clock_origin: Instant,
+    pub(super) events: EventLog,
     /// Each node's state at the last sample, to record transitions.
     last_states: Vec<NodeState>,
+    /// A giveback waiting for its node to boot.
+    pub(super) pending_giveback: Option<super::failover::PendingGiveback>,
 }
 
 /// Where the guest image is looked for when the config names none: `IVHA_GUEST_DIR`, then
@@ -184,6 +194,17 @@ pub fn launch(
     let control = Mapping::open(control_path, Access::ReadWrite)
         .map_err(|e| map_error(control_path, Box::new(e)))
         .and_then(|m| ControlRegion::open(m).map_err(|e| map_error(control_path, Box::new(e))))?;
+    let control_writer = control
+        .writer()
+        .map_err(|e| map_error(control_path, Box::new(e)))?;
+    let command_seq = (0..control.header().nodes.len())
+        .filter_map(|i| control.command(i).map(|c| c.seq))
+        .max()
+        .unwrap_or(0);
+    let monitor = heartbeat::Monitor::new(heartbeat::Config::new(
+        Duration::from_millis(config.heartbeat.interval_ms),
+        Duration::from_millis(config.heartbeat.timeout_ms),
+    ));
 
     let mut nodes = Vec::new();
     for (index, node_config) in config.nodes.iter().enumerate() {
@@ -192,75 +213,46 @@ pub fn launch(
         let region = Mapping::open(region_path, Access::ReadOnly)
             .map_err(|e| map_error(region_path, Box::new(e)))
             .and_then(|m| NodeRegion::open(m).map_err(|e| map_error(region_path, Box::new(e))))?;
-        nodes.push(Node::new(
+        let mut node = Node::new(
             node_config.name.clone(),
             partner.name.clone(),
             node_config.nbd_port,
             state.console_log(&node_config.name),
             region,
-        ));
+            monitor.clone(),
+        );
+        // A state directory kept from an earlier run may have this identity with the
+        // partner: then the partner's QEMU forwards its address.
+        node.forwards_own_port = control
+            .owner(index)
+            .is_none_or(|o| o.node.is_none_or(|n| n as usize == index));
+        nodes.push(node);
     }
     let mut cluster = Cluster {
         config: config.clone(),
         state: state.clone(),
         nodes,
         control,
+        control_writer,
+        command_seq,
         accel,
+        plan,
+        files: files.to_vec(),
+        control_path: control_path.to_owned(),
         started: Instant::now(),
-        disks: files.iter().map(|f| f.disk.clone()).collect(),
+        clock_origin: Instant::now(),
         events,
         last_states: vec![NodeState::Booting; config.nodes.len()],
+        pending_giveback: None,
     };
     // Both nodes start before either QMP connection is awaited: they boot in parallel.
     for index in 0..cluster.nodes.len() {
-        let command = match &plan {
-            Plan::Qemu {
-                binary,
-                kernel,
-                initrd,
-                accel,
-            } => cluster.command(
-                index,
-                (binary, accel.accel),
-                kernel,
-                initrd,
-                files,
-                control_path,
-            )?,
-            Plan::Process { agent } => cluster.agent_command(index, agent, files),
-        };
-        let name = cluster.nodes[index].name.clone();
-        let _ = std::fs::remove_file(state.qmp_socket(&name));
-        log::info!("starting node {name}");
-        log::debug!("node {name}: {}", display_command(&command));
-        let child =
-            QemuChild::spawn_with_log(command, &state.qemu_log(&name)).map_err(|source| {
-                LaunchError::Spawn {
-                    node: name.clone(),
-                    source,
-                }
-            })?;
-        cluster.nodes[index].child = Some(child);
+        cluster.spawn_node(index)?;
     }
     for index in 0..cluster.nodes.len() {
-        if config.backend == Backend::Process {
-            break;
-        }
-        let name = cluster.nodes[index].name.clone();
-        let socket = state.qmp_socket(&name);
-        let connected = match cluster.nodes[index].child.as_mut() {
-            Some(child) => qemu::connect_qmp(child, &socket, QMP_CONNECT_TIMEOUT),
-            None => continue,
-        };
-        match connected {
-            Ok(qmp) => {
-                cluster.nodes[index].events = Some(qmp.events());
-                cluster.nodes[index].qmp = Some(qmp);
-            }
-            Err(source) => {
-                cluster.kill_all();
-                return Err(LaunchError::Qmp { node: name, source });
-            }
+        if let Err(error) = cluster.connect_node(index) {
+            cluster.kill_all();
+            return Err(error);
         }
     }
     cluster.started = Instant::now();
@@ -268,6 +260,7 @@ pub fn launch(
 }
 
 /// What to start for each node.
+#[derive(Debug, Clone)]
 enum Plan {
     Qemu {
         binary: PathBuf,
@@ -305,9 +298,70 @@ fn display_command(command: &std::process::Command) -> String {
 }
 
 impl Cluster {
-    /// How often the main loop samples the nodes.
+    /// How often the main loop samples the nodes: often, since a sample is a few loads
+    /// from shared memory and a `waitid`, and process death should be seen at once.
     pub fn tick(&self) -> Duration {
-        Duration::from_millis(self.config.heartbeat.interval_ms)
+        Duration::from_millis(self.config.heartbeat.interval_ms.min(10))
+    }
+
+    /// Starts node `index`'s QEMU (or agent process).
+    pub(super) fn spawn_node(&mut self, index: usize) -> Result<(), LaunchError> {
+        let command = match &self.plan {
+            Plan::Qemu {
+                binary,
+                kernel,
+                initrd,
+                accel,
+            } => self.command(
+                index,
+                (binary, accel.accel),
+                kernel,
+                initrd,
+                &self.files,
+                &self.control_path,
+            )?,
+            Plan::Process { agent } => self.agent_command(index, agent, &self.files),
+        };
+        let name = self.nodes[index].name.clone();
+        let _ = std::fs::remove_file(self.state.qmp_socket(&name));
+        log::info!("starting node {name}");
+        log::debug!("node {name}: {}", display_command(&command));
+        let boot_id_before = self.nodes[index].region.boot_id();
+        let child =
+            QemuChild::spawn_with_log(command, &self.state.qemu_log(&name)).map_err(|source| {
+                LaunchError::Spawn {
+                    node: name.clone(),
+                    source,
+                }
+            })?;
+        self.nodes[index].restarted(child, boot_id_before);
+        Ok(())
+    }
+
+    /// Connects to node `index`'s QMP socket (QEMU backend only).
+    pub(super) fn connect_node(&mut self, index: usize) -> Result<(), LaunchError> {
+        if self.config.backend == Backend::Process {
+            return Ok(());
+        }
+        let name = self.nodes[index].name.clone();
+        let socket = self.state.qmp_socket(&name);
+        let Some(child) = self.nodes[index].child.as_mut() else {
+            return Ok(());
+        };
+        let qmp = qemu::connect_qmp(child, &socket, QMP_CONNECT_TIMEOUT)
+            .map_err(|source| LaunchError::Qmp { node: name, source })?;
+        self.nodes[index].events = Some(qmp.events());
+        self.nodes[index].qmp = Some(qmp);
+        Ok(())
+    }
+
+    /// The monitors' clock now.
+    pub(super) fn clock(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.clock_origin)
+    }
+
+    pub(super) fn is_process_backend(&self) -> bool {
+        self.config.backend == Backend::Process
     }
 
     fn command(
@@ -325,7 +379,8 @@ impl Cluster {
         let region_size = self.config.regions.node_mib << 20;
         let control_size = self.control.header().region_size;
         let mut append = format!(
-            "console=ttyS0 panic=-1 ivha.node={} ivha.heartbeat_ms={}",
+            // unknown_nmi_panic: `hostd kill --signal panic` panics the kernel with an NMI.
+            "console=ttyS0 panic=-1 unknown_nmi_panic=1 ivha.node={} ivha.heartbeat_ms={}",
             node.name, self.config.heartbeat.interval_ms
         );
         if self.config.flusher.delay_ms > 0 {
@@ -343,6 +398,16 @@ impl Cluster {
                 append.push_str(extra);
             }
         }
+        // The identity's address goes to this QEMU unless the partner holds it now.
+        let forwards: Vec<HostForward> = if self.nodes[index].forwards_own_port {
+            vec![HostForward {
+                host_addr: std::net::Ipv4Addr::LOCALHOST,
+                host_port: node.nbd_port,
+                guest_port: GUEST_NBD_PORT,
+            }]
+        } else {
+            Vec::new()
+        };
         QemuCommand::new(binary)
             .name(&format!("ivha-{}", node.name))
             .accel(accel)
@@ -371,14 +436,7 @@ impl Cluster {
                 &format!("ivha-{}", partner.name),
                 true,
             )
-            .user_net(
-                "n0",
-                &[HostForward {
-                    host_addr: std::net::Ipv4Addr::LOCALHOST,
-                    host_port: node.nbd_port,
-                    guest_port: GUEST_NBD_PORT,
-                }],
-            )
+            .user_net("n0", &forwards)
             .pvpanic()
             // Only the event: QEMU's default action ends the process before the kernel has
             // printed the panic, and the console would not say why the guest died. The
@@ -408,8 +466,15 @@ impl Cluster {
             .arg(self.state.regions_dir())
             .arg("--disk")
             .arg(&files[index].disk)
+            .arg("--partner-disk")
+            .arg(&files[1 - index].disk)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", node.nbd_port))
+            // While the partner holds this identity, it holds its address too.
+            .arg(if self.nodes[index].forwards_own_port {
+                format!("127.0.0.1:{}", node.nbd_port)
+            } else {
+                "127.0.0.1:0".to_owned()
+            })
             .arg("--heartbeat-ms")
             .arg(self.config.heartbeat.interval_ms.to_string());
         if self.config.flusher.delay_ms > 0 {
@@ -423,20 +488,32 @@ impl Cluster {
         command
     }
 
-    /// Samples every node and records each state change as an event.
-    pub fn sample(&mut self) {
+    /// Samples every node (fenced ones are done with), records each state change as an
+    /// event, and returns the nodes that went Down in this sample.
+    pub fn sample(&mut self) -> Vec<usize> {
         let now = Instant::now();
-        let timeout = Duration::from_millis(self.config.heartbeat.timeout_ms);
-        for (node, last) in self.nodes.iter_mut().zip(&mut self.last_states) {
-            node.sample(now);
-            let state = node.state(now, timeout);
+        let clock = self.clock(now);
+        let mut down = Vec::new();
+        for (index, (node, last)) in self.nodes.iter_mut().zip(&mut self.last_states).enumerate() {
+            if !node.fenced {
+                for transition in node.sample(now, clock) {
+                    if matches!(transition.to, heartbeat::Health::Down(_)) {
+                        down.push(index);
+                    }
+                }
+            }
+            let state = node.state();
             if state != *last {
                 self.events.record(&Event::NodeState {
                     node: node.name.clone(),
                     from: last.as_str().to_owned(),
                     to: state.as_str().to_owned(),
                     detail: format!(
-                        "vm {}, heartbeat {}, boot id {:#018x}",
+                        "{}vm {}, heartbeat {}, boot id {:#018x}",
+                        match node.health_reason() {
+                            reason if reason.is_empty() => String::new(),
+                            reason => format!("{reason}; "),
+                        },
                         node.vm_description(),
                         node.heartbeat(),
                         node.region.boot_id()
@@ -445,34 +522,32 @@ impl Cluster {
                 *last = state;
             }
         }
+        down
     }
 
     /// The cluster as `hostd status` shows it.
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
-        let timeout = Duration::from_millis(self.config.heartbeat.timeout_ms);
         let names = &self.control.header().nodes;
         let nodes = self
             .nodes
             .iter()
             .enumerate()
             .map(|(index, node)| {
-                let state = node.state(now, timeout);
+                let state = node.state();
                 let partner = &self.nodes[1 - index];
                 let peer = node.region.peer().unwrap_or_default();
                 // One snapshot: read apart, a live flusher can make flushed pass head.
                 let cursors = node.region.log_cursors().ok();
-                let served_by = self
-                    .control
-                    .owner(index)
-                    .and_then(|o| o.node)
-                    .and_then(|n| names.get(n as usize).cloned());
+                let owner = self.control.owner(index).and_then(|o| o.node);
+                let served_by = owner.and_then(|n| names.get(n as usize).cloned());
                 let (takeover_possible, takeover_reason) =
-                    takeover_readiness(node, partner, partner.state(now, timeout));
+                    takeover_readiness(node, partner, owner.map(|n| n as usize) == Some(index));
                 NodeStatus {
                     name: node.name.clone(),
                     partner: node.partner.clone(),
                     state,
+                    health: node.health_reason(),
                     vm: node.vm_description(),
                     pid: node.pid(),
                     heartbeat: node.heartbeat(),
@@ -481,6 +556,7 @@ impl Cluster {
                     peer_boot_id: peer.boot_id,
                     peer_heartbeat: peer.heartbeat,
                     head_seq: cursors.map(|(_, head)| head.seq),
+                    last_ack_seq: node.region.ack().map_or(0, |a| a.command_seq),
                     flushed_seq: cursors.map(|(flushed, _)| flushed.seq),
                     served_by,
                     nbd: format!("nbd://127.0.0.1:{}/{}", node.nbd_port, node.name),
@@ -568,8 +644,8 @@ impl Cluster {
             }
         };
         remove(&self.state.regions_dir());
-        for disk in &self.disks {
-            remove(disk);
+        for files in &self.files {
+            remove(&files.disk);
         }
         remove(&self.state.root().join("qmp"));
         ok
@@ -584,9 +660,15 @@ impl Cluster {
     }
 }
 
-/// Whether the partner could take `node` over now, and why not. Takeover itself arrives
-/// with the takeover issue; until then the answer is always no, with the reason.
-fn takeover_readiness(node: &Node, partner: &Node, partner_state: NodeState) -> (bool, String) {
+/// Whether the partner could take `node`'s identity over now, and why not.
+fn takeover_readiness(node: &Node, partner: &Node, node_owns_identity: bool) -> (bool, String) {
+    if !node_owns_identity {
+        return (
+            false,
+            format!("{} does not hold its identity now", node.name),
+        );
+    }
+    let partner_state = partner.state();
     if partner_state != NodeState::Up {
         return (
             false,
@@ -604,10 +686,7 @@ fn takeover_readiness(node: &Node, partner: &Node, partner_state: NodeState) -> 
         );
     }
     (
-        false,
-        format!(
-            "partner {} is ready, but this build cannot take over yet",
-            partner.name
-        ),
+        true,
+        format!("partner {} is up and reads its region", partner.name),
     )
 }

@@ -3,6 +3,7 @@
 //! One thread owns all cluster state (the main loop below); the control socket and signal
 //! threads only pass requests to it over a channel. No locks, no shared mutable state.
 
+mod failover;
 mod launch;
 mod node;
 pub mod prepare;
@@ -125,6 +126,7 @@ fn main_loop(
 ) -> Result<(), DaemonError> {
     let tick = cluster.tick();
     let mut booting = true;
+    let mut last_progress = Instant::now() - PROGRESS_INTERVAL;
     let mut next_tick = Instant::now();
     loop {
         let timeout = crossbeam_channel::after(next_tick.saturating_duration_since(Instant::now()));
@@ -135,6 +137,23 @@ fn main_loop(
                     Request::Status => {
                         send(reply, Response::Status(cluster.status()));
                     }
+                    Request::Kill { node, signal } => {
+                        let response = match cluster.inject(&node, signal) {
+                            Ok(message) => Response::Killed { message },
+                            Err(error) => Response::Error { message: error.to_string() },
+                        };
+                        send(reply, response);
+                    }
+                    Request::Takeover { node } => {
+                        let response = match cluster.planned_takeover(&node) {
+                            Ok(report) => Response::Moved(report),
+                            Err(error) => Response::Error {
+                                message: shm::inspect::error_chain(&error),
+                            },
+                        };
+                        send(reply, response);
+                    }
+                    Request::Giveback { node } => cluster.start_giveback(&node, reply),
                     Request::Down { purge } => {
                         let report = cluster.shut_down(purge);
                         log::info!("pair stopped: {:?}", report.stopped);
@@ -148,8 +167,12 @@ fn main_loop(
             }
             recv(timeout) -> _ => {
                 next_tick += tick;
-                cluster.sample();
-                if booting {
+                for node in cluster.sample() {
+                    cluster.fail_over(node);
+                }
+                cluster.continue_giveback();
+                if booting && last_progress.elapsed() >= PROGRESS_INTERVAL {
+                    last_progress = Instant::now();
                     let status = cluster.status();
                     on_progress(&status);
                     booting = !status.all_up();
@@ -199,6 +222,9 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// How often boot progress is reported.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long hostd waits, in all, for the nodes to quit on their own before killing them.
 pub const QUIT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,8 +1,9 @@
-//! One node as the daemon sees it: its QEMU, its QMP connection, its region.
+//! One node as the daemon sees it: its QEMU, its QMP connection, its region, its health.
 
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use heartbeat::{DownReason, Evidence, Health, Monitor, SuspectReason, Transition};
 use qemu::{QemuChild, QmpClient, QmpEvent};
 use shm::NodeRegion;
 
@@ -13,6 +14,7 @@ use crate::protocol::NodeState;
 pub struct Node {
     pub name: String,
     pub partner: String,
+    /// The host port of this node's identity (its NBD address).
     pub nbd_port: u16,
     pub console: std::path::PathBuf,
     pub child: Option<QemuChild>,
@@ -25,6 +27,14 @@ pub struct Node {
     /// How QEMU ended, once it has.
     pub exit: Option<String>,
     pub paused: bool,
+    /// Set once hostd has killed and reaped this node to take it over.
+    pub fenced: bool,
+    /// Whether this node's QEMU forwards its own identity's port (false while the partner
+    /// holds it).
+    pub forwards_own_port: bool,
+    pub monitor: Monitor,
+    /// When the node went Down, on the monitor's clock (for the takeover timeline).
+    pub down_at: Option<Instant>,
     heartbeat: u64,
     heartbeat_moved: Option<Instant>,
 }
@@ -36,6 +46,7 @@ impl Node {
         nbd_port: u16,
         console: std::path::PathBuf,
         region: NodeRegion,
+        monitor: Monitor,
     ) -> Self {
         let heartbeat = region.heartbeat().map_or(0, |h| h.counter);
         Self {
@@ -50,18 +61,42 @@ impl Node {
             region,
             exit: None,
             paused: false,
+            fenced: false,
+            forwards_own_port: true,
+            monitor,
+            down_at: None,
             heartbeat,
             heartbeat_moved: None,
         }
     }
 
-    /// Looks at everything that may have changed since the last sample.
-    pub fn sample(&mut self, now: Instant) {
+    /// Forgets the previous boot: called when hostd has started this node's QEMU (again).
+    /// `boot_id_before` is the region's boot id read before the start: an agent may have
+    /// written its own already.
+    pub fn restarted(&mut self, child: QemuChild, boot_id_before: u64) {
+        self.child = Some(child);
+        self.qmp = None;
+        self.events = None;
+        self.boot_id_before_launch = boot_id_before;
+        self.exit = None;
+        self.paused = false;
+        self.fenced = false;
+        self.monitor.reset();
+        self.down_at = None;
+        self.heartbeat_moved = None;
+    }
+
+    /// Feeds everything that may have changed since the last sample to the monitor;
+    /// returns the health transitions it caused. `clock` is the monitor's time for `now`.
+    pub fn sample(&mut self, now: Instant, clock: Duration) -> Vec<Transition> {
+        let mut evidence = Vec::new();
         if let (Some(child), None) = (&mut self.child, &self.exit) {
             match child.try_wait() {
                 Ok(Some(status)) => {
+                    let status = status.to_string();
                     log::warn!("node {}: QEMU exited ({status})", self.name);
                     self.exit = Some(format!("exited: {status}"));
+                    evidence.push(Evidence::ProcessExited { status });
                 }
                 Ok(None) => {}
                 Err(error) => log::warn!("node {}: cannot check QEMU: {error}", self.name),
@@ -76,20 +111,52 @@ impl Node {
                     event.data
                 );
                 match event.name.as_str() {
-                    "STOP" => self.paused = true,
-                    "RESUME" => self.paused = false,
-                    "GUEST_PANICKED" | "SHUTDOWN" => {
-                        log::warn!("node {}: {} {}", self.name, event.name, event.data);
+                    "STOP" => {
+                        self.paused = true;
+                        evidence.push(Evidence::Stopped);
+                    }
+                    "RESUME" => {
+                        self.paused = false;
+                        evidence.push(Evidence::Resumed);
+                    }
+                    "GUEST_PANICKED" => {
+                        log::warn!("node {}: guest panicked {}", self.name, event.data);
+                        evidence.push(Evidence::GuestPanicked);
+                    }
+                    "SHUTDOWN" => {
+                        log::warn!("node {}: shutdown {}", self.name, event.data);
+                        evidence.push(Evidence::Shutdown);
                     }
                     _ => {}
                 }
             }
         }
-        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
-        if counter != self.heartbeat && self.region.boot_id() != self.boot_id_before_launch {
-            self.heartbeat = counter;
-            self.heartbeat_moved = Some(now);
+        // Only this boot's agent counts: a region left from an earlier boot keeps its
+        // last counter until the new agent takes it.
+        if self.region.boot_id() != self.boot_id_before_launch {
+            let counter = self.region.heartbeat().map_or(0, |h| h.counter);
+            if counter != self.heartbeat || self.heartbeat_moved.is_none() {
+                self.heartbeat = counter;
+                self.heartbeat_moved = Some(now);
+            }
+            evidence.push(Evidence::Heartbeat { counter });
+            // The log head moving proves the agent still works even if its heartbeat
+            // thread is starved.
+            if let Some(head) = self.region.head() {
+                evidence.push(Evidence::Activity { counter: head.seq });
+            }
         }
+        let mut transitions: Vec<Transition> = evidence
+            .into_iter()
+            .filter_map(|e| self.monitor.observe(e, clock))
+            .collect();
+        transitions.extend(self.monitor.tick(clock));
+        for transition in &transitions {
+            if matches!(transition.to, Health::Down(_)) && self.down_at.is_none() {
+                self.down_at = Some(now);
+            }
+        }
+        transitions
     }
 
     pub fn heartbeat(&self) -> u64 {
@@ -101,18 +168,26 @@ impl Node {
             .map(|t| now.saturating_duration_since(t))
     }
 
-    pub fn state(&self, now: Instant, timeout: Duration) -> NodeState {
-        if self.exit.is_some() || self.child.is_none() {
-            return NodeState::Dead;
+    pub fn state(&self) -> NodeState {
+        if self.fenced {
+            return NodeState::Fenced;
         }
-        if self.paused {
-            return NodeState::Paused;
+        if self.child.is_none() {
+            return NodeState::Down;
         }
-        match self.heartbeat_age(now) {
-            None => NodeState::Booting,
-            Some(age) if age > timeout => NodeState::Stale,
-            Some(_) => NodeState::Up,
+        match self.monitor.health() {
+            Health::Unknown if self.exit.is_some() => NodeState::Down,
+            Health::Unknown => NodeState::Booting,
+            Health::Up => NodeState::Up,
+            Health::Suspect(SuspectReason::Paused) => NodeState::Paused,
+            Health::Suspect(_) => NodeState::Suspect,
+            Health::Down(_) => NodeState::Down,
         }
+    }
+
+    /// Why the node is not Up, in words ("" when it is).
+    pub fn health_reason(&self) -> String {
+        health_reason(self.monitor.health())
     }
 
     pub fn vm_description(&self) -> String {
@@ -129,5 +204,22 @@ impl Node {
             .as_ref()
             .filter(|_| self.exit.is_none())
             .map(QemuChild::pid)
+    }
+}
+
+/// A health in words, for status and events.
+pub fn health_reason(health: &Health) -> String {
+    match health {
+        Health::Unknown => "no heartbeat yet".into(),
+        Health::Up => String::new(),
+        Health::Suspect(SuspectReason::LateHeartbeat) => "heartbeat late".into(),
+        Health::Suspect(SuspectReason::LateButActive) => {
+            "heartbeat late, but its log still moves".into()
+        }
+        Health::Suspect(SuspectReason::Paused) => "VM paused".into(),
+        Health::Down(DownReason::HeartbeatTimeout) => "heartbeat timed out".into(),
+        Health::Down(DownReason::ProcessExited { status }) => format!("QEMU exited ({status})"),
+        Health::Down(DownReason::GuestPanicked) => "guest kernel panicked".into(),
+        Health::Down(DownReason::Shutdown) => "guest shut down".into(),
     }
 }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use shm::{Access, Mapping, NodeRegion};
 
+pub mod ack_checker;
+pub mod nbd_client;
+
 pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
 pub const WRITE_PROBE_OFFSET: u64 = 3072;
 

@@ -1,0 +1,102 @@
+//! `hostd kill`, `hostd takeover` and `hostd giveback`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{CommandResult, client};
+use crate::protocol::{KillSignal, MoveReport, Request, Response};
+use crate::state_dir::StateDir;
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    /// The node to hurt.
+    pub node: String,
+    /// kill: SIGKILL its QEMU; stop: SIGSTOP its QEMU (a hang); panic: panic its guest kernel.
+    #[arg(long, value_enum, default_value_t = KillSignal::Kill)]
+    pub signal: KillSignal,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// The node whose identity (address and export) moves.
+    pub node: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn kill(state: &StateDir, args: &KillArgs) -> CommandResult {
+    let request = Request::Kill {
+        node: args.node.clone(),
+        signal: args.signal,
+    };
+    match client::call(state, &request, Duration::from_secs(10))? {
+        Response::Killed { message } => {
+            println!("{message}");
+            println!("watch the takeover with `hostd events --follow` or `hostd status`");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err("hostd answered a kill request with something else".into()),
+    }
+}
+
+pub fn takeover(state: &StateDir, args: &MoveArgs) -> CommandResult {
+    let request = Request::Takeover {
+        node: args.node.clone(),
+    };
+    moved(state, &request, args.json, Duration::from_secs(200))
+}
+
+pub fn giveback(state: &StateDir, args: &MoveArgs) -> CommandResult {
+    let request = Request::Giveback {
+        node: args.node.clone(),
+    };
+    // A giveback may boot the node first.
+    moved(state, &request, args.json, Duration::from_secs(400))
+}
+
+fn moved(state: &StateDir, request: &Request, json: bool, timeout: Duration) -> CommandResult {
+    let Response::Moved(report) = client::call(state, request, timeout)? else {
+        return Err("hostd answered with something else than a move report".into());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A move report for people.
+pub fn render(report: &MoveReport) -> String {
+    let mut out = format!(
+        "{}'s identity moved {} → {} (epoch {}): {}\n",
+        report.node, report.from, report.to, report.epoch, report.reason
+    );
+    let t = &report.timeline_ms;
+    for (step, at) in [
+        ("restarted", t.restarted),
+        ("released", t.released),
+        ("fenced", t.fenced),
+        ("replayed", t.replayed),
+        ("serving", t.serving),
+    ] {
+        if let Some(at) = at {
+            out.push_str(&format!("  {step:<10}+{at:.1} ms\n"));
+        }
+    }
+    if !report.planned {
+        out.push_str(&format!(
+            "  replayed {} records{}\n",
+            report.replayed_records,
+            if report.replay_complete {
+                ""
+            } else {
+                " (INCOMPLETE: a bad record stopped the replay; see the survivor's console)"
+            }
+        ));
+    }
+    out
+}

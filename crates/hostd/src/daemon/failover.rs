@@ -1,0 +1,639 @@
+//! Moving an identity between the nodes: takeover after a failure, planned takeover,
+//! giveback, and the faults `hostd kill` injects.
+//!
+//! Unplanned takeover (a node went Down): fence first (SIGKILL through the pidfd, reap: no
+//! takeover until the node is confirmed dead), then a new epoch and owner in the control
+//! region, then the survivor's `TakeOver` command (it replays the dead node's log and
+//! acknowledges), then the address. Planned moves (takeover, giveback) release first: the
+//! old owner stops writing and flushes its log before the new one starts.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use shm::node::Ack;
+use shm::{Command, CommandKind, Owner};
+
+use super::launch::Cluster;
+use crate::config::GUEST_NBD_PORT;
+use crate::events::Event;
+use crate::protocol::{KillSignal, MoveReport, NodeState, Response, Timeline};
+
+/// How long a fenced node may take to die and be reaped.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an agent may take to acknowledge a takeover (a replay of a full log included).
+const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a release may take (the old owner flushes its whole log).
+const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a restarted node may take to boot for a giveback.
+const GIVEBACK_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Flag in a `TakeOver` command's argument: replay the partner's log first (its writer is
+/// fenced). The low 16 bits carry the port to listen on (process backend).
+pub const REPLAY_PARTNER_LOG: u64 = 1 << 32;
+
+/// A giveback waiting for its node to boot.
+#[derive(Debug)]
+pub struct PendingGiveback {
+    pub node: usize,
+    pub reply: Option<Sender<Response>>,
+    pub started: Instant,
+    pub started_unix_ms: u64,
+    /// Whether this giveback started the node's QEMU again.
+    pub restarted: bool,
+}
+
+/// Why a move failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("no node is called {0:?}")]
+    NoSuchNode(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot fence node {node}: {detail}")]
+    Fence { node: String, detail: String },
+    #[error("cannot write the control region")]
+    Control(#[from] shm::ControlError),
+    #[error("node {node} did not acknowledge command {seq} within {timeout:?}")]
+    AckTimeout {
+        node: String,
+        seq: u64,
+        timeout: Duration,
+    },
+    #[error("node {node} failed command {seq} (status {status}; see its console)")]
+    AckFailed { node: String, seq: u64, status: u64 },
+    #[error("cannot move the address of {identity} to node {node}: {detail}")]
+    Address {
+        identity: String,
+        node: String,
+        detail: String,
+    },
+    #[error("cannot restart node {node}")]
+    Restart {
+        node: String,
+        #[source]
+        source: super::launch::LaunchError,
+    },
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms_since(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Cluster {
+    pub(super) fn node_index(&self, name: &str) -> Result<usize, MoveError> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| MoveError::NoSuchNode(name.to_owned()))
+    }
+
+    /// Which node holds identity `identity` now, from the control region.
+    fn owner_of(&self, identity: usize) -> Option<usize> {
+        self.control
+            .owner(identity)
+            .and_then(|o| o.node)
+            .map(|n| n as usize)
+    }
+
+    /// Acts on a node that went Down: fences it and moves every identity it held to its
+    /// partner. Records the outcome as events; never panics the daemon.
+    pub fn fail_over(&mut self, victim: usize) {
+        let detected = self.nodes[victim].down_at.unwrap_or_else(Instant::now);
+        let detected_unix_ms = unix_ms().saturating_sub(detected.elapsed().as_millis() as u64);
+        let reason = self.nodes[victim].health_reason();
+        let survivor = 1 - victim;
+        let held: Vec<usize> = (0..self.nodes.len())
+            .filter(|identity| self.owner_of(*identity) == Some(victim))
+            .collect();
+        let mut timeline = Timeline::default();
+        if let Err(error) = self.fence(victim) {
+            // No takeover without a confirmed fence: two writers would be worse than none.
+            self.record_failure(victim, survivor, &reason, &error);
+            return;
+        }
+        timeline.fenced = Some(ms_since(detected));
+        if held.is_empty() {
+            log::info!(
+                "node {} fenced; it held no identity",
+                self.nodes[victim].name
+            );
+            return;
+        }
+        if self.nodes[survivor].state() != NodeState::Up {
+            let error = MoveError::Refused(format!(
+                "partner {} is {}, so nobody can take over",
+                self.nodes[survivor].name,
+                self.nodes[survivor].state().as_str()
+            ));
+            self.record_failure(victim, survivor, &reason, &error);
+            return;
+        }
+        for identity in held {
+            let report = self.move_identity(
+                identity,
+                survivor,
+                Move::Unplanned {
+                    reason: reason.clone(),
+                },
+                (detected, detected_unix_ms),
+                timeline.clone(),
+            );
+            match report {
+                Ok(report) => self.events.record(&Event::Takeover(report)),
+                Err(error) => self.record_failure(identity, survivor, &reason, &error),
+            }
+        }
+    }
+
+    /// `hostd takeover NODE`: the partner takes NODE's identity over; NODE keeps running.
+    pub fn planned_takeover(&mut self, name: &str) -> Result<MoveReport, MoveError> {
+        let node = self.node_index(name)?;
+        let partner = 1 - node;
+        if self.owner_of(node) != Some(node) {
+            return Err(MoveError::Refused(format!(
+                "{name} does not hold its identity now (use `hostd giveback {name}` to return it)"
+            )));
+        }
+        for index in [node, partner] {
+            if self.nodes[index].state() != NodeState::Up {
+                return Err(MoveError::Refused(format!(
+                    "node {} is {}: a planned takeover needs both nodes up",
+                    self.nodes[index].name,
+                    self.nodes[index].state().as_str()
+                )));
+            }
+        }
+        let report = self.move_identity(
+            node,
+            partner,
+            Move::Planned {
+                from: node,
+                reason: "planned takeover (hostd takeover)".into(),
+            },
+            (Instant::now(), unix_ms()),
+            Timeline::default(),
+        )?;
+        self.events.record(&Event::Takeover(report.clone()));
+        Ok(report)
+    }
+
+    /// `hostd giveback NODE`: starts NODE again if it is not running; the move itself
+    /// happens once it is up (see [`Cluster::continue_giveback`]).
+    pub fn start_giveback(&mut self, name: &str, reply: Option<Sender<Response>>) {
+        let result = self.begin_giveback(name);
+        match result {
+            Ok(Some(pending)) => {
+                self.pending_giveback = Some(PendingGiveback { reply, ..pending });
+                // It may be up already.
+                self.continue_giveback();
+            }
+            Ok(None) => {}
+            Err(error) => {
+                send(
+                    reply,
+                    Response::Error {
+                        message: shm::inspect::error_chain(&error),
+                    },
+                );
+            }
+        }
+    }
+
+    fn begin_giveback(&mut self, name: &str) -> Result<Option<PendingGiveback>, MoveError> {
+        let node = self.node_index(name)?;
+        let partner = 1 - node;
+        if self.pending_giveback.is_some() {
+            return Err(MoveError::Refused(
+                "a giveback is already in progress".into(),
+            ));
+        }
+        if self.owner_of(node) != Some(partner) {
+            return Err(MoveError::Refused(format!(
+                "{name} holds its own identity already: nothing to give back"
+            )));
+        }
+        if self.nodes[partner].state() != NodeState::Up {
+            return Err(MoveError::Refused(format!(
+                "partner {} is {}: it cannot release {name}'s identity",
+                self.nodes[partner].name,
+                self.nodes[partner].state().as_str()
+            )));
+        }
+        let started = Instant::now();
+        let running = self.nodes[node].child.is_some()
+            && self.nodes[node].exit.is_none()
+            && !self.nodes[node].fenced;
+        if !running || self.nodes[node].state() == NodeState::Down {
+            if let Some(child) = self.nodes[node].child.as_mut() {
+                let _ = child.kill_and_reap(FENCE_TIMEOUT);
+            }
+            // Its address stays with the partner until the move.
+            self.nodes[node].forwards_own_port = false;
+            self.spawn_node(node)
+                .and_then(|()| self.connect_node(node))
+                .map_err(|source| MoveError::Restart {
+                    node: name.to_owned(),
+                    source,
+                })?;
+            log::info!("giveback: node {name} restarted; waiting for its agent");
+            return Ok(Some(PendingGiveback {
+                node,
+                reply: None,
+                started,
+                started_unix_ms: unix_ms(),
+                restarted: true,
+            }));
+        }
+        Ok(Some(PendingGiveback {
+            node,
+            reply: None,
+            started,
+            started_unix_ms: unix_ms(),
+            restarted: false,
+        }))
+    }
+
+    /// Completes a pending giveback once its node is up; gives up after a boot timeout.
+    pub fn continue_giveback(&mut self) {
+        let Some(pending) = self.pending_giveback.take() else {
+            return;
+        };
+        let node = pending.node;
+        let state = self.nodes[node].state();
+        if state != NodeState::Up {
+            if pending.started.elapsed() > GIVEBACK_BOOT_TIMEOUT || state == NodeState::Down {
+                let error = MoveError::Refused(format!(
+                    "node {} did not come up for the giveback (it is {})",
+                    self.nodes[node].name,
+                    state.as_str()
+                ));
+                send(
+                    pending.reply,
+                    Response::Error {
+                        message: error.to_string(),
+                    },
+                );
+            } else {
+                self.pending_giveback = Some(pending);
+            }
+            return;
+        }
+        let timeline = Timeline {
+            restarted: pending.restarted.then(|| ms_since(pending.started)),
+            ..Timeline::default()
+        };
+        let partner = 1 - node;
+        let result = self.move_identity(
+            node,
+            node,
+            Move::Planned {
+                from: partner,
+                reason: "giveback (hostd giveback)".into(),
+            },
+            (pending.started, pending.started_unix_ms),
+            timeline,
+        );
+        let response = match result {
+            Ok(report) => {
+                self.events.record(&Event::Giveback(report.clone()));
+                Response::Moved(report)
+            }
+            Err(error) => {
+                let name = self.nodes[node].name.clone();
+                self.record_failure(node, node, "giveback", &error);
+                Response::Error {
+                    message: format!("giveback of {name} failed: {error}"),
+                }
+            }
+        };
+        send(pending.reply, response);
+    }
+
+    /// `hostd kill NODE --signal ...`.
+    pub fn inject(&mut self, name: &str, signal: KillSignal) -> Result<String, MoveError> {
+        let index = self.node_index(name)?;
+        let node = &mut self.nodes[index];
+        if node.fenced || node.exit.is_some() {
+            return Err(MoveError::Refused(format!("node {name} is not running")));
+        }
+        let done = match signal {
+            KillSignal::Kill | KillSignal::Stop => {
+                let child = node
+                    .child
+                    .as_mut()
+                    .ok_or_else(|| MoveError::Refused(format!("node {name} is not running")))?;
+                let (sig, what) = match signal {
+                    KillSignal::Kill => (qemu::Signal::Kill, "SIGKILL sent"),
+                    _ => (qemu::Signal::Stop, "SIGSTOP sent"),
+                };
+                child
+                    .signal(sig)
+                    .map_err(|e| MoveError::Refused(e.to_string()))?;
+                format!("{what} to node {name} (pid {})", child.pid())
+            }
+            KillSignal::Panic => {
+                let qmp = node.qmp.as_mut().ok_or_else(|| {
+                    MoveError::Refused(format!(
+                        "node {name} has no QMP connection (the process backend cannot panic a kernel)"
+                    ))
+                })?;
+                qmp.execute("inject-nmi", None)
+                    .map_err(|e| MoveError::Refused(format!("inject-nmi failed: {e}")))?;
+                format!("NMI injected into node {name}: its kernel panics on it")
+            }
+        };
+        self.events.record(&Event::FaultInjected {
+            node: name.to_owned(),
+            signal: format!("{signal:?}").to_lowercase(),
+        });
+        Ok(done)
+    }
+
+    /// Kills and reaps node `index`; only a confirmed death counts.
+    fn fence(&mut self, index: usize) -> Result<(), MoveError> {
+        let node = &mut self.nodes[index];
+        let name = node.name.clone();
+        // Its QMP connection dies with it; drop it first so nothing waits on it.
+        node.qmp = None;
+        node.events = None;
+        let status = match node.child.as_mut() {
+            Some(child) => child
+                .kill_and_reap(FENCE_TIMEOUT)
+                .map_err(|e| MoveError::Fence {
+                    node: name.clone(),
+                    detail: e.to_string(),
+                })?
+                .to_string(),
+            None => "never started".to_owned(),
+        };
+        node.fenced = true;
+        if node.exit.is_none() {
+            node.exit = Some(format!("fenced by hostd ({status})"));
+        }
+        log::info!("node {name} fenced: {status}");
+        Ok(())
+    }
+
+    /// Moves identity `identity` to node `to`. The caller has fenced the old owner
+    /// (unplanned) or names it for a release (planned).
+    fn move_identity(
+        &mut self,
+        identity: usize,
+        to: usize,
+        how: Move,
+        (started, started_unix_ms): (Instant, u64),
+        mut timeline: Timeline,
+    ) -> Result<MoveReport, MoveError> {
+        let port = self.nodes[identity].nbd_port;
+        let identity_name = self.nodes[identity].name.clone();
+        let from = match &how {
+            Move::Unplanned { .. } => 1 - to,
+            Move::Planned { from, .. } => *from,
+        };
+        let mut argument = if self.is_process_backend() {
+            u64::from(port)
+        } else {
+            0
+        };
+        if let Move::Planned { from, .. } = how {
+            // New clients must not reach the old owner while it flushes.
+            self.unforward(from, identity)?;
+            let released = self
+                .issue(
+                    from,
+                    CommandKind::Release,
+                    identity,
+                    self.control.epoch(),
+                    0,
+                )
+                .and_then(|seq| self.await_ack(from, seq, RELEASE_ACK_TIMEOUT));
+            if let Err(error) = released {
+                // The old owner keeps the identity: give its address back.
+                if let Err(undo) = self.forward(from, identity) {
+                    log::error!("cannot restore the address after a failed release: {undo}");
+                }
+                return Err(error);
+            }
+            timeline.released = Some(ms_since(started));
+        } else {
+            argument |= REPLAY_PARTNER_LOG;
+            // The fenced node's QEMU is gone and with it its forward.
+            self.nodes[from].forwards_own_port = false;
+        }
+        let epoch = self.control.epoch() + 1;
+        self.control_writer.set_epoch(epoch);
+        self.control_writer.set_owner(
+            identity,
+            Owner {
+                node: Some(to as u32),
+                epoch,
+            },
+        )?;
+        let seq = self.issue(to, CommandKind::TakeOver, identity, epoch, argument)?;
+        let ack = self.await_ack(to, seq, TAKEOVER_ACK_TIMEOUT)?;
+        timeline.replayed = Some(ms_since(started));
+        self.forward(to, identity)?;
+        timeline.serving = Some(ms_since(started));
+        let records = (ack.last_seq + 1).saturating_sub(ack.first_seq);
+        let replayed = matches!(how, Move::Unplanned { .. });
+        let report = MoveReport {
+            node: identity_name,
+            from: self.nodes[from].name.clone(),
+            to: self.nodes[to].name.clone(),
+            planned: !replayed,
+            reason: match how {
+                Move::Unplanned { reason } | Move::Planned { reason, .. } => reason,
+            },
+            epoch,
+            detected_unix_ms: started_unix_ms,
+            timeline_ms: timeline,
+            replayed_records: if replayed { records } else { 0 },
+            replayed_first_seq: ack.first_seq,
+            replayed_last_seq: ack.last_seq,
+            replay_complete: ack.status != PARTIAL_REPLAY,
+        };
+        log::info!(
+            "identity {} moved {} → {} in {:.1} ms (epoch {epoch})",
+            report.node,
+            report.from,
+            report.to,
+            report.timeline_ms.serving.unwrap_or_default()
+        );
+        Ok(report)
+    }
+
+    /// Issues a command to node `node`; returns its seq.
+    fn issue(
+        &mut self,
+        node: usize,
+        kind: CommandKind,
+        identity: usize,
+        epoch: u64,
+        argument: u64,
+    ) -> Result<u64, MoveError> {
+        self.command_seq += 1;
+        let seq = self.command_seq;
+        self.control_writer.issue(
+            node,
+            Command {
+                seq,
+                kind,
+                identity: identity as u64,
+                epoch,
+                argument,
+            },
+        )?;
+        log::info!(
+            "command {seq} to {}: {kind:?} identity {} (epoch {epoch})",
+            self.nodes[node].name,
+            self.nodes[identity].name
+        );
+        Ok(seq)
+    }
+
+    /// Polls node `node`'s ack slot until it names command `seq`.
+    fn await_ack(&self, node: usize, seq: u64, timeout: Duration) -> Result<Ack, MoveError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(ack) = self.nodes[node].region.ack()
+                && ack.command_seq == seq
+            {
+                return match ack.status {
+                    0 | PARTIAL_REPLAY => Ok(ack),
+                    status => Err(MoveError::AckFailed {
+                        node: self.nodes[node].name.clone(),
+                        seq,
+                        status,
+                    }),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(MoveError::AckTimeout {
+                    node: self.nodes[node].name.clone(),
+                    seq,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Points identity `identity`'s host port at node `node`'s guest (QEMU backend; with
+    /// the process backend the agent listens itself, told by the command's argument).
+    fn forward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
+        let port = self.nodes[identity].nbd_port;
+        if !self.is_process_backend() {
+            self.hostfwd(
+                node,
+                identity,
+                &format!("hostfwd_add n0 tcp:127.0.0.1:{port}-:{GUEST_NBD_PORT}"),
+            )?;
+        }
+        if node == identity {
+            self.nodes[identity].forwards_own_port = true;
+        }
+        Ok(())
+    }
+
+    /// Removes identity `identity`'s host port from node `node`'s QEMU.
+    fn unforward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
+        let port = self.nodes[identity].nbd_port;
+        if !self.is_process_backend() {
+            self.hostfwd(
+                node,
+                identity,
+                &format!("hostfwd_remove n0 tcp:127.0.0.1:{port}"),
+            )?;
+        }
+        if node == identity {
+            self.nodes[identity].forwards_own_port = false;
+        }
+        Ok(())
+    }
+
+    fn hostfwd(&mut self, node: usize, identity: usize, command: &str) -> Result<(), MoveError> {
+        let (identity_name, node_name) = (
+            self.nodes[identity].name.clone(),
+            self.nodes[node].name.clone(),
+        );
+        let error = |detail: String| MoveError::Address {
+            identity: identity_name.clone(),
+            node: node_name.clone(),
+            detail,
+        };
+        let Some(qmp) = self.nodes[node].qmp.as_mut() else {
+            return Err(error("it has no QMP connection".into()));
+        };
+        // HMP answers in text inside a successful reply: `hostfwd_add` says nothing when
+        // it works, `hostfwd_remove` says "... removed" (or "... not found": gone already).
+        match qmp.human_monitor_command(command) {
+            Ok(text) if hostfwd_succeeded(&text) => Ok(()),
+            Ok(text) => Err(error(format!("{command}: {}", text.trim()))),
+            Err(e) => Err(error(format!("{command}: {e}"))),
+        }
+    }
+
+    fn record_failure(&mut self, identity: usize, to: usize, reason: &str, error: &MoveError) {
+        log::error!(
+            "moving {} to {} failed: {}",
+            self.nodes[identity].name,
+            self.nodes[to].name,
+            shm::inspect::error_chain(error)
+        );
+        self.events.record(&Event::MoveFailed {
+            node: self.nodes[identity].name.clone(),
+            to: self.nodes[to].name.clone(),
+            reason: reason.to_owned(),
+            error: shm::inspect::error_chain(error),
+        });
+    }
+}
+
+/// Whether an HMP `hostfwd_add` / `hostfwd_remove` reply means it worked.
+fn hostfwd_succeeded(reply: &str) -> bool {
+    let reply = reply.trim();
+    reply.is_empty() || reply.ends_with(" removed") || reply.ends_with(" not found")
+}
+
+/// Ack status of a takeover whose replay stopped at a bad record (see the agent).
+pub const PARTIAL_REPLAY: u64 = 1;
+
+/// How an identity moves.
+#[derive(Debug, Clone)]
+enum Move {
+    /// Its owner was fenced; the new owner replays its log.
+    Unplanned { reason: String },
+    /// Its owner `from` is alive and releases it first.
+    Planned { from: usize, reason: String },
+}
+
+fn send(reply: Option<Sender<Response>>, response: Response) {
+    if let Some(reply) = reply {
+        let _ = reply.send(response);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostfwd_replies() {
+        assert!(hostfwd_succeeded(""));
+        assert!(hostfwd_succeeded(
+            "host forwarding rule for tcp:127.0.0.1:24809 removed\r\n"
+        ));
+        assert!(hostfwd_succeeded(
+            "host forwarding rule for tcp:127.0.0.1:24809 not found\r\n"
+        ));
+        assert!(!hostfwd_succeeded(
+            "Could not set up host forwarding rule 'tcp:127.0.0.1:1-:2'"
+        ));
+        assert!(!hostfwd_succeeded("invalid format"));
+    }
+}
