@@ -1,0 +1,376 @@
+//! Takeover end to end, through the real `hostd` and real NBD traffic: kill, hang and
+//! panic a node, check that its partner serves every acknowledged write at the node's
+//! unchanged address, then give it back. Each scenario runs with the process backend
+//! (fast) and, where it needs a guest kernel or a QEMU, with real QEMU guests.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::ack_checker::AckedWriter;
+use common::nbd_client::NbdClient;
+use common::{Pair, agent_prerequisite, prerequisites};
+use serde_json::Value;
+
+/// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
+static ONE_PAIR: Mutex<()> = Mutex::new(());
+
+fn one_pair() -> std::sync::MutexGuard<'static, ()> {
+    ONE_PAIR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const PROCESS: &str = "backend = \"process\"\n";
+const PAUSED: &str = "[flusher]\npaused = true\n";
+const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
+const NODE_B: &str = "[[node]]\nname = \"b\"\n";
+const BLOCK: usize = 4096;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn addr(pair: &Pair, index: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], pair.ports[index]))
+}
+
+/// Connects, retrying while the address moves.
+fn connect(pair: &Pair, index: usize, export: &str) -> NbdClient {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match NbdClient::connect(addr(pair, index), export, TIMEOUT) {
+            Ok(client) => return client,
+            Err(error) if Instant::now() < deadline => {
+                let _ = error;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!(
+                "cannot reach export {export} at {}: {error}",
+                addr(pair, index)
+            ),
+        }
+    }
+}
+
+/// `count` distinct random 4 KiB-aligned blocks with random contents, from `seed`.
+fn random_blocks(count: usize, seed: u64, disk: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+    while blocks.len() < count {
+        let offset = (next() % (disk / BLOCK as u64)) * BLOCK as u64;
+        if blocks.iter().all(|(o, _)| *o != offset) {
+            let data = (0..BLOCK / 8).flat_map(|_| next().to_le_bytes()).collect();
+            blocks.push((offset, data));
+        }
+    }
+    blocks
+}
+
+fn write_blocks(client: &mut NbdClient, blocks: &[(u64, Vec<u8>)]) {
+    for (offset, data) in blocks {
+        client.write(*offset, data, false).unwrap();
+    }
+}
+
+fn verify_blocks(client: &mut NbdClient, blocks: &[(u64, Vec<u8>)], what: &str) {
+    for (index, (offset, data)) in blocks.iter().enumerate() {
+        let read = client.read(*offset, BLOCK as u32).unwrap();
+        assert!(
+            read == *data,
+            "{what}: block {index} at offset {offset} differs after the takeover"
+        );
+    }
+}
+
+fn served_by(pair: &Pair, node: &str) -> String {
+    let status = pair.status();
+    Pair::node(&status, node)["served_by"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn wait_served_by(pair: &Pair, node: &str, by: &str, timeout: Duration) {
+    pair.wait_for(&format!("{node} served by {by}"), timeout, |status| {
+        Pair::node(status, node)["served_by"] == by
+    });
+}
+
+/// The events recorded so far, oldest first.
+fn events(pair: &Pair) -> Vec<Value> {
+    std::fs::read_to_string(pair.state.path().join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+fn last_event(pair: &Pair, kind: &str, node: &str) -> Value {
+    events(pair)
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == kind && e["node"] == node)
+        .unwrap_or_else(|| panic!("no {kind} event for {node}: {:#?}", events(pair)))
+}
+
+fn unflushed(pair: &Pair, node: &str) -> u64 {
+    let status = pair.status();
+    let n = Pair::node(&status, node);
+    n["head_seq"].as_u64().unwrap() - n["flushed_seq"].as_u64().unwrap()
+}
+
+/// Kill: with the flusher paused, 64 random blocks to a; SIGKILL a's QEMU; every block
+/// reads back through a's unchanged address (served by b), and b's own export is intact.
+/// Then a comes back, takes its identity back, and serves everything, including what was
+/// written to it while b held it.
+fn kill_then_giveback(pair: &Pair) {
+    let mut a = connect(pair, 0, "a");
+    let size = a.size();
+    let before = random_blocks(64, 1, size);
+    write_blocks(&mut a, &before);
+    let mut b = connect(pair, 1, "b");
+    let b_blocks = random_blocks(16, 2, size);
+    write_blocks(&mut b, &b_blocks);
+    assert!(
+        unflushed(pair, "a") >= 64,
+        "a's writes are still in its log"
+    );
+
+    let (code, out, err) = pair.hostd(&["kill", "a", "--signal", "kill"]);
+    assert_eq!(code, 0, "hostd kill: {out}{err}");
+    wait_served_by(pair, "a", "b", Duration::from_secs(30));
+    let takeover = last_event(pair, "takeover", "a");
+    assert_eq!(takeover["to"], "b");
+    assert!(
+        takeover["reason"].as_str().unwrap().contains("QEMU exited"),
+        "{takeover}"
+    );
+    assert!(
+        takeover["replayed_records"].as_u64().unwrap() >= 64,
+        "{takeover}"
+    );
+    assert_eq!(takeover["replay_complete"], true);
+
+    let mut a = connect(pair, 0, "a");
+    verify_blocks(&mut a, &before, "a's blocks through a's address");
+    verify_blocks(&mut connect(pair, 1, "b"), &b_blocks, "b's own blocks");
+    // Writes to a while b holds it go through b's log.
+    let during = random_blocks(32, 3, size);
+    write_blocks(&mut a, &during);
+    a.disconnect();
+
+    let (code, out, err) = pair.hostd(&["giveback", "a"]);
+    assert_eq!(code, 0, "hostd giveback: {out}{err}");
+    assert_eq!(served_by(pair, "a"), "a");
+    let mut a = connect(pair, 0, "a");
+    verify_blocks(&mut a, &before, "a's first blocks after giveback");
+    let later: Vec<_> = during
+        .iter()
+        .filter(|(o, _)| before.iter().all(|(p, _)| p != o))
+        .cloned()
+        .collect();
+    verify_blocks(
+        &mut a,
+        &later,
+        "blocks written while b held a, after giveback",
+    );
+    verify_blocks(
+        &mut connect(pair, 1, "b"),
+        &b_blocks,
+        "b's own blocks after giveback",
+    );
+}
+
+/// Continuous writes while a is killed: every write whose reply reached the client is
+/// readable after the takeover.
+///
+/// The slots outnumber the writes, so no later write can hide a lost one; the pair runs
+/// with a flush delay, so the writes just before the kill are only in a's log.
+fn continuous_writes_during_kill(pair: &Pair) {
+    let writer = AckedWriter::start(addr(pair, 0), "a", 1, 0, 8192);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.acked() < 200 {
+        assert!(Instant::now() < deadline, "the writer makes no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, out, err) = pair.hostd(&["kill", "a"]);
+    assert_eq!(code, 0, "hostd kill: {out}{err}");
+    wait_served_by(pair, "a", "b", Duration::from_secs(30));
+    // Keep writing through the takeover until the writer is well past it.
+    let acked_at_takeover = writer.acked();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while writer.acked() < acked_at_takeover + 200 {
+        assert!(
+            Instant::now() < deadline && !writer.finished(),
+            "the writer did not resume after the takeover"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let history = writer.stop();
+    let mut reader = connect(pair, 0, "a");
+    let report = history
+        .verify(|offset| reader.read(offset, 4096).unwrap())
+        .unwrap_or_else(|e| panic!("acknowledged writes lost: {e}"));
+    eprintln!(
+        "continuous writes: {report:?}, longest gap between acks {:?}",
+        history.max_gap()
+    );
+    assert!(report.acked >= 400);
+}
+
+#[test]
+fn process_kill_then_giveback() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, &format!("{PROCESS}{PAUSED}"));
+    kill_then_giveback(&pair);
+}
+
+#[test]
+fn process_continuous_writes_during_kill() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, &format!("{PROCESS}{FLUSH_DELAY}"));
+    continuous_writes_during_kill(&pair);
+}
+
+#[test]
+fn process_planned_takeover_loses_nothing() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, &format!("{PROCESS}{PAUSED}"));
+    let mut a = connect(&pair, 0, "a");
+    let blocks = random_blocks(64, 4, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+    let (code, out, err) = pair.hostd(&["takeover", "a"]);
+    assert_eq!(code, 0, "hostd takeover: {out}{err}");
+    assert_eq!(served_by(&pair, "a"), "b");
+    assert_eq!(
+        unflushed(&pair, "a"),
+        0,
+        "a flushed its log when it released"
+    );
+    let status = pair.status();
+    assert_eq!(Pair::node(&status, "a")["state"], "up", "a keeps running");
+    verify_blocks(
+        &mut connect(&pair, 0, "a"),
+        &blocks,
+        "after planned takeover",
+    );
+    let (code, out, err) = pair.hostd(&["giveback", "a"]);
+    assert_eq!(code, 0, "hostd giveback: {out}{err}");
+    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after giveback");
+}
+
+#[test]
+fn process_refuses_what_makes_no_sense() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PROCESS);
+    for (args, message) in [
+        (&["giveback", "a"][..], "nothing to give back"),
+        (&["takeover", "z"][..], "no node is called"),
+        (&["kill", "a", "--signal", "panic"][..], "cannot panic"),
+    ] {
+        let (code, out, err) = pair.hostd(args);
+        assert_ne!(code, 0, "{args:?} should fail: {out}");
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+    assert_eq!(served_by(&pair, "a"), "a");
+}
+
+#[test]
+fn vm_kill_then_giveback() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PAUSED);
+    kill_then_giveback(&pair);
+}
+
+#[test]
+fn vm_continuous_writes_during_kill() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, FLUSH_DELAY);
+    continuous_writes_during_kill(&pair);
+}
+
+/// Hang: SIGSTOP a's QEMU. Only the heartbeat's silence tells; a is fenced (killed and
+/// reaped, so it never serves again) and b takes over.
+#[test]
+fn vm_hang_is_detected_by_heartbeat_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(
+        NODE_B,
+        "[heartbeat]\ninterval_ms = 100\ntimeout_ms = 2000\n",
+    );
+    let mut a = connect(&pair, 0, "a");
+    let blocks = random_blocks(16, 5, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+    let a_pid = pair.pids[0];
+    let (code, out, err) = pair.hostd(&["kill", "a", "--signal", "stop"]);
+    assert_eq!(code, 0, "hostd kill: {out}{err}");
+    wait_served_by(&pair, "a", "b", Duration::from_secs(30));
+    let takeover = last_event(&pair, "takeover", "a");
+    assert_eq!(takeover["reason"], "heartbeat timed out", "{takeover}");
+    assert!(!common::alive(a_pid), "the hung QEMU was killed and reaped");
+    let status = pair.status();
+    assert_eq!(Pair::node(&status, "a")["state"], "fenced");
+    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after a hang");
+}
+
+/// Panic: the guest kernel panics (NMI); QEMU's GUEST_PANICKED event triggers the
+/// takeover, long before the (deliberately long) heartbeat timeout could.
+#[test]
+fn vm_panic_is_detected_from_the_qmp_event() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(
+        NODE_B,
+        &format!("{PAUSED}[heartbeat]\ninterval_ms = 100\ntimeout_ms = 30000\n"),
+    );
+    let mut a = connect(&pair, 0, "a");
+    let blocks = random_blocks(16, 6, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+    let started = Instant::now();
+    let (code, out, err) = pair.hostd(&["kill", "a", "--signal", "panic"]);
+    assert_eq!(code, 0, "hostd kill: {out}{err}");
+    wait_served_by(&pair, "a", "b", Duration::from_secs(20));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "detected by the event, not the 30 s timeout"
+    );
+    let takeover = last_event(&pair, "takeover", "a");
+    assert_eq!(takeover["reason"], "guest kernel panicked", "{takeover}");
+    // (a's console may not show the panic message: hostd fences the guest as soon as
+    // QEMU reports the panic, before the kernel has flushed its console.)
+    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after a panic");
+}
