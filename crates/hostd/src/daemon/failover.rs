@@ -100,40 +100,54 @@ impl Cluster {
             .map(|n| n as usize)
     }
 
-    /// Acts on a node that went Down: fences it and moves every identity it held to its
-    /// partner. Records the outcome as events; never panics the daemon.
+    /// Acts on a node that went Down: fences it, then moves every identity it held to
+    /// its partner. Records the outcome as events; never panics the daemon.
     pub fn fail_over(&mut self, victim: usize) {
         let detected = self.nodes[victim].down_at.unwrap_or_else(Instant::now);
-        let detected_unix_ms = unix_ms().saturating_sub(detected.elapsed().as_millis() as u64);
-        let reason = self.nodes[victim].health_reason();
-        let survivor = 1 - victim;
-        let held: Vec<usize> = (0..self.nodes.len())
-            .filter(|identity| self.owner_of(*identity) == Some(victim))
-            .collect();
-        let mut timeline = Timeline::default();
         if let Err(error) = self.fence(victim) {
             // No takeover without a confirmed fence: two writers would be worse than none.
-            self.record_failure(victim, survivor, &reason, &error);
+            let reason = self.nodes[victim].health_reason();
+            self.record_failure(victim, 1 - victim, &reason, &error);
             return;
         }
-        timeline.fenced = Some(ms_since(detected));
-        if held.is_empty() {
-            log::info!(
-                "node {} fenced; it held no identity",
-                self.nodes[victim].name
-            );
-            return;
-        }
-        if self.nodes[survivor].state() != NodeState::Up {
-            let error = MoveError::Refused(format!(
-                "partner {} is {}, so nobody can take over",
-                self.nodes[survivor].name,
-                self.nodes[survivor].state().as_str()
-            ));
-            self.record_failure(victim, survivor, &reason, &error);
-            return;
-        }
-        for identity in held {
+        self.nodes[victim].fenced_ms = Some(ms_since(detected));
+        self.adopt_orphans();
+    }
+
+    /// Moves each identity held by a fenced node to the other node, as soon as that one
+    /// can serve (called after every fence and on every tick, so a takeover refused while
+    /// the survivor was booting or suspect happens once it is up).
+    pub fn adopt_orphans(&mut self) {
+        for identity in 0..self.nodes.len() {
+            let Some(owner) = self.owner_of(identity) else {
+                continue;
+            };
+            if owner >= self.nodes.len() || !self.nodes[owner].fenced {
+                continue;
+            }
+            let survivor = 1 - owner;
+            let reason = self.nodes[owner].health_reason();
+            if !matches!(
+                self.nodes[survivor].state(),
+                NodeState::Up | NodeState::Suspect
+            ) {
+                if !self.nodes[owner].orphan_reported {
+                    self.nodes[owner].orphan_reported = true;
+                    let error = MoveError::Refused(format!(
+                        "partner {} is {}; the takeover waits until it is up",
+                        self.nodes[survivor].name,
+                        self.nodes[survivor].state().as_str()
+                    ));
+                    self.record_failure(identity, survivor, &reason, &error);
+                }
+                continue;
+            }
+            let detected = self.nodes[owner].down_at.unwrap_or_else(Instant::now);
+            let detected_unix_ms = unix_ms().saturating_sub(detected.elapsed().as_millis() as u64);
+            let timeline = Timeline {
+                fenced: self.nodes[owner].fenced_ms,
+                ..Timeline::default()
+            };
             let report = self.move_identity(
                 identity,
                 survivor,
@@ -141,7 +155,7 @@ impl Cluster {
                     reason: reason.clone(),
                 },
                 (detected, detected_unix_ms),
-                timeline.clone(),
+                timeline,
             );
             match report {
                 Ok(report) => self.events.record(&Event::Takeover(report)),
@@ -266,7 +280,9 @@ impl Cluster {
         let node = pending.node;
         let state = self.nodes[node].state();
         if state != NodeState::Up {
-            if pending.started.elapsed() > GIVEBACK_BOOT_TIMEOUT || state == NodeState::Down {
+            if pending.started.elapsed() > GIVEBACK_BOOT_TIMEOUT
+                || matches!(state, NodeState::Down | NodeState::Fenced)
+            {
                 let error = MoveError::Refused(format!(
                     "node {} did not come up for the giveback (it is {})",
                     self.nodes[node].name,

@@ -170,6 +170,7 @@ fn main_loop(
                 for node in cluster.sample() {
                     cluster.fail_over(node);
                 }
+                cluster.adopt_orphans();
                 cluster.continue_giveback();
                 if booting && last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();

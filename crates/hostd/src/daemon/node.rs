@@ -33,8 +33,12 @@ pub struct Node {
     /// holds it).
     pub forwards_own_port: bool,
     pub monitor: Monitor,
-    /// When the node went Down, on the monitor's clock (for the takeover timeline).
+    /// When the node went Down (for the takeover timeline).
     pub down_at: Option<Instant>,
+    /// Milliseconds from Down to the confirmed fence.
+    pub fenced_ms: Option<f64>,
+    /// Whether a takeover of this fenced node's identity was reported as waiting.
+    pub orphan_reported: bool,
     heartbeat: u64,
     heartbeat_moved: Option<Instant>,
 }
@@ -65,6 +69,8 @@ impl Node {
             forwards_own_port: true,
             monitor,
             down_at: None,
+            fenced_ms: None,
+            orphan_reported: false,
             heartbeat,
             heartbeat_moved: None,
         }
@@ -83,6 +89,8 @@ impl Node {
         self.fenced = false;
         self.monitor.reset();
         self.down_at = None;
+        self.fenced_ms = None;
+        self.orphan_reported = false;
         self.heartbeat_moved = None;
     }
 
