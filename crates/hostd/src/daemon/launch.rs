@@ -326,7 +326,11 @@ impl Cluster {
         let _ = std::fs::remove_file(self.state.qmp_socket(&name));
         log::info!("starting node {name}");
         log::debug!("node {name}: {}", display_command(&command));
-        let boot_id_before = self.nodes[index].region.boot_id();
+        let region = &self.nodes[index].region;
+        let before = (
+            region.boot_id(),
+            region.heartbeat().map_or(0, |h| h.counter),
+        );
         let child =
             QemuChild::spawn_with_log(command, &self.state.qemu_log(&name)).map_err(|source| {
                 LaunchError::Spawn {
@@ -334,7 +338,7 @@ impl Cluster {
                     source,
                 }
             })?;
-        self.nodes[index].restarted(child, boot_id_before);
+        self.nodes[index].restarted(child, before);
         Ok(())
     }
 

@@ -77,9 +77,11 @@ impl Node {
     }
 
     /// Forgets the previous boot: called when hostd has started this node's QEMU (again).
-    /// `boot_id_before` is the region's boot id read before the start: an agent may have
-    /// written its own already.
-    pub fn restarted(&mut self, child: QemuChild, boot_id_before: u64) {
+    /// `before` is the region's boot id and heartbeat counter read before the start: the
+    /// new agent may have written its own already.
+    pub fn restarted(&mut self, child: QemuChild, before: (u64, u64)) {
+        let (boot_id_before, heartbeat_before) = before;
+        self.heartbeat = heartbeat_before;
         self.child = Some(child);
         self.qmp = None;
         self.events = None;
@@ -139,14 +141,15 @@ impl Node {
                 }
             }
         }
-        // Only this boot's agent counts: a region left from an earlier boot keeps its
-        // last counter until the new agent takes it.
-        if self.region.boot_id() != self.boot_id_before_launch {
-            let counter = self.region.heartbeat().map_or(0, |h| h.counter);
-            if counter != self.heartbeat || self.heartbeat_moved.is_none() {
-                self.heartbeat = counter;
-                self.heartbeat_moved = Some(now);
-            }
+        // Only this boot's agent counts, and only once it beats: a new agent takes the
+        // region (new boot id) before it has recovered its log and serves, and its counter
+        // resumes from the previous boot's last value.
+        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
+        if self.region.boot_id() != self.boot_id_before_launch && counter != self.heartbeat {
+            self.heartbeat = counter;
+            self.heartbeat_moved = Some(now);
+        }
+        if self.heartbeat_moved.is_some() {
             evidence.push(Evidence::Heartbeat { counter });
             // The log head moving proves the agent still works even if its heartbeat
             // thread is starved.

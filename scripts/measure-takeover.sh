@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Measures takeover time: starts a QEMU pair whose flushers are paused, then runs the
+# takeover_probe example, which kills node a TRIALS times (SIGKILL) and HANG_TRIALS times
+# (SIGSTOP) with UNFLUSHED_MIB of unflushed writes in a's log each time, and prints
+# p50/p99/max of kill-to-first-successful-read through a's address and the takeover's
+# timeline. Always stops the pair and removes its state directory. See
+# docs/takeover-measurements.md.
+#
+# Environment: TRIALS (default 20), HANG_TRIALS (3), UNFLUSHED_MIB (16),
+# TIMEOUT_MS (heartbeat timeout, default 3000), KEEP_LOGS=DIR (copy hostd.log, events.jsonl
+# and the consoles there before the state directory is removed).
+# Usage: [TRIALS=N] scripts/measure-takeover.sh [extra takeover_probe arguments]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+trials=${TRIALS:-20}
+hang_trials=${HANG_TRIALS:-3}
+unflushed_mib=${UNFLUSHED_MIB:-16}
+timeout_ms=${TIMEOUT_MS:-3000}
+die() { echo "measure-takeover: error: $*" >&2; exit 1; }
+
+cargo build --quiet -p hostd -p guest-agent --bins --examples
+if [[ ! -f target/guest/vmlinuz || ! -f target/guest/initramfs.cpio.gz ]]; then
+    scripts/build-guest-image.sh
+fi
+hostd=$PWD/target/debug/hostd
+probe=$PWD/target/debug/examples/takeover_probe
+
+state=$(mktemp -d /dev/shm/ivha-takeover.XXXXXX)
+export IVHA_STATE_DIR=$state
+cleanup() {
+    local status=$?
+    if ((status != 0)) && [[ -s $state/hostd.log ]]; then
+        echo "--- last lines of $state/hostd.log:" >&2
+        tail -n 20 "$state/hostd.log" >&2
+    fi
+    "$hostd" down --purge >/dev/null 2>&1 || true
+    if [[ -n ${KEEP_LOGS:-} ]]; then
+        mkdir -p "$KEEP_LOGS"
+        cp -r "$state/hostd.log" "$state/events.jsonl" "$state/consoles" "$KEEP_LOGS/" 2>/dev/null || true
+        echo "logs kept in $KEEP_LOGS" >&2
+    fi
+    rm -rf "$state"
+}
+trap cleanup EXIT
+
+# Two free ports next to each other, away from NBD's 10809.
+port=22809
+while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
+    (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; do
+    port=$((port + 2))
+    ((port < 65000)) || die "no two free ports found"
+done
+# The flushers are paused, so each trial's writes are all in a's log when a dies and b
+# must replay them. A 64 MiB region holds a ring of 64 MiB - 4 KiB with records of up to
+# half of it: 16 MiB of 1 MiB writes (plus their headers) fits with room to spare.
+config=$state/ivha.toml
+cat >"$config" <<EOF
+[flusher]
+paused = true
+[regions]
+node_mib = 64
+[disks]
+size_mib = 256
+[heartbeat]
+interval_ms = 100
+timeout_ms = $timeout_ms
+[[node]]
+name = "a"
+nbd_port = $port
+[[node]]
+name = "b"
+nbd_port = $((port + 1))
+EOF
+
+"$hostd" up --detach --config "$config" >/dev/null
+accel=$("$hostd" status --json | sed -n 's/^  "accel": "\(.*\)",$/\1/p')
+echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), accel ${accel:-unknown}"
+
+"$probe" --hostd "$hostd" --config "$config" --trials "$trials" --hang-trials "$hang_trials" \
+    --unflushed-mib "$unflushed_mib" "$@"
