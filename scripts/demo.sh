@@ -5,6 +5,7 @@
 # shut down. Tool output is captured and shown only when something fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/pair.sh
 
 if [[ -t 1 ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
 n=0
@@ -35,21 +36,13 @@ state=$(mktemp -d /dev/shm/ivha-demo.XXXXXX)
 export IVHA_STATE_DIR=$state
 cleanup() {
     local status=$?
-    if ((status != 0)) && [[ -s $state/hostd.log ]]; then
-        echo "--- last lines of hostd.log:" >&2
-        tail -n 15 "$state/hostd.log" >&2
-    fi
-    "$hostd" down --purge >/dev/null 2>&1 || true
+    end_pair "$status" "$hostd" "$state" 15
     rm -rf "$state"
 }
 trap cleanup EXIT
 
 # Two free ports, well away from NBD's 10809 in case a real NBD server runs here.
-port=21809
-while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
-    (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; do
-    port=$((port + 2))
-done
+port=$(free_port_pair 21809) || die "no two free ports found"
 url=nbd://127.0.0.1:$port/a
 # The flushers are paused: every write stays in its node's NVRAM log, so when a dies its
 # writes exist only in a's log, and b must replay them.

@@ -12,6 +12,7 @@
 # Usage: [TRIALS=N] scripts/measure-takeover.sh [extra takeover_probe arguments]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/pair.sh
 
 trials=${TRIALS:-20}
 hang_trials=${HANG_TRIALS:-3}
@@ -30,11 +31,7 @@ state=$(mktemp -d /dev/shm/ivha-takeover.XXXXXX)
 export IVHA_STATE_DIR=$state
 cleanup() {
     local status=$?
-    if ((status != 0)) && [[ -s $state/hostd.log ]]; then
-        echo "--- last lines of $state/hostd.log:" >&2
-        tail -n 20 "$state/hostd.log" >&2
-    fi
-    "$hostd" down --purge >/dev/null 2>&1 || true
+    end_pair "$status" "$hostd" "$state" 20
     if [[ -n ${KEEP_LOGS:-} ]]; then
         mkdir -p "$KEEP_LOGS"
         cp -r "$state/hostd.log" "$state/events.jsonl" "$state/consoles" "$KEEP_LOGS/" 2>/dev/null || true
@@ -45,12 +42,7 @@ cleanup() {
 trap cleanup EXIT
 
 # Two free ports next to each other, away from NBD's 10809.
-port=22809
-while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
-    (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; do
-    port=$((port + 2))
-    ((port < 65000)) || die "no two free ports found"
-done
+port=$(free_port_pair 22809) || die "no two free ports found"
 # The flushers are paused, so each trial's writes are all in a's log when a dies and b
 # must replay them. A 64 MiB region holds a ring of 64 MiB - 4 KiB with records of up to
 # half of it: 16 MiB of 1 MiB writes (plus their headers) fits with room to spare.

@@ -302,7 +302,7 @@ fn discard_replayed_log(
     let replayed = partner.is_some_and(|p| {
         Some(p.header().node_id) == owner.node
             && p.ack().is_some_and(|a| {
-                a.epoch >= owner.epoch && a.status != crate::failover::status::FAILED
+                a.epoch >= owner.epoch && a.status != shm::node::ack_status::FAILED
             })
     });
     if !replayed {

@@ -456,7 +456,10 @@ impl Probe {
         drop(idle);
 
         // d. What hostd recorded.
-        let seen = wait_for_takeover(&self.state_dir.join("events.jsonl"), t0_unix_ms)?;
+        let seen = wait_for_takeover(
+            &hostd::state_dir::StateDir::new(&self.state_dir).event_log(),
+            t0_unix_ms,
+        )?;
         trial.injected = seen.injected.map(|t| t - t0_unix_ms);
         trial.detection = seen
             .down
@@ -516,7 +519,7 @@ impl Probe {
             node: VICTIM.to_owned(),
             signal,
         };
-        let socket = self.state_dir.join("hostd.sock");
+        let socket = hostd::state_dir::StateDir::new(&self.state_dir).control_socket();
         match hostd::daemon::socket_call(&socket, &request, Duration::from_secs(10))? {
             Response::Killed { .. } => Ok(()),
             Response::Error { message } => Err(format!("hostd refused the kill: {message}").into()),

@@ -191,3 +191,18 @@ pub struct Timeline {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub serving: Option<f64>,
 }
+
+impl Timeline {
+    /// The steps the move took, in order, with their times.
+    pub fn steps(&self) -> impl Iterator<Item = (&'static str, f64)> {
+        [
+            ("restarted", self.restarted),
+            ("released", self.released),
+            ("fenced", self.fenced),
+            ("replayed", self.replayed),
+            ("serving", self.serving),
+        ]
+        .into_iter()
+        .filter_map(|(step, at)| Some((step, at?)))
+    }
+}

@@ -42,10 +42,7 @@ fn connect(pair: &Pair, index: usize, export: &str) -> NbdClient {
     loop {
         match NbdClient::connect(addr(pair, index), export, TIMEOUT) {
             Ok(client) => return client,
-            Err(error) if Instant::now() < deadline => {
-                let _ = error;
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(error) => panic!(
                 "cannot reach export {export} at {}: {error}",
                 addr(pair, index)

@@ -95,6 +95,35 @@ pub struct Command {
     pub argument: u64,
 }
 
+/// The argument word of a `TakeOver` command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TakeOverArgument {
+    /// The identity's old owner is fenced: replay its log before serving.
+    pub replay_partner_log: bool,
+    /// Process mode: the port to listen on for the identity (0: none).
+    pub port: u16,
+}
+
+impl TakeOverArgument {
+    const REPLAY_PARTNER_LOG: u64 = 1 << 32;
+
+    pub fn to_word(self) -> u64 {
+        let replay = if self.replay_partner_log {
+            Self::REPLAY_PARTNER_LOG
+        } else {
+            0
+        };
+        replay | u64::from(self.port)
+    }
+
+    pub fn from_word(word: u64) -> Self {
+        Self {
+            replay_partner_log: word & Self::REPLAY_PARTNER_LOG != 0,
+            port: (word & 0xffff) as u16,
+        }
+    }
+}
+
 /// Who serves an identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Owner {
@@ -466,5 +495,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(region.command(0).unwrap().kind, CommandKind::Unknown(77));
+    }
+}
+
+#[cfg(test)]
+mod takeover_argument_tests {
+    use super::TakeOverArgument;
+
+    #[test]
+    fn round_trips() {
+        for replay_partner_log in [false, true] {
+            for port in [0, 1, 10809, u16::MAX] {
+                let argument = TakeOverArgument {
+                    replay_partner_log,
+                    port,
+                };
+                assert_eq!(TakeOverArgument::from_word(argument.to_word()), argument);
+            }
+        }
     }
 }

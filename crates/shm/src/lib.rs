@@ -26,7 +26,9 @@ pub mod mapping;
 pub mod node;
 pub mod published;
 
-pub use control::{Command, CommandKind, ControlError, ControlRegion, ControlWriter, Owner};
+pub use control::{
+    Command, CommandKind, ControlError, ControlRegion, ControlWriter, Owner, TakeOverArgument,
+};
 pub use inspect::{InspectOptions, RegionKind, RegionReport, identify, inspect};
 pub use log::{
     Appended, BackPressure, Cursor, Entry, FlushedWriter, Geometry, LogAppender, LogError,

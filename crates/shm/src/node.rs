@@ -59,13 +59,25 @@ pub struct Heartbeat {
     pub unix_ns: u64,
 }
 
+/// Codes of [`Ack::status`].
+pub mod ack_status {
+    /// Done.
+    pub const OK: u64 = 0;
+    /// Takeover done, but the replay stopped before the partner's head (see the agent's log).
+    pub const PARTIAL_REPLAY: u64 = 1;
+    /// Could not be done (see the agent's log).
+    pub const FAILED: u64 = 2;
+    /// The command or identity is not known to the agent.
+    pub const UNKNOWN: u64 = 3;
+}
+
 /// What an agent says about the last command hostd gave it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Ack {
     /// The command's seq (0: nothing acknowledged yet).
     pub command_seq: u64,
     pub epoch: u64,
-    /// 0 is success; other values are command specific.
+    /// One of [`ack_status`].
     pub status: u64,
     /// Command specific, e.g. the first and last seq replayed by a takeover.
     pub first_seq: u64,

@@ -20,8 +20,8 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shm::node::{Ack, AckWriter};
-use shm::{Command, CommandKind, ControlRegion, NodeRegion};
+use shm::node::{Ack, AckWriter, ack_status};
+use shm::{Command, CommandKind, ControlRegion, NodeRegion, TakeOverArgument};
 
 use crate::export::ExportRegistry;
 use crate::nbd::Server;
@@ -30,23 +30,8 @@ use crate::nvram::{Nvram, NvramExport};
 /// How often the command slot is read. A read is two cache lines; polling keeps takeover
 /// latency independent of the heartbeat interval.
 pub const POLL: Duration = Duration::from_millis(2);
-/// Flag in a `TakeOver` command's argument: the partner is fenced; replay its log first.
-/// The argument's low 16 bits name a port to listen on (process mode), 0 for none.
-pub const REPLAY_PARTNER_LOG: u64 = 1 << 32;
 /// How long a release may wait for the flusher to write the log.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Ack status codes (the `status` word of [`Ack`]).
-pub mod status {
-    /// Done.
-    pub const OK: u64 = 0;
-    /// Takeover done, but the replay stopped before the partner's head (see the log).
-    pub const PARTIAL_REPLAY: u64 = 1;
-    /// Could not be done (see the agent's log).
-    pub const FAILED: u64 = 2;
-    /// The command or identity is not known to this agent.
-    pub const UNKNOWN: u64 = 3;
-}
 
 /// An identity this node can serve: its own, or its partner's.
 #[derive(Debug)]
@@ -123,7 +108,7 @@ impl FailoverMonitor {
         let mut ack = Ack {
             command_seq: command.seq,
             epoch: command.epoch,
-            status: status::OK,
+            status: ack_status::OK,
             first_seq: 0,
             last_seq: 0,
         };
@@ -133,15 +118,19 @@ impl FailoverMonitor {
                 "command {} names identity {identity}, which this node has no disk for",
                 command.seq
             );
-            ack.status = status::UNKNOWN;
+            ack.status = ack_status::UNKNOWN;
             return ack;
         }
         let result = match command.kind {
-            CommandKind::TakeOver => self.take_over(identity, command.argument, &mut ack),
+            CommandKind::TakeOver => self.take_over(
+                identity,
+                TakeOverArgument::from_word(command.argument),
+                &mut ack,
+            ),
             CommandKind::Release => self.release(identity, &mut ack),
             CommandKind::StopWriting => self.stop_writing(identity),
             CommandKind::None | CommandKind::Unknown(_) => {
-                ack.status = status::UNKNOWN;
+                ack.status = ack_status::UNKNOWN;
                 Ok(())
             }
         };
@@ -151,13 +140,17 @@ impl FailoverMonitor {
                 command.seq,
                 command.kind
             );
-            ack.status = status::FAILED;
+            ack.status = ack_status::FAILED;
         }
         ack
     }
 
-    fn take_over(&mut self, identity: u32, argument: u64, ack: &mut Ack) -> Result<(), String> {
-        let port = argument & 0xffff;
+    fn take_over(
+        &mut self,
+        identity: u32,
+        argument: TakeOverArgument,
+        ack: &mut Ack,
+    ) -> Result<(), String> {
         let volume = Arc::clone(self.export(identity)?.volume());
         // Pages cached while the other node owned this disk are stale.
         volume.disk.drop_cache().map_err(|e| {
@@ -166,7 +159,7 @@ impl FailoverMonitor {
                 volume.disk.path().display()
             )
         })?;
-        if argument & REPLAY_PARTNER_LOG != 0 {
+        if argument.replay_partner_log {
             let partner = self
                 .partner
                 .as_ref()
@@ -190,12 +183,12 @@ impl FailoverMonitor {
                     "replay of {}'s log incomplete: {why}",
                     partner.header().name
                 );
-                ack.status = status::PARTIAL_REPLAY;
+                ack.status = ack_status::PARTIAL_REPLAY;
             }
             ack.first_seq = replayed.first_seq;
             ack.last_seq = replayed.last_seq;
         }
-        if let (Some(ip), Ok(port @ 1..)) = (self.listen_ip, u16::try_from(port)) {
+        if let (Some(ip), port @ 1..) = (self.listen_ip, argument.port) {
             let registry = Arc::clone(&self.registry);
             let entry = self.entry(identity)?;
             if entry.listener.is_none() {

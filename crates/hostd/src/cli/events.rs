@@ -587,7 +587,7 @@ fn generic_value(value: &Value) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// Time of day, in the local time zone (read from the tz database without libc).
+// Time of day, in the local time zone.
 
 /// The time zone time stamps are shown in.
 #[derive(Debug, Clone)]
@@ -595,487 +595,35 @@ pub enum Zone {
     /// Local time is unknown: UTC, marked `Z`.
     Utc,
     /// The local time zone.
-    Local(TimeZone),
+    Local(jiff::tz::TimeZone),
 }
 
 impl Zone {
     /// The local zone (`TZ`, else `/etc/localtime`), or UTC when it cannot be determined.
     pub fn local() -> Self {
-        local_time_zone().map_or(Zone::Utc, Zone::Local)
+        jiff::tz::TimeZone::try_system().map_or(Zone::Utc, Zone::Local)
     }
 
     /// `HH:MM:SS.mmm` of a Unix time in milliseconds (`Z` appended in UTC).
     pub fn clock(&self, unix_ms: i64) -> String {
-        let (offset_s, mark) = match self {
-            Zone::Utc => (0, "Z"),
-            Zone::Local(zone) => (zone.offset_at(unix_ms.div_euclid(1000)), ""),
-        };
-        let local_ms = unix_ms.saturating_add(i64::from(offset_s) * 1000);
-        let of_day = local_ms.rem_euclid(86_400_000);
+        if let Zone::Local(zone) = self
+            && let Ok(time) = jiff::Timestamp::from_millisecond(unix_ms)
+        {
+            return time
+                .to_zoned(zone.clone())
+                .strftime("%H:%M:%S%.3f")
+                .to_string();
+        }
+        // UTC, also for times jiff cannot represent.
+        let of_day = unix_ms.rem_euclid(86_400_000);
         format!(
-            "{:02}:{:02}:{:02}.{:03}{mark}",
+            "{:02}:{:02}:{:02}.{:03}Z",
             of_day / 3_600_000,
             of_day / 60_000 % 60,
             of_day / 1000 % 60,
             of_day % 1000
         )
     }
-}
-
-/// A time zone: a TZif file's transitions, or just a POSIX `TZ` rule.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TimeZone {
-    /// Unix seconds of each transition, ascending.
-    transitions: Vec<i64>,
-    /// For each transition, the offset (seconds east of UTC) in force from it on.
-    offsets_after: Vec<i32>,
-    /// The offset before the first transition (time type 0).
-    initial: i32,
-    /// The rule after the last transition.
-    rule: Option<PosixTz>,
-}
-
-impl TimeZone {
-    /// Seconds east of UTC at Unix time `t`.
-    pub fn offset_at(&self, t: i64) -> i32 {
-        let after = self.transitions.partition_point(|&at| at <= t);
-        if after == self.transitions.len() {
-            if let Some(rule) = &self.rule {
-                return rule.offset_at(t);
-            }
-        }
-        match after.checked_sub(1) {
-            Some(index) => self
-                .offsets_after
-                .get(index)
-                .copied()
-                .unwrap_or(self.initial),
-            None => self.initial,
-        }
-    }
-}
-
-fn local_time_zone() -> Option<TimeZone> {
-    let tz = match std::env::var("TZ") {
-        Err(std::env::VarError::NotPresent) => return read_tzif(Path::new("/etc/localtime")),
-        Err(std::env::VarError::NotUnicode(_)) => return None,
-        Ok(tz) => tz,
-    };
-    let tz = tz.strip_prefix(':').unwrap_or(&tz);
-    if tz.is_empty() {
-        return None;
-    }
-    if tz.starts_with('/') {
-        return read_tzif(Path::new(tz));
-    }
-    if !tz.split('/').any(|part| part == "..") {
-        let file = Path::new("/usr/share/zoneinfo").join(tz);
-        if file.is_file() {
-            return read_tzif(&file);
-        }
-    }
-    let rule = parse_posix_tz(tz)?;
-    Some(TimeZone {
-        transitions: Vec::new(),
-        offsets_after: Vec::new(),
-        initial: rule.standard_offset(),
-        rule: Some(rule),
-    })
-}
-
-fn read_tzif(path: &Path) -> Option<TimeZone> {
-    parse_tzif(&std::fs::read(path).ok()?)
-}
-
-/// Big-endian reads that fail instead of panicking.
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
-        self.0 = rest;
-        Some(head)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn count(&mut self) -> Option<usize> {
-        usize::try_from(self.u32()?).ok()
-    }
-    fn i32(&mut self) -> Option<i32> {
-        Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(*self.take(1)?.first()?)
-    }
-}
-
-/// Parses a TZif file (RFC 8536): the 64-bit data when there is any, and the footer rule.
-pub fn parse_tzif(data: &[u8]) -> Option<TimeZone> {
-    let mut cursor = Cursor(data);
-    let (version, counts) = tzif_header(&mut cursor)?;
-    if version == 0 {
-        return tzif_block(&mut cursor, counts, 4);
-    }
-    // Skip the 32-bit block; the 64-bit one follows with its own header.
-    cursor.take(block_length(counts, 4)?)?;
-    let (_, counts) = tzif_header(&mut cursor)?;
-    let mut zone = tzif_block(&mut cursor, counts, 8)?;
-    if cursor.u8() == Some(b'\n') {
-        let end = cursor.0.iter().position(|&b| b == b'\n')?;
-        let footer = std::str::from_utf8(cursor.0.get(..end)?).ok()?;
-        if !footer.is_empty() {
-            zone.rule = Some(parse_posix_tz(footer)?);
-        }
-    }
-    Some(zone)
-}
-
-/// isutcnt, isstdcnt, leapcnt, timecnt, typecnt, charcnt.
-type Counts = [usize; 6];
-
-fn tzif_header(cursor: &mut Cursor) -> Option<(u8, Counts)> {
-    if cursor.take(4)? != b"TZif" {
-        return None;
-    }
-    let version = match cursor.u8()? {
-        0 => 0,
-        v @ b'2'..=b'9' => v - b'0',
-        _ => return None,
-    };
-    cursor.take(15)?;
-    let mut counts = [0; 6];
-    for count in &mut counts {
-        *count = cursor.count()?;
-    }
-    Some((version, counts))
-}
-
-fn block_length(counts: Counts, time_size: usize) -> Option<usize> {
-    let [isut, isstd, leap, time, types, chars] = counts;
-    [
-        time.checked_mul(time_size)?,
-        time,
-        types.checked_mul(6)?,
-        chars,
-        leap.checked_mul(time_size + 4)?,
-        isstd,
-        isut,
-    ]
-    .iter()
-    .try_fold(0usize, |sum, n| sum.checked_add(*n))
-}
-
-fn tzif_block(cursor: &mut Cursor, counts: Counts, time_size: usize) -> Option<TimeZone> {
-    let [isut, isstd, leap, time, types, chars] = counts;
-    if types == 0 {
-        return None;
-    }
-    let transitions = (0..time)
-        .map(|_| {
-            if time_size == 8 {
-                cursor.i64()
-            } else {
-                cursor.i32().map(i64::from)
-            }
-        })
-        .collect::<Option<Vec<i64>>>()?;
-    let indices = cursor.take(time)?.to_vec();
-    let offsets = (0..types)
-        .map(|_| {
-            let offset = cursor.i32()?;
-            cursor.take(2)?; // isdst, abbreviation index
-            Some(offset)
-        })
-        .collect::<Option<Vec<i32>>>()?;
-    let offsets_after = indices
-        .iter()
-        .map(|&i| offsets.get(usize::from(i)).copied())
-        .collect::<Option<Vec<i32>>>()?;
-    cursor.take(chars)?;
-    cursor.take(leap.checked_mul(time_size + 4)?)?;
-    cursor.take(isstd)?;
-    cursor.take(isut)?;
-    Some(TimeZone {
-        transitions,
-        offsets_after,
-        initial: *offsets.first()?,
-        rule: None,
-    })
-}
-
-/// A POSIX `TZ` rule such as `CET-1CEST,M3.5.0,M10.5.0/3` (offsets are seconds east of UTC).
-#[derive(Debug, Clone, PartialEq)]
-pub enum PosixTz {
-    Fixed(i32),
-    Daylight {
-        standard: i32,
-        daylight: i32,
-        start: DateRule,
-        end: DateRule,
-    },
-}
-
-/// When daylight time starts or ends: a day of the year and a local time (seconds).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DateRule {
-    day: Day,
-    time: i32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Day {
-    /// `Jn`: 1..=365, February 29 never counted.
-    Julian(i64),
-    /// `n`: 0..=365, February 29 counted.
-    Zero(i64),
-    /// `Mm.w.d`: weekday `d` (0 = Sunday) of week `w` (5 = last) of month `m`.
-    Month { month: i64, week: i64, weekday: i64 },
-}
-
-impl PosixTz {
-    fn standard_offset(&self) -> i32 {
-        match self {
-            PosixTz::Fixed(offset) => *offset,
-            PosixTz::Daylight { standard, .. } => *standard,
-        }
-    }
-
-    fn offset_at(&self, t: i64) -> i32 {
-        let PosixTz::Daylight {
-            standard,
-            daylight,
-            start,
-            end,
-        } = self
-        else {
-            return self.standard_offset();
-        };
-        let year = civil_from_days((t + i64::from(*standard)).div_euclid(86_400)).0;
-        let starts = start.unix_time(year) - i64::from(*standard);
-        let ends = end.unix_time(year) - i64::from(*daylight);
-        let in_daylight = if starts < ends {
-            starts <= t && t < ends
-        } else {
-            !(ends <= t && t < starts)
-        };
-        if in_daylight { *daylight } else { *standard }
-    }
-}
-
-impl DateRule {
-    /// The rule's moment in `year`, as if local time were UTC.
-    fn unix_time(&self, year: i64) -> i64 {
-        let jan1 = days_from_civil(year, 1, 1);
-        let leap = is_leap(year);
-        let day = match self.day {
-            Day::Julian(n) => jan1 + n - 1 + i64::from(leap && n >= 60),
-            Day::Zero(n) => jan1 + n,
-            Day::Month {
-                month,
-                week,
-                weekday,
-            } => {
-                let first = days_from_civil(year, month, 1);
-                let mut day = first + (weekday - weekday_of(first)).rem_euclid(7) + (week - 1) * 7;
-                let month_end = first + month_length(year, month);
-                while day >= month_end {
-                    day -= 7;
-                }
-                day
-            }
-        };
-        day * 86_400 + i64::from(self.time)
-    }
-}
-
-/// Parses a POSIX `TZ` value; None for anything it does not understand.
-pub fn parse_posix_tz(text: &str) -> Option<PosixTz> {
-    let mut p = TzParser(text.as_bytes());
-    p.name()?;
-    let standard = p.offset()?.checked_neg()?;
-    if p.0.is_empty() {
-        return Some(PosixTz::Fixed(standard));
-    }
-    p.name()?;
-    let daylight = match p.0.first() {
-        Some(b'+' | b'-' | b'0'..=b'9') => p.offset()?.checked_neg()?,
-        _ => standard + 3600,
-    };
-    let (start, end) = if p.0.is_empty() {
-        // No rule given: the US rule, as glibc's default `posixrules` has it.
-        let rule = |month, week| DateRule {
-            day: Day::Month {
-                month,
-                week,
-                weekday: 0,
-            },
-            time: 7200,
-        };
-        (rule(3, 2), rule(11, 1))
-    } else {
-        p.expect(b',')?;
-        let start = p.rule()?;
-        p.expect(b',')?;
-        let end = p.rule()?;
-        (start, end)
-    };
-    if !p.0.is_empty() {
-        return None;
-    }
-    Some(PosixTz::Daylight {
-        standard,
-        daylight,
-        start,
-        end,
-    })
-}
-
-struct TzParser<'a>(&'a [u8]);
-
-impl TzParser<'_> {
-    fn expect(&mut self, byte: u8) -> Option<()> {
-        let (&first, rest) = self.0.split_first()?;
-        if first != byte {
-            return None;
-        }
-        self.0 = rest;
-        Some(())
-    }
-
-    fn name(&mut self) -> Option<()> {
-        let quoted = self.0.first() == Some(&b'<');
-        let length = if quoted {
-            self.0.iter().position(|&b| b == b'>')? + 1
-        } else {
-            self.0
-                .iter()
-                .position(|b| !b.is_ascii_alphabetic())
-                .unwrap_or(self.0.len())
-        };
-        if length < 3 {
-            return None;
-        }
-        self.0 = self.0.get(length..)?;
-        Some(())
-    }
-
-    fn number(&mut self) -> Option<i64> {
-        let digits = self
-            .0
-            .iter()
-            .position(|b| !b.is_ascii_digit())
-            .unwrap_or(self.0.len());
-        if digits == 0 || digits > 6 {
-            return None;
-        }
-        let text = std::str::from_utf8(self.0.get(..digits)?).ok()?;
-        self.0 = self.0.get(digits..)?;
-        text.parse().ok()
-    }
-
-    /// `[+-]hh[:mm[:ss]]` in seconds, as written (west of UTC positive for offsets).
-    fn offset(&mut self) -> Option<i32> {
-        let sign = match self.0.first() {
-            Some(b'-') => -1,
-            _ => 1,
-        };
-        if matches!(self.0.first(), Some(b'+' | b'-')) {
-            self.0 = self.0.get(1..)?;
-        }
-        let mut seconds = self.number()?.checked_mul(3600)?;
-        for unit in [60, 1] {
-            if self.expect(b':').is_none() {
-                break;
-            }
-            seconds = seconds.checked_add(self.number()?.checked_mul(unit)?)?;
-        }
-        if seconds > 167 * 3600 {
-            return None;
-        }
-        i32::try_from(seconds * sign).ok()
-    }
-
-    fn rule(&mut self) -> Option<DateRule> {
-        let day = match self.0.first()? {
-            b'J' => {
-                self.0 = self.0.get(1..)?;
-                let n = self.number()?;
-                (1..=365).contains(&n).then_some(Day::Julian(n))?
-            }
-            b'M' => {
-                self.0 = self.0.get(1..)?;
-                let month = self.number()?;
-                self.expect(b'.')?;
-                let week = self.number()?;
-                self.expect(b'.')?;
-                let weekday = self.number()?;
-                let valid = (1..=12).contains(&month)
-                    && (1..=5).contains(&week)
-                    && (0..=6).contains(&weekday);
-                valid.then_some(Day::Month {
-                    month,
-                    week,
-                    weekday,
-                })?
-            }
-            _ => {
-                let n = self.number()?;
-                (0..=365).contains(&n).then_some(Day::Zero(n))?
-            }
-        };
-        let time = if self.expect(b'/').is_some() {
-            self.offset()?
-        } else {
-            7200
-        };
-        Some(DateRule { day, time })
-    }
-}
-
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn month_length(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// 0 = Sunday.
-fn weekday_of(days: i64) -> i64 {
-    (days + 4).rem_euclid(7)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day since 1970-01-01: (year, month, day).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
 }
 
 #[cfg(test)]
@@ -1086,12 +634,7 @@ mod tests {
     const T: i64 = 1_700_000_000_000;
 
     fn utc_unlabelled() -> Zone {
-        Zone::Local(TimeZone {
-            transitions: Vec::new(),
-            offsets_after: Vec::new(),
-            initial: 0,
-            rule: None,
-        })
+        Zone::Local(jiff::tz::TimeZone::UTC)
     }
 
     fn render(line: &str) -> String {
@@ -1298,122 +841,16 @@ mod tests {
     }
 
     #[test]
-    fn posix_rules() {
-        let berlin = parse_posix_tz("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
-        // 2023-11-14: winter; 2023-07-01 12:00 UTC: summer.
-        assert_eq!(berlin.offset_at(T / 1000), 3600);
-        assert_eq!(berlin.offset_at(1_688_212_800), 7200);
-        // DST began 2023-03-26 01:00 UTC and ended 2023-10-29 01:00 UTC.
-        assert_eq!(berlin.offset_at(1_679_792_399), 3600);
-        assert_eq!(berlin.offset_at(1_679_792_400), 7200);
-        assert_eq!(berlin.offset_at(1_698_541_199), 7200);
-        assert_eq!(berlin.offset_at(1_698_541_200), 3600);
-
-        // Southern hemisphere: Sydney, DST from October to April.
-        let sydney = parse_posix_tz("AEST-10AEDT,M10.1.0,M4.1.0/3").unwrap();
-        assert_eq!(sydney.offset_at(T / 1000), 11 * 3600);
-        assert_eq!(sydney.offset_at(1_688_212_800), 10 * 3600);
-
-        let new_york = parse_posix_tz("EST5EDT").unwrap();
-        assert_eq!(new_york.offset_at(1_688_212_800), -4 * 3600);
-        assert_eq!(new_york.offset_at(T / 1000), -5 * 3600);
-
-        assert_eq!(parse_posix_tz("UTC0"), Some(PosixTz::Fixed(0)));
-        assert_eq!(parse_posix_tz("<+0530>-5:30"), Some(PosixTz::Fixed(19_800)));
-        assert_eq!(parse_posix_tz("<-03>3"), Some(PosixTz::Fixed(-10_800)));
-        assert!(
-            parse_posix_tz("<+1030>-10:30<+11>-11,M10.1.0,M4.1.0").is_some(),
-            "Lord Howe"
-        );
-        for bad in [
-            "",
-            "U0",
-            "UTC",
-            "UTC0x",
-            "CET-1CEST,M13.1.0,M1.1.0",
-            "X-1Y,J0,J5",
-        ] {
-            assert_eq!(parse_posix_tz(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(civil_from_days(19_675), (2023, 11, 14));
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(weekday_of(days_from_civil(2023, 11, 14)), 2);
-        for days in [-800_000, -1, 0, 59, 60, 11_016, 19_675, 2_000_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
-    }
-
-    /// A TZif v2 file: one 64-bit transition to +1 h at T, then a fixed footer rule.
-    fn tzif(transitions: &[(i64, u8)], types: &[i32], footer: &str) -> Vec<u8> {
-        let header = |counts: [u32; 6]| {
-            let mut h = b"TZif2".to_vec();
-            h.extend([0; 15]);
-            for c in counts {
-                h.extend(c.to_be_bytes());
-            }
-            h
-        };
-        let counts = [0, 0, 0, transitions.len() as u32, types.len() as u32, 4];
-        let mut data = header(counts);
-        for (at, _) in transitions {
-            data.extend((*at as i32).to_be_bytes());
-        }
-        data.extend(transitions.iter().map(|(_, i)| *i));
-        for offset in types {
-            data.extend(offset.to_be_bytes());
-            data.extend([0, 0]);
-        }
-        data.extend(b"UTC\0");
-        data.extend(header(counts));
-        for (at, _) in transitions {
-            data.extend(at.to_be_bytes());
-        }
-        data.extend(transitions.iter().map(|(_, i)| *i));
-        for offset in types {
-            data.extend(offset.to_be_bytes());
-            data.extend([0, 0]);
-        }
-        data.extend(b"UTC\0");
-        data.extend(format!("\n{footer}\n").bytes());
-        data
-    }
-
-    #[test]
-    fn tzif_files() {
-        let t = T / 1000;
-        let zone = parse_tzif(&tzif(&[(t, 1)], &[0, 3600], "")).unwrap();
-        assert_eq!(zone.offset_at(t - 1), 0);
-        assert_eq!(zone.offset_at(t), 3600);
-        assert_eq!(zone.offset_at(t + 1_000_000_000), 3600);
-
-        let zone = parse_tzif(&tzif(&[(t, 1)], &[0, 3600], "CET-1CEST,M3.5.0,M10.5.0/3")).unwrap();
-        assert_eq!(zone.offset_at(t - 1), 0);
-        assert_eq!(zone.offset_at(t + 1), 3600);
-        assert_eq!(zone.offset_at(1_719_835_200), 7200); // 2024-07-01 12:00 UTC
-
-        let utc = parse_tzif(&tzif(&[], &[0], "UTC0")).unwrap();
-        assert_eq!(utc.offset_at(t), 0);
-
-        // Damaged files are rejected, never a panic.
-        let good = tzif(&[(t, 1)], &[0, 3600], "CET-1CEST,M3.5.0,M10.5.0/3");
-        for n in 0..good.len() {
-            let _ = parse_tzif(&good[..n]);
-        }
-        assert!(parse_tzif(&tzif(&[(t, 2)], &[0, 3600], "")).is_none());
-        assert!(parse_tzif(&tzif(&[], &[], "")).is_none());
-        assert!(parse_tzif(b"not a tz file").is_none());
-
-        // This machine's own zone, if it has one, parses.
-        if let Ok(data) = std::fs::read("/etc/localtime") {
-            assert!(parse_tzif(&data).is_some());
-        }
+    fn local_clock_follows_the_zone() {
+        let berlin = Zone::Local(jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap());
+        // 2023-11-14: winter (+1 h); 2023-07-01 12:00 UTC: summer (+2 h).
+        assert_eq!(berlin.clock(T + 42), "23:13:20.042");
+        assert_eq!(berlin.clock(1_688_212_800_000), "14:00:00.000");
+        let sydney =
+            Zone::Local(jiff::tz::TimeZone::posix("AEST-10AEDT,M10.1.0,M4.1.0/3").unwrap());
+        assert_eq!(sydney.clock(T), "09:13:20.000");
+        // Beyond what a calendar can hold: UTC arithmetic, marked.
+        assert_eq!(berlin.clock(i64::MAX).len(), 13);
     }
 
     #[test]

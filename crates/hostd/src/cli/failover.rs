@@ -75,17 +75,8 @@ pub fn render(report: &MoveReport) -> String {
         "{}'s identity moved {} → {} (epoch {}): {}\n",
         report.node, report.from, report.to, report.epoch, report.reason
     );
-    let t = &report.timeline_ms;
-    for (step, at) in [
-        ("restarted", t.restarted),
-        ("released", t.released),
-        ("fenced", t.fenced),
-        ("replayed", t.replayed),
-        ("serving", t.serving),
-    ] {
-        if let Some(at) = at {
-            out.push_str(&format!("  {step:<10}+{at:.1} ms\n"));
-        }
+    for (step, at) in report.timeline_ms.steps() {
+        out.push_str(&format!("  {step:<10}+{at:.1} ms\n"));
     }
     if !report.planned {
         out.push_str(&format!(

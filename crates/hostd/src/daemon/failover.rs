@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use shm::node::Ack;
-use shm::{Command, CommandKind, Owner};
+use shm::node::{Ack, ack_status};
+use shm::{Command, CommandKind, Owner, TakeOverArgument};
 
 use super::launch::Cluster;
 use crate::config::GUEST_NBD_PORT;
@@ -26,10 +26,6 @@ const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long a restarted node may take to boot for a giveback.
 const GIVEBACK_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-/// Flag in a `TakeOver` command's argument: replay the partner's log first (its writer is
-/// fenced). The low 16 bits carry the port to listen on (process backend).
-pub const REPLAY_PARTNER_LOG: u64 = 1 << 32;
-
 /// A giveback waiting for its node to boot.
 #[derive(Debug)]
 pub struct PendingGiveback {
@@ -199,14 +195,12 @@ impl Cluster {
     /// `hostd giveback NODE`: starts NODE again if it is not running; the move itself
     /// happens once it is up (see [`Cluster::continue_giveback`]).
     pub fn start_giveback(&mut self, name: &str, reply: Option<Sender<Response>>) {
-        let result = self.begin_giveback(name);
-        match result {
-            Ok(Some(pending)) => {
+        match self.begin_giveback(name) {
+            Ok(pending) => {
                 self.pending_giveback = Some(PendingGiveback { reply, ..pending });
                 // It may be up already.
                 self.continue_giveback();
             }
-            Ok(None) => {}
             Err(error) => {
                 send(
                     reply,
@@ -218,7 +212,7 @@ impl Cluster {
         }
     }
 
-    fn begin_giveback(&mut self, name: &str) -> Result<Option<PendingGiveback>, MoveError> {
+    fn begin_giveback(&mut self, name: &str) -> Result<PendingGiveback, MoveError> {
         let node = self.node_index(name)?;
         let partner = 1 - node;
         if self.pending_giveback.is_some() {
@@ -239,10 +233,10 @@ impl Cluster {
             )));
         }
         let started = Instant::now();
-        let running = self.nodes[node].child.is_some()
-            && self.nodes[node].exit.is_none()
-            && !self.nodes[node].fenced;
-        if !running || self.nodes[node].state() == NodeState::Down {
+        // A fenced node has an exit status too: no pid means nothing runs.
+        let restart =
+            self.nodes[node].pid().is_none() || self.nodes[node].state() == NodeState::Down;
+        if restart {
             if let Some(child) = self.nodes[node].child.as_mut() {
                 let _ = child.kill_and_reap(FENCE_TIMEOUT);
             }
@@ -255,21 +249,14 @@ impl Cluster {
                     source,
                 })?;
             log::info!("giveback: node {name} restarted; waiting for its agent");
-            return Ok(Some(PendingGiveback {
-                node,
-                reply: None,
-                started,
-                started_unix_ms: unix_ms(),
-                restarted: true,
-            }));
         }
-        Ok(Some(PendingGiveback {
+        Ok(PendingGiveback {
             node,
             reply: None,
             started,
             started_unix_ms: unix_ms(),
-            restarted: false,
-        }))
+            restarted: restart,
+        })
     }
 
     /// Completes a pending giveback once its node is up; gives up after a boot timeout.
@@ -334,7 +321,7 @@ impl Cluster {
     pub fn inject(&mut self, name: &str, signal: KillSignal) -> Result<String, MoveError> {
         let index = self.node_index(name)?;
         let node = &mut self.nodes[index];
-        if node.fenced || node.exit.is_some() {
+        if node.pid().is_none() {
             return Err(MoveError::Refused(format!("node {name} is not running")));
         }
         let done = match signal {
@@ -411,10 +398,9 @@ impl Cluster {
             Move::Unplanned { .. } => 1 - to,
             Move::Planned { from, .. } => *from,
         };
-        let mut argument = if self.is_process_backend() {
-            u64::from(port)
-        } else {
-            0
+        let argument = TakeOverArgument {
+            replay_partner_log: matches!(how, Move::Unplanned { .. }),
+            port: if self.is_process_backend() { port } else { 0 },
         };
         if let Move::Planned { from, .. } = how {
             // New clients must not reach the old owner while it flushes.
@@ -437,7 +423,6 @@ impl Cluster {
             }
             timeline.released = Some(ms_since(started));
         } else {
-            argument |= REPLAY_PARTNER_LOG;
             // The fenced node's QEMU is gone and with it its forward.
             self.nodes[from].forwards_own_port = false;
         }
@@ -450,13 +435,18 @@ impl Cluster {
                 epoch,
             },
         )?;
-        let seq = self.issue(to, CommandKind::TakeOver, identity, epoch, argument)?;
+        let seq = self.issue(
+            to,
+            CommandKind::TakeOver,
+            identity,
+            epoch,
+            argument.to_word(),
+        )?;
         let ack = self.await_ack(to, seq, TAKEOVER_ACK_TIMEOUT)?;
         timeline.replayed = Some(ms_since(started));
         self.forward(to, identity)?;
         timeline.serving = Some(ms_since(started));
-        let records = (ack.last_seq + 1).saturating_sub(ack.first_seq);
-        let replayed = matches!(how, Move::Unplanned { .. });
+        let replayed = argument.replay_partner_log;
         let report = MoveReport {
             node: identity_name,
             from: self.nodes[from].name.clone(),
@@ -468,10 +458,14 @@ impl Cluster {
             epoch,
             detected_unix_ms: started_unix_ms,
             timeline_ms: timeline,
-            replayed_records: if replayed { records } else { 0 },
+            replayed_records: if replayed {
+                (ack.last_seq + 1).saturating_sub(ack.first_seq)
+            } else {
+                0
+            },
             replayed_first_seq: ack.first_seq,
             replayed_last_seq: ack.last_seq,
-            replay_complete: ack.status != PARTIAL_REPLAY,
+            replay_complete: ack.status != ack_status::PARTIAL_REPLAY,
         };
         log::info!(
             "identity {} moved {} → {} in {:.1} ms (epoch {epoch})",
@@ -520,7 +514,7 @@ impl Cluster {
                 && ack.command_seq == seq
             {
                 return match ack.status {
-                    0 | PARTIAL_REPLAY => Ok(ack),
+                    ack_status::OK | ack_status::PARTIAL_REPLAY => Ok(ack),
                     status => Err(MoveError::AckFailed {
                         node: self.nodes[node].name.clone(),
                         seq,
@@ -615,9 +609,6 @@ fn hostfwd_succeeded(reply: &str) -> bool {
     let reply = reply.trim();
     reply.is_empty() || reply.ends_with(" removed") || reply.ends_with(" not found")
 }
-
-/// Ack status of a takeover whose replay stopped at a bad record (see the agent).
-pub const PARTIAL_REPLAY: u64 = 1;
 
 /// How an identity moves.
 #[derive(Debug, Clone)]

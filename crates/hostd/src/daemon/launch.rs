@@ -76,8 +76,6 @@ pub struct Cluster {
     files: Vec<NodeFiles>,
     control_path: PathBuf,
     started: Instant,
-    /// Origin of the monitors' clock.
-    pub(super) clock_origin: Instant,
     pub(super) events: EventLog,
     /// Each node's state at the last sample, to record transitions.
     last_states: Vec<NodeState>,
@@ -240,7 +238,6 @@ pub fn launch(
         files: files.to_vec(),
         control_path: control_path.to_owned(),
         started: Instant::now(),
-        clock_origin: Instant::now(),
         events,
         last_states: vec![NodeState::Booting; config.nodes.len()],
         pending_giveback: None,
@@ -359,9 +356,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// The monitors' clock now.
+    /// The monitors' clock now: time since launch (set before the first sample).
     pub(super) fn clock(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.clock_origin)
+        now.saturating_duration_since(self.started)
     }
 
     pub(super) fn is_process_backend(&self) -> bool {

@@ -1,0 +1,23 @@
+# Shared by the scripts that run a pair of their own (sourced, not run).
+
+# Prints the first of two consecutive free loopback ports at or after $1.
+free_port_pair() {
+    local port=$1
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
+        (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; do
+        port=$((port + 2))
+        ((port < 65000)) || return 1
+    done
+    echo "$port"
+}
+
+# end_pair STATUS HOSTD STATE LINES: after a failed run (STATUS != 0) shows the last LINES
+# lines of hostd's log; then stops the pair and deletes its regions and disks.
+end_pair() {
+    local status=$1 hostd=$2 state=$3 lines=$4
+    if ((status != 0)) && [[ -s $state/hostd.log ]]; then
+        echo "--- last lines of $state/hostd.log:" >&2
+        tail -n "$lines" "$state/hostd.log" >&2
+    fi
+    IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true
+}
