@@ -27,11 +27,7 @@ use clap::Parser;
 use hostd::protocol::{ClusterStatus, KillSignal, MoveReport, NodeState, Request, Response};
 use serde_json::Value;
 
-#[allow(dead_code)]
-#[path = "../tests/common/nbd_client.rs"]
-mod nbd_client;
-
-use nbd_client::NbdClient;
+use campaign::nbd_client::NbdClient;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 

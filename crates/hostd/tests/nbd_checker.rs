@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use campaign::nbd_client::{NbdClient, reply_errno};
 use common::ack_checker::{
     AckedWriter, BLOCK, History, Op, Outcome, WriterOptions, decode_block, encode_block,
 };
-use common::nbd_client::{NbdClient, reply_errno};
 use common::{free_port, tool};
 
 const SIZE: u64 = 64 << 20;

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use campaign::nbd_client::NbdClient;
 use common::ack_checker::AckedWriter;
-use common::nbd_client::NbdClient;
 use common::{Pair, agent_prerequisite, prerequisites};
 use serde_json::Value;
 

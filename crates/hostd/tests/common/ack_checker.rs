@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::nbd_client::{NbdClient, reply_errno};
+use campaign::nbd_client::{NbdClient, reply_errno};
 
 pub const BLOCK: usize = 4096;
 const HEADER: usize = 24;

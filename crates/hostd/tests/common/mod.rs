@@ -10,7 +10,6 @@ use serde_json::Value;
 use shm::{Access, Mapping, NodeRegion};
 
 pub mod ack_checker;
-pub mod nbd_client;
 
 pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
 pub const WRITE_PROBE_OFFSET: u64 = 3072;

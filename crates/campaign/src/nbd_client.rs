@@ -1,5 +1,5 @@
-//! A small blocking NBD client for tests: fixed newstyle handshake, `NBD_OPT_GO`, simple
-//! replies, one request in flight at a time. Names follow the NBD specification
+//! A small blocking NBD client, used by the fault campaign's workload and by tests: fixed
+//! newstyle handshake, `NBD_OPT_GO`, simple replies, one request in flight at a time. Names follow the NBD specification
 //! (`doc/proto.md` in the NetworkBlockDevice/nbd repository). Everything is big-endian.
 
 use std::fmt;
