@@ -506,6 +506,7 @@ impl Probe {
             KillSignal::Kill => "kill",
             KillSignal::Stop => "stop",
             KillSignal::Panic => "panic",
+            KillSignal::Agent => "agent",
         };
         if self.kill_via_cli {
             self.hostd(&["kill", VICTIM, "--signal", name])?;

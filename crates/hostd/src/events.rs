@@ -38,6 +38,23 @@ pub enum Event {
     },
     /// hostd injected a fault (`hostd kill`).
     FaultInjected { node: String, signal: String },
+    /// Node `node` may serve identity `identity` from now on. Recorded before the node is
+    /// told to, so the time is a lower bound of when it starts.
+    ServingStarted {
+        identity: String,
+        node: String,
+        epoch: u64,
+    },
+    /// Node `node` no longer serves identity `identity`: it was fenced (killed and reaped),
+    /// released the identity, or stopped. Recorded once that is certain, so the time is an
+    /// upper bound of when it stopped.
+    ServingEnded {
+        identity: String,
+        node: String,
+        reason: String,
+    },
+    /// A restarted hostd found the pair running and adopted it instead of launching one.
+    PairAdopted { nodes: Vec<(String, String)> },
     /// The pair was stopped.
     PairStopped { stopped: Vec<(String, String)> },
 }
@@ -51,6 +68,9 @@ pub struct EventLog {
 #[derive(Serialize)]
 struct Line<'a> {
     time_unix_ms: u64,
+    /// The same time in microseconds, for tools that order events against client
+    /// operations (the fault campaign's checker).
+    time_unix_us: u64,
     #[serde(flatten)]
     event: &'a Event,
 }
@@ -63,11 +83,12 @@ impl EventLog {
     }
 
     pub fn record(&self, event: &Event) {
-        let time_unix_ms = std::time::SystemTime::now()
+        let time_unix_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(0, |d| d.as_micros() as u64);
         let line = Line {
-            time_unix_ms,
+            time_unix_ms: time_unix_us / 1000,
+            time_unix_us,
             event,
         };
         let written = serde_json::to_string(&line)
@@ -117,7 +138,9 @@ mod tests {
         assert_eq!(lines[0]["event"], "node_state");
         assert_eq!(lines[0]["node"], "a");
         assert_eq!(lines[0]["to"], "up");
-        assert!(lines[0]["time_unix_ms"].as_u64().unwrap() > 0);
+        let ms = lines[0]["time_unix_ms"].as_u64().unwrap();
+        assert!(ms > 0);
+        assert_eq!(lines[0]["time_unix_us"].as_u64().unwrap() / 1000, ms);
         assert_eq!(lines[1]["event"], "pair_stopped");
     }
 }

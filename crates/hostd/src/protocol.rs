@@ -39,6 +39,10 @@ pub enum KillSignal {
     Stop,
     /// Panic the guest kernel (an NMI through QMP `inject-nmi`; the guest panics on it).
     Panic,
+    /// Kill only the guest agent inside the guest (SIGKILL from the guest's shell); the
+    /// guest's init starts it again. With the process backend the agent is the node's
+    /// process, so this is the same as `kill`.
+    Agent,
 }
 
 /// The daemon's answer.
@@ -66,8 +70,11 @@ pub struct ClusterStatus {
     pub hostd_pid: u32,
     pub accel: String,
     pub accel_reason: String,
-    /// Seconds since the daemon launched the guests.
+    /// Seconds since the daemon launched (or adopted) the guests.
     pub uptime_s: f64,
+    /// Whether this daemon adopted a pair an earlier hostd left running.
+    #[serde(default)]
+    pub adopted: bool,
     pub nodes: Vec<NodeStatus>,
 }
 

@@ -28,8 +28,17 @@ pub fn progress_states(status: &ClusterStatus) -> String {
 /// The status table, in the spirit of `storage failover show` and `crm_mon`.
 pub fn status_table(status: &ClusterStatus) -> String {
     let mut out = format!(
-        "cluster  epoch {}, hostd pid {}, {} ({}), state dir {}\n",
-        status.epoch, status.hostd_pid, status.accel, status.accel_reason, status.state_dir
+        "cluster  epoch {}, hostd pid {}{}, {} ({}), state dir {}\n",
+        status.epoch,
+        status.hostd_pid,
+        if status.adopted {
+            " (adopted the running pair)"
+        } else {
+            ""
+        },
+        status.accel,
+        status.accel_reason,
+        status.state_dir
     );
     let header = [
         "NODE",

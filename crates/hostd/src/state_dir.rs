@@ -67,6 +67,11 @@ impl StateDir {
         self.root.join("consoles").join(format!("{name}.qemu.log"))
     }
 
+    /// The socket of node `name`'s guest shell (its second serial port).
+    pub fn shell_socket(&self, name: &str) -> PathBuf {
+        self.root.join("qmp").join(format!("{name}.shell.sock"))
+    }
+
     /// QMP socket of node `name`.
     pub fn qmp_socket(&self, name: &str) -> PathBuf {
         self.root.join("qmp").join(format!("{name}.sock"))

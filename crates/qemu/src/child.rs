@@ -5,6 +5,10 @@
 //! pidfd becomes readable the moment the process exits, so callers can poll it alongside
 //! sockets. Dropping a [`QemuChild`] kills and reaps the process: no QEMU outlives its
 //! handle.
+//!
+//! A process started by an earlier hostd can be *adopted* ([`QemuChild::adopt`]): it is not
+//! our child, so its exit is seen through the pidfd but its exit status is not ours to
+//! collect (its new parent, init, reaps it).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -51,8 +55,16 @@ pub enum ChildError {
     Exited {
         /// The process id.
         pid: u32,
-        /// Its exit status, when it was reaped through this handle.
-        status: Option<ExitStatus>,
+        /// How it ended, when this handle saw it end.
+        status: Option<Exit>,
+    },
+    /// The process to adopt is not there, or its pid now belongs to another process.
+    #[error("cannot adopt process {pid}: {reason}")]
+    Adopt {
+        /// The process id.
+        pid: u32,
+        /// Why not.
+        reason: String,
     },
     /// `pidfd_send_signal` failed for a reason other than the process being gone.
     #[error("cannot send {signal} to process {pid}: {source}")]
@@ -117,12 +129,53 @@ impl std::fmt::Display for Signal {
     }
 }
 
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Reaped through this handle: the real exit status.
+    Status(ExitStatus),
+    /// An adopted process ended; only its parent (init) learns how.
+    Unobserved,
+}
+
+impl Exit {
+    /// The exit status, when it could be observed.
+    pub fn status(self) -> Option<ExitStatus> {
+        match self {
+            Exit::Status(status) => Some(status),
+            Exit::Unobserved => None,
+        }
+    }
+
+    /// Whether the process is known to have exited with status 0.
+    pub fn success(self) -> bool {
+        self.status().is_some_and(|s| s.success())
+    }
+
+    /// The signal that ended the process, when known.
+    pub fn signal(self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        self.status().and_then(|s| s.signal())
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Status(status) => status.fmt(f),
+            Exit::Unobserved => f.write_str("status unknown: adopted process"),
+        }
+    }
+}
+
 /// A running child process with a pidfd. Killed and reaped on drop.
 #[derive(Debug)]
 pub struct QemuChild {
-    child: Child,
+    /// `None` for an adopted process (not our child).
+    child: Option<Child>,
+    pid: u32,
     pidfd: OwnedFd,
-    status: Option<ExitStatus>,
+    status: Option<Exit>,
     log_path: Option<PathBuf>,
 }
 
@@ -174,7 +227,8 @@ impl QemuChild {
     pub fn from_child(mut child: Child) -> Result<QemuChild, ChildError> {
         match pidfd_open(Pid::from_child(&child), PidfdFlags::empty()) {
             Ok(pidfd) => Ok(QemuChild {
-                child,
+                pid: child.id(),
+                child: Some(child),
                 pidfd,
                 status: None,
                 log_path: None,
@@ -191,9 +245,56 @@ impl QemuChild {
         }
     }
 
+    /// Adopts a running process that is not our child (started by an earlier hostd), if
+    /// process `pid` still exists and started at `start_time` (see [`process_start_time`]),
+    /// so a recycled pid is never mistaken for it. Its stdout and stderr stay where they
+    /// were; `log_path` only says where that is.
+    pub fn adopt(
+        pid: u32,
+        start_time: u64,
+        log_path: Option<PathBuf>,
+    ) -> Result<QemuChild, ChildError> {
+        let adopt_err = |reason: String| ChildError::Adopt { pid, reason };
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| adopt_err("not a valid pid".into()))?;
+        let same_process = || match process_start_time(pid) {
+            Ok(found) if found == start_time => Ok(()),
+            Ok(found) => Err(adopt_err(format!(
+                "the pid now belongs to another process (started at tick {found}, not {start_time})"
+            ))),
+            Err(e) => Err(adopt_err(format!("it is gone ({e})"))),
+        };
+        same_process()?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| ChildError::Pidfd {
+            pid,
+            source: e.into(),
+        })?;
+        // Checked again now that the pidfd pins the process: the pid may have been
+        // recycled between the first check and the open.
+        same_process()?;
+        let mut this = QemuChild {
+            child: None,
+            pid,
+            pidfd,
+            status: None,
+            log_path,
+        };
+        if this.try_wait()?.is_some() {
+            return Err(adopt_err("it has exited".into()));
+        }
+        Ok(this)
+    }
+
+    /// Whether this process was adopted rather than started by this handle.
+    pub fn is_adopted(&self) -> bool {
+        self.child.is_none()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// The pidfd: readable (`POLLIN`) once the process has exited.
@@ -208,17 +309,17 @@ impl QemuChild {
 
     /// Takes the child's stdin pipe, if it was spawned with one.
     pub fn take_stdin(&mut self) -> Option<ChildStdin> {
-        self.child.stdin.take()
+        self.child.as_mut()?.stdin.take()
     }
 
     /// Takes the child's stdout pipe, if it was spawned with one.
     pub fn take_stdout(&mut self) -> Option<ChildStdout> {
-        self.child.stdout.take()
+        self.child.as_mut()?.stdout.take()
     }
 
     /// Takes the child's stderr pipe, if it was spawned with one.
     pub fn take_stderr(&mut self) -> Option<ChildStderr> {
-        self.child.stderr.take()
+        self.child.as_mut()?.stderr.take()
     }
 
     /// Sends `signal` through the pidfd.
@@ -252,24 +353,37 @@ impl QemuChild {
     }
 
     /// Reaps the child if it has exited; `None` while it runs.
-    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ChildError> {
+    pub fn try_wait(&mut self) -> Result<Option<Exit>, ChildError> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().map_err(|source| ChildError::Wait {
-                pid: self.child.id(),
-                source,
-            })?;
+            self.status = self.collect(Duration::ZERO)?;
         }
         Ok(self.status)
     }
 
+    /// Sees whether the process has ended, waiting at most `timeout` on the pidfd, and
+    /// reaps our own child. Does not retry on EINTR: callers loop.
+    fn collect(&mut self, timeout: Duration) -> Result<Option<Exit>, ChildError> {
+        let pid = self.pid;
+        let wait_err = |source| ChildError::Wait { pid, source };
+        let ts = Timespec::try_from(timeout)
+            .map_err(|e| wait_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(Errno::INTR) => Ok(None),
+            Ok(_) => match &mut self.child {
+                Some(child) => Ok(Some(Exit::Status(child.wait().map_err(wait_err)?))),
+                None => Ok(Some(Exit::Unobserved)),
+            },
+            Err(e) => Err(wait_err(e.into())),
+        }
+    }
+
     /// Waits up to `timeout` for the child to exit, by polling the pidfd, and reaps it.
     /// `None` if it is still running at the deadline.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ChildError> {
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<Exit>, ChildError> {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let pid = self.pid();
-        let wait_err = |source| ChildError::Wait { pid, source };
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let remaining = match deadline {
@@ -278,18 +392,12 @@ impl QemuChild {
             };
             // Poll in slices of at most an hour so the timespec never overflows.
             let slice = remaining.min(Duration::from_secs(3600));
-            let ts = Timespec::try_from(slice)
-                .map_err(|e| wait_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-            match poll(&mut fds, Some(&ts)) {
-                Ok(0) if remaining.is_zero() => return Ok(None),
-                Ok(0) | Err(Errno::INTR) => continue,
-                Ok(_) => {
-                    let status = self.child.wait().map_err(wait_err)?;
-                    self.status = Some(status);
-                    return Ok(Some(status));
-                }
-                Err(e) => return Err(wait_err(e.into())),
+            if let Some(status) = self.collect(slice)? {
+                self.status = Some(status);
+                return Ok(Some(status));
+            }
+            if remaining.is_zero() {
+                return Ok(None);
             }
         }
     }
@@ -297,7 +405,7 @@ impl QemuChild {
     /// The fence: SIGKILL through the pidfd, then wait until the process is reaped.
     /// Returns the exit status (also when the child had exited already). Fails only if the
     /// kernel does not let the process die within `timeout`.
-    pub fn kill_and_reap(&mut self, timeout: Duration) -> Result<ExitStatus, ChildError> {
+    pub fn kill_and_reap(&mut self, timeout: Duration) -> Result<Exit, ChildError> {
         if let Some(status) = self.try_wait()? {
             return Ok(status);
         }
@@ -315,6 +423,21 @@ impl QemuChild {
     }
 }
 
+/// When process `pid` started, in clock ticks after boot (field 22 of `/proc/PID/stat`):
+/// with the pid, it names one process for the life of the machine.
+pub fn process_start_time(pid: u32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let malformed = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat line");
+    // The command name (field 2) is in parentheses and may itself contain ") ".
+    let (_, after_name) = stat.rsplit_once(") ").ok_or_else(malformed)?;
+    // after_name starts at field 3 (state); the start time is field 22.
+    after_name
+        .split_whitespace()
+        .nth(22 - 3)
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(malformed)
+}
+
 impl Drop for QemuChild {
     fn drop(&mut self) {
         if self.status.is_some() {
@@ -330,7 +453,6 @@ impl Drop for QemuChild {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::process::ExitStatusExt;
 
     fn sleeper() -> QemuChild {
         let mut cmd = Command::new("sleep");
@@ -478,6 +600,60 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("to-out") && text.contains("to-err"), "{text}");
         assert!(text.contains("stdin-is-null"), "{text}");
+    }
+
+    /// Starts `sleep 30` as a grandchild (its shell parent exits at once), so it is not
+    /// our child, like a QEMU left behind by a hostd that died.
+    fn orphan_sleeper() -> u32 {
+        let out = Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn adopts_a_process_that_is_not_our_child_and_fences_it() {
+        let pid = orphan_sleeper();
+        let start = process_start_time(pid).unwrap();
+        let mut adopted = QemuChild::adopt(pid, start, None).unwrap();
+        assert!(adopted.is_adopted());
+        assert_eq!(adopted.pid(), pid);
+        assert_eq!(adopted.try_wait().unwrap(), None);
+        adopted.signal(Signal::Stop).unwrap();
+        // The fence works on a process we cannot reap: its pidfd says when it is gone.
+        let exit = adopted.kill_and_reap(Duration::from_secs(5)).unwrap();
+        assert_eq!(exit, Exit::Unobserved);
+        assert!(exit.to_string().contains("adopted"), "{exit}");
+        let again = adopted.signal(Signal::Kill).unwrap_err();
+        assert!(matches!(again, ChildError::Exited { .. }), "{again:?}");
+    }
+
+    #[test]
+    fn adopt_refuses_a_recycled_or_missing_pid() {
+        let pid = orphan_sleeper();
+        let start = process_start_time(pid).unwrap();
+        let err = QemuChild::adopt(pid, start + 1, None).unwrap_err();
+        assert!(err.to_string().contains("another process"), "{err}");
+        // Clean up through a correct adoption (drop kills it).
+        drop(QemuChild::adopt(pid, start, None).unwrap());
+        let err = QemuChild::adopt(pid, start, None).unwrap_err();
+        assert!(matches!(err, ChildError::Adopt { .. }), "{err:?}");
+        // Gone, or a zombie its new parent has not reaped yet.
+        let text = err.to_string();
+        assert!(text.contains("gone") || text.contains("exited"), "{text}");
+    }
+
+    #[test]
+    fn start_time_reads_our_own_process() {
+        let ours = process_start_time(std::process::id()).unwrap();
+        assert!(ours > 0);
+        assert_eq!(process_start_time(std::process::id()).unwrap(), ours);
+        assert!(process_start_time(u32::MAX).is_err());
     }
 
     #[test]

@@ -220,6 +220,7 @@ pub struct QemuCommand {
     initrd: Option<PathBuf>,
     append: Option<String>,
     serial_log: Option<PathBuf>,
+    shell_socket: Option<PathBuf>,
     qmp_socket: Option<PathBuf>,
     regions: Vec<Region>,
     disks: Vec<Disk>,
@@ -245,6 +246,7 @@ impl QemuCommand {
             initrd: None,
             append: None,
             serial_log: None,
+            shell_socket: None,
             qmp_socket: None,
             regions: Vec::new(),
             disks: Vec::new(),
@@ -307,6 +309,14 @@ impl QemuCommand {
     /// Writes the guest's first serial port (its console) into this file.
     pub fn serial_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.serial_log = Some(path.into());
+        self
+    }
+
+    /// Connects the guest's second serial port (ttyS1) to this Unix socket, where QEMU
+    /// listens (`server=on,wait=off`). The guest image runs a shell there, so the host can
+    /// act inside the guest (fault injection kills the guest agent this way).
+    pub fn shell_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.shell_socket = Some(path.into());
         self
     }
 
@@ -457,6 +467,21 @@ impl QemuCommand {
             ]));
             args.push("-serial");
             args.push("chardev:console");
+        }
+        if let Some(sock) = &self.shell_socket {
+            if self.serial_log.is_none() {
+                // The shell must be the second port, ttyS1, whatever the first is.
+                args.push("-serial");
+                args.push("null");
+            }
+            args.push("-chardev");
+            args.push(join(&[
+                OsStr::new("socket,id=shell,path="),
+                &escape(sock.as_os_str()),
+                OsStr::new(",server=on,wait=off"),
+            ]));
+            args.push("-serial");
+            args.push("chardev:shell");
         }
         if let Some(sock) = &self.qmp_socket {
             args.push("-qmp");
@@ -728,6 +753,7 @@ mod tests {
             .initrd("/k/initrd")
             .append("console=ttyS0,115200 panic=-1")
             .serial_log("/s/console.log")
+            .shell_socket("/s/shell.sock")
             .qmp_socket("/s/qmp.sock")
             .pvpanic()
             .panic_action(PanicAction::ExitFailure);
@@ -742,9 +768,17 @@ mod tests {
         assert_eq!(values(&args, "-append"), ["console=ttyS0,115200 panic=-1"]);
         assert_eq!(
             values(&args, "-chardev"),
-            ["file,id=console,path=/s/console.log"]
+            [
+                "file,id=console,path=/s/console.log",
+                "socket,id=shell,path=/s/shell.sock,server=on,wait=off"
+            ]
         );
-        assert_eq!(values(&args, "-serial"), ["chardev:console"]);
+        assert_eq!(
+            values(&args, "-serial"),
+            ["chardev:console", "chardev:shell"]
+        );
+        let shell_only = strings(&QemuCommand::new("qemu").shell_socket("/s/shell.sock"));
+        assert_eq!(values(&shell_only, "-serial"), ["null", "chardev:shell"]);
         assert_eq!(
             values(&args, "-qmp"),
             ["unix:/s/qmp.sock,server=on,wait=off"]

@@ -6,9 +6,9 @@
 //! timeout with a vague error; [`connect_qmp`] watches the process through its pidfd and
 //! returns [`LaunchError::Exited`] with the tail of QEMU's output instead.
 
+use crate::child::Exit;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use crate::child::{ChildError, QemuChild};
@@ -37,7 +37,7 @@ pub enum LaunchError {
     #[error("QEMU exited during start-up ({status}): {output}")]
     Exited {
         /// QEMU's exit status.
-        status: ExitStatus,
+        status: Exit,
         /// The end of QEMU's stdout/stderr, or a note that it was not captured.
         output: String,
     },
@@ -101,7 +101,7 @@ pub fn connect_qmp(
     }
 }
 
-fn exited(child: &QemuChild, status: ExitStatus) -> LaunchError {
+fn exited(child: &QemuChild, status: Exit) -> LaunchError {
     let output = match child.log_path() {
         Some(path) => match read_tail(path, OUTPUT_TAIL) {
             Ok(text) if text.trim().is_empty() => "(no output)".to_owned(),

@@ -96,7 +96,6 @@ fn sigkill_of_real_qemu_is_seen_through_the_pidfd_and_qmp() {
     let started = Instant::now();
     let status = child.kill_and_reap(T).unwrap();
     eprintln!("stopped QEMU fenced in {:?}", started.elapsed());
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9));
     let err = qmp.execute("query-status", None).unwrap_err();
     assert!(

@@ -289,6 +289,9 @@ pub fn render_event(event: &Value, zone: &Zone) -> String {
             "giveback" => giveback(fields, &indent),
             "move_failed" => move_failed(fields),
             "fault_injected" => fault_injected(fields),
+            "serving_started" => serving(fields, "starts serving", None),
+            "serving_ended" => serving(fields, "stops serving", Some("reason")),
+            "pair_adopted" => pair_adopted(fields),
             _ => None,
         },
     );
@@ -372,6 +375,37 @@ fn fault_injected(fields: &Map<String, Value>) -> Option<String> {
     let node = text(fields, "node")?;
     let signal = text(fields, "signal")?;
     Some(format!("fault injected  node {node}: {signal}"))
+}
+
+/// `node b starts serving a (epoch 3)` / `node a stops serving a (fenced)`
+fn serving(fields: &Map<String, Value>, what: &str, note_key: Option<&str>) -> Option<String> {
+    let identity = text(fields, "identity")?;
+    let node = text(fields, "node")?;
+    let note = match note_key {
+        Some(key) => optional(fields, key, Value::as_str)?.map(str::to_owned),
+        None => optional(fields, "epoch", Value::as_u64)?.map(|e| format!("epoch {e}")),
+    };
+    Some(match note {
+        Some(note) if !note.is_empty() => format!("node {node} {what} {identity} ({note})"),
+        _ => format!("node {node} {what} {identity}"),
+    })
+}
+
+/// `pair adopted  a: pid 123, b: pid 456`
+fn pair_adopted(fields: &Map<String, Value>) -> Option<String> {
+    let nodes = fields
+        .get("nodes")?
+        .as_array()?
+        .iter()
+        .map(|pair| match pair.as_array()?.as_slice() {
+            [node, how] => Some(format!("{}: {}", node.as_str()?, how.as_str()?)),
+            _ => None,
+        })
+        .collect::<Option<Vec<String>>>()?;
+    Some(format!(
+        "pair adopted by a restarted hostd  {}",
+        nodes.join(", ")
+    ))
 }
 
 /// One step of a takeover or giveback: its name, milliseconds after detection, and a note.
@@ -721,6 +755,24 @@ mod tests {
         assert_eq!(
             render(r#"{"time_unix_ms":0,"event":"fault_injected","node":"b","signal":"stop"}"#),
             "00:00:00.000  fault injected  node b: stop"
+        );
+        assert_eq!(
+            render(
+                r#"{"time_unix_ms":0,"event":"serving_started","identity":"a","node":"b","epoch":3}"#
+            ),
+            "00:00:00.000  node b starts serving a (epoch 3)"
+        );
+        assert_eq!(
+            render(
+                r#"{"time_unix_ms":0,"event":"serving_ended","identity":"a","node":"a","reason":"fenced"}"#
+            ),
+            "00:00:00.000  node a stops serving a (fenced)"
+        );
+        assert_eq!(
+            render(
+                r#"{"time_unix_ms":0,"event":"pair_adopted","nodes":[["a","pid 12"],["b","pid 13"]]}"#
+            ),
+            "00:00:00.000  pair adopted by a restarted hostd  a: pid 12, b: pid 13"
         );
     }
 

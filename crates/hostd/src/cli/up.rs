@@ -122,6 +122,14 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
                 println!("{}", render::progress_line(&status));
                 last_states = states;
             }
+            if status.adopted {
+                // Nothing boots: the guests kept running while no hostd watched them.
+                print!("{}", render::status_table(&status));
+                println!(
+                    "adopted the pair an earlier hostd left running; `hostd status` shows it, `hostd down` stops it"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if status.all_up() {
                 print!("{}", render::status_table(&status));
                 println!(

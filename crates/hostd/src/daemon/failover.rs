@@ -24,6 +24,8 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a release may take (the old owner flushes its whole log).
 const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a command in a guest's shell may take.
+const SHELL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a restarted node may take to boot for a giveback.
 const GIVEBACK_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// A giveback waiting for its node to boot.
@@ -89,7 +91,7 @@ impl Cluster {
     }
 
     /// Which node holds identity `identity` now, from the control region.
-    fn owner_of(&self, identity: usize) -> Option<usize> {
+    pub(super) fn owner_of(&self, identity: usize) -> Option<usize> {
         self.control
             .owner(identity)
             .and_then(|o| o.node)
@@ -320,19 +322,33 @@ impl Cluster {
     /// `hostd kill NODE --signal ...`.
     pub fn inject(&mut self, name: &str, signal: KillSignal) -> Result<String, MoveError> {
         let index = self.node_index(name)?;
-        let node = &mut self.nodes[index];
-        if node.pid().is_none() {
+        if self.nodes[index].pid().is_none() {
             return Err(MoveError::Refused(format!("node {name} is not running")));
         }
+        let process_backend = self.config.backend == crate::config::Backend::Process;
+        let shell = self.state.shell_socket(name);
+        let node = &mut self.nodes[index];
         let done = match signal {
-            KillSignal::Kill | KillSignal::Stop => {
+            KillSignal::Agent if !process_backend => {
+                // The guest runs a shell on its second serial port; the agent's respawn
+                // loop in the guest's init starts it again.
+                run_in_shell(&shell, "kill -9 $(pidof guest-agent)").map_err(|e| {
+                    MoveError::Refused(format!(
+                        "cannot reach node {name}'s guest shell at {}: {e}",
+                        shell.display()
+                    ))
+                })?;
+                format!("SIGKILL sent to the guest agent inside node {name} (from its shell)")
+            }
+            KillSignal::Kill | KillSignal::Stop | KillSignal::Agent => {
                 let child = node
                     .child
                     .as_mut()
                     .ok_or_else(|| MoveError::Refused(format!("node {name} is not running")))?;
                 let (sig, what) = match signal {
-                    KillSignal::Kill => (qemu::Signal::Kill, "SIGKILL sent"),
-                    _ => (qemu::Signal::Stop, "SIGSTOP sent"),
+                    KillSignal::Stop => (qemu::Signal::Stop, "SIGSTOP sent"),
+                    // With the process backend the agent is the node's process.
+                    _ => (qemu::Signal::Kill, "SIGKILL sent"),
                 };
                 child
                     .signal(sig)
@@ -379,6 +395,11 @@ impl Cluster {
             node.exit = Some(format!("fenced by hostd ({status})"));
         }
         log::info!("node {name} fenced: {status}");
+        for identity in 0..self.nodes.len() {
+            if self.owner_of(identity) == Some(index) {
+                self.record_serving_ended(identity, index, "fenced");
+            }
+        }
         Ok(())
     }
 
@@ -422,6 +443,7 @@ impl Cluster {
                 return Err(error);
             }
             timeline.released = Some(ms_since(started));
+            self.record_serving_ended(identity, from, "released");
         } else {
             // The fenced node's QEMU is gone and with it its forward.
             self.nodes[from].forwards_own_port = false;
@@ -435,6 +457,11 @@ impl Cluster {
                 epoch,
             },
         )?;
+        self.events.record(&Event::ServingStarted {
+            identity: identity_name.clone(),
+            node: self.nodes[to].name.clone(),
+            epoch,
+        });
         let seq = self.issue(
             to,
             CommandKind::TakeOver,
@@ -588,6 +615,14 @@ impl Cluster {
         }
     }
 
+    pub(super) fn record_serving_ended(&self, identity: usize, node: usize, reason: &str) {
+        self.events.record(&Event::ServingEnded {
+            identity: self.nodes[identity].name.clone(),
+            node: self.nodes[node].name.clone(),
+            reason: reason.to_owned(),
+        });
+    }
+
     fn record_failure(&mut self, identity: usize, to: usize, reason: &str, error: &MoveError) {
         log::error!(
             "moving {} to {} failed: {}",
@@ -602,6 +637,58 @@ impl Cluster {
             error: shm::inspect::error_chain(error),
         });
     }
+}
+
+/// Runs `command` in a guest's shell (its second serial port, a Unix socket QEMU serves)
+/// and waits up to [`SHELL_TIMEOUT`] for it to finish. The connection stays open until
+/// then: QEMU feeds the guest's UART a few bytes at a time and drops the rest of the input
+/// when its client hangs up.
+fn run_in_shell(socket: &std::path::Path, command: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_write_timeout(Some(SHELL_TIMEOUT))?;
+    // The shell prints the marker only after the command ran; the typed line (echoed by
+    // the terminal) has the unexpanded `$((...))` instead.
+    let nonce = std::process::id() as u64 * 1000
+        + u64::from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_millis()),
+        );
+    let marker = format!("ivha-done-{}", nonce + 1);
+    // A fresh line first: whatever a previous client left half typed is discarded.
+    stream.write_all(format!("\n{command}; echo ivha-done-$(({nonce}+1))\n").as_bytes())?;
+    let deadline = Instant::now() + SHELL_TIMEOUT;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(&marker) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the guest shell did not finish the command within {SHELL_TIMEOUT:?}"),
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buffer) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the guest shell hung up",
+                ));
+            }
+            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether an HMP `hostfwd_add` / `hostfwd_remove` reply means it worked.

@@ -15,6 +15,8 @@ use crate::state_dir::StateDir;
 
 /// How long QEMU gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a running QEMU gets to greet a restarted hostd on QMP.
+const QMP_ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors launching the pair.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,8 @@ pub struct Cluster {
     last_states: Vec<NodeState>,
     /// A giveback waiting for its node to boot.
     pub(super) pending_giveback: Option<super::failover::PendingGiveback>,
+    /// Whether this hostd adopted a running pair rather than launching it.
+    adopted: bool,
 }
 
 /// Where the guest image is looked for when the config names none: `IVHA_GUEST_DIR`, then
@@ -151,97 +155,23 @@ pub fn launch(
     files: &[NodeFiles],
     control_path: &Path,
 ) -> Result<Cluster, LaunchError> {
-    let plan = match config.backend {
-        Backend::Qemu => {
-            let (kernel, initrd) = image(config)?;
-            let binary = find_binary(&config.qemu.binary).ok_or_else(|| LaunchError::NoQemu {
-                binary: config.qemu.binary.clone(),
-            })?;
-            let accel = choose_accel(config, &binary)?;
-            Plan::Qemu {
-                binary,
-                kernel,
-                initrd,
-                accel,
-            }
-        }
-        Backend::Process => Plan::Process {
-            agent: agent_binary()?,
-        },
-    };
-    let accel = match &plan {
-        Plan::Qemu { accel, .. } => (
-            format!("{:?}", accel.accel).to_lowercase(),
-            accel.reason.clone(),
-        ),
-        Plan::Process { .. } => (
-            "process".to_owned(),
-            "agents run as host processes (--backend process)".to_owned(),
-        ),
-    };
-    let events = EventLog::new(&state.event_log());
-    events.record(&Event::PairStarting {
-        accel: accel.0.clone(),
-        accel_reason: accel.1.clone(),
+    let mut cluster = Cluster::new(config, state, files, control_path)?;
+    cluster.events.record(&Event::PairStarting {
+        accel: cluster.accel.0.clone(),
+        accel_reason: cluster.accel.1.clone(),
     });
-    let map_error =
-        |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| LaunchError::Region {
-            path: path.to_owned(),
-            source: e,
-        };
-    let control = Mapping::open(control_path, Access::ReadWrite)
-        .map_err(|e| map_error(control_path, Box::new(e)))
-        .and_then(|m| ControlRegion::open(m).map_err(|e| map_error(control_path, Box::new(e))))?;
-    let control_writer = control
-        .writer()
-        .map_err(|e| map_error(control_path, Box::new(e)))?;
-    let command_seq = (0..control.header().nodes.len())
-        .filter_map(|i| control.command(i).map(|c| c.seq))
-        .max()
-        .unwrap_or(0);
-    let monitor = heartbeat::Monitor::new(heartbeat::Config::new(
-        Duration::from_millis(config.heartbeat.interval_ms),
-        Duration::from_millis(config.heartbeat.timeout_ms),
-    ));
-
-    let mut nodes = Vec::new();
-    for (index, node_config) in config.nodes.iter().enumerate() {
-        let partner = config.partner_of(index);
-        let region_path = &files[index].region;
-        let region = Mapping::open(region_path, Access::ReadOnly)
-            .map_err(|e| map_error(region_path, Box::new(e)))
-            .and_then(|m| NodeRegion::open(m).map_err(|e| map_error(region_path, Box::new(e))))?;
-        let mut node = Node::new(
-            node_config.name.clone(),
-            partner.name.clone(),
-            node_config.nbd_port,
-            state.console_log(&node_config.name),
-            region,
-            monitor.clone(),
-        );
-        // A state directory kept from an earlier run may have this identity with the
-        // partner: then the partner's QEMU forwards its address.
-        node.forwards_own_port = control
-            .owner(index)
-            .is_none_or(|o| o.node.is_none_or(|n| n as usize == index));
-        nodes.push(node);
+    if let Err(error) = super::adopt::save_config(state, config) {
+        log::warn!("a restarted hostd will not be able to adopt this pair: {error}");
     }
-    let mut cluster = Cluster {
-        config: config.clone(),
-        state: state.clone(),
-        nodes,
-        control,
-        control_writer,
-        command_seq,
-        accel,
-        plan,
-        files: files.to_vec(),
-        control_path: control_path.to_owned(),
-        started: Instant::now(),
-        events,
-        last_states: vec![NodeState::Booting; config.nodes.len()],
-        pending_giveback: None,
-    };
+    for identity in 0..cluster.nodes.len() {
+        if let Some(owner) = cluster.owner_of(identity) {
+            cluster.events.record(&Event::ServingStarted {
+                identity: cluster.nodes[identity].name.clone(),
+                node: cluster.nodes[owner].name.clone(),
+                epoch: cluster.control.epoch(),
+            });
+        }
+    }
     // Both nodes start before either QMP connection is awaited: they boot in parallel.
     for index in 0..cluster.nodes.len() {
         cluster.spawn_node(index)?;
@@ -254,6 +184,161 @@ pub fn launch(
     }
     cluster.started = Instant::now();
     Ok(cluster)
+}
+
+/// Adopts the pair an earlier hostd left running (`running`: the nodes whose recorded
+/// process still runs). Nothing is restarted and no takeover is started for it: the
+/// running nodes get a fresh heartbeat timeout from now. A node whose process is gone died
+/// while no hostd watched; it counts as fenced, and its identity moves to the partner if
+/// it still held it.
+pub fn adopt(
+    config: &Config,
+    state: &StateDir,
+    files: &[NodeFiles],
+    control_path: &Path,
+    running: &[(usize, super::adopt::RunRecord)],
+) -> Result<Cluster, LaunchError> {
+    let mut cluster = Cluster::new(config, state, files, control_path)?;
+    cluster.started = Instant::now();
+    let mut adopted = Vec::new();
+    for index in 0..cluster.nodes.len() {
+        let name = cluster.nodes[index].name.clone();
+        let found = running.iter().find(|(i, _)| *i == index).map(|(_, r)| *r);
+        let adoption = match found {
+            Some(record) => cluster.adopt_node(index, record).map_err(|error| {
+                log::warn!("node {name}: {error}");
+            }),
+            None => Err(()),
+        };
+        let how = match adoption {
+            Ok(how) => how,
+            Err(()) => {
+                let node = &mut cluster.nodes[index];
+                node.fenced = true;
+                node.exit = Some("gone while no hostd was running".into());
+                node.forwards_own_port = false;
+                for identity in 0..config.nodes.len() {
+                    if cluster.owner_of(identity) == Some(index) {
+                        cluster.record_serving_ended(identity, index, "gone");
+                    }
+                }
+                "gone while no hostd was running".to_owned()
+            }
+        };
+        log::info!("node {name}: {how}");
+        adopted.push((name, how));
+    }
+    cluster.adopted = true;
+    cluster.last_states = cluster.nodes.iter().map(Node::state).collect();
+    cluster
+        .events
+        .record(&Event::PairAdopted { nodes: adopted });
+    Ok(cluster)
+}
+
+impl Cluster {
+    /// The cluster's state without any node process: regions mapped, control region
+    /// opened, the nodes' plan chosen.
+    fn new(
+        config: &Config,
+        state: &StateDir,
+        files: &[NodeFiles],
+        control_path: &Path,
+    ) -> Result<Cluster, LaunchError> {
+        let plan = match config.backend {
+            Backend::Qemu => {
+                let (kernel, initrd) = image(config)?;
+                let binary =
+                    find_binary(&config.qemu.binary).ok_or_else(|| LaunchError::NoQemu {
+                        binary: config.qemu.binary.clone(),
+                    })?;
+                let accel = choose_accel(config, &binary)?;
+                Plan::Qemu {
+                    binary,
+                    kernel,
+                    initrd,
+                    accel,
+                }
+            }
+            Backend::Process => Plan::Process {
+                agent: agent_binary()?,
+            },
+        };
+        let accel = match &plan {
+            Plan::Qemu { accel, .. } => (
+                format!("{:?}", accel.accel).to_lowercase(),
+                accel.reason.clone(),
+            ),
+            Plan::Process { .. } => (
+                "process".to_owned(),
+                "agents run as host processes (--backend process)".to_owned(),
+            ),
+        };
+        let events = EventLog::new(&state.event_log());
+        let map_error =
+            |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| LaunchError::Region {
+                path: path.to_owned(),
+                source: e,
+            };
+        let control = Mapping::open(control_path, Access::ReadWrite)
+            .map_err(|e| map_error(control_path, Box::new(e)))
+            .and_then(|m| {
+                ControlRegion::open(m).map_err(|e| map_error(control_path, Box::new(e)))
+            })?;
+        let control_writer = control
+            .writer()
+            .map_err(|e| map_error(control_path, Box::new(e)))?;
+        let command_seq = (0..control.header().nodes.len())
+            .filter_map(|i| control.command(i).map(|c| c.seq))
+            .max()
+            .unwrap_or(0);
+        let monitor = heartbeat::Monitor::new(heartbeat::Config::new(
+            Duration::from_millis(config.heartbeat.interval_ms),
+            Duration::from_millis(config.heartbeat.timeout_ms),
+        ));
+
+        let mut nodes = Vec::new();
+        for (index, node_config) in config.nodes.iter().enumerate() {
+            let partner = config.partner_of(index);
+            let region_path = &files[index].region;
+            let region = Mapping::open(region_path, Access::ReadOnly)
+                .map_err(|e| map_error(region_path, Box::new(e)))
+                .and_then(|m| {
+                    NodeRegion::open(m).map_err(|e| map_error(region_path, Box::new(e)))
+                })?;
+            let mut node = Node::new(
+                node_config.name.clone(),
+                partner.name.clone(),
+                node_config.nbd_port,
+                state.console_log(&node_config.name),
+                region,
+                monitor.clone(),
+            );
+            // A state directory kept from an earlier run may have this identity with the
+            // partner: then the partner's QEMU forwards its address.
+            node.forwards_own_port = control
+                .owner(index)
+                .is_none_or(|o| o.node.is_none_or(|n| n as usize == index));
+            nodes.push(node);
+        }
+        Ok(Cluster {
+            config: config.clone(),
+            state: state.clone(),
+            nodes,
+            control,
+            control_writer,
+            command_seq,
+            accel,
+            plan,
+            files: files.to_vec(),
+            control_path: control_path.to_owned(),
+            started: Instant::now(),
+            events,
+            last_states: vec![NodeState::Booting; config.nodes.len()],
+            pending_giveback: None,
+            adopted: false,
+        })
+    }
 }
 
 /// What to start for each node.
@@ -335,8 +420,65 @@ impl Cluster {
                     source,
                 }
             })?;
+        if let Err(error) = super::adopt::save_record(&self.state, &name, child.pid()) {
+            log::warn!("a restarted hostd will not be able to adopt node {name}: {error}");
+        }
         self.nodes[index].restarted(child, before);
         Ok(())
+    }
+
+    /// Takes over node `index`'s running process from an earlier hostd: its pidfd, its
+    /// QMP socket (QEMU backend) and whether the VM is paused. Returns what was adopted,
+    /// in words.
+    fn adopt_node(
+        &mut self,
+        index: usize,
+        record: super::adopt::RunRecord,
+    ) -> Result<String, qemu::ChildError> {
+        let name = self.nodes[index].name.clone();
+        let child = QemuChild::adopt(
+            record.pid,
+            record.start_time,
+            Some(self.state.qemu_log(&name)),
+        )?;
+        let clock = self.clock(Instant::now());
+        self.nodes[index].adopted(child, Instant::now(), clock);
+        if self.config.backend == Backend::Process {
+            return Ok(format!("agent process {} adopted", record.pid));
+        }
+        let socket = self.state.qmp_socket(&name);
+        let mut qmp = match qemu::QmpClient::connect(&socket, QMP_ADOPT_TIMEOUT) {
+            Ok(qmp) => qmp,
+            Err(error) => {
+                // A hung QEMU does not answer; its heartbeat will tell, and the fence
+                // works through the pidfd without QMP.
+                log::warn!(
+                    "node {name}: QMP at {} does not answer: {error}",
+                    socket.display()
+                );
+                return Ok(format!(
+                    "QEMU pid {} adopted without QMP (not answering)",
+                    record.pid
+                ));
+            }
+        };
+        // QMP events sent while no hostd listened are lost: ask for the VM's state.
+        let running = qmp
+            .execute("query-status", None)
+            .map(|status| status["running"].as_bool().unwrap_or(true))
+            .unwrap_or(true);
+        let node = &mut self.nodes[index];
+        node.events = Some(qmp.events());
+        node.qmp = Some(qmp);
+        if !running {
+            node.paused = true;
+            node.monitor.observe(heartbeat::Evidence::Stopped, clock);
+        }
+        Ok(format!(
+            "QEMU pid {} adopted{}",
+            record.pid,
+            if running { "" } else { " (VM paused)" }
+        ))
     }
 
     /// Connects to node `index`'s QMP socket (QEMU backend only).
@@ -418,6 +560,7 @@ impl Cluster {
             .initrd(initrd)
             .append(&append)
             .serial_log(self.state.console_log(&node.name))
+            .shell_socket(self.state.shell_socket(&node.name))
             .qmp_socket(self.state.qmp_socket(&node.name))
             // Its own region read-write; the partner's and the control region read-only,
             // so this guest cannot write them even by mistake.
@@ -574,6 +717,7 @@ impl Cluster {
             accel: self.accel.0.clone(),
             accel_reason: self.accel.1.clone(),
             uptime_s: self.started.elapsed().as_secs_f64(),
+            adopted: self.adopted,
             nodes,
         }
     }
@@ -616,7 +760,15 @@ impl Cluster {
             };
             log::info!("node {}: {how}", node.name);
             node.qmp = None;
+            super::adopt::remove_record(&self.state, &node.name);
             stopped.push((node.name.clone(), how));
+        }
+        for identity in 0..self.nodes.len() {
+            if let Some(owner) = self.owner_of(identity)
+                && !self.nodes[owner].fenced
+            {
+                self.record_serving_ended(identity, owner, "stopped");
+            }
         }
         self.events.record(&Event::PairStopped {
             stopped: stopped.clone(),

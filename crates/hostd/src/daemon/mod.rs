@@ -3,6 +3,7 @@
 //! One thread owns all cluster state (the main loop below); the control socket and signal
 //! threads only pass requests to it over a channel. No locks, no shared mutable state.
 
+mod adopt;
 mod failover;
 mod launch;
 mod node;
@@ -81,6 +82,22 @@ pub fn run(
         source,
     })?;
     let lock = lock(state)?;
+    // A pair left running by an earlier hostd is adopted with the configuration it was
+    // started with: its QEMUs were built from it.
+    let running = adopt::running_nodes(state, &adopt::load_config(state).unwrap_or_default());
+    let adopted_config = match adopt::load_config(state) {
+        Some(saved) if !running.is_empty() => {
+            if saved != *config {
+                log::warn!(
+                    "adopting the running pair with the configuration it was started with; \
+                     the configuration given now applies after `hostd down` and `hostd up`"
+                );
+            }
+            Some(saved)
+        }
+        _ => None,
+    };
+    let config = adopted_config.as_ref().unwrap_or(config);
     let (files, control) = prepare::prepare(config, state)?;
     let (requests_tx, requests) = crossbeam_channel::unbounded::<Envelope>();
     let listener =
@@ -108,7 +125,15 @@ pub fn run(
             source,
         })?;
 
-    let mut cluster = launch::launch(config, state, &files, &control)?;
+    let mut cluster = if running.is_empty() {
+        launch::launch(config, state, &files, &control)?
+    } else {
+        log::info!(
+            "adopting the running pair ({} node(s) alive)",
+            running.len()
+        );
+        launch::adopt(config, state, &files, &control, &running)?
+    };
     let result = main_loop(&mut cluster, &requests, &mut on_progress);
     // Children (reaped), then the lock, then the socket: `hostd down` takes a gone socket
     // to mean the state directory is free for the next `hostd up`.

@@ -96,6 +96,26 @@ impl Node {
         self.heartbeat_moved = None;
     }
 
+    /// Takes over a node process an earlier hostd started. Its agent may be running for a
+    /// long time already: its heartbeat counts from the first sample, and it gets a whole
+    /// heartbeat timeout from now before it can be judged down.
+    pub fn adopted(&mut self, child: QemuChild, now: Instant, clock: Duration) {
+        let boot_id = self.region.boot_id();
+        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
+        self.child = Some(child);
+        self.monitor.reset();
+        if boot_id == 0 {
+            // Its agent never started: wait for its first beat as for a new boot.
+            self.boot_id_before_launch = 0;
+            return;
+        }
+        // Any boot id but the running one: a later restart of the agent still counts.
+        self.boot_id_before_launch = !boot_id;
+        self.heartbeat = counter;
+        self.heartbeat_moved = Some(now);
+        self.monitor.observe(Evidence::Heartbeat { counter }, clock);
+    }
+
     /// Feeds everything that may have changed since the last sample to the monitor;
     /// returns the health transitions it caused. `clock` is the monitor's time for `now`.
     pub fn sample(&mut self, now: Instant, clock: Duration) -> Vec<Transition> {
