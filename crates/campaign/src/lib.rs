@@ -1,4 +1,14 @@
 //! The fault campaign: many randomized faults against a live pair while clients write, and a
 //! checker that proves from the recorded history that nothing acknowledged was lost.
 
+pub mod block;
+pub mod checker;
+pub mod history;
+pub mod hostd;
 pub mod nbd_client;
+pub mod nemesis;
+pub mod report;
+pub mod rng;
+pub mod run;
+pub mod torn_tail;
+pub mod workload;

@@ -1,3 +1,240 @@
 //! `ivha-campaign`: run a fault campaign, or check a recorded history.
+//!
+//! Both exit 0 (valid), 1 (invalid: anomalies), 2 (unknown: nothing proven) or 3 (bad
+//! input, a run that could not finish, or another error).
 
-fn main() {}
+use std::error::Error;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use campaign::checker::{self, CheckError, FinalContents, Verdict};
+use campaign::history::{History, HistoryError};
+use campaign::nemesis::FaultKind;
+use campaign::report::Report;
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for bad input and every other error; 0..=2 are verdicts.
+const EXIT_ERROR: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "ivha-campaign", about = "ivha fault campaign")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a pair, run NBD writers and one seeded fault per cycle, then check the history.
+    Run(RunArgs),
+    /// Check a recorded history against the final contents of the exports.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The seed: it fixes the fault schedule (default: drawn from the clock, and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Faults to inject, one per cycle.
+    #[arg(long, default_value_t = 12)]
+    cycles: u64,
+    /// Fault kinds to draw from (comma-separated): kill, stop, panic, agent_kill,
+    /// hostd_restart, torn_tail. `panic` needs QEMU guests.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail"
+    )]
+    faults: Vec<FaultKind>,
+    /// Where the nodes run: QEMU guests, or agents as host processes.
+    #[arg(long, default_value = "qemu", value_parser = ["qemu", "process"])]
+    backend: String,
+    /// Directory for the history, the final contents, the report and the logs (default:
+    /// target/campaign/seed-SEED).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// The hostd binary (default: beside this one).
+    #[arg(long, env = "IVHA_HOSTD", value_name = "PATH")]
+    hostd: Option<PathBuf>,
+    /// NBD writers per identity.
+    #[arg(long, default_value_t = 2)]
+    writers: u32,
+    /// Blocks (4 KiB) each writer owns.
+    #[arg(long, default_value_t = 32)]
+    blocks: u64,
+    /// Host ports of the identities a and b (default: two free ports).
+    #[arg(long, value_delimiter = ',', num_args = 2, value_name = "PORT,PORT")]
+    ports: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The history (JSON lines).
+    history: PathBuf,
+    /// The final contents of one identity's export; repeat per identity.
+    #[arg(long = "final", value_name = "IDENTITY=PATH", value_parser = checker::parse_final_arg)]
+    finals: Vec<(String, PathBuf)>,
+    /// Print the verdict, anomalies and counts as JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+    /// Also write the run report as JSON to this file (and print it for humans).
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cannot read the history")]
+    History(#[from] HistoryError),
+    #[error("cannot check the history")]
+    Check(#[from] CheckError),
+    #[error("cannot serialize the output as JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("the campaign run failed")]
+    Run(#[from] campaign::run::RunError),
+    #[error("the run stopped before its last cycle: {0}")]
+    Aborted(String),
+    #[error("cannot find a free port")]
+    Port(#[source] std::io::Error),
+    #[error("cannot write the report to {path}")]
+    WriteReport {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // Clap exits 2 on usage errors, which would read as the verdict "unknown".
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { EXIT_ERROR } else { 0 });
+        }
+    };
+    let result = match cli.command {
+        Command::Check(args) => check(&args),
+        Command::Run(args) => run(&args),
+    };
+    match result {
+        Ok(verdict) => ExitCode::from(verdict.exit_code()),
+        Err(error) => {
+            print_error_chain(&error);
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn check(args: &CheckArgs) -> Result<Verdict, CommandError> {
+    let history = History::read(&args.history)?;
+    let finals = FinalContents::load(&history, &args.finals)?;
+    let outcome = checker::check(&history, &finals)?;
+    let report = Report::build(&history, &outcome);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        print!("{outcome}");
+    }
+    if let Some(path) = &args.report {
+        write_report(path, &report)?;
+        // Keep stdout pure JSON under --json.
+        if args.json {
+            eprint!("{report}");
+        } else {
+            print!("\n{report}");
+        }
+    }
+    Ok(outcome.verdict)
+}
+
+fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
+    let seed = args
+        .seed
+        .unwrap_or_else(|| campaign::history::now_micros() % 1_000_000);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("target/campaign/seed-{seed}")));
+    let hostd = args.hostd.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("hostd")))
+            .unwrap_or_else(|| PathBuf::from("hostd"))
+    });
+    let ports = match &args.ports {
+        Some(ports) => [ports[0], ports[1]],
+        None => [free_port()?, free_port()?],
+    };
+    println!(
+        "campaign seed {seed}: {} cycles of {} on the {} backend; files in {}",
+        args.cycles,
+        args.faults
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.backend,
+        out.display()
+    );
+    let config = campaign::run::RunConfig {
+        seed,
+        cycles: args.cycles,
+        kinds: args.faults.clone(),
+        backend: args.backend.clone(),
+        out_dir: out.clone(),
+        hostd,
+        writers_per_identity: args.writers,
+        blocks_per_writer: args.blocks,
+        ports,
+    };
+    let finished = campaign::run::run(&config)?;
+    print!("{}\n{}", finished.outcome, finished.report);
+    println!(
+        "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}",
+        args.cycles,
+        args.faults
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        args.backend
+    );
+    if let Some(why) = finished.aborted {
+        // Anomalies found before the stop still make the run invalid.
+        if finished.outcome.verdict != Verdict::Invalid {
+            return Err(CommandError::Aborted(why));
+        }
+        eprintln!("error: the run stopped early: {why}");
+    }
+    Ok(finished.outcome.verdict)
+}
+
+fn free_port() -> Result<u16, CommandError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(CommandError::Port)
+}
+
+fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
+    let mut json = serde_json::to_vec_pretty(report)?;
+    json.push(b'\n');
+    std::fs::File::create(path)
+        .and_then(|mut file| file.write_all(&json))
+        .map_err(|source| CommandError::WriteReport {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn print_error_chain(error: &dyn Error) {
+    eprintln!("error: {error}");
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        eprintln!("  caused by: {inner}");
+        cause = inner.source();
+    }
+}

@@ -1,0 +1,489 @@
+//! One campaign run: start a pair, run the workload, inject the seeded faults one per cycle
+//! with recovery after each, read the final contents, stop the pair, then check the history
+//! and write the report.
+//!
+//! Files of a run (in `out_dir`): `history.jsonl`, `final/IDENTITY.img`, `report.json`,
+//! `schedule.json`, and hostd's `events.jsonl`, `hostd.log` and the guest consoles.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::checker::{self, CheckOutcome, FinalContents};
+use crate::history::{
+    End, Entry, Fault, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover, WriterSpec,
+    now_micros,
+};
+use crate::hostd::Hostd;
+use crate::nbd_client::NbdClient;
+use crate::nemesis::{self, FaultKind, PlannedFault};
+use crate::report::Report;
+use crate::rng::Rng;
+use crate::torn_tail::TornWrite;
+use crate::workload::{Workload, WriterConfig};
+
+/// The identities (node names) of the pair the campaign starts.
+const NODES: [&str; 2] = ["a", "b"];
+/// How long the writers work against the survivor before the giveback.
+const DWELL: Duration = Duration::from_millis(800);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub cycles: u64,
+    pub kinds: Vec<FaultKind>,
+    /// "qemu" or "process".
+    pub backend: String,
+    pub out_dir: PathBuf,
+    pub hostd: PathBuf,
+    pub writers_per_identity: u32,
+    pub blocks_per_writer: u64,
+    /// Host ports of the two identities.
+    pub ports: [u16; 2],
+}
+
+/// Errors that stop a run before it could be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    History(#[from] crate::history::HistoryError),
+    #[error("cannot start the pair")]
+    Up(#[source] crate::hostd::HostdError),
+    #[error("cannot start the workload")]
+    Workload(#[source] std::io::Error),
+    #[error("cannot read the final contents of {identity}")]
+    Final {
+        identity: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Check(#[from] checker::CheckError),
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub report: Report,
+    pub outcome: CheckOutcome,
+    /// Why the run stopped before its last cycle, if it did (the pair did not recover, or
+    /// a fault could not be injected): a failure of the run even if the history is valid.
+    pub aborted: Option<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Runs the campaign.
+pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
+    let out = &config.out_dir;
+    std::fs::create_dir_all(out.join("final")).map_err(io_err(out))?;
+    // Regions on tmpfs, as in production; removed at the end.
+    let state_dir = PathBuf::from(format!(
+        "/dev/shm/ivha-campaign-{}-{}",
+        std::process::id(),
+        config.seed
+    ));
+    let hostd = Hostd {
+        binary: config.hostd.clone(),
+        state_dir: state_dir.clone(),
+    };
+    let config_path = out.join("ivha.toml");
+    std::fs::write(&config_path, pair_config(config)).map_err(io_err(&config_path))?;
+    let nodes: Vec<String> = NODES.iter().map(|n| (*n).to_owned()).collect();
+    let kinds: Vec<FaultKind> = config
+        .kinds
+        .iter()
+        .copied()
+        .filter(|k| config.backend == "qemu" || !k.needs_vm())
+        .collect();
+    let plan = nemesis::schedule(config.seed, config.cycles, &kinds, &nodes);
+    let schedule_path = out.join("schedule.json");
+    std::fs::write(
+        &schedule_path,
+        serde_json::to_vec_pretty(&plan).unwrap_or_default(),
+    )
+    .map_err(io_err(&schedule_path))?;
+
+    let run_id = Rng::new(config.seed ^ now_micros(), 2).next_u64();
+    let writers = writer_specs(config);
+    let history_path = out.join("history.jsonl");
+    let history = Arc::new(HistoryWriter::create(&history_path)?);
+    history.append(&Entry::Run(RunInfo {
+        t: now_micros(),
+        seed: config.seed,
+        run_id,
+        block_size: crate::block::BLOCK_SIZE as u64,
+        writers: writers.clone(),
+    }))?;
+
+    let aborted = match hostd.up(Some(&config_path)) {
+        Ok(_) => drive(config, &hostd, &history, &plan, run_id, &writers),
+        Err(error) => {
+            collect_logs(&hostd, out);
+            let _ = hostd.run(&["down", "--purge"]);
+            let _ = std::fs::remove_dir_all(&state_dir);
+            return Err(RunError::Up(error));
+        }
+    };
+    let finals = read_finals(config, &writers, out);
+    for entry in hostd_entries(&hostd, &plan_times(&history_path)) {
+        history.append(&entry)?;
+    }
+    history.append(&Entry::End(End { t: now_micros() }))?;
+    collect_logs(&hostd, out);
+    if let Err(error) = hostd.run(&["down", "--purge"]) {
+        log::warn!("hostd down: {error}");
+    }
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let finals = finals?;
+
+    let history = History::read(&history_path)?;
+    let final_files: Vec<(String, PathBuf)> = finals;
+    let contents = FinalContents::load(&history, &final_files)?;
+    let outcome = checker::check(&history, &contents)?;
+    let report = Report::build(&history, &outcome);
+    let report_path = out.join("report.json");
+    let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+    json.push(b'\n');
+    std::fs::write(&report_path, json).map_err(io_err(&report_path))?;
+    Ok(RunOutcome {
+        report,
+        outcome,
+        aborted,
+    })
+}
+
+/// The cycles; returns why they stopped early, if they did.
+fn drive(
+    config: &RunConfig,
+    hostd: &Hostd,
+    history: &Arc<HistoryWriter>,
+    plan: &[PlannedFault],
+    run_id: u64,
+    writers: &[WriterSpec],
+) -> Option<String> {
+    if let Err(error) = hostd.wait_for("a healthy pair", Duration::from_secs(120), Hostd::healthy) {
+        return Some(format!("the pair never became healthy: {error}"));
+    }
+    let configs = writers
+        .iter()
+        .map(|spec| WriterConfig {
+            spec: spec.clone(),
+            address: address(config, &spec.identity),
+            run_id,
+            seed: config.seed,
+            read_percent: 25,
+        })
+        .collect();
+    let workload = match Workload::start(configs, history.clone()) {
+        Ok(workload) => workload,
+        Err(error) => return Some(format!("cannot start the workload: {error}")),
+    };
+    let mut aborted = None;
+    for fault in plan {
+        std::thread::sleep(Duration::from_millis(fault.warmup_ms));
+        let torn = torn_target(run_id, writers, &fault.node);
+        log::info!(
+            "cycle {}: {} on {} ({} acknowledged so far)",
+            fault.cycle,
+            fault.kind,
+            fault.node,
+            workload.acked()
+        );
+        let outcome = match nemesis::inject(hostd, fault, torn) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                aborted = Some(format!(
+                    "cycle {}: cannot inject {} on {}: {}",
+                    fault.cycle,
+                    fault.kind,
+                    fault.node,
+                    error_chain(&error)
+                ));
+                break;
+            }
+        };
+        log::info!("cycle {}: {}", fault.cycle, outcome.detail);
+        let recorded = history.append(&Entry::Fault(Fault {
+            t: outcome.t,
+            cycle: fault.cycle,
+            fault: fault.kind.name().to_owned(),
+            node: fault.node.clone(),
+            detail: outcome.detail,
+        }));
+        if let Err(error) = recorded {
+            aborted = Some(format!("cannot record the fault: {error}"));
+            break;
+        }
+        if let Err(error) = nemesis::recover(hostd, fault, DWELL) {
+            aborted = Some(format!(
+                "cycle {}: the pair did not recover from {} on {}: {}",
+                fault.cycle,
+                fault.kind,
+                fault.node,
+                error_chain(&error)
+            ));
+            break;
+        }
+    }
+    // A last stretch of writes against the healthy pair.
+    std::thread::sleep(Duration::from_millis(500));
+    workload.stop();
+    aborted
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+fn address(config: &RunConfig, identity: &str) -> SocketAddr {
+    let index = NODES.iter().position(|n| *n == identity).unwrap_or(0);
+    SocketAddr::from(([127, 0, 0, 1], config.ports[index]))
+}
+
+fn pair_config(config: &RunConfig) -> String {
+    format!(
+        "# written by ivha-campaign\nbackend = \"{}\"\n\
+         [flusher]\n# Writes stay unflushed for a while, so faults find them in the log.\ndelay_ms = 200\n\
+         [regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
+         [[node]]\nname = \"{}\"\nnbd_port = {}\n[[node]]\nname = \"{}\"\nnbd_port = {}\n",
+        config.backend, NODES[0], config.ports[0], NODES[1], config.ports[1]
+    )
+}
+
+/// Writers 0.. on identity a, then on b; each owns `blocks_per_writer` blocks of its
+/// identity's export.
+fn writer_specs(config: &RunConfig) -> Vec<WriterSpec> {
+    let mut specs = Vec::new();
+    for identity in NODES {
+        for index in 0..config.writers_per_identity {
+            specs.push(WriterSpec {
+                writer: specs.len() as u32,
+                identity: identity.to_owned(),
+                first_block: u64::from(index) * config.blocks_per_writer,
+                blocks: config.blocks_per_writer,
+            });
+        }
+    }
+    specs
+}
+
+/// The record a torn-tail fault on `node` leaves: a block of the first writer of its own
+/// identity.
+fn torn_target(run_id: u64, writers: &[WriterSpec], node: &str) -> TornWrite {
+    let writer = writers.iter().find(|w| w.identity == node);
+    TornWrite {
+        run_id,
+        export: NODES.iter().position(|n| *n == node).unwrap_or(0) as u32,
+        writer: writer.map_or(0, |w| w.writer),
+        block: writer.map_or(0, |w| w.first_block),
+    }
+}
+
+/// Reads every writer block of each identity through its address into `final/ID.img`.
+fn read_finals(
+    config: &RunConfig,
+    writers: &[WriterSpec],
+    out: &Path,
+) -> Result<Vec<(String, PathBuf)>, RunError> {
+    let mut files = Vec::new();
+    for identity in NODES {
+        let end = writers
+            .iter()
+            .filter(|w| w.identity == identity)
+            .map(|w| w.first_block + w.blocks)
+            .max()
+            .unwrap_or(0)
+            * crate::block::BLOCK_SIZE as u64;
+        let final_err = |source| RunError::Final {
+            identity: identity.to_owned(),
+            source,
+        };
+        let mut client =
+            connect_retrying(address(config, identity), identity).map_err(final_err)?;
+        let mut image = Vec::with_capacity(end as usize);
+        const CHUNK: u64 = 256 << 10;
+        let mut offset = 0;
+        while offset < end {
+            let len = CHUNK.min(end - offset);
+            image.extend(client.read(offset, len as u32).map_err(final_err)?);
+            offset += len;
+        }
+        client.disconnect();
+        let path = out.join("final").join(format!("{identity}.img"));
+        std::fs::write(&path, &image).map_err(io_err(&path))?;
+        files.push((identity.to_owned(), path));
+    }
+    Ok(files)
+}
+
+fn connect_retrying(address: SocketAddr, export: &str) -> std::io::Result<NbdClient> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match NbdClient::connect(address, export, Duration::from_secs(5)) {
+            Ok(client) => return Ok(client),
+            Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// (cycle, fault time in µs) of every fault recorded so far.
+fn plan_times(history_path: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(history_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Entry>(line).ok())
+        .filter_map(|entry| match entry {
+            Entry::Fault(fault) => Some((fault.cycle, fault.t)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// hostd's serving intervals and unplanned takeovers, as history entries. A takeover
+/// belongs to the last fault before it was detected.
+fn hostd_entries(hostd: &Hostd, faults: &[(u64, u64)]) -> Vec<Entry> {
+    hostd
+        .events()
+        .iter()
+        .filter_map(|event| hostd_entry(event, faults))
+        .collect()
+}
+
+fn hostd_entry(event: &Value, faults: &[(u64, u64)]) -> Option<Entry> {
+    let text = |key: &str| event[key].as_str().map(str::to_owned);
+    let t = event["time_unix_us"]
+        .as_u64()
+        .or_else(|| event["time_unix_ms"].as_u64().map(|ms| ms * 1000))?;
+    match event["event"].as_str()? {
+        "serving_started" => Some(Entry::ServeStart(ServeStart {
+            t,
+            identity: text("identity")?,
+            node: text("node")?,
+        })),
+        "serving_ended" => Some(Entry::ServeEnd(ServeEnd {
+            t,
+            identity: text("identity")?,
+            node: text("node")?,
+            reason: text("reason").unwrap_or_default(),
+        })),
+        "takeover" if event["planned"] == false => {
+            let detected_us = event["detected_unix_ms"].as_u64()? * 1000;
+            let serving_ms = event["timeline_ms"]["serving"].as_f64()?;
+            // Detection is stamped in whole ms: allow for the rounding.
+            let (cycle, fault_t) = faults
+                .iter()
+                .copied()
+                .filter(|(_, fault_t)| *fault_t <= detected_us + 1000)
+                .max_by_key(|(_, fault_t)| *fault_t)?;
+            let serving_us = detected_us as f64 + serving_ms * 1000.0;
+            Some(Entry::Takeover(Takeover {
+                t,
+                cycle,
+                identity: text("node")?,
+                from: text("from")?,
+                to: text("to")?,
+                fault_to_serving_ms: ((serving_us - fault_t as f64) / 1000.0).max(0.0),
+                detect_to_serving_ms: serving_ms,
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Copies what explains a run into its directory: hostd's events and log, the consoles.
+fn collect_logs(hostd: &Hostd, out: &Path) {
+    let logs = out.join("logs");
+    let _ = std::fs::create_dir_all(&logs);
+    for name in ["events.jsonl", "hostd.log"] {
+        let _ = std::fs::copy(hostd.state_dir.join(name), logs.join(name));
+    }
+    if let Ok(entries) = std::fs::read_dir(hostd.state_dir.join("consoles")) {
+        for entry in entries.flatten() {
+            let _ = std::fs::copy(entry.path(), logs.join(entry.file_name()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn takeover_events_become_entries_of_their_cycle() {
+        let faults = [(0, 1_000_000_000), (1, 2_000_000_000)];
+        let event: Value = serde_json::from_str(
+            r#"{"time_unix_ms":2000200,"time_unix_us":2000200000,"event":"takeover","node":"a","from":"a","to":"b","planned":false,"detected_unix_ms":2000010,"timeline_ms":{"fenced":1.0,"serving":150.5}}"#,
+        )
+        .unwrap();
+        let Some(Entry::Takeover(takeover)) = hostd_entry(&event, &faults) else {
+            panic!("not a takeover entry");
+        };
+        assert_eq!(takeover.cycle, 1);
+        assert_eq!(takeover.detect_to_serving_ms, 150.5);
+        assert!((takeover.fault_to_serving_ms - 160.5).abs() < 1e-6);
+        let planned: Value = serde_json::from_str(
+            r#"{"time_unix_us":1,"event":"takeover","planned":true,"node":"a","from":"a","to":"b","detected_unix_ms":1,"timeline_ms":{"serving":1}}"#,
+        )
+        .unwrap();
+        assert!(hostd_entry(&planned, &faults).is_none());
+        let started: Value = serde_json::from_str(
+            r#"{"time_unix_us":5,"event":"serving_started","identity":"a","node":"b","epoch":2}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(hostd_entry(&started, &faults), Some(Entry::ServeStart(s)) if s.t == 5 && s.node == "b")
+        );
+    }
+
+    #[test]
+    fn writers_own_disjoint_blocks_per_identity() {
+        let config = RunConfig {
+            seed: 1,
+            cycles: 1,
+            kinds: FaultKind::ALL.to_vec(),
+            backend: "process".into(),
+            out_dir: PathBuf::from("/nonexistent"),
+            hostd: PathBuf::from("hostd"),
+            writers_per_identity: 3,
+            blocks_per_writer: 8,
+            ports: [1, 2],
+        };
+        let specs = writer_specs(&config);
+        assert_eq!(specs.len(), 6);
+        for (i, a) in specs.iter().enumerate() {
+            for b in &specs[i + 1..] {
+                let overlap = a.identity == b.identity
+                    && a.first_block < b.first_block + b.blocks
+                    && b.first_block < a.first_block + a.blocks;
+                assert!(!overlap, "{a:?} {b:?}");
+            }
+        }
+        let torn = torn_target(9, &specs, "b");
+        assert_eq!((torn.export, torn.writer, torn.block), (1, 3, 0));
+    }
+}

@@ -1,0 +1,190 @@
+//! The workload: several NBD clients, each writing and reading its own blocks of one
+//! identity's export, recording every operation in the history as invoked, then ok, fail
+//! or unknown.
+//!
+//! A client has one operation in flight. Any error other than a definite refusal from the
+//! server (the operation may or may not have happened: a timeout, a connection cut by a
+//! fault) is `unknown`, and the client reconnects to the identity's unchanged address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::block::{self, BLOCK_SIZE};
+use crate::history::{
+    Action, Entry, ErrorCompletion, HistoryWriter, Invoke, OkCompletion, WriterSpec, now_micros,
+};
+use crate::nbd_client::{NbdClient, reply_errno};
+use crate::rng::Rng;
+
+/// How long one operation may take before it counts as unknown.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Errnos by which an NBD server says it did not do the request.
+const DEFINITE_ERRNOS: [(u32, &str); 3] = [(1, "EPERM"), (22, "EINVAL"), (28, "ENOSPC")];
+
+/// One writer's parameters.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub spec: WriterSpec,
+    pub address: SocketAddr,
+    pub run_id: u64,
+    pub seed: u64,
+    /// Percentage of operations that are reads.
+    pub read_percent: u64,
+}
+
+/// The running writers.
+#[derive(Debug)]
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    ops: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+}
+
+/// Op ids shared by all writers of a run.
+#[derive(Debug, Default)]
+pub struct OpIds(AtomicU64);
+
+impl OpIds {
+    fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Workload {
+    /// Starts one thread per writer.
+    pub fn start(writers: Vec<WriterConfig>, history: Arc<HistoryWriter>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(OpIds::default());
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for config in writers {
+            let (stop, ops, acked, history) =
+                (stop.clone(), ops.clone(), acked.clone(), history.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("writer-{}", config.spec.writer))
+                    .spawn(move || run_writer(&config, &history, &ops, &acked, &stop))?,
+            );
+        }
+        Ok(Workload {
+            stop,
+            threads,
+            ops: Arc::new(AtomicU64::new(0)),
+            acked,
+        })
+    }
+
+    /// Acknowledged operations so far (all writers).
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Stops every writer after its current operation and waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        let _ = self.ops;
+    }
+}
+
+fn record(history: &HistoryWriter, entry: &Entry) {
+    if let Err(error) = history.append(entry) {
+        // A history that misses entries cannot be checked: say so loudly.
+        log::error!("cannot record {entry:?}: {error}");
+    }
+}
+
+fn run_writer(
+    config: &WriterConfig,
+    history: &HistoryWriter,
+    ops: &OpIds,
+    acked: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let spec = &config.spec;
+    let mut rng = Rng::new(config.seed, 1000 + u64::from(spec.writer));
+    let mut client: Option<NbdClient> = None;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if client.is_none() {
+            match NbdClient::connect(config.address, &spec.identity, OP_TIMEOUT) {
+                Ok(connected) => client = Some(connected),
+                Err(_) => {
+                    // The address is moving or the node restarting: try again shortly.
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            }
+        }
+        let Some(connection) = client.as_mut() else {
+            continue;
+        };
+        let block = spec.first_block + rng.below(spec.blocks);
+        let op = ops.next();
+        let offset = block * BLOCK_SIZE as u64;
+        let read = rng.percent(config.read_percent);
+        let invoke = Invoke {
+            t: now_micros(),
+            op,
+            writer: spec.writer,
+            action: if read { Action::Read } else { Action::Write },
+            block,
+            seq: (!read).then(|| {
+                seq += 1;
+                seq
+            }),
+        };
+        let data = invoke
+            .seq
+            .map(|seq| block::encode(config.run_id, spec.writer, seq, block));
+        record(history, &Entry::Invoke(invoke));
+        let result = match &data {
+            Some(data) => connection.write(offset, data, false).map(|()| None),
+            None => connection
+                .read(offset, BLOCK_SIZE as u32)
+                .map(|bytes| Some(block::decode(&bytes, config.run_id, block))),
+        };
+        let t = now_micros();
+        match result {
+            Ok(value) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+                record(history, &Entry::Ok(OkCompletion { t, op, value }));
+            }
+            Err(error) => {
+                let definite = reply_errno(&error)
+                    .and_then(|errno| DEFINITE_ERRNOS.iter().find(|(e, _)| *e == errno));
+                match definite {
+                    Some((_, name)) => record(
+                        history,
+                        &Entry::Fail(ErrorCompletion {
+                            t,
+                            op,
+                            error: (*name).to_owned(),
+                        }),
+                    ),
+                    None => {
+                        record(
+                            history,
+                            &Entry::Unknown(ErrorCompletion {
+                                t,
+                                op,
+                                error: error.to_string(),
+                            }),
+                        );
+                        // The connection's state is unknown too: start afresh.
+                        client = None;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(client) = client {
+        client.disconnect();
+    }
+}
