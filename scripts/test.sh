@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, every test (VM tests with real QEMU guests
-# included), and a smoke run of the benchmark. Installs what it needs first.
+# included), a short fault campaign, and a smoke run of the benchmark. Installs what it
+# needs first.
 # Usage: scripts/test.sh            (what CI runs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,6 +24,19 @@ step "cargo test"
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$test_log"
+
+# Each kind of fault twice against real QEMU guests, with a fresh seed each run (printed,
+# with the command that replays it). `cargo test` built the binaries.
+campaign_seed=${IVHA_CAMPAIGN_SEED:-$(( $(date +%s) % 1000000 ))}
+step "fault campaign (12 cycles, seed $campaign_seed, QEMU guests)"
+campaign_dir=target/campaign/ci-seed-$campaign_seed
+if ! target/debug/ivha-campaign run --seed "$campaign_seed" --cycles 12 --backend qemu --out "$campaign_dir"; then
+    echo "the fault campaign failed; its files are in $campaign_dir" >&2
+    for log in "$campaign_dir"/logs/*; do
+        [[ -f $log ]] && { echo "===== $log (last 40 lines)"; tail -n 40 "$log"; }
+    done
+    exit 1
+fi
 
 step "benchmark smoke run (tiny sample counts; figures are not meaningful)"
 IVHA_BENCH_QUICK=1 cargo bench --locked -p shm --bench latency_table
