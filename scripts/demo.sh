@@ -2,7 +2,7 @@
 # The main job: on a fresh machine, install what is missing and build; launch the QEMU pair;
 # write data through node a; kill a; show the takeover timeline and a's NVRAM log; read the
 # data back through a's unchanged address (node b serves it now); give a's identity back;
-# shut down. Tool output is captured and shown only when something fails.
+# kill hostd and start it again (it adopts the running pair); shut down. Tool output is captured and shown only when something fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
@@ -134,6 +134,19 @@ echo "one more write through $url, into b's log: pattern 0xb0 at 1 MiB"
 step "hostd giveback a  (restart a; b flushes and releases a's identity; a serves again)"
 "$hostd" giveback a
 verify "served by a again"
+
+step "kill -9 hostd  (the guests serve on without it; a restarted hostd adopts them)"
+hostd_pid=$("$hostd" status --json | sed -n 's/^ *"hostd_pid": \([0-9]*\),$/\1/p')
+[[ -n $hostd_pid ]] || die "hostd status shows no hostd pid"
+kill -KILL "$hostd_pid"
+while [[ -e /proc/$hostd_pid ]] && ! grep -q ') Z ' "/proc/$hostd_pid/stat" 2>/dev/null; do
+    sleep 0.02
+done
+echo "hostd (pid $hostd_pid) killed; no hostd runs now, so no takeover could happen"
+write_pattern 17
+verify "no hostd running"
+out=$(quiet "$hostd" up --detach)
+echo "${out##*$'\n'}"
 
 step "hostd status"
 "$hostd" status
