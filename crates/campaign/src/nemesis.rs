@@ -170,6 +170,8 @@ pub struct FaultOutcome {
     /// When the fault hit (µs since the epoch).
     pub t: u64,
     pub detail: String,
+    /// The cluster epoch just before the fault.
+    pub epoch_before: Value,
 }
 
 fn pid_of(status: &Value, node: &str) -> Result<u32, NemesisError> {
@@ -183,7 +185,14 @@ fn pid_of(status: &Value, node: &str) -> Result<u32, NemesisError> {
 }
 
 fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<(), NemesisError> {
-    let target = nix::unistd::Pid::from_raw(pid as i32);
+    // 0 or a negative pid would signal a whole process group: ours.
+    let Some(raw) = i32::try_from(pid).ok().filter(|&p| p > 0) else {
+        return Err(NemesisError::Signal {
+            pid,
+            source: nix::errno::Errno::EINVAL,
+        });
+    };
+    let target = nix::unistd::Pid::from_raw(raw);
     match nix::sys::signal::kill(target, signal) {
         // Gone already (hostd fenced it): nothing to do.
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
@@ -236,6 +245,9 @@ pub fn inject(
         FaultKind::TornTail => {
             let pid = pid_of(&status, node)?;
             signal(pid, Signal::SIGSTOP)?;
+            // kill() returns before every thread has stopped: a vCPU could still publish a
+            // record after the head was read.
+            wait_stopped(pid, Duration::from_secs(2));
             let torn = torn_tail::leave(&hostd.region_path(node), torn, fault.complete_record);
             // Killed whatever happened: a frozen node must not be left behind.
             signal(pid, Signal::SIGKILL)?;
@@ -247,6 +259,11 @@ pub fn inject(
         }
         FaultKind::HostdRestart => {
             let hostd_pid = status["hostd_pid"].as_u64().unwrap_or(0) as u32;
+            if hostd_pid == 0 {
+                return Err(NemesisError::DidNotFire(format!(
+                    "hostd status has no hostd_pid: {status}"
+                )));
+            }
             let epoch = status["epoch"].clone();
             signal(hostd_pid, Signal::SIGKILL)?;
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -273,7 +290,33 @@ pub fn inject(
             )
         }
     };
-    Ok(FaultOutcome { t, detail })
+    Ok(FaultOutcome {
+        t,
+        detail,
+        epoch_before: status["epoch"].clone(),
+    })
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` or `t`), at most `timeout`.
+fn wait_stopped(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let all_stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true;
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, after_name) = stat.rsplit_once(") ")?;
+                    after_name.chars().next()
+                })
+                .is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
+        })
+    };
+    while !all_stopped() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -282,14 +325,19 @@ fn process_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Brings the pair back to health after a fault: waits for an identity move or the node's
-/// return, gives the identity back if it moved, and waits until both nodes are up and
-/// serve their own identities.
-pub fn recover(hostd: &Hostd, fault: &PlannedFault, dwell: Duration) -> Result<(), NemesisError> {
+/// Brings the pair back to health after a fault: waits for an identity move where one
+/// must happen, lets the writers work for `dwell`, then until the pair is healthy gives back
+/// any identity that moved (also one that moved late, after a slow recovery).
+pub fn recover(
+    hostd: &Hostd,
+    fault: &PlannedFault,
+    epoch_before: &Value,
+    dwell: Duration,
+) -> Result<(), NemesisError> {
     let node = fault.node.as_str();
     let expects_takeover = match fault.kind {
         FaultKind::Kill | FaultKind::Panic | FaultKind::TornTail => true,
-        FaultKind::Stop => fault.pause_ms > 3000,
+        FaultKind::Stop => fault.pause_ms > HEARTBEAT_TIMEOUT_MS,
         FaultKind::AgentKill | FaultKind::HostdRestart => false,
     };
     if expects_takeover {
@@ -299,15 +347,52 @@ pub fn recover(hostd: &Hostd, fault: &PlannedFault, dwell: Duration) -> Result<(
             |s| Hostd::node(s, node).is_some_and(|n| n["served_by"] != node),
         )?;
     }
-    // Let the writers work against the survivor for a while.
     std::thread::sleep(dwell);
-    let status = hostd.status()?;
-    if Hostd::node(&status, node).is_some_and(|n| n["served_by"] != node) {
-        hostd.run(&["giveback", node])?;
+    if fault.kind == FaultKind::HostdRestart {
+        // A takeover caused by the restart alone would come a heartbeat timeout later.
+        std::thread::sleep(Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 500).saturating_sub(dwell));
+        let status = hostd.status()?;
+        if status["epoch"] != *epoch_before {
+            return Err(NemesisError::DidNotFire(format!(
+                "the hostd restart alone moved an identity (epoch {epoch_before} → {})",
+                status["epoch"]
+            )));
+        }
     }
-    hostd.wait_for("a healthy pair", Duration::from_secs(120), Hostd::healthy)?;
-    Ok(())
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = hostd.status()?;
+        if Hostd::healthy(&status) {
+            return Ok(());
+        }
+        for name in ["a", "b"] {
+            let moved = Hostd::node(&status, name).is_some_and(|n| n["served_by"] != name);
+            // The partner holds the identity and must be up to release it.
+            let partner_up = status["nodes"].as_array().is_some_and(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n["name"] != name && n["state"] == "up")
+            });
+            if moved && partner_up {
+                if let Err(error) = hostd.run(&["giveback", name]) {
+                    log::warn!("giveback {name}: {error}; retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(NemesisError::Hostd(HostdError::Timeout {
+                what: "a healthy pair".into(),
+                timeout: Duration::from_secs(120),
+                status: status.to_string(),
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
+
+/// hostd's default heartbeat timeout, which the campaign's pair uses.
+const HEARTBEAT_TIMEOUT_MS: u64 = 3000;
 
 #[cfg(test)]
 mod tests {

@@ -135,8 +135,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         Ok(_) => drive(config, &hostd, &history, &plan, run_id, &writers),
         Err(error) => {
             collect_logs(&hostd, out);
-            let _ = hostd.run(&["down", "--purge"]);
-            let _ = std::fs::remove_dir_all(&state_dir);
+            stop_pair(&hostd);
             return Err(RunError::Up(error));
         }
     };
@@ -146,10 +145,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     }
     history.append(&Entry::End(End { t: now_micros() }))?;
     collect_logs(&hostd, out);
-    if let Err(error) = hostd.run(&["down", "--purge"]) {
-        log::warn!("hostd down: {error}");
-    }
-    let _ = std::fs::remove_dir_all(&state_dir);
+    stop_pair(&hostd);
     let finals = finals?;
 
     let history = History::read(&history_path)?;
@@ -219,6 +215,7 @@ fn drive(
             }
         };
         log::info!("cycle {}: {}", fault.cycle, outcome.detail);
+        let outcome_epoch = outcome.epoch_before.clone();
         let recorded = history.append(&Entry::Fault(Fault {
             t: outcome.t,
             cycle: fault.cycle,
@@ -230,7 +227,7 @@ fn drive(
             aborted = Some(format!("cannot record the fault: {error}"));
             break;
         }
-        if let Err(error) = nemesis::recover(hostd, fault, DWELL) {
+        if let Err(error) = nemesis::recover(hostd, fault, &outcome_epoch, DWELL) {
             aborted = Some(format!(
                 "cycle {}: the pair did not recover from {} on {}: {}",
                 fault.cycle,
@@ -412,6 +409,36 @@ fn hostd_entry(event: &Value, faults: &[(u64, u64)]) -> Option<Entry> {
         }
         _ => None,
     }
+}
+
+/// Stops the pair and removes its state directory. If no hostd answers (one that failed to
+/// restart), the node processes it recorded are killed, so no QEMU outlives the run.
+fn stop_pair(hostd: &Hostd) {
+    if let Err(error) = hostd.run(&["down", "--purge"]) {
+        log::warn!("hostd down: {error}; killing the recorded node processes");
+        let records = std::fs::read_dir(hostd.state_dir.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for record in records {
+            let pid = std::fs::read(record.path())
+                .ok()
+                .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+                .and_then(|json| json["pid"].as_u64());
+            // Only a process whose command line names this state directory.
+            if let Some(pid) = pid.filter(|&pid| pid > 0)
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                    String::from_utf8_lossy(&cmdline).contains(&*hostd.state_dir.to_string_lossy())
+                })
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&hostd.state_dir);
 }
 
 /// Copies what explains a run into its directory: hostd's events and log, the consoles.

@@ -58,7 +58,7 @@ pub fn leave(path: &Path, write: TornWrite, complete: bool) -> Result<String, To
         .map_err(|e| open_err(Box::new(e)))
         .and_then(|m| NodeRegion::open(m).map_err(|e| open_err(Box::new(e))))?;
     let geometry = region.geometry();
-    let (_, head) = region.log_cursors().map_err(|e| open_err(Box::new(e)))?;
+    let (flushed, head) = region.log_cursors().map_err(|e| open_err(Box::new(e)))?;
     let data = crate::block::encode(write.run_id, write.writer, TORN_SEQ, write.block);
     let mut payload = Vec::with_capacity(WRITE_PREFIX_LEN + data.len());
     payload.extend_from_slice(&write.export.to_le_bytes());
@@ -79,10 +79,14 @@ pub fn leave(path: &Path, write: TornWrite, complete: bool) -> Result<String, To
         WRITE_PREFIX_LEN + data.len() / 2
     };
     record.extend_from_slice(&payload[..written]);
-    // Within the ring only: a record that would cross its end is cut there (a writer would
-    // have put a wrap marker first; the bytes past the head are just as unpublished).
+    // Only free ring space: never over records not yet flushed (a nearly full ring), and
+    // never across the ring's end (a writer would have put a wrap marker first; the bytes
+    // past the head are just as unpublished either way).
     let at = head.pos % geometry.ring_size;
-    let room = (geometry.ring_size - at) as usize;
+    let free = geometry
+        .ring_size
+        .saturating_sub(head.pos.saturating_sub(flushed.pos));
+    let room = (geometry.ring_size - at).min(free) as usize;
     record.truncate(room);
     let file = std::fs::OpenOptions::new()
         .write(true)

@@ -40,7 +40,6 @@ pub struct WriterConfig {
 pub struct Workload {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    ops: Arc<AtomicU64>,
     acked: Arc<AtomicU64>,
 }
 
@@ -62,18 +61,30 @@ impl Workload {
         let acked = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         for config in writers {
-            let (stop, ops, acked, history) =
-                (stop.clone(), ops.clone(), acked.clone(), history.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("writer-{}", config.spec.writer))
-                    .spawn(move || run_writer(&config, &history, &ops, &acked, &stop))?,
-            );
+            let shared = (stop.clone(), ops.clone(), acked.clone(), history.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("writer-{}", config.spec.writer))
+                .spawn(move || {
+                    let (stop, ops, acked, history) = shared;
+                    run_writer(&config, &history, &ops, &acked, &stop);
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    // No half-started workload: stop the writers already running.
+                    Workload {
+                        stop,
+                        threads,
+                        acked,
+                    }
+                    .stop();
+                    return Err(error);
+                }
+            }
         }
         Ok(Workload {
             stop,
             threads,
-            ops: Arc::new(AtomicU64::new(0)),
             acked,
         })
     }
@@ -89,7 +100,6 @@ impl Workload {
         for thread in self.threads {
             let _ = thread.join();
         }
-        let _ = self.ops;
     }
 }
 

@@ -144,6 +144,71 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
     eprintln!("hostd restart: {report:?}");
 }
 
+fn kill_hostd(pair: &Pair) {
+    let pid = pair.status()["hostd_pid"].as_u64().unwrap() as u32;
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "hostd {pid} survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// hostd dies while a node's QEMU boots (a giveback restarted it). The new hostd must see
+/// a booting node, not an up one whose heartbeat then stops: the region still shows the
+/// previous boot's heartbeat, and taking that for this boot's would fence the node.
+#[test]
+fn vm_hostd_killed_while_a_node_boots() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = one_pair();
+    // A heartbeat timeout shorter than a boot, so that mistaking the previous boot's
+    // heartbeat for this one's would have the node judged down before its agent starts.
+    let pair = Pair::up_with(NODE_B, "[heartbeat]\ntimeout_ms = 1500\n");
+    let (code, out, err) = pair.hostd(&["kill", "a"]);
+    assert_eq!(code, 0, "hostd kill: {out}{err}");
+    pair.wait_for("a served by b", Duration::from_secs(30), |status| {
+        Pair::node(status, "a")["served_by"] == "b"
+    });
+    // The giveback restarts a's QEMU; hostd dies during the boot.
+    let state = pair.state.path().to_owned();
+    let giveback = std::thread::spawn(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
+            .args(["giveback", "a"])
+            .env("IVHA_STATE_DIR", state)
+            .output()
+            .unwrap()
+    });
+    pair.wait_for("a booting", Duration::from_secs(10), |status| {
+        Pair::node(status, "a")["state"] == "booting"
+    });
+    let booting_pid = Pair::node(&pair.status(), "a")["pid"].as_u64().unwrap();
+    kill_hostd(&pair);
+    let _ = giveback.join();
+    let (code, out, err) = pair.hostd(&["up", "--detach", "--timeout", "60"]);
+    assert_eq!(code, 0, "hostd up after the kill: {out}{err}");
+    // Past a heartbeat timeout after the boot: a is up, the same process, never fenced.
+    pair.wait_for("a up", Duration::from_secs(30), |status| {
+        Pair::node(status, "a")["state"] == "up"
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    let status = pair.status();
+    let a = Pair::node(&status, "a");
+    assert_eq!(a["state"], "up", "{status:#}");
+    assert_eq!(a["pid"].as_u64(), Some(booting_pid), "{status:#}");
+    assert_eq!(
+        a["served_by"], "b",
+        "the restart moved nothing back by itself"
+    );
+    let (code, out, err) = pair.hostd(&["giveback", "a"]);
+    assert_eq!(code, 0, "giveback after the adoption: {out}{err}");
+    assert_eq!(Pair::node(&pair.status(), "a")["served_by"], "a");
+}
+
 #[test]
 fn process_hostd_sigkill_then_adopt() {
     if !agent_prerequisite() {

@@ -177,6 +177,8 @@ pub struct QemuChild {
     pidfd: OwnedFd,
     status: Option<Exit>,
     log_path: Option<PathBuf>,
+    /// Cleared by [`QemuChild::disown`].
+    kill_on_drop: bool,
 }
 
 impl QemuChild {
@@ -232,6 +234,7 @@ impl QemuChild {
                 pidfd,
                 status: None,
                 log_path: None,
+                kill_on_drop: true,
             }),
             Err(e) => {
                 // std's kill() is safe here: the child is unreaped, so its pid is ours.
@@ -280,11 +283,18 @@ impl QemuChild {
             pidfd,
             status: None,
             log_path,
+            kill_on_drop: true,
         };
         if this.try_wait()?.is_some() {
             return Err(adopt_err("it has exited".into()));
         }
         Ok(this)
+    }
+
+    /// Lets go of the process without killing it: for a caller that adopted it and then
+    /// could not take charge of it after all (the next hostd may).
+    pub fn disown(mut self) {
+        self.kill_on_drop = false;
     }
 
     /// Whether this process was adopted rather than started by this handle.
@@ -440,7 +450,7 @@ pub fn process_start_time(pid: u32) -> std::io::Result<u64> {
 
 impl Drop for QemuChild {
     fn drop(&mut self) {
-        if self.status.is_some() {
+        if self.status.is_some() || !self.kill_on_drop {
             return;
         }
         match self.kill_and_reap(DROP_REAP_TIMEOUT) {
@@ -631,6 +641,15 @@ mod tests {
         assert!(exit.to_string().contains("adopted"), "{exit}");
         let again = adopted.signal(Signal::Kill).unwrap_err();
         assert!(matches!(again, ChildError::Exited { .. }), "{again:?}");
+    }
+
+    #[test]
+    fn a_disowned_process_keeps_running() {
+        let pid = orphan_sleeper();
+        let start = process_start_time(pid).unwrap();
+        QemuChild::adopt(pid, start, None).unwrap().disown();
+        assert_eq!(process_start_time(pid).unwrap(), start, "still there");
+        drop(QemuChild::adopt(pid, start, None).unwrap());
     }
 
     #[test]

@@ -74,7 +74,11 @@ pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
 fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
     state.create()?;
     let log_path = state.daemon_log();
-    let log = std::fs::File::create(&log_path)?;
+    // Appended to: a restarted hostd must not wipe what the previous one logged.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .arg("--state-dir")

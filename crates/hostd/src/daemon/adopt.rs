@@ -19,6 +19,12 @@ pub struct RunRecord {
     pub pid: u32,
     /// Clock ticks after boot (`/proc/PID/stat` field 22).
     pub start_time: u64,
+    /// The region's boot id and heartbeat counter before this process started: while the
+    /// region still shows them, the node's agent has not started (it is booting).
+    #[serde(default)]
+    pub boot_id_before: u64,
+    #[serde(default)]
+    pub heartbeat_before: u64,
 }
 
 /// Errors writing the records. Reading is forgiving: a missing or unreadable record only
@@ -77,11 +83,23 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     }
 }
 
-/// Records that node `node` runs as process `pid`.
-pub fn save_record(state: &StateDir, node: &str, pid: u32) -> Result<(), RecordError> {
+/// Records that node `node` runs as process `pid`, started when its region showed boot id
+/// and heartbeat `before`.
+pub fn save_record(
+    state: &StateDir,
+    node: &str,
+    pid: u32,
+    before: (u64, u64),
+) -> Result<(), RecordError> {
     let start_time =
         qemu::process_start_time(pid).map_err(|source| RecordError::StartTime { pid, source })?;
-    write_json(&record_path(state, node), &RunRecord { pid, start_time })
+    let record = RunRecord {
+        pid,
+        start_time,
+        boot_id_before: before.0,
+        heartbeat_before: before.1,
+    };
+    write_json(&record_path(state, node), &record)
 }
 
 /// The record of node `node`, if there is one.
@@ -109,10 +127,17 @@ pub fn load_config(state: &StateDir) -> Option<Config> {
     read_json(&config_path(state))
 }
 
-/// Whether the process a record names still runs (same pid, same start time).
-pub fn is_running(record: &RunRecord) -> bool {
-    qemu::process_start_time(record.pid).is_ok_and(|t| t == record.start_time)
-        && !is_zombie(record.pid)
+/// Whether the process a record names still runs (same pid, same start time). An error
+/// means it cannot be told: then nothing may be assumed dead.
+pub fn is_running(record: &RunRecord) -> Result<bool, RecordError> {
+    match qemu::process_start_time(record.pid) {
+        Ok(start_time) => Ok(start_time == record.start_time && !is_zombie(record.pid)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(RecordError::StartTime {
+            pid: record.pid,
+            source,
+        }),
+    }
 }
 
 /// A process that exited but was not reaped yet (its parent, init, reaps it soon).
@@ -128,16 +153,19 @@ fn is_zombie(pid: u32) -> bool {
 
 /// The nodes of `config` that have a running process to adopt, with their records. Empty
 /// when nothing runs: then the pair is launched afresh.
-pub fn running_nodes(state: &StateDir, config: &Config) -> Vec<(usize, RunRecord)> {
-    config
-        .nodes
-        .iter()
-        .enumerate()
-        .filter_map(|(index, node)| {
-            let record = load_record(state, &node.name)?;
-            is_running(&record).then_some((index, record))
-        })
-        .collect()
+pub fn running_nodes(
+    state: &StateDir,
+    config: &Config,
+) -> Result<Vec<(usize, RunRecord)>, RecordError> {
+    let mut running = Vec::new();
+    for (index, node) in config.nodes.iter().enumerate() {
+        if let Some(record) = load_record(state, &node.name)
+            && is_running(&record)?
+        {
+            running.push((index, record));
+        }
+    }
+    Ok(running)
 }
 
 #[cfg(test)]
@@ -150,13 +178,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         let config = Config::default();
-        assert!(running_nodes(&state, &config).is_empty());
+        assert!(running_nodes(&state, &config).unwrap().is_empty());
         let mut sleeper = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
-        save_record(&state, &config.nodes[0].name, sleeper.id()).unwrap();
-        let found = running_nodes(&state, &config);
+        save_record(&state, &config.nodes[0].name, sleeper.id(), (5, 6)).unwrap();
+        let found = running_nodes(&state, &config).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].0, 0);
         assert_eq!(found[0].1.pid, sleeper.id());
@@ -165,11 +193,15 @@ mod tests {
             start_time: found[0].1.start_time + 1,
             ..found[0].1
         };
-        assert!(!is_running(&recycled));
+        assert!(!is_running(&recycled).unwrap());
+        assert_eq!(
+            (found[0].1.boot_id_before, found[0].1.heartbeat_before),
+            (5, 6)
+        );
         sleeper.kill().unwrap();
         // Not reaped yet: a zombie does not count as running.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !running_nodes(&state, &config).is_empty() {
+        while !running_nodes(&state, &config).unwrap().is_empty() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "a zombie counts as running"
@@ -177,7 +209,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         sleeper.wait().unwrap();
-        assert!(running_nodes(&state, &config).is_empty());
+        assert!(running_nodes(&state, &config).unwrap().is_empty());
         remove_record(&state, &config.nodes[0].name);
         assert!(load_record(&state, &config.nodes[0].name).is_none());
         remove_record(&state, &config.nodes[0].name);

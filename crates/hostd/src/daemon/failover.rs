@@ -332,7 +332,7 @@ impl Cluster {
             KillSignal::Agent if !process_backend => {
                 // The guest runs a shell on its second serial port; the agent's respawn
                 // loop in the guest's init starts it again.
-                run_in_shell(&shell, "kill -9 $(pidof guest-agent)").map_err(|e| {
+                run_in_shell(&shell, "pid=$(pidof guest-agent) && kill -9 $pid").map_err(|e| {
                     MoveError::Refused(format!(
                         "cannot reach node {name}'s guest shell at {}: {e}",
                         shell.display()
@@ -449,6 +449,12 @@ impl Cluster {
             self.nodes[from].forwards_own_port = false;
         }
         let epoch = self.control.epoch() + 1;
+        // Before the owner changes: the agent may start serving as soon as it does.
+        self.events.record(&Event::ServingStarted {
+            identity: identity_name.clone(),
+            node: self.nodes[to].name.clone(),
+            epoch,
+        });
         self.control_writer.set_epoch(epoch);
         self.control_writer.set_owner(
             identity,
@@ -457,11 +463,6 @@ impl Cluster {
                 epoch,
             },
         )?;
-        self.events.record(&Event::ServingStarted {
-            identity: identity_name.clone(),
-            node: self.nodes[to].name.clone(),
-            epoch,
-        });
         let seq = self.issue(
             to,
             CommandKind::TakeOver,
@@ -562,7 +563,7 @@ impl Cluster {
 
     /// Points identity `identity`'s host port at node `node`'s guest (QEMU backend; with
     /// the process backend the agent listens itself, told by the command's argument).
-    fn forward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
+    pub(super) fn forward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
         let port = self.nodes[identity].nbd_port;
         if !self.is_process_backend() {
             self.hostfwd(
@@ -578,7 +579,7 @@ impl Cluster {
     }
 
     /// Removes identity `identity`'s host port from node `node`'s QEMU.
-    fn unforward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
+    pub(super) fn unforward(&mut self, node: usize, identity: usize) -> Result<(), MoveError> {
         let port = self.nodes[identity].nbd_port;
         if !self.is_process_backend() {
             self.hostfwd(
@@ -657,7 +658,8 @@ fn run_in_shell(socket: &std::path::Path, command: &str) -> std::io::Result<()> 
         );
     let marker = format!("ivha-done-{}", nonce + 1);
     // A fresh line first: whatever a previous client left half typed is discarded.
-    stream.write_all(format!("\n{command}; echo ivha-done-$(({nonce}+1))\n").as_bytes())?;
+    // `&&`: the marker comes only if the command succeeded.
+    stream.write_all(format!("\n{command} && echo ivha-done-$(({nonce}+1))\n").as_bytes())?;
     let deadline = Instant::now() + SHELL_TIMEOUT;
     let mut seen = Vec::new();
     let mut buffer = [0u8; 1024];

@@ -53,6 +53,18 @@ pub enum LaunchError {
         #[source]
         source: qemu::LaunchError,
     },
+    #[error("cannot record node {node}'s process for a restarted hostd")]
+    Record {
+        node: String,
+        #[source]
+        source: super::adopt::RecordError,
+    },
+    #[error("cannot adopt node {node}'s running process; the guests were left running")]
+    Adopt {
+        node: String,
+        #[source]
+        source: qemu::ChildError,
+    },
     #[error("cannot map region {path}")]
     Region {
         path: PathBuf,
@@ -199,35 +211,32 @@ pub fn adopt(
     running: &[(usize, super::adopt::RunRecord)],
 ) -> Result<Cluster, LaunchError> {
     let mut cluster = Cluster::new(config, state, files, control_path)?;
-    cluster.started = Instant::now();
     let mut adopted = Vec::new();
     for index in 0..cluster.nodes.len() {
         let name = cluster.nodes[index].name.clone();
         let found = running.iter().find(|(i, _)| *i == index).map(|(_, r)| *r);
-        let adoption = match found {
-            Some(record) => cluster.adopt_node(index, record).map_err(|error| {
-                log::warn!("node {name}: {error}");
-            }),
-            None => Err(()),
-        };
-        let how = match adoption {
-            Ok(how) => how,
-            Err(()) => {
-                let node = &mut cluster.nodes[index];
-                node.fenced = true;
-                node.exit = Some("gone while no hostd was running".into());
-                node.forwards_own_port = false;
-                for identity in 0..config.nodes.len() {
-                    if cluster.owner_of(identity) == Some(index) {
-                        cluster.record_serving_ended(identity, index, "gone");
+        let how = match found.map(|record| cluster.adopt_node(index, record)) {
+            Some(Ok(how)) => how,
+            Some(Err(qemu::ChildError::Adopt { reason, .. })) => {
+                // It ended between the check and the adoption.
+                log::warn!("node {name}: {reason}");
+                cluster.mark_gone(index)
+            }
+            Some(Err(source)) => {
+                // Not known to be dead, not under control either: touch nothing.
+                for node in &mut cluster.nodes {
+                    if let Some(child) = node.child.take() {
+                        child.disown();
                     }
                 }
-                "gone while no hostd was running".to_owned()
+                return Err(LaunchError::Adopt { node: name, source });
             }
+            None => cluster.mark_gone(index),
         };
         log::info!("node {name}: {how}");
         adopted.push((name, how));
     }
+    cluster.reconcile_forwards();
     cluster.adopted = true;
     cluster.last_states = cluster.nodes.iter().map(Node::state).collect();
     cluster
@@ -420,8 +429,12 @@ impl Cluster {
                     source,
                 }
             })?;
-        if let Err(error) = super::adopt::save_record(&self.state, &name, child.pid()) {
-            log::warn!("a restarted hostd will not be able to adopt node {name}: {error}");
+        // Without its record a restarted hostd could not adopt the node, and might take it
+        // for dead: no node runs unrecorded.
+        if let Err(source) = super::adopt::save_record(&self.state, &name, child.pid(), before) {
+            let mut child = child;
+            let _ = child.kill_and_reap(super::QUIT_TIMEOUT);
+            return Err(LaunchError::Record { node: name, source });
         }
         self.nodes[index].restarted(child, before);
         Ok(())
@@ -442,9 +455,14 @@ impl Cluster {
             Some(self.state.qemu_log(&name)),
         )?;
         let clock = self.clock(Instant::now());
-        self.nodes[index].adopted(child, Instant::now(), clock);
+        let before = (record.boot_id_before, record.heartbeat_before);
+        let booting = self.nodes[index].adopted(child, before, Instant::now(), clock);
+        let booting_note = if booting { ", still booting" } else { "" };
         if self.config.backend == Backend::Process {
-            return Ok(format!("agent process {} adopted", record.pid));
+            return Ok(format!(
+                "agent process {} adopted{booting_note}",
+                record.pid
+            ));
         }
         let socket = self.state.qmp_socket(&name);
         let mut qmp = match qemu::QmpClient::connect(&socket, QMP_ADOPT_TIMEOUT) {
@@ -457,11 +475,13 @@ impl Cluster {
                     socket.display()
                 );
                 return Ok(format!(
-                    "QEMU pid {} adopted without QMP (not answering)",
+                    "QEMU pid {} adopted without QMP (not answering){booting_note}",
                     record.pid
                 ));
             }
         };
+        // Later commands get the time a launched node's do.
+        qmp.set_timeout(QMP_CONNECT_TIMEOUT);
         // QMP events sent while no hostd listened are lost: ask for the VM's state.
         let running = qmp
             .execute("query-status", None)
@@ -475,10 +495,73 @@ impl Cluster {
             node.monitor.observe(heartbeat::Evidence::Stopped, clock);
         }
         Ok(format!(
-            "QEMU pid {} adopted{}",
+            "QEMU pid {} adopted{}{booting_note}",
             record.pid,
             if running { "" } else { " (VM paused)" }
         ))
+    }
+
+    /// Node `index` had no running process when the pair was adopted: it died while no
+    /// hostd watched. It counts as fenced, so its identity moves to the partner.
+    fn mark_gone(&mut self, index: usize) -> String {
+        let what = "gone while no hostd was running";
+        let node = &mut self.nodes[index];
+        node.fenced = true;
+        node.exit = Some(what.into());
+        node.forwards_own_port = false;
+        for identity in 0..self.nodes.len() {
+            if self.owner_of(identity) == Some(index) {
+                self.record_serving_ended(identity, index, "gone");
+            }
+        }
+        what.to_owned()
+    }
+
+    /// After an adoption: each identity's address leads to its owner and nowhere else. A
+    /// hostd that died between moving the owner and moving the address left them apart.
+    fn reconcile_forwards(&mut self) {
+        if self.is_process_backend() {
+            return;
+        }
+        for node in 0..self.nodes.len() {
+            let Some(qmp) = self.nodes[node].qmp.as_mut() else {
+                continue;
+            };
+            let table = match qmp.human_monitor_command("info usernet") {
+                Ok(table) => table,
+                Err(error) => {
+                    log::warn!("node {}: info usernet: {error}", self.nodes[node].name);
+                    continue;
+                }
+            };
+            for identity in 0..self.nodes.len() {
+                let port = self.nodes[identity].nbd_port;
+                let has = forwards_port(&table, port);
+                let should = self.owner_of(identity) == Some(node) && !self.nodes[node].fenced;
+                let result = match (has, should) {
+                    (true, false) => self.unforward(node, identity),
+                    (false, true) => self.forward(node, identity),
+                    _ => Ok(()),
+                };
+                match result {
+                    Ok(()) if has != should => log::warn!(
+                        "adoption: the address of {} {} node {} (a move was cut short)",
+                        self.nodes[identity].name,
+                        if should {
+                            "now leads to"
+                        } else {
+                            "no longer leads to"
+                        },
+                        self.nodes[node].name
+                    ),
+                    Ok(()) => {}
+                    Err(error) => log::error!("adoption: {error}"),
+                }
+            }
+            if self.owner_of(node) == Some(node) {
+                self.nodes[node].forwards_own_port = true;
+            }
+        }
     }
 
     /// Connects to node `index`'s QMP socket (QEMU backend only).
@@ -813,6 +896,18 @@ impl Cluster {
     }
 }
 
+/// Whether HMP `info usernet` lists a host forward from 127.0.0.1:`port`, e.g.
+/// `  TCP[HOST_FORWARD]  12   127.0.0.1 24809  10.0.2.15 10809   0   0`.
+fn forwards_port(table: &str, port: u16) -> bool {
+    table.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.first().is_some_and(|f| f.contains("HOST_FORWARD"))
+            && fields
+                .windows(2)
+                .any(|w| w[0] == "127.0.0.1" && w[1] == port.to_string())
+    })
+}
+
 /// Whether the partner could take `node`'s identity over now, and why not.
 fn takeover_readiness(node: &Node, partner: &Node, node_owns_identity: bool) -> (bool, String) {
     if !node_owns_identity {
@@ -842,4 +937,21 @@ fn takeover_readiness(node: &Node, partner: &Node, node_owns_identity: bool) -> 
         true,
         format!("partner {} is up and reads its region", partner.name),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_usernet_forwards() {
+        let table = "Hub -1 (n0):\r\n  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ\r\n  TCP[HOST_FORWARD]   3       127.0.0.1 24999       10.0.2.15 10809     0     0\r\n  TCP[ESTABLISHED]   14       127.0.0.1 24998       10.0.2.15 10809     0     0\r\n";
+        assert!(forwards_port(table, 24999));
+        assert!(
+            !forwards_port(table, 24998),
+            "a connection is not a forward"
+        );
+        assert!(!forwards_port(table, 10809));
+        assert!(!forwards_port("", 24999));
+    }
 }

@@ -52,6 +52,10 @@ pub enum DaemonError {
     },
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
+    #[error(
+        "cannot tell whether the pair an earlier hostd started still runs; nothing was started or stopped"
+    )]
+    Adopt(#[from] adopt::RecordError),
 }
 
 /// A request from the socket or a signal, with where to send the answer.
@@ -84,8 +88,9 @@ pub fn run(
     let lock = lock(state)?;
     // A pair left running by an earlier hostd is adopted with the configuration it was
     // started with: its QEMUs were built from it.
-    let running = adopt::running_nodes(state, &adopt::load_config(state).unwrap_or_default());
-    let adopted_config = match adopt::load_config(state) {
+    let saved_config = adopt::load_config(state);
+    let running = adopt::running_nodes(state, saved_config.as_ref().unwrap_or(config))?;
+    let adopted_config = match saved_config {
         Some(saved) if !running.is_empty() => {
             if saved != *config {
                 log::warn!(

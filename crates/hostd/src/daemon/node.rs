@@ -96,24 +96,35 @@ impl Node {
         self.heartbeat_moved = None;
     }
 
-    /// Takes over a node process an earlier hostd started. Its agent may be running for a
-    /// long time already: its heartbeat counts from the first sample, and it gets a whole
-    /// heartbeat timeout from now before it can be judged down.
-    pub fn adopted(&mut self, child: QemuChild, now: Instant, clock: Duration) {
+    /// Takes over a node process an earlier hostd started; `before` is the region's boot id
+    /// and heartbeat counter from before that process started (its run record). Returns
+    /// whether the node is still booting. A running agent may have been up for long
+    /// already: its heartbeat counts from the first sample, and it gets a whole heartbeat
+    /// timeout from now before it can be judged down.
+    pub fn adopted(
+        &mut self,
+        child: QemuChild,
+        before: (u64, u64),
+        now: Instant,
+        clock: Duration,
+    ) -> bool {
         let boot_id = self.region.boot_id();
-        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
         self.child = Some(child);
         self.monitor.reset();
-        if boot_id == 0 {
-            // Its agent never started: wait for its first beat as for a new boot.
-            self.boot_id_before_launch = 0;
-            return;
+        if boot_id == before.0 {
+            // The region still shows the previous boot: this boot's agent has not started.
+            // Wait for its first beat as after a launch.
+            self.boot_id_before_launch = before.0;
+            self.heartbeat = before.1;
+            return true;
         }
+        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
         // Any boot id but the running one: a later restart of the agent still counts.
         self.boot_id_before_launch = !boot_id;
         self.heartbeat = counter;
         self.heartbeat_moved = Some(now);
         self.monitor.observe(Evidence::Heartbeat { counter }, clock);
+        false
     }
 
     /// Feeds everything that may have changed since the last sample to the monitor;
