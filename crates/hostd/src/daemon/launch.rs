@@ -505,7 +505,15 @@ impl Cluster {
     /// hostd watched. It counts as fenced, so its identity moves to the partner.
     fn mark_gone(&mut self, index: usize) -> String {
         let what = "gone while no hostd was running";
+        let clock = self.clock(Instant::now());
         let node = &mut self.nodes[index];
+        // So that its takeover gives this as the reason.
+        node.monitor.observe(
+            heartbeat::Evidence::ProcessExited {
+                status: what.into(),
+            },
+            clock,
+        );
         node.fenced = true;
         node.exit = Some(what.into());
         node.forwards_own_port = false;
