@@ -300,18 +300,10 @@ pub fn inject(
 /// Waits until every thread of `pid` is stopped (state `T` or `t`), at most `timeout`.
 fn wait_stopped(pid: u32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
+    // Gone counts as stopped: it can publish nothing either.
     let all_stopped = || {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return true;
-        };
-        tasks.flatten().all(|task| {
-            std::fs::read_to_string(task.path().join("stat"))
-                .ok()
-                .and_then(|stat| {
-                    let (_, after_name) = stat.rsplit_once(") ")?;
-                    after_name.chars().next()
-                })
-                .is_none_or(|state| matches!(state, 'T' | 't' | 'Z' | 'X'))
+        qemu::thread_states(pid).map_or(true, |states| {
+            states.iter().all(|s| matches!(s, 'T' | 't' | 'Z' | 'X'))
         })
     };
     while !all_stopped() && Instant::now() < deadline {
@@ -320,9 +312,7 @@ fn wait_stopped(pid: u32, timeout: Duration) {
 }
 
 fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.contains(") Z "))
-        .unwrap_or(false)
+    qemu::process_state(pid).is_ok_and(|state| !matches!(state, 'Z' | 'X'))
 }
 
 /// Brings the pair back to health after a fault: waits for an identity move where one

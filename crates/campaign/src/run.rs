@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use shm::inspect::error_chain;
+
 use crate::checker::{self, CheckOutcome, FinalContents};
 use crate::history::{
     End, Entry, Fault, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover, WriterSpec,
@@ -131,7 +133,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         writers: writers.clone(),
     }))?;
 
-    let aborted = match hostd.up(Some(&config_path)) {
+    let (aborted, fault_times) = match hostd.up(Some(&config_path)) {
         Ok(_) => drive(config, &hostd, &history, &plan, run_id, &writers),
         Err(error) => {
             collect_logs(&hostd, out);
@@ -140,7 +142,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         }
     };
     let finals = read_finals(config, &writers, out);
-    for entry in hostd_entries(&hostd, &plan_times(&history_path)) {
+    for entry in hostd_entries(&hostd, &fault_times) {
         history.append(&entry)?;
     }
     history.append(&Entry::End(End { t: now_micros() }))?;
@@ -149,8 +151,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     let finals = finals?;
 
     let history = History::read(&history_path)?;
-    let final_files: Vec<(String, PathBuf)> = finals;
-    let contents = FinalContents::load(&history, &final_files)?;
+    let contents = FinalContents::load(&history, &finals)?;
     let outcome = checker::check(&history, &contents)?;
     let report = Report::build(&history, &outcome);
     let report_path = out.join("report.json");
@@ -164,7 +165,8 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     })
 }
 
-/// The cycles; returns why they stopped early, if they did.
+/// The cycles; returns why they stopped early, if they did, and (cycle, time in µs) of
+/// every fault that hit.
 fn drive(
     config: &RunConfig,
     hostd: &Hostd,
@@ -172,9 +174,10 @@ fn drive(
     plan: &[PlannedFault],
     run_id: u64,
     writers: &[WriterSpec],
-) -> Option<String> {
+) -> (Option<String>, Vec<(u64, u64)>) {
     if let Err(error) = hostd.wait_for("a healthy pair", Duration::from_secs(120), Hostd::healthy) {
-        return Some(format!("the pair never became healthy: {error}"));
+        let why = format!("the pair never became healthy: {error}");
+        return (Some(why), Vec::new());
     }
     let configs = writers
         .iter()
@@ -188,9 +191,13 @@ fn drive(
         .collect();
     let workload = match Workload::start(configs, history.clone()) {
         Ok(workload) => workload,
-        Err(error) => return Some(format!("cannot start the workload: {error}")),
+        Err(error) => {
+            let why = format!("cannot start the workload: {error}");
+            return (Some(why), Vec::new());
+        }
     };
     let mut aborted = None;
+    let mut fault_times = Vec::new();
     for fault in plan {
         std::thread::sleep(Duration::from_millis(fault.warmup_ms));
         let torn = torn_target(run_id, writers, &fault.node);
@@ -215,6 +222,7 @@ fn drive(
             }
         };
         log::info!("cycle {}: {}", fault.cycle, outcome.detail);
+        fault_times.push((fault.cycle, outcome.t));
         let outcome_epoch = outcome.epoch_before.clone();
         let recorded = history.append(&Entry::Fault(Fault {
             t: outcome.t,
@@ -241,18 +249,7 @@ fn drive(
     // A last stretch of writes against the healthy pair.
     std::thread::sleep(Duration::from_millis(500));
     workload.stop();
-    aborted
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
+    (aborted, fault_times)
 }
 
 fn address(config: &RunConfig, identity: &str) -> SocketAddr {
@@ -345,19 +342,6 @@ fn connect_retrying(address: SocketAddr, export: &str) -> std::io::Result<NbdCli
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
-}
-
-/// (cycle, fault time in µs) of every fault recorded so far.
-fn plan_times(history_path: &Path) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(history_path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Entry>(line).ok())
-        .filter_map(|entry| match entry {
-            Entry::Fault(fault) => Some((fault.cycle, fault.t)),
-            _ => None,
-        })
-        .collect()
 }
 
 /// hostd's serving intervals and unplanned takeovers, as history entries. A takeover

@@ -6,33 +6,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::ack_checker::AckedWriter;
-use common::{Pair, agent_prerequisite, alive, prerequisites};
+use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, alive, one_pair, prerequisites};
 use serde_json::Value;
-
-/// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
-static ONE_PAIR: Mutex<()> = Mutex::new(());
-
-fn one_pair() -> std::sync::MutexGuard<'static, ()> {
-    ONE_PAIR
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-const NODE_B: &str = "[[node]]\nname = \"b\"\n";
-const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
-
-fn events(pair: &Pair) -> Vec<Value> {
-    std::fs::read_to_string(pair.state.path().join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
 
 fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["event"] == kind).count()
@@ -53,32 +31,12 @@ fn wait_for_acks(writer: &AckedWriter, more: u64, what: &str) {
 }
 
 fn hostd_sigkill_then_adopt(pair: &Pair) {
-    let before = pair.status();
-    let old_hostd = before["hostd_pid"].as_u64().unwrap() as u32;
-    let epoch = before["epoch"].as_u64().unwrap();
-    let takeovers = count(&events(pair), "takeover");
-    let writer = AckedWriter::start(
-        SocketAddr::from(([127, 0, 0, 1], pair.ports[0])),
-        "a",
-        1,
-        0,
-        8192,
-    );
+    let epoch = pair.status()["epoch"].as_u64().unwrap();
+    let takeovers = count(&pair.events(), "takeover");
+    let writer = AckedWriter::start(pair.addr(0), "a", 1, 0, 8192);
     wait_for_acks(&writer, 100, "before the kill");
 
-    let killed = std::process::Command::new("kill")
-        .args(["-KILL", &old_hostd.to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(old_hostd) {
-        assert!(
-            Instant::now() < deadline,
-            "hostd {old_hostd} survived SIGKILL"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let old_hostd = pair.kill_hostd();
     // No hostd: the guests serve on their own.
     wait_for_acks(&writer, 100, "while no hostd ran");
     for pid in &pair.pids {
@@ -92,14 +50,11 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
     let after = pair.status();
     assert_eq!(after["adopted"], true, "{after:#}");
     assert_ne!(after["hostd_pid"].as_u64().unwrap() as u32, old_hostd);
-    let pids: Vec<u32> = after["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["pid"].as_u64())
-        .map(|p| p as u32)
-        .collect();
-    assert_eq!(pids, pair.pids, "the same processes, adopted: {after:#}");
+    assert_eq!(
+        Pair::node_pids(&after),
+        pair.pids,
+        "the same processes, adopted: {after:#}"
+    );
     pair.wait_for("both nodes up", Duration::from_secs(10), |status| {
         status["nodes"]
             .as_array()
@@ -116,7 +71,7 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
         assert_eq!(Pair::node(&settled, node)["served_by"], node);
         assert_eq!(Pair::node(&settled, node)["state"], "up");
     }
-    let recorded = events(pair);
+    let recorded = pair.events();
     assert_eq!(count(&recorded, "takeover"), takeovers, "{recorded:#?}");
     assert_eq!(count(&recorded, "pair_adopted"), 1);
 
@@ -128,33 +83,11 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
     });
     wait_for_acks(&writer, 100, "after the takeover");
     let history = writer.stop();
-    let mut reader = loop {
-        match campaign::nbd_client::NbdClient::connect(
-            SocketAddr::from(([127, 0, 0, 1], pair.ports[0])),
-            "a",
-            Duration::from_secs(5),
-        ) {
-            Ok(client) => break client,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    let mut reader = pair.connect(0, "a");
     let report = history
         .verify(|offset| reader.read(offset, 4096).unwrap())
         .unwrap_or_else(|e| panic!("acknowledged writes lost: {e}"));
     eprintln!("hostd restart: {report:?}");
-}
-
-fn kill_hostd(pair: &Pair) {
-    let pid = pair.status()["hostd_pid"].as_u64().unwrap() as u32;
-    std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "hostd {pid} survived SIGKILL");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// hostd dies while a node's QEMU boots (a giveback restarted it). The new hostd must see
@@ -175,20 +108,16 @@ fn vm_hostd_killed_while_a_node_boots() {
         Pair::node(status, "a")["served_by"] == "b"
     });
     // The giveback restarts a's QEMU; hostd dies during the boot.
-    let state = pair.state.path().to_owned();
-    let giveback = std::thread::spawn(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
-            .args(["giveback", "a"])
-            .env("IVHA_STATE_DIR", state)
-            .output()
-            .unwrap()
+    let booting_pid = std::thread::scope(|scope| {
+        // The giveback's own command fails when hostd dies under it; that is the point.
+        scope.spawn(|| pair.hostd(&["giveback", "a"]));
+        pair.wait_for("a booting", Duration::from_secs(10), |status| {
+            Pair::node(status, "a")["state"] == "booting"
+        });
+        let booting_pid = Pair::node(&pair.status(), "a")["pid"].as_u64().unwrap();
+        pair.kill_hostd();
+        booting_pid
     });
-    pair.wait_for("a booting", Duration::from_secs(10), |status| {
-        Pair::node(status, "a")["state"] == "booting"
-    });
-    let booting_pid = Pair::node(&pair.status(), "a")["pid"].as_u64().unwrap();
-    kill_hostd(&pair);
-    let _ = giveback.join();
     let (code, out, err) = pair.hostd(&["up", "--detach", "--timeout", "60"]);
     assert_eq!(code, 0, "hostd up after the kill: {out}{err}");
     // Past a heartbeat timeout after the boot: a is up, the same process, never fenced.

@@ -7,49 +7,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use campaign::nbd_client::NbdClient;
 use common::ack_checker::AckedWriter;
-use common::{Pair, agent_prerequisite, prerequisites};
+use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, one_pair, prerequisites};
 use serde_json::Value;
-
-/// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
-static ONE_PAIR: Mutex<()> = Mutex::new(());
-
-fn one_pair() -> std::sync::MutexGuard<'static, ()> {
-    ONE_PAIR
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 const PROCESS: &str = "backend = \"process\"\n";
 const PAUSED: &str = "[flusher]\npaused = true\n";
-const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
-const NODE_B: &str = "[[node]]\nname = \"b\"\n";
 const BLOCK: usize = 4096;
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-fn addr(pair: &Pair, index: usize) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], pair.ports[index]))
-}
-
-/// Connects, retrying while the address moves.
-fn connect(pair: &Pair, index: usize, export: &str) -> NbdClient {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match NbdClient::connect(addr(pair, index), export, TIMEOUT) {
-            Ok(client) => return client,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(error) => panic!(
-                "cannot reach export {export} at {}: {error}",
-                addr(pair, index)
-            ),
-        }
-    }
-}
 
 /// `count` distinct random 4 KiB-aligned blocks with random contents, from `seed`.
 fn random_blocks(count: usize, seed: u64, disk: u64) -> Vec<(u64, Vec<u8>)> {
@@ -101,21 +68,12 @@ fn wait_served_by(pair: &Pair, node: &str, by: &str, timeout: Duration) {
     });
 }
 
-/// The events recorded so far, oldest first.
-fn events(pair: &Pair) -> Vec<Value> {
-    std::fs::read_to_string(pair.state.path().join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
-
 fn last_event(pair: &Pair, kind: &str, node: &str) -> Value {
-    events(pair)
+    pair.events()
         .into_iter()
         .rev()
         .find(|e| e["event"] == kind && e["node"] == node)
-        .unwrap_or_else(|| panic!("no {kind} event for {node}: {:#?}", events(pair)))
+        .unwrap_or_else(|| panic!("no {kind} event for {node}: {:#?}", pair.events()))
 }
 
 fn unflushed(pair: &Pair, node: &str) -> u64 {
@@ -129,11 +87,11 @@ fn unflushed(pair: &Pair, node: &str) -> u64 {
 /// Then a comes back, takes its identity back, and serves everything, including what was
 /// written to it while b held it.
 fn kill_then_giveback(pair: &Pair) {
-    let mut a = connect(pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     let size = a.size();
     let before = random_blocks(64, 1, size);
     write_blocks(&mut a, &before);
-    let mut b = connect(pair, 1, "b");
+    let mut b = pair.connect(1, "b");
     let b_blocks = random_blocks(16, 2, size);
     write_blocks(&mut b, &b_blocks);
     assert!(
@@ -156,9 +114,9 @@ fn kill_then_giveback(pair: &Pair) {
     );
     assert_eq!(takeover["replay_complete"], true);
 
-    let mut a = connect(pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     verify_blocks(&mut a, &before, "a's blocks through a's address");
-    verify_blocks(&mut connect(pair, 1, "b"), &b_blocks, "b's own blocks");
+    verify_blocks(&mut pair.connect(1, "b"), &b_blocks, "b's own blocks");
     // Writes to a while b holds it go through b's log.
     let during = random_blocks(32, 3, size);
     write_blocks(&mut a, &during);
@@ -167,7 +125,7 @@ fn kill_then_giveback(pair: &Pair) {
     let (code, out, err) = pair.hostd(&["giveback", "a"]);
     assert_eq!(code, 0, "hostd giveback: {out}{err}");
     assert_eq!(served_by(pair, "a"), "a");
-    let mut a = connect(pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     verify_blocks(&mut a, &before, "a's first blocks after giveback");
     let later: Vec<_> = during
         .iter()
@@ -180,7 +138,7 @@ fn kill_then_giveback(pair: &Pair) {
         "blocks written while b held a, after giveback",
     );
     verify_blocks(
-        &mut connect(pair, 1, "b"),
+        &mut pair.connect(1, "b"),
         &b_blocks,
         "b's own blocks after giveback",
     );
@@ -192,7 +150,7 @@ fn kill_then_giveback(pair: &Pair) {
 /// The slots outnumber the writes, so no later write can hide a lost one; the pair runs
 /// with a flush delay, so the writes just before the kill are only in a's log.
 fn continuous_writes_during_kill(pair: &Pair) {
-    let writer = AckedWriter::start(addr(pair, 0), "a", 1, 0, 8192);
+    let writer = AckedWriter::start(pair.addr(0), "a", 1, 0, 8192);
     let deadline = Instant::now() + Duration::from_secs(30);
     while writer.acked() < 200 {
         assert!(Instant::now() < deadline, "the writer makes no progress");
@@ -212,7 +170,7 @@ fn continuous_writes_during_kill(pair: &Pair) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let history = writer.stop();
-    let mut reader = connect(pair, 0, "a");
+    let mut reader = pair.connect(0, "a");
     let report = history
         .verify(|offset| reader.read(offset, 4096).unwrap())
         .unwrap_or_else(|e| panic!("acknowledged writes lost: {e}"));
@@ -250,7 +208,7 @@ fn process_planned_takeover_loses_nothing() {
     }
     let _one = one_pair();
     let pair = Pair::up_with(NODE_B, &format!("{PROCESS}{PAUSED}"));
-    let mut a = connect(&pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     let blocks = random_blocks(64, 4, a.size());
     write_blocks(&mut a, &blocks);
     a.disconnect();
@@ -264,14 +222,10 @@ fn process_planned_takeover_loses_nothing() {
     );
     let status = pair.status();
     assert_eq!(Pair::node(&status, "a")["state"], "up", "a keeps running");
-    verify_blocks(
-        &mut connect(&pair, 0, "a"),
-        &blocks,
-        "after planned takeover",
-    );
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after planned takeover");
     let (code, out, err) = pair.hostd(&["giveback", "a"]);
     assert_eq!(code, 0, "hostd giveback: {out}{err}");
-    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after giveback");
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after giveback");
 }
 
 #[test]
@@ -325,7 +279,7 @@ fn vm_hang_is_detected_by_heartbeat_timeout() {
         NODE_B,
         "[heartbeat]\ninterval_ms = 100\ntimeout_ms = 2000\n",
     );
-    let mut a = connect(&pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     let blocks = random_blocks(16, 5, a.size());
     write_blocks(&mut a, &blocks);
     a.disconnect();
@@ -338,7 +292,7 @@ fn vm_hang_is_detected_by_heartbeat_timeout() {
     assert!(!common::alive(a_pid), "the hung QEMU was killed and reaped");
     let status = pair.status();
     assert_eq!(Pair::node(&status, "a")["state"], "fenced");
-    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after a hang");
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after a hang");
 }
 
 /// Panic: the guest kernel panics (NMI); QEMU's GUEST_PANICKED event triggers the
@@ -353,7 +307,7 @@ fn vm_panic_is_detected_from_the_qmp_event() {
         NODE_B,
         &format!("{PAUSED}[heartbeat]\ninterval_ms = 100\ntimeout_ms = 30000\n"),
     );
-    let mut a = connect(&pair, 0, "a");
+    let mut a = pair.connect(0, "a");
     let blocks = random_blocks(16, 6, a.size());
     write_blocks(&mut a, &blocks);
     a.disconnect();
@@ -369,5 +323,5 @@ fn vm_panic_is_detected_from_the_qmp_event() {
     assert_eq!(takeover["reason"], "guest kernel panicked", "{takeover}");
     // (a's console may not show the panic message: hostd fences the guest as soon as
     // QEMU reports the panic, before the kernel has flushed its console.)
-    verify_blocks(&mut connect(&pair, 0, "a"), &blocks, "after a panic");
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after a panic");
 }

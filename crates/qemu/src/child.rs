@@ -433,19 +433,46 @@ impl QemuChild {
     }
 }
 
+/// A `/proc/.../stat` line from field 3 (the state) on. The command name before it (field 2)
+/// is in parentheses and may itself contain ") ", so the line is split at the last one.
+fn stat_from_state(path: &str) -> std::io::Result<String> {
+    let stat = std::fs::read_to_string(path)?;
+    stat.rsplit_once(") ")
+        .map(|(_, after_name)| after_name.to_owned())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat line"))
+}
+
+/// The first character of `stat` (from [`stat_from_state`]): the state.
+fn state_of(stat: &str) -> std::io::Result<char> {
+    stat.chars()
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "empty stat line"))
+}
+
 /// When process `pid` started, in clock ticks after boot (field 22 of `/proc/PID/stat`):
 /// with the pid, it names one process for the life of the machine.
 pub fn process_start_time(pid: u32) -> std::io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let malformed = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat line");
-    // The command name (field 2) is in parentheses and may itself contain ") ".
-    let (_, after_name) = stat.rsplit_once(") ").ok_or_else(malformed)?;
-    // after_name starts at field 3 (state); the start time is field 22.
-    after_name
+    stat_from_state(&format!("/proc/{pid}/stat"))?
         .split_whitespace()
         .nth(22 - 3)
         .and_then(|field| field.parse().ok())
-        .ok_or_else(malformed)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat line"))
+}
+
+/// The state of process `pid` (field 3 of `/proc/PID/stat`): `R`, `S`, `D`, `T` (stopped),
+/// `t`, `Z` (exited, not reaped), `X`...
+pub fn process_state(pid: u32) -> std::io::Result<char> {
+    state_of(&stat_from_state(&format!("/proc/{pid}/stat"))?)
+}
+
+/// The state of every thread of process `pid`.
+pub fn thread_states(pid: u32) -> std::io::Result<Vec<char>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .map(|task| {
+            let path = task?.path().join("stat");
+            state_of(&stat_from_state(&path.to_string_lossy())?)
+        })
+        .collect()
 }
 
 impl Drop for QemuChild {
@@ -477,13 +504,6 @@ mod tests {
         poll(&mut fds, Some(&ts)).unwrap() == 1
     }
 
-    /// The state letter from /proc/PID/stat (R, S, T, Z, ...).
-    fn proc_state(pid: u32) -> char {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = stat.rsplit_once(") ").unwrap().1;
-        after.chars().next().unwrap()
-    }
-
     #[test]
     fn running_child_is_not_readable_and_wait_times_out() {
         let mut c = sleeper();
@@ -513,12 +533,12 @@ mod tests {
         let mut c = sleeper();
         c.signal(Signal::Stop).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while proc_state(c.pid()) != 'T' {
+        while process_state(c.pid()).unwrap() != 'T' {
             assert!(Instant::now() < deadline, "never stopped");
             std::thread::sleep(Duration::from_millis(5));
         }
         c.signal(Signal::Cont).unwrap();
-        while proc_state(c.pid()) == 'T' {
+        while process_state(c.pid()).unwrap() == 'T' {
             assert!(Instant::now() < deadline, "never continued");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -673,6 +693,15 @@ mod tests {
         assert!(ours > 0);
         assert_eq!(process_start_time(std::process::id()).unwrap(), ours);
         assert!(process_start_time(u32::MAX).is_err());
+        assert!(matches!(
+            process_state(std::process::id()).unwrap(),
+            'R' | 'S'
+        ));
+        let threads = thread_states(std::process::id()).unwrap();
+        assert!(
+            !threads.is_empty() && threads.iter().all(|s| *s != 'Z'),
+            "{threads:?}"
+        );
     }
 
     #[test]

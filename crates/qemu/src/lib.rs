@@ -19,7 +19,9 @@ pub mod qmp;
 mod test_support;
 
 pub use accel::{Accel, AccelChoice, AccelError, detect};
-pub use child::{ChildError, Exit, QemuChild, Signal, process_start_time};
+pub use child::{
+    ChildError, Exit, QemuChild, Signal, process_start_time, process_state, thread_states,
+};
 pub use cmdline::{CmdlineError, HostForward, PanicAction, QemuCommand};
 pub use launch::{LaunchError, connect_qmp, launch};
 pub use qmp::{QmpClient, QmpError, QmpEvent};

@@ -332,12 +332,15 @@ fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared)
             log::info!("nbd: {peer} {how} from export {export:?} ({stats})");
         }
         Err(error) if error.is_hang_up() => {
-            log::info!("nbd: {peer} went away: {} ({stats})", chain(&error));
+            log::info!(
+                "nbd: {peer} went away: {} ({stats})",
+                shm::inspect::error_chain(&error)
+            );
         }
         Err(error) => {
             log::warn!(
                 "nbd: closing connection from {peer}: {} ({stats})",
-                chain(&error)
+                shm::inspect::error_chain(&error)
             );
         }
     }
@@ -390,16 +393,4 @@ fn connection(
     );
     let end = transmission::serve(&mut reader, &mut writer, export.as_ref(), stats)?;
     Ok(Some((export.name().to_owned(), end)))
-}
-
-/// An error and its sources, joined with ": ".
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        out.push_str(": ");
-        out.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    out
 }

@@ -337,16 +337,22 @@ fn pair_starting(fields: &Map<String, Value>) -> Option<String> {
     })
 }
 
-/// `pair stopped  a: quit cleanly, b: killed`
-fn pair_stopped(fields: &Map<String, Value>) -> Option<String> {
-    let stopped = fields.get("stopped")?.as_array()?;
-    let nodes = stopped
+/// `a: quit cleanly, b: killed` from a list of `[node, what]` pairs under `key`.
+fn node_pairs(fields: &Map<String, Value>, key: &str) -> Option<Vec<String>> {
+    fields
+        .get(key)?
+        .as_array()?
         .iter()
         .map(|pair| match pair.as_array()?.as_slice() {
             [node, how] => Some(format!("{}: {}", node.as_str()?, how.as_str()?)),
             _ => None,
         })
-        .collect::<Option<Vec<String>>>()?;
+        .collect()
+}
+
+/// `pair stopped  a: quit cleanly, b: killed`
+fn pair_stopped(fields: &Map<String, Value>) -> Option<String> {
+    let nodes = node_pairs(fields, "stopped")?;
     Some(if nodes.is_empty() {
         "pair stopped".to_owned()
     } else {
@@ -393,15 +399,7 @@ fn serving(fields: &Map<String, Value>, what: &str, note_key: Option<&str>) -> O
 
 /// `pair adopted  a: pid 123, b: pid 456`
 fn pair_adopted(fields: &Map<String, Value>) -> Option<String> {
-    let nodes = fields
-        .get("nodes")?
-        .as_array()?
-        .iter()
-        .map(|pair| match pair.as_array()?.as_slice() {
-            [node, how] => Some(format!("{}: {}", node.as_str()?, how.as_str()?)),
-            _ => None,
-        })
-        .collect::<Option<Vec<String>>>()?;
+    let nodes = node_pairs(fields, "nodes")?;
     Some(format!(
         "pair adopted by a restarted hostd  {}",
         nodes.join(", ")

@@ -142,13 +142,7 @@ pub fn is_running(record: &RunRecord) -> Result<bool, RecordError> {
 
 /// A process that exited but was not reaped yet (its parent, init, reaps it soon).
 fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, after_name) = stat.rsplit_once(") ")?;
-            after_name.chars().next()
-        })
-        .is_some_and(|state| state == 'Z' || state == 'X')
+    qemu::process_state(pid).is_ok_and(|state| matches!(state, 'Z' | 'X'))
 }
 
 /// The nodes of `config` that have a running process to adopt, with their records. Empty

@@ -650,12 +650,9 @@ fn run_in_shell(socket: &std::path::Path, command: &str) -> std::io::Result<()> 
     stream.set_write_timeout(Some(SHELL_TIMEOUT))?;
     // The shell prints the marker only after the command ran; the typed line (echoed by
     // the terminal) has the unexpanded `$((...))` instead.
-    let nonce = std::process::id() as u64 * 1000
-        + u64::from(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_millis()),
-        );
+    let nonce = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
     let marker = format!("ivha-done-{}", nonce + 1);
     // A fresh line first: whatever a previous client left half typed is discarded.
     // `&&`: the marker comes only if the command succeeded.

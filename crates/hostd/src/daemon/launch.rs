@@ -566,9 +566,6 @@ impl Cluster {
                     Err(error) => log::error!("adoption: {error}"),
                 }
             }
-            if self.owner_of(node) == Some(node) {
-                self.nodes[node].forwards_own_port = true;
-            }
         }
     }
 

@@ -11,6 +11,20 @@ use shm::{Access, Mapping, NodeRegion};
 
 pub mod ack_checker;
 
+/// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
+static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the one-pair lock of this test binary.
+pub fn one_pair() -> std::sync::MutexGuard<'static, ()> {
+    ONE_PAIR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Config fragments for [`Pair::up_with`].
+pub const NODE_B: &str = "[[node]]\nname = \"b\"\n";
+pub const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
+
 pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
 pub const WRITE_PROBE_OFFSET: u64 = 3072;
 
@@ -99,15 +113,71 @@ impl Pair {
             config_path.to_str().unwrap(),
         ]);
         assert_eq!(code, 0, "hostd up failed:\n{stdout}\n{stderr}");
-        pair.pids = pair.status()["nodes"]
+        pair.pids = Self::node_pids(&pair.status());
+        assert_eq!(pair.pids.len(), 2, "both QEMUs have pids");
+        pair
+    }
+
+    /// The node processes' pids in a status, in node order.
+    pub fn node_pids(status: &Value) -> Vec<u32> {
+        status["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|n| n["pid"].as_u64())
             .map(|p| p as u32)
-            .collect();
-        assert_eq!(pair.pids.len(), 2, "both QEMUs have pids");
-        pair
+            .collect()
+    }
+
+    /// The events recorded so far, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.path().join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// SIGKILLs the daemon and waits until it is gone; returns its pid.
+    pub fn kill_hostd(&self) -> u32 {
+        let pid = self.status()["hostd_pid"].as_u64().unwrap() as u32;
+        let killed = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "hostd {pid} survived SIGKILL");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pid
+    }
+
+    /// The address of node `index`'s identity.
+    pub fn addr(&self, index: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.ports[index]))
+    }
+
+    /// Connects to node `index`'s export `export`, retrying while the address moves.
+    pub fn connect(&self, index: usize, export: &str) -> campaign::nbd_client::NbdClient {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match campaign::nbd_client::NbdClient::connect(
+                self.addr(index),
+                export,
+                Duration::from_secs(5),
+            ) {
+                Ok(client) => return client,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(error) => panic!(
+                    "cannot reach export {export} at {}: {error}",
+                    self.addr(index)
+                ),
+            }
+        }
     }
 
     pub fn hostd(&self, args: &[&str]) -> (i32, String, String) {
