@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # NBD benchmark: 4 KiB random writes and reads at queue depth 1 and 16, measured with fio's
 # NBD engine (libnbd) against, in one run:
-#   ivha         the guest agent in process mode (hostd up --backend process): NVRAM write-back
+#   ivha         the guest agent in process mode (hostd up --backend process), default
+#                configuration: a write leaves the NVRAM log once in the host's page cache
+#                (flusher.release = "host"), disks synced to media every second
+#   ivha-media   the same with flusher.release = "media": a write leaves the log only once
+#                fdatasynced, so sustained write IOPS are bounded by the disk
 #   nbdkit-file  nbdkit's file plugin on an image in the same directory (same disk)
 #   nbdkit-mem   nbdkit's memory plugin (RAM only: nothing survives anything)
-# Each workload runs on the three servers in turn, ROUNDS times (default 3), and the median is
+# Each workload runs on the four servers in turn, ROUNDS times (default 3), and the median is
 # reported: single runs on a small machine vary by tens of percent.
 # Usage: scripts/bench-nbd.sh [SECONDS_PER_RUN [ROUNDS]]   (default 4 and 3; IVHA_BENCH_DIR: where images go)
 set -euo pipefail
@@ -19,38 +23,53 @@ cargo build --release --quiet -p hostd --bin hostd -p guest-agent --bin guest-ag
 hostd=$PWD/target/release/hostd
 
 work=${IVHA_BENCH_DIR:-$PWD/target/bench-nbd}
-state=$(mktemp -d /dev/shm/ivha-bench-nbd.XXXXXX)
 mkdir -p "$work"
-rm -f "$work"/*.img
+# Everything the run writes goes here and goes when it ends.
+images=$(mktemp -d "$work/run.XXXXXX")
+states=()
 pids=()
 cleanup() {
-    IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true
+    for state in "${states[@]}"; do
+        IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true
+        rm -rf "$state" "$state.toml"
+    done
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$state" "$work"/*.img
+    rm -rf "$images"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port_a=$(free_port); port_b=$(free_port); port_file=$(free_port); port_mem=$(free_port)
+port_ivha=$(free_port); port_media=$(free_port); port_file=$(free_port); port_mem=$(free_port)
+port_ivha_b=$(free_port); port_media_b=$(free_port)
 size=1G
 
-cat >"$state.toml" <<TOML
+start_pair() { # PORT PORT_B RELEASE: a process-mode pair whose node a serves on PORT
+    local state
+    state=$(mktemp -d /dev/shm/ivha-bench-nbd.XXXXXX)
+    states+=("$state")
+    mkdir -p "$images/$3"
+    cat >"$state.toml" <<TOML
 backend = "process"
 [regions]
 node_mib = 64
 [disks]
 size_mib = 1024
-dir = "$work"
+dir = "$images/$3"
+[flusher]
+release = "$3"
 [[node]]
 name = "a"
-nbd_port = $port_a
+nbd_port = $1
 [[node]]
 name = "b"
-nbd_port = $port_b
+nbd_port = $2
 TOML
-IVHA_STATE_DIR=$state "$hostd" up --detach --config "$state.toml" >/dev/null
-truncate -s "$size" "$work/nbdkit-file.img"
-nbdkit --exit-with-parent -f -p "$port_file" -i 127.0.0.1 file "$work/nbdkit-file.img" &
+    IVHA_STATE_DIR=$state "$hostd" up --detach --config "$state.toml" >/dev/null
+}
+start_pair "$port_ivha" "$port_ivha_b" host
+start_pair "$port_media" "$port_media_b" media
+truncate -s "$size" "$images/nbdkit-file.img"
+nbdkit --exit-with-parent -f -p "$port_file" -i 127.0.0.1 file "$images/nbdkit-file.img" &
 pids+=($!)
 nbdkit --exit-with-parent -f -p "$port_mem" -i 127.0.0.1 memory "$size" &
 pids+=($!)
@@ -65,28 +84,30 @@ fio_iops() { # URI RW DEPTH
 
 echo "ivha NBD benchmark: fio $(fio --version | cut -d- -f2), nbd engine, 4 KiB random I/O, ${runtime} s per run, median of $rounds rounds"
 echo "  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc) cores)"
-echo "  images in $work ($(stat -f -c %T "$work")); ivha's region on /dev/shm"
+echo "  images in $images ($(stat -f -c %T "$images")); ivha's regions on /dev/shm"
 echo
 uri_of() {
     case $1 in
-    ivha) echo "nbd://127.0.0.1:$port_a/a" ;;
+    ivha) echo "nbd://127.0.0.1:$port_ivha/a" ;;
+    ivha-media) echo "nbd://127.0.0.1:$port_media/a" ;;
     nbdkit-file) echo "nbd://127.0.0.1:$port_file/" ;;
     nbdkit-mem) echo "nbd://127.0.0.1:$port_mem/" ;;
     esac
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+servers=(ivha ivha-media nbdkit-file nbdkit-mem)
 declare -A iops
 # Writes first: reads then find data everywhere (a fresh sparse image reads as holes).
 for rw in randwrite randread; do
     for depth in 1 16; do
         declare -A samples=()
-        for round in $(seq 1 "$rounds"); do
-            for server in ivha nbdkit-file nbdkit-mem; do
-                samples[$server]+="$(fio_iops "$(uri_of $server)" "$rw" "$depth") "
+        for _ in $(seq 1 "$rounds"); do
+            for server in "${servers[@]}"; do
+                samples[$server]+="$(fio_iops "$(uri_of "$server")" "$rw" "$depth") "
             done
         done
-        for server in ivha nbdkit-file nbdkit-mem; do
+        for server in "${servers[@]}"; do
             # shellcheck disable=SC2086 # word splitting wanted
             iops[$server.$rw.$depth]=$(median ${samples[$server]})
             echo "  $rw qd$depth $server: ${samples[$server]}" >&2
@@ -96,15 +117,21 @@ for rw in randwrite randread; do
 done
 echo >&2
 
-printf '%-14s %12s %12s %12s   %-10s %-10s\n' "workload" "ivha" "nbdkit-file" "nbdkit-mem" "ivha/file" "ivha/mem"
+ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+printf '%-14s %10s %11s %12s %11s   %-9s %-9s %-11s\n' "workload" "ivha" "ivha-media" "nbdkit-file" \
+    "nbdkit-mem" "ivha/file" "ivha/mem" "media/file"
 for rw in randwrite randread; do
     for depth in 1 16; do
-        a=${iops[ivha.$rw.$depth]}; f=${iops[nbdkit-file.$rw.$depth]}; m=${iops[nbdkit-mem.$rw.$depth]}
-        printf '%-14s %12s %12s %12s   %-10s %-10s\n' "$rw qd$depth" "$a" "$f" "$m" \
-            "$(python3 -c "print(f'{$a/$f:.2f}x')")" "$(python3 -c "print(f'{$a/$m:.2f}x')")"
+        a=${iops[ivha.$rw.$depth]}; d=${iops[ivha-media.$rw.$depth]}
+        f=${iops[nbdkit-file.$rw.$depth]}; m=${iops[nbdkit-mem.$rw.$depth]}
+        printf '%-14s %10s %11s %12s %11s   %-9s %-9s %-11s\n' "$rw qd$depth" "$a" "$d" "$f" "$m" \
+            "$(ratio "$a" "$f")" "$(ratio "$a" "$m")" "$(ratio "$d" "$f")"
     done
 done
 echo
 echo "IOPS (higher is better). Targets: ivha writes >= nbdkit-file (1.00x) and >= 0.8x nbdkit-mem."
-echo "ivha acknowledges a write once it is in the NVRAM log; nbdkit-file once it is in the page cache;"
-echo "nbdkit-mem once it is in RAM. Only ivha's acknowledged writes survive a crash of the server process."
+echo "ivha acknowledges a write once it is in the NVRAM log, which survives a crash of the agent, guest"
+echo "or hostd; nbdkit-file once it is in the page cache (survives a crash of nbdkit); nbdkit-mem once"
+echo "it is in RAM (survives nothing). On a host crash ivha loses what was not synced yet (the last"
+echo "one to few seconds), ivha-media only its unflushed log, nbdkit-file up to the kernel's writeback"
+echo "delay (30 s by default)."

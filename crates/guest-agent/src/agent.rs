@@ -13,7 +13,8 @@ use shm::{Access, BackPressure, ControlRegion, Mapping, NodeRegion, NodeWriter, 
 use crate::args::Args;
 use crate::export::ExportRegistry;
 use crate::failover::{FailoverMonitor, Identity};
-use crate::nvram::flusher::{Flusher, FlusherConfig};
+use crate::nbd::{Server, ServerConfig};
+use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
 use crate::nvram::volume::{Disk, DiskError, Volume};
 use crate::nvram::{Nvram, NvramError, Ownership};
 use crate::regions::{self, RegionsError};
@@ -99,6 +100,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let NodeWriter {
         appender,
         mut flushed,
+        synced,
         mut heartbeat,
         ack,
         peer: mut peer_writer,
@@ -163,26 +165,39 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     if recovered > 0 {
         log::info!("recovered {recovered} unflushed records from the log");
     }
-    let _flusher = Flusher::spawn(
-        Arc::clone(&nvram),
-        flushed,
-        FlusherConfig {
-            delay: Duration::from_millis(args.flush_delay_ms),
-            paused: args.flush_paused,
-        },
-    )
-    .map_err(AgentError::Thread)?;
+    let flusher_config = FlusherConfig {
+        delay: Duration::from_millis(args.flush_delay_ms),
+        paused: args.flush_paused,
+        release: args.release(),
+        sync_interval: Duration::from_millis(args.sync_interval_ms),
+    };
+    log::info!(
+        "flusher: {}",
+        match flusher_config.release {
+            Release::Written => format!(
+                "a write leaves the log once in the host's page cache; disks synced every {} ms",
+                args.sync_interval_ms
+            ),
+            Release::Synced => "a write leaves the log once synced to the disk".to_owned(),
+        }
+    );
+    let _flusher = Flusher::spawn(Arc::clone(&nvram), flushed, synced, flusher_config)
+        .map_err(AgentError::Thread)?;
     let registry = Arc::new(ExportRegistry::new());
     for identity in identities.values() {
         if identity.export.volume().writable() {
             registry.insert(Arc::clone(&identity.export) as Arc<dyn crate::export::Export>);
         }
     }
-    let server =
-        crate::nbd::Server::spawn(listener, Arc::clone(&registry)).map_err(AgentError::Thread)?;
+    let server_config = ServerConfig {
+        poll: Duration::from_micros(args.nbd_poll_us),
+        ..ServerConfig::default()
+    };
+    let server = Server::spawn_with(listener, Arc::clone(&registry), server_config.clone())
+        .map_err(AgentError::Thread)?;
     // In process mode the listener is the identity's address: it goes when the identity
     // is released. In a guest it is the guest's NBD port, and hostd moves the address.
-    let process_mode = args.region_dir.is_some();
+    let process_mode = args.process_mode();
     let server = if process_mode && export.volume().writable() {
         identities.insert(
             node_id,
@@ -216,6 +231,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             handled: own.ack().map_or(0, |a| a.command_seq),
             ack,
             listen_ip: process_mode.then(|| args.listen.ip()),
+            server_config,
         };
         std::thread::Builder::new()
             .name("failover".into())

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::nvram::flusher::Release;
+
 /// ivha guest agent: owns this node's shared-memory region.
 #[derive(Debug, clap::Parser)]
 #[command(name = "guest-agent", version, about)]
@@ -53,6 +55,12 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0:10809")]
     pub listen: std::net::SocketAddr,
 
+    /// NBD: after answering, poll the socket this long for the next request before
+    /// blocking (saves a wakeup per request at queue depth 1; 0 blocks at once).
+    #[arg(long, default_value_t = 0, value_name = "MICROSECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub nbd_poll_us: u64,
+
     /// Flusher: wait this long before each batch (keeps records unflushed for a while).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub flush_delay_ms: u64,
@@ -61,13 +69,45 @@ pub struct Args {
     #[arg(long)]
     pub flush_paused: bool,
 
+    /// When a logged write leaves the log: `host` once the disk holds it as durably as the
+    /// log (process mode: written to the host's page cache; in a guest: synced, since the
+    /// guest's page cache dies with the guest), `media` once synced to the disk's media.
+    #[arg(long, value_enum, default_value_t = ReleaseArg::Host, value_name = "WHEN")]
+    pub release: ReleaseArg,
+
+    /// With `--release host` in process mode: sync the disks to their media this often.
+    #[arg(long, default_value_t = 1000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub sync_interval_ms: u64,
+
     /// How long a write waits for ring space before failing with EIO.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub backpressure_timeout_s: u64,
 }
 
+/// Values of `--release`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReleaseArg {
+    Host,
+    Media,
+}
+
 impl Args {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// Whether the regions are host files (process mode) rather than a guest's devices.
+    pub fn process_mode(&self) -> bool {
+        self.region_dir.is_some()
+    }
+
+    /// When the flusher may release a record: only where the disk's page cache is the
+    /// host's (process mode) can `host` release a record as soon as it is written.
+    pub fn release(&self) -> Release {
+        match self.release {
+            ReleaseArg::Host if self.process_mode() => Release::Written,
+            ReleaseArg::Host | ReleaseArg::Media => Release::Synced,
+        }
     }
 }

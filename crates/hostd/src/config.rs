@@ -24,7 +24,12 @@
 //! interval_ms = 100
 //! timeout_ms = 3000
 //!
+//! [nbd]
+//! poll_us = 50              # after a reply, poll for the next request this long before blocking
+//!
 //! [flusher]
+//! release = "host"          # host | media: when a logged write leaves the log (below)
+//! sync_interval_ms = 1000   # release = "host", process backend: disks synced this often
 //! delay_ms = 0              # > 0 keeps records unflushed for a while (demos, tests)
 //! paused = false            # true: nothing is flushed (replay tests)
 //!
@@ -36,6 +41,15 @@
 //! name = "b"
 //! nbd_port = 10810
 //! ```
+//!
+//! `flusher.release`: a logged write may leave the log (its ring space reused) once the disk
+//! holds it as durably as the log does. With `"host"` and the process backend that is as
+//! soon as it is written to the disk image (the host's page cache survives whatever the
+//! tmpfs region survives), and the agents sync the disks to their media every
+//! `sync_interval_ms`; a host crash loses what came after the last sync. A guest's page
+//! cache dies with the guest, so in a guest a write leaves the log only once synced.
+//! `"media"` does that everywhere: a host crash then loses only the log's unflushed
+//! records, and write IOPS are bounded by the disk.
 
 use std::path::{Path, PathBuf};
 
@@ -160,15 +174,69 @@ impl Default for HeartbeatConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+/// The agents' NBD servers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NbdSettings {
+    /// After answering a request, a connection polls its socket this long for the next
+    /// one before it blocks: a client at queue depth 1 is then answered without a wakeup
+    /// of the server thread. 0 blocks at once (no CPU spent waiting).
+    pub poll_us: u64,
+}
+
+impl Default for NbdSettings {
+    fn default() -> Self {
+        Self { poll_us: 50 }
+    }
+}
+
+/// When a logged write may leave the log (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseSetting {
+    /// Once the disk holds it as durably as the log: written, where the disk's page cache is
+    /// the host's (process backend); synced, in a guest.
+    #[default]
+    Host,
+    /// Once synced to the disk's media, everywhere.
+    Media,
+}
+
+impl ReleaseSetting {
+    /// The guest agent's `--release` value.
+    pub fn agent_arg(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Media => "media",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FlusherSettings {
+    /// When a logged write may leave the log.
+    pub release: ReleaseSetting,
+    /// With `release = "host"` and the process backend: how often the agents sync their
+    /// disks to the media, bounding what a host crash loses.
+    pub sync_interval_ms: u64,
     /// The agents' flushers wait this long before each batch, so unflushed records stay
     /// visible (and replayable) for a while. 0 in production.
     pub delay_ms: u64,
     /// The flushers never run: for replay tests and demos only (writes block once a log is
     /// full).
     pub paused: bool,
+}
+
+impl Default for FlusherSettings {
+    fn default() -> Self {
+        Self {
+            release: ReleaseSetting::Host,
+            sync_interval_ms: 1000,
+            delay_ms: 0,
+            paused: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -191,6 +259,7 @@ pub struct Config {
     pub regions: RegionConfig,
     pub disks: DiskConfig,
     pub heartbeat: HeartbeatConfig,
+    pub nbd: NbdSettings,
     pub flusher: FlusherSettings,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -204,6 +273,7 @@ impl Default for Config {
             regions: RegionConfig::default(),
             disks: DiskConfig::default(),
             heartbeat: HeartbeatConfig::default(),
+            nbd: NbdSettings::default(),
             flusher: FlusherSettings::default(),
             nodes: vec![
                 NodeConfig {
@@ -315,6 +385,18 @@ impl Config {
                 hb.interval_ms, hb.timeout_ms
             ));
         }
+        if self.nbd.poll_us > 10_000 {
+            return invalid(format!(
+                "nbd.poll_us {} must be at most 10000 (10 ms)",
+                self.nbd.poll_us
+            ));
+        }
+        let sync = self.flusher.sync_interval_ms;
+        if !(1..=3_600_000).contains(&sync) {
+            return invalid(format!(
+                "flusher.sync_interval_ms {sync} must be from 1 to 3600000 (an hour)"
+            ));
+        }
         let all_args = self
             .nodes
             .iter()
@@ -385,6 +467,9 @@ mod tests {
                 "must not set ivha.node",
             ),
             ("[disks]\nsize_mib = \"big\"\n", "invalid type"),
+            ("[flusher]\nsync_interval_ms = 0\n", "from 1 to 3600000"),
+            ("[nbd]\npoll_us = 20000\n", "at most 10000"),
+            ("[flusher]\nrelease = \"disk\"\n", "unknown variant"),
         ];
         for (text, expected) in cases {
             let error = Config::parse(text).and_then(|c| c.validate()).unwrap_err();

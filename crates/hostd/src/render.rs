@@ -185,6 +185,20 @@ pub fn node_report(r: &NodeReport) -> String {
             bytes(r.unflushed_bytes)
         );
     }
+    match r.synced {
+        Some(synced) if synced.unix_ns > 0 => {
+            let _ = writeln!(
+                out,
+                "  synced      up to seq {} on the disk's media ({} ago by the writer's clock)",
+                synced.seq,
+                age(synced.unix_ns)
+            );
+        }
+        Some(_) => {
+            out.push_str("  synced      never (the disk's media may lack anything logged)\n")
+        }
+        None => out.push_str("  synced      unreadable\n"),
+    }
     let _ = writeln!(
         out,
         "  pressure    {} waits for ring space, {:.1} ms waited",

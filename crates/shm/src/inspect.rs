@@ -12,7 +12,7 @@ use crate::layout::{CONTROL_MAGIC, NODE_MAGIC};
 use crate::log::record::{RECORD_HEADER_LEN, RecordHeader, RecordKind, WRITE_PREFIX_LEN};
 use crate::log::{Cursor, LogError, LogScanner};
 use crate::mapping::Mapping;
-use crate::node::{Ack, Heartbeat, NodeHeader, NodeRegion, NodeStats, PeerObservation};
+use crate::node::{Ack, Heartbeat, NodeHeader, NodeRegion, NodeStats, PeerObservation, Synced};
 
 /// What kind of region a mapping holds, judged by its header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +93,8 @@ pub struct NodeReport {
     pub flushed: Option<Cursor>,
     pub head_seq: Option<u64>,
     pub flushed_seq: Option<u64>,
+    /// How far the disk's media holds the log (a host crash loses what came after).
+    pub synced: Option<Synced>,
     pub unflushed_records: u64,
     pub unflushed_bytes: u64,
     pub stats: NodeStats,
@@ -196,6 +198,7 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         flushed,
         head_seq: head.map(|c| c.seq),
         flushed_seq: flushed.map(|c| c.seq),
+        synced: region.synced(),
         stats: region.stats(),
         ack: region.ack(),
         peer: region.peer(),

@@ -54,7 +54,9 @@ pub mod node_live {
     pub const HEARTBEAT: Published<2> = Published::at(576);
     /// `(seq, position)` just past the last published record.
     pub const HEAD: Published<2> = Published::at(640);
-    /// `(seq, position)` just past the last record applied to disk and synced.
+    /// `(seq, position)` just past the last record whose data is on disk: written there
+    /// in a way that survives what the log survives (see the agent's flusher), so its
+    /// ring space may be reused.
     pub const FLUSHED: Published<2> = Published::at(704);
     /// Times an append waited for ring space (back-pressure).
     pub const BACKPRESSURE_WAITS: u64 = 768;
@@ -69,14 +71,17 @@ pub mod node_live {
     /// Acknowledgement of the last command hostd addressed to this node:
     /// `(command seq, epoch, status, first seq, last seq)`.
     pub const ACK: Published<5> = Published::at(1024);
+    /// `(seq, unix time ns)`: every record up to `seq` was on the disk's media (fdatasync
+    /// returned) at that time. Zero in a region no agent synced yet.
+    pub const SYNCED: Published<2> = Published::at(1152);
 
     const _: () = assert!(HEARTBEAT.end() <= HEAD.offset());
     const _: () = assert!(HEAD.end() <= FLUSHED.offset());
     const _: () = assert!(FLUSHED.end() <= BACKPRESSURE_WAITS);
     const _: () = assert!(BACKPRESSURE_WAIT_NS + 8 <= PEER.offset());
     const _: () = assert!(PEER.end() <= ACK.offset());
-    const _: () = assert!(ACK.end() <= WRITE_PROBE);
-    const _: () = assert!(ACK.end() <= HEADER_PAGE);
+    const _: () = assert!(ACK.end() <= SYNCED.offset());
+    const _: () = assert!(SYNCED.end() <= WRITE_PROBE);
 }
 
 /// Static control header fields (byte offsets).

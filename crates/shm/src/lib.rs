@@ -35,4 +35,6 @@ pub use log::{
     LogScanner, Record, RecordKind,
 };
 pub use mapping::{Access, Mapping, MappingError};
-pub use node::{Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation};
+pub use node::{
+    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Synced, SyncedWriter,
+};

@@ -59,6 +59,15 @@ pub struct Heartbeat {
     pub unix_ns: u64,
 }
 
+/// How far the disk's media holds the log, as last published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Synced {
+    /// Every record up to this seq was on the media at `unix_ns` (0: never synced).
+    pub seq: u64,
+    /// The agent's wall clock when the sync returned, ns since the Unix epoch.
+    pub unix_ns: u64,
+}
+
 /// Codes of [`Ack::status`].
 pub mod ack_status {
     /// Done.
@@ -193,6 +202,12 @@ impl NodeRegion {
             .map(Cursor::from_words)
     }
 
+    /// How far the disk's media is known to hold the log (zero: never synced).
+    pub fn synced(&self) -> Option<Synced> {
+        let [seq, unix_ns] = node_live::SYNCED.read(&self.mapping)?;
+        Some(Synced { seq, unix_ns })
+    }
+
     pub fn ack(&self) -> Option<Ack> {
         let [command_seq, epoch, status, first_seq, last_seq] =
             node_live::ACK.read(&self.mapping)?;
@@ -252,6 +267,18 @@ impl NodeRegion {
         })
     }
 
+    /// Copies the log's bytes at log position `pos` into `buf`, as the appender left them;
+    /// false if the range is not inside the ring in one piece. A record's data stays
+    /// unchanged at [`crate::Appended::data_pos`] until the flushed cursor passes the record,
+    /// so its writer may read it back from here instead of keeping a copy.
+    pub fn read_log(&self, pos: u64, buf: &mut [u8]) -> bool {
+        let geometry = self.geometry();
+        let within = (pos % geometry.ring_size)
+            .checked_add(buf.len() as u64)
+            .is_some_and(|end| end <= geometry.ring_size);
+        within && self.mapping.read_bytes(geometry.region_offset(pos), buf)
+    }
+
     /// Scans the unflushed records: what a partner replays after this node died.
     pub fn unflushed(&self) -> Result<LogScanner<'_>, LogError> {
         let (flushed, head) = self.log_cursors()?;
@@ -294,9 +321,14 @@ impl NodeRegion {
             writer: PublishedWriter::new(node_live::PEER, &self.mapping),
             mapping: Arc::clone(&self.mapping),
         };
+        let synced = SyncedWriter {
+            writer: PublishedWriter::new(node_live::SYNCED, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
         Ok(NodeWriter {
             appender,
             flushed,
+            synced,
             heartbeat,
             ack,
             peer,
@@ -309,6 +341,7 @@ impl NodeRegion {
 pub struct NodeWriter {
     pub appender: LogAppender,
     pub flushed: FlushedWriter,
+    pub synced: SyncedWriter,
     pub heartbeat: HeartbeatWriter,
     pub ack: AckWriter,
     pub peer: PeerWriter,
@@ -355,6 +388,26 @@ impl AckWriter {
                 ack.last_seq,
             ],
         );
+    }
+}
+
+/// Publishes how far the disk's media holds the log.
+#[derive(Debug)]
+pub struct SyncedWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<2>,
+}
+
+impl SyncedWriter {
+    /// Declares every record up to `seq` on the disk's media now.
+    pub fn publish(&mut self, seq: u64) -> Synced {
+        let synced = Synced {
+            seq,
+            unix_ns: unix_ns(),
+        };
+        self.writer
+            .publish(&self.mapping, [synced.seq, synced.unix_ns]);
+        synced
     }
 }
 
@@ -427,6 +480,38 @@ mod tests {
 
     fn region(size: u64) -> NodeRegion {
         NodeRegion::format(Mapping::create_memfd("n", size).unwrap(), 0, "a").unwrap()
+    }
+
+    #[test]
+    fn a_write_can_be_read_back_where_the_append_says_its_data_is() {
+        let r = region(64 << 10);
+        let mut writer = r.writer(1).unwrap();
+        let mut scanned = Vec::new();
+        // Enough records to wrap the ring, so data positions pass its size.
+        for i in 0..40u64 {
+            let data: Vec<u8> = (0..3000).map(|j| (i * 7 + j) as u8).collect();
+            let entry = Entry::Write {
+                export: 0,
+                offset: i,
+                data: &data,
+            };
+            let appended = writer
+                .appender
+                .append(&entry, BackPressure::default())
+                .unwrap();
+            let mut back = vec![0u8; data.len()];
+            assert!(r.read_log(appended.data_pos, &mut back), "record {i}");
+            assert_eq!(back, data, "record {i}");
+            scanned.extend(r.unflushed().unwrap().map(Result::unwrap));
+            let last = scanned.last().unwrap();
+            assert_eq!(last.data_pos, appended.data_pos, "record {i}");
+            writer.flushed.advance(appended.head).unwrap();
+        }
+        assert!(scanned.last().unwrap().data_pos > r.geometry().ring_size);
+        // A range that would run past the ring's end is refused, not wrapped.
+        let ring = r.geometry().ring_size;
+        assert!(!r.read_log(ring - 8, &mut [0u8; 16]));
+        assert!(r.read_log(ring - 16, &mut [0u8; 16]));
     }
 
     #[test]

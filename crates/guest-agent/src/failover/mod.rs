@@ -24,7 +24,7 @@ use shm::node::{Ack, AckWriter, ack_status};
 use shm::{Command, CommandKind, ControlRegion, NodeRegion, TakeOverArgument};
 
 use crate::export::ExportRegistry;
-use crate::nbd::Server;
+use crate::nbd::{Server, ServerConfig};
 use crate::nvram::{Nvram, NvramExport};
 
 /// How often the command slot is read. A read is two cache lines; polling keeps takeover
@@ -76,6 +76,8 @@ pub struct FailoverMonitor {
     pub handled: u64,
     /// Process mode: the address to listen on when a command names a port to take over.
     pub listen_ip: Option<IpAddr>,
+    /// How servers started for a taken-over identity run.
+    pub server_config: ServerConfig,
 }
 
 impl FailoverMonitor {
@@ -190,9 +192,10 @@ impl FailoverMonitor {
         }
         if let (Some(ip), port @ 1..) = (self.listen_ip, argument.port) {
             let registry = Arc::clone(&self.registry);
+            let config = self.server_config.clone();
             let entry = self.entry(identity)?;
             if entry.listener.is_none() {
-                entry.listener = Some(listen(SocketAddr::new(ip, port), &registry)?);
+                entry.listener = Some(listen(SocketAddr::new(ip, port), &registry, &config)?);
             }
         }
         self.nvram
@@ -287,12 +290,16 @@ impl FailoverMonitor {
 
 /// Listens on a port just released by a fenced process (process mode), retrying briefly
 /// while the kernel lets go of it.
-fn listen(addr: SocketAddr, registry: &Arc<ExportRegistry>) -> Result<Server, String> {
+fn listen(
+    addr: SocketAddr,
+    registry: &Arc<ExportRegistry>,
+    config: &ServerConfig,
+) -> Result<Server, String> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match TcpListener::bind(addr) {
             Ok(listener) => {
-                return Server::spawn(listener, Arc::clone(registry))
+                return Server::spawn_with(listener, Arc::clone(registry), config.clone())
                     .map_err(|e| format!("cannot serve on {addr}: {e}"));
             }
             Err(error) if Instant::now() >= deadline => {

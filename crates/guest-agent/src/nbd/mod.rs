@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod handshake;
+pub mod polling;
 pub mod protocol;
 pub mod server;
 pub mod transmission;

@@ -20,6 +20,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use crate::export::{Export, ExportRegistry};
 
 use super::handshake::{self, Negotiated};
+use super::polling::PollingReader;
 use super::transmission::{self, End, Stats};
 use super::{ConnectionError, IoContext};
 
@@ -36,6 +37,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// Capacity of each connection's read buffer and of its write buffer.
     pub buffer_size: usize,
+    /// How long a connection polls its socket for the next request before it blocks
+    /// (see [`super::polling`]; zero: it blocks at once).
+    pub poll: Duration,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +47,7 @@ impl Default for ServerConfig {
         Self {
             handshake_timeout: Some(Duration::from_secs(30)),
             buffer_size: 256 * 1024,
+            poll: Duration::ZERO,
         }
     }
 }
@@ -363,6 +368,7 @@ fn connection(
         .set_read_timeout(shared.config.handshake_timeout)
         .context("configuring the socket")?;
     let read_half = stream.try_clone().context("configuring the socket")?;
+    let read_half = PollingReader::new(read_half, shared.config.poll);
     let mut reader = BufReader::with_capacity(shared.config.buffer_size, read_half);
     let mut writer = BufWriter::with_capacity(shared.config.buffer_size, stream);
 

@@ -24,7 +24,7 @@
 //! export. `DISC` gets no reply: the server flushes what it owes and closes.
 
 use std::fmt;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 use crate::export::Export;
 
@@ -204,27 +204,46 @@ impl Session<'_> {
             return Ok(EINVAL);
         }
         let len = request.length as usize;
-        if self.buf.len() < len {
-            self.buf.resize(len, 0);
+        // The payload is usually in the read buffer already: use it there rather than copy
+        // it out first (one copy less per write).
+        let buffered = reader.buffer().len() >= len;
+        let mut buf = std::mem::take(&mut self.buf);
+        if !buffered {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            reader
+                .read_exact(&mut buf[..len])
+                .context("reading a write's payload")?;
         }
-        let data = &mut self.buf[..len];
-        reader
-            .read_exact(data)
-            .context("reading a write's payload")?;
+        let data = if buffered {
+            &reader.buffer()[..len]
+        } else {
+            &buf[..len]
+        };
+        let error = self.write_payload(request, data);
+        if buffered {
+            reader.consume(len);
+        }
+        self.buf = buf;
+        Ok(error)
+    }
+
+    /// Checks and executes a write whose payload was read; returns the error value.
+    fn write_payload(&mut self, request: &Request, data: &[u8]) -> u32 {
         if let Err(error) = self.check_change(request, CMD_FLAG_FUA, ENOSPC) {
-            return Ok(error);
+            return error;
         }
-        if len == 0 {
-            return Ok(0);
+        if data.is_empty() {
+            return 0;
         }
         let fua = request.flags & CMD_FLAG_FUA != 0;
-        let data = &self.buf[..len];
         match self.export.write(request.offset, data, fua) {
             Ok(()) => {
-                self.stats.bytes_written += len as u64;
-                Ok(0)
+                self.stats.bytes_written += data.len() as u64;
+                0
             }
-            Err(error) => Ok(self.failed("write", request, &error)),
+            Err(error) => self.failed("write", request, &error),
         }
     }
 

@@ -1,10 +1,19 @@
-//! The flusher: applies logged writes to the disks in log order, syncs, advances `flushed`.
+//! The flusher: applies logged writes to the disks in log order, then releases them from
+//! the log (advances `flushed`, so their ring space is reused and the overlays drop them).
 //!
-//! Group commit: records are applied (written to the disks' page cache) as soon as they are
-//! logged, but the disks are synced, and `flushed` advanced, at most every
-//! [`SYNC_INTERVAL`] while writes keep coming, or at once when the log goes idle or is a
-//! quarter full. One sync then covers thousands of records instead of a few, which is what
-//! keeps the flusher's CPU cost (mostly the kernel's writeback) below the client's rate.
+//! When a record may be released depends on [`Release`]:
+//!
+//! - [`Release::Written`]: as soon as it is written to the disk, when the disk's page cache
+//!   belongs to the kernel that also holds the region (process mode: both are the host's).
+//!   From there it survives every failure the log survives (agent, guest, QEMU and hostd
+//!   crashes; a host crash takes the tmpfs region too). The [`Syncer`] syncs the disks to
+//!   their media in the background, so a host crash loses at most the last sync interval.
+//! - [`Release::Synced`]: only once the disk is synced (fdatasync), in group commits: the
+//!   records are applied as soon as they are logged, but the disks are synced at most every
+//!   [`SYNC_INTERVAL`] while writes keep coming, or at once when the log goes idle or is a
+//!   quarter full. One sync then covers thousands of records instead of a few. A guest
+//!   always works this way: its page cache dies with it, so a write must leave the guest
+//!   before the log may forget it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,9 +22,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shm::log::FlushedWriter;
-use shm::{Cursor, LogScanner, Record, RecordKind};
+use shm::{Cursor, LogScanner, Record, RecordKind, SyncedWriter};
 
 use super::Nvram;
+use super::syncer::Syncer;
 use super::volume::Volume;
 
 /// Most records applied between two syncs.
@@ -24,6 +34,8 @@ const BATCH_RECORDS: usize = 4096;
 const BATCH_BYTES: u64 = 16 << 20;
 /// How long the flusher sleeps when the log is empty and nobody wakes it.
 const IDLE_WAIT: Duration = Duration::from_millis(50);
+/// While writes keep coming, how long the flusher lets them gather between batches.
+const TICK: Duration = Duration::from_millis(2);
 /// How long it waits before retrying after a disk or log error.
 const ERROR_WAIT: Duration = Duration::from_secs(1);
 /// Longest time between syncs while records keep arriving.
@@ -32,37 +44,79 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 /// at a time would otherwise cost one sync per write.
 const IDLE_SYNC_DELAY: Duration = Duration::from_millis(2);
 
-/// How the flusher runs.
+/// When a record applied to a disk may leave the log (see the module doc).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Release {
+    /// Once written to the disk: its page cache is as durable as the region.
+    Written,
+    /// Once the disk is synced to its media.
+    #[default]
+    Synced,
+}
+
+/// How the flusher runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlusherConfig {
     /// Wait this long before each batch (a knob for demos and tests: unflushed records
     /// stay visible in `hostd inspect` for a while).
     pub delay: Duration,
     /// Never flush (for tests and demos of replay; writes block once the log is full).
     pub paused: bool,
+    /// When a record leaves the log.
+    pub release: Release,
+    /// With [`Release::Written`]: how often the disks are synced to their media.
+    pub sync_interval: Duration,
 }
 
-/// A running flusher; stops (after its current batch) when dropped.
+impl Default for FlusherConfig {
+    fn default() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            paused: false,
+            release: Release::default(),
+            sync_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running flusher; stops (after its current batch) when dropped, and then has its
+/// syncer, if any, sync once more.
 #[derive(Debug)]
 pub struct Flusher {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Declared after `thread`, so it stops after the flusher and its last sync covers
+    /// every record the flusher released.
+    _syncer: Option<Syncer>,
 }
 
 impl Flusher {
     pub fn spawn(
         nvram: Arc<Nvram>,
         flushed: FlushedWriter,
+        synced: SyncedWriter,
         config: FlusherConfig,
     ) -> std::io::Result<Self> {
+        let (synced, syncer) = match config.release {
+            Release::Synced => (Some(synced), None),
+            Release::Written => (
+                None,
+                Some(Syncer::spawn(
+                    Arc::clone(&nvram),
+                    synced,
+                    config.sync_interval,
+                )?),
+            ),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("flusher".into())
-            .spawn(move || run(&nvram, flushed, config, &stopping))?;
+            .spawn(move || run(&nvram, flushed, synced, config, &stopping))?;
         Ok(Self {
             stop,
             thread: Some(thread),
+            _syncer: syncer,
         })
     }
 }
@@ -76,7 +130,13 @@ impl Drop for Flusher {
     }
 }
 
-fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &AtomicBool) {
+fn run(
+    nvram: &Nvram,
+    mut flushed: FlushedWriter,
+    synced: Option<SyncedWriter>,
+    config: FlusherConfig,
+    stop: &AtomicBool,
+) {
     if config.paused {
         log::warn!("flusher paused by configuration: writes stay in the log until it fills");
     }
@@ -84,6 +144,7 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
         applied: flushed.flushed(),
         touched: BTreeSet::new(),
         last_sync: Instant::now(),
+        synced,
     };
     while !stop.load(Ordering::Relaxed) {
         // A drain (a release of an identity) overrides the pause and the delay.
@@ -100,24 +161,32 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
             let lagging = state.applied.pos - flushed.flushed().pos
                 >= nvram.region().geometry().ring_size / 4;
             let since = state.last_sync.elapsed();
-            let due = draining
+            let due = state.synced.is_none()
+                || draining
                 || lagging
                 || since >= SYNC_INTERVAL
                 || (applied == 0 && since >= IDLE_SYNC_DELAY);
             if unsynced && due {
-                sync(nvram, &mut state, &mut flushed)?;
+                release(nvram, &mut state, &mut flushed)?;
             }
             Ok(applied)
         });
         match result {
-            Ok(0) => {
-                // Wake for new records, or when an idle sync falls due.
-                let wait = if state.applied != flushed.flushed() {
-                    IDLE_SYNC_DELAY.saturating_sub(state.last_sync.elapsed())
-                } else {
-                    IDLE_WAIT
-                };
+            Ok(0) if state.applied != flushed.flushed() => {
+                // Wake when the idle sync falls due (or for a drain).
+                let wait = IDLE_SYNC_DELAY.saturating_sub(state.last_sync.elapsed());
                 let _ = nvram.wakeups().recv_timeout(wait);
+            }
+            Ok(0) => {
+                // Nothing to do: the next write wakes us (see `Nvram::wake_flusher`).
+                if nvram.flusher_sleeps(state.applied) {
+                    let _ = nvram.wakeups().recv_timeout(IDLE_WAIT);
+                }
+            }
+            Ok(applied) if applied < BATCH_RECORDS && !draining => {
+                // Writes are trickling in: let them gather for a tick rather than take them
+                // one wakeup each. A backlog past the threshold wakes us early.
+                let _ = nvram.wakeups().recv_timeout(TICK);
             }
             Ok(_) => {}
             Err(error) => {
@@ -125,7 +194,7 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
                 // Keep what applied cleanly before the failure (so one bad record does not
                 // hold back the rest of the log), else start again from what is on disk.
                 let kept = state.applied != flushed.flushed()
-                    && sync(nvram, &mut state, &mut flushed).is_ok();
+                    && release(nvram, &mut state, &mut flushed).is_ok();
                 if !kept {
                     state.applied = flushed.flushed();
                     state.touched.clear();
@@ -136,13 +205,15 @@ fn run(nvram: &Nvram, mut flushed: FlushedWriter, config: FlusherConfig, stop: &
     }
 }
 
-/// What the flusher has done since its last sync.
+/// What the flusher has done since it last released records.
 struct State {
-    /// Just past the last record written to a disk (possibly not synced yet).
+    /// Just past the last record written to a disk (possibly not released yet).
     applied: Cursor,
-    /// Exports written since the last sync.
+    /// Exports written since the last release.
     touched: BTreeSet<u32>,
     last_sync: Instant,
+    /// With [`Release::Synced`], where the flusher publishes what its syncs covered.
+    synced: Option<SyncedWriter>,
 }
 
 /// Writes the next batch of logged records to the disks (without syncing); returns how many.
@@ -187,25 +258,33 @@ fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<usize, String> {
     Ok(count)
 }
 
-/// Syncs the disks written since the last sync, then publishes `flushed` and prunes.
-fn sync(nvram: &Nvram, state: &mut State, flushed: &mut FlushedWriter) -> Result<(), String> {
-    for export in &state.touched {
-        if let Some(volume) = nvram.volume(*export) {
-            volume
-                .disk
-                .sync()
-                .map_err(|e| format!("cannot sync {}: {e}", volume.disk.path().display()))?;
+/// Releases every record applied so far: syncs the disks written since the last release
+/// (with [`Release::Synced`]), then publishes `flushed` and prunes the overlays.
+fn release(nvram: &Nvram, state: &mut State, flushed: &mut FlushedWriter) -> Result<(), String> {
+    if let Some(synced) = &mut state.synced {
+        for export in &state.touched {
+            if let Some(volume) = nvram.volume(*export) {
+                volume
+                    .disk
+                    .sync()
+                    .map_err(|e| format!("cannot sync {}: {e}", volume.disk.path().display()))?;
+            }
         }
+        state.last_sync = Instant::now();
+        synced.publish(state.applied.seq);
     }
     state.touched.clear();
-    state.last_sync = Instant::now();
-    // Only now, with the data synced, may the ring space be reused and the overlays drop it.
-    flushed.advance(state.applied).map_err(|e| e.to_string())?;
+    // Only now, with the data where the release mode wants it, may the overlays drop it
+    // and then the ring space be reused. In that order: overlay segments point into the
+    // log, so none may be left pointing at space the appender can reuse.
     for volume in nvram.volumes() {
-        if let Ok(mut overlay) = volume.overlay.write() {
-            overlay.prune(state.applied.seq);
-        }
+        volume
+            .overlay
+            .write()
+            .map_err(|_| format!("the overlay of {} is poisoned", volume.name))?
+            .prune(state.applied.seq);
     }
+    flushed.advance(state.applied).map_err(|e| e.to_string())?;
     Ok(())
 }
 

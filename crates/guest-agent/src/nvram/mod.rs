@@ -3,26 +3,30 @@
 //! Write path: append the write to the log (one appender per node, behind a mutex), record
 //! it in the export's overlay while still holding that mutex (so overlay order is log order
 //! even with many connections), release, reply. The flusher ([`flusher`]) applies records to
-//! the disks in log order, syncs them, advances the flushed cursor and prunes the overlays.
+//! the disks in log order and releases them (advances the flushed cursor, prunes the
+//! overlays) once they are as durable on the disk as in the log; the syncer ([`syncer`])
+//! syncs the disks to their media when the flusher does not.
 //!
 //! Durability: an acknowledged write is in the node's region. It survives a crash of the
 //! agent, of the guest and of hostd; a partner replays it onto the disk after a takeover.
 //! `FLUSH` and `FUA` are answered by the log too (NVRAM semantics): they do not wait for the
-//! disk. The regions live in host memory (tmpfs), so a host crash loses what the flusher had
-//! not yet written.
+//! disk. The regions live in host memory (tmpfs), so a host crash loses every write not yet
+//! on the disks' media (the region's `synced` word says how far that is).
 
 pub mod flusher;
 pub mod overlay;
+pub mod syncer;
 pub mod volume;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use shm::{
-    BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion, RecordKind,
+    Appended, BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion,
+    RecordKind,
 };
 
 use crate::export::Export;
@@ -41,6 +45,11 @@ pub struct Nvram {
     back_pressure: BackPressure,
     wake_flusher: Sender<()>,
     wakeups: Receiver<()>,
+    /// Set by the flusher when it goes to sleep with nothing to do: the next write wakes it.
+    flusher_idle: AtomicBool,
+    /// Unflushed bytes past which every write wakes the flusher; below, it picks writes up
+    /// on its next tick, so a stream of small writes does not cost a wakeup each.
+    wake_backlog: u64,
     max_request: u32,
     ownership: Option<Ownership>,
     /// Seq the flusher must reach even when paused or delayed (see [`Nvram::drain`]).
@@ -109,6 +118,7 @@ impl Nvram {
             / 4096
             * 4096;
         let (wake_flusher, wakeups) = crossbeam_channel::bounded(1);
+        let wake_backlog = region.geometry().ring_size / 64;
         Arc::new(Self {
             region,
             appender: Mutex::new(appender),
@@ -116,6 +126,8 @@ impl Nvram {
             back_pressure,
             wake_flusher,
             wakeups,
+            flusher_idle: AtomicBool::new(false),
+            wake_backlog,
             max_request: max_request as u32,
             ownership,
             drain_target: AtomicU64::new(0),
@@ -194,7 +206,9 @@ impl Nvram {
             };
             let mut overlay = volume.overlay.write().map_err(|_| NvramError::Poisoned)?;
             match record.kind {
-                RecordKind::Write => overlay.write(record.offset, record.data.into(), record.seq),
+                RecordKind::Write => {
+                    overlay.write(record.offset, record.len, record.data_pos, record.seq);
+                }
                 RecordKind::Trim | RecordKind::WriteZeroes => {
                     overlay.zero(record.offset, record.len, record.seq);
                 }
@@ -224,13 +238,42 @@ impl Nvram {
         &self.wakeups
     }
 
+    /// Called by the flusher, which applied everything up to `applied`, before it sleeps:
+    /// marks it idle, so that the next write wakes it, and returns whether it may sleep
+    /// (false if a record was logged meanwhile).
+    pub(crate) fn flusher_sleeps(&self, applied: Cursor) -> bool {
+        self.flusher_idle.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `wake_flusher`: either this load sees the writer's new
+        // head, or the writer sees the idle flag.
+        fence(Ordering::SeqCst);
+        let sleeps = self.region.head().is_none_or(|head| head == applied);
+        if !sleeps {
+            self.flusher_idle.store(false, Ordering::Relaxed);
+        }
+        sleeps
+    }
+
+    /// After a write was logged with the head at `head`: wakes the flusher if it is idle
+    /// or the backlog is large.
+    fn wake_flusher(&self, head: Cursor) {
+        fence(Ordering::SeqCst);
+        let backlog = self
+            .region
+            .flushed()
+            .map_or(u64::MAX, |flushed| head.pos.saturating_sub(flushed.pos));
+        if self.flusher_idle.swap(false, Ordering::SeqCst) || backlog >= self.wake_backlog {
+            // A full channel means a wakeup is pending already.
+            let _ = self.wake_flusher.try_send(());
+        }
+    }
+
     /// Appends `entry` (a change to `volume`) and updates the volume's overlay under the
     /// appender's lock.
     fn log(
         &self,
         volume: &Volume,
         entry: &Entry<'_>,
-        update: impl FnOnce(&mut overlay::Overlay, u64),
+        update: impl FnOnce(&mut overlay::Overlay, &Appended),
     ) -> std::io::Result<()> {
         let mut appender = self.appender.lock().map_err(|_| poisoned())?;
         let owned = self
@@ -255,11 +298,10 @@ impl Nvram {
                 other => std::io::Error::other(other.to_string()),
             })?;
         let mut overlay = volume.overlay.write().map_err(|_| poisoned())?;
-        update(&mut overlay, appended.seq);
+        update(&mut overlay, &appended);
         drop(overlay);
         drop(appender);
-        // Wake the flusher if it sleeps; a full channel means it is already awake.
-        let _ = self.wake_flusher.try_send(());
+        self.wake_flusher(appended.head);
         Ok(())
     }
 }
@@ -291,18 +333,17 @@ impl Export for NvramExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.volume.read(offset, buf)
+        self.volume.read(offset, buf, self.nvram.region())
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> std::io::Result<()> {
-        let shared: Arc<[u8]> = data.into();
         let entry = Entry::Write {
             export: self.volume.export_id,
             offset,
             data,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, seq| {
-            overlay.write(offset, shared, seq)
+        self.nvram.log(&self.volume, &entry, |overlay, appended| {
+            overlay.write(offset, data.len() as u64, appended.data_pos, appended.seq)
         })
     }
 
@@ -318,8 +359,8 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, seq| {
-            overlay.zero(offset, len, seq)
+        self.nvram.log(&self.volume, &entry, |overlay, appended| {
+            overlay.zero(offset, len, appended.seq)
         })
     }
 
@@ -329,8 +370,8 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, seq| {
-            overlay.zero(offset, len, seq)
+        self.nvram.log(&self.volume, &entry, |overlay, appended| {
+            overlay.zero(offset, len, appended.seq)
         })
     }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use super::overlay::Overlay;
+use super::overlay::{LogBytes, Overlay};
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -142,13 +142,18 @@ impl Volume {
         self.writable.store(writable, Ordering::Release);
     }
 
-    /// Reads what clients see: the disk, with every unflushed write applied. The overlay's
-    /// read lock is held across the disk read, so the flusher cannot prune a segment
-    /// between the two (it prunes under the write lock, after writing the disk).
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    /// Reads what clients see: the disk, with every unflushed write applied from `log`.
+    /// The overlay's read lock is held across the disk read, so the flusher cannot prune a
+    /// segment between the two (it prunes under the write lock, after writing the disk).
+    pub fn read(&self, offset: u64, buf: &mut [u8], log: &impl LogBytes) -> std::io::Result<()> {
         let overlay = self.overlay.read().map_err(|_| poisoned())?;
         self.disk.read_at(offset, buf)?;
-        overlay.apply(offset, buf);
+        if !overlay.apply(offset, buf, log) {
+            return Err(std::io::Error::other(format!(
+                "export {}: unflushed data at {offset} cannot be read from the log",
+                self.name
+            )));
+        }
         Ok(())
     }
 }

@@ -623,6 +623,7 @@ impl Cluster {
         if self.config.flusher.paused {
             append.push_str(" ivha.flush_paused=1");
         }
+        append.push_str(&format!(" ivha.nbd_poll_us={}", self.config.nbd.poll_us));
         for extra in [&self.config.qemu.kernel_args, &node.kernel_args] {
             if !extra.is_empty() {
                 append.push(' ');
@@ -708,7 +709,13 @@ impl Cluster {
                 "127.0.0.1:0".to_owned()
             })
             .arg("--heartbeat-ms")
-            .arg(self.config.heartbeat.interval_ms.to_string());
+            .arg(self.config.heartbeat.interval_ms.to_string())
+            .arg("--release")
+            .arg(self.config.flusher.release.agent_arg())
+            .arg("--sync-interval-ms")
+            .arg(self.config.flusher.sync_interval_ms.to_string())
+            .arg("--nbd-poll-us")
+            .arg(self.config.nbd.poll_us.to_string());
         if self.config.flusher.delay_ms > 0 {
             command
                 .arg("--flush-delay-ms")
@@ -864,8 +871,23 @@ impl Cluster {
         let mut purged = false;
         if purge {
             purged = self.purge();
+        } else {
+            self.sync_disks();
         }
         DownReport { stopped, purged }
+    }
+
+    /// Syncs the disk images to their media: agents may have left released writes in the
+    /// host's page cache (`flusher.release = "host"`), and after a clean `down` everything
+    /// the pair released should be on the media, not only in memory.
+    fn sync_disks(&self) {
+        for files in &self.files {
+            // fdatasync needs no write access.
+            let synced = std::fs::File::open(&files.disk).and_then(|disk| disk.sync_data());
+            if let Err(error) = synced {
+                log::warn!("cannot sync disk {}: {error}", files.disk.display());
+            }
+        }
     }
 
     fn purge(&self) -> bool {

@@ -17,6 +17,9 @@ pub struct Appended {
     pub seq: u64,
     /// Log position of the record's header.
     pub pos: u64,
+    /// Log position of a write's data (the bytes stay there, unchanged, until the flushed
+    /// cursor passes the record; see [`crate::NodeRegion::read_log`]).
+    pub data_pos: u64,
     /// The new head: just past this record.
     pub head: Cursor,
 }
@@ -131,7 +134,12 @@ impl LogAppender {
             return Err(LogError::OutOfRegion);
         }
         self.head = head;
-        Ok(Appended { seq, pos, head })
+        Ok(Appended {
+            seq,
+            pos,
+            data_pos: payload_at + fixed.len() as u64,
+            head,
+        })
     }
 
     /// Appends `entry`, waiting for the flusher to free ring space if needed. Every wait is

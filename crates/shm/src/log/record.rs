@@ -225,6 +225,8 @@ pub struct Record {
     pub len: u64,
     /// The data of a write; empty for other kinds.
     pub data: Vec<u8>,
+    /// Log position of the data (where it stays until the flushed cursor passes it).
+    pub data_pos: u64,
     /// Log position just past the record.
     pub end_pos: u64,
 }
@@ -259,30 +261,27 @@ impl Record {
         }
     }
 
-    /// Decodes a payload whose crc was already checked. `None` if its shape is wrong for
-    /// its kind (a bug in the writer, or a crc collision on garbage).
-    pub(crate) fn from_payload(
+    /// Decodes a payload whose crc was already checked, read as its fixed part (up to
+    /// [`Record::fixed_len`] bytes) and the rest. `None` if its shape is wrong for its kind
+    /// (a bug in the writer, or a crc collision on garbage).
+    pub(crate) fn from_parts(
         seq: u64,
         pos: u64,
         kind: RecordKind,
-        payload: Vec<u8>,
+        fixed: &[u8],
+        rest: Vec<u8>,
     ) -> Option<Self> {
-        let end_pos = pos + footprint(payload.len() as u64);
-        let export = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?);
-        let offset = u64::from_le_bytes(array8(payload.get(8..16)?));
+        let end_pos = pos + footprint((fixed.len() + rest.len()) as u64);
+        let export = u32::from_le_bytes(fixed.get(0..4)?.try_into().ok()?);
+        let offset = u64::from_le_bytes(array8(fixed.get(8..16)?));
         let (len, data) = match kind {
-            RecordKind::Write => {
-                let mut data = payload;
-                data.drain(..WRITE_PREFIX_LEN);
-                (data.len() as u64, data)
+            RecordKind::Write if fixed.len() == WRITE_PREFIX_LEN => (rest.len() as u64, rest),
+            RecordKind::Trim | RecordKind::WriteZeroes
+                if fixed.len() == RANGE_PAYLOAD_LEN && rest.is_empty() =>
+            {
+                (u64::from_le_bytes(array8(&fixed[16..24])), Vec::new())
             }
-            RecordKind::Trim | RecordKind::WriteZeroes => {
-                if payload.len() != RANGE_PAYLOAD_LEN {
-                    return None;
-                }
-                (u64::from_le_bytes(array8(&payload[16..24])), Vec::new())
-            }
-            RecordKind::Wrap => return None,
+            _ => return None,
         };
         Some(Self {
             seq,
@@ -292,8 +291,18 @@ impl Record {
             offset,
             len,
             data,
+            data_pos: pos + (RECORD_HEADER_LEN + fixed.len()) as u64,
             end_pos,
         })
+    }
+
+    /// Bytes of a payload of `len` bytes that come before a write's data: scanners read
+    /// them apart, so the data lands in its own buffer without being moved.
+    pub(crate) fn fixed_len(kind: RecordKind, len: usize) -> usize {
+        match kind {
+            RecordKind::Write => WRITE_PREFIX_LEN.min(len),
+            _ => RANGE_PAYLOAD_LEN.min(len),
+        }
     }
 }
 
@@ -358,10 +367,17 @@ mod tests {
 
     #[test]
     fn malformed_payloads_do_not_decode() {
-        assert!(Record::from_payload(1, 0, RecordKind::Write, vec![0; 15]).is_none());
-        assert!(Record::from_payload(1, 0, RecordKind::Trim, vec![0; 16]).is_none());
-        assert!(Record::from_payload(1, 0, RecordKind::Wrap, vec![0; 24]).is_none());
-        let r = Record::from_payload(1, 0, RecordKind::Write, vec![0; 16]).unwrap();
-        assert!(r.data.is_empty());
+        let parts = |kind, len: usize| {
+            let fixed_len = Record::fixed_len(kind, len);
+            Record::from_parts(1, 0, kind, &vec![0; fixed_len], vec![0; len - fixed_len])
+        };
+        assert!(parts(RecordKind::Write, 15).is_none());
+        assert!(parts(RecordKind::Trim, 16).is_none());
+        assert!(parts(RecordKind::WriteZeroes, 25).is_none());
+        assert!(parts(RecordKind::Wrap, 24).is_none());
+        assert!(parts(RecordKind::Write, 16).unwrap().data.is_empty());
+        let r = parts(RecordKind::Write, 16 + 4096).unwrap();
+        assert_eq!((r.len, r.data.len()), (4096, 4096));
+        assert_eq!(parts(RecordKind::Trim, 24).unwrap().len, 0);
     }
 }

@@ -1,6 +1,6 @@
 //! Reading records back: the flusher, a replaying partner and `inspect` all use this.
 
-use super::record::{RECORD_HEADER_LEN, RecordHeader, RecordKind, footprint};
+use super::record::{RANGE_PAYLOAD_LEN, RECORD_HEADER_LEN, RecordHeader, RecordKind, footprint};
 use super::{Cursor, Geometry, LogError, Record};
 use crate::layout::node_live;
 use crate::mapping::Mapping;
@@ -147,15 +147,24 @@ impl<'m> LogScanner<'m> {
                     "the room left before the head",
                 ));
             }
-            let mut payload = vec![0u8; len as usize];
-            if !self.mapping.read_bytes(
-                self.geometry.region_offset(pos + RECORD_HEADER_LEN as u64),
-                &mut payload,
-            ) {
+            // The fixed part and a write's data are read apart, so the data needs no move.
+            let payload_at = pos + RECORD_HEADER_LEN as u64;
+            let fixed_len = Record::fixed_len(kind, len as usize);
+            let mut fixed = [0u8; RANGE_PAYLOAD_LEN];
+            let fixed = &mut fixed[..fixed_len];
+            let mut rest = vec![0u8; len as usize - fixed_len];
+            if !self
+                .mapping
+                .read_bytes(self.geometry.region_offset(payload_at), fixed)
+                || !self.mapping.read_bytes(
+                    self.geometry.region_offset(payload_at + fixed_len as u64),
+                    &mut rest,
+                )
+            {
                 return Err(LogError::OutOfRegion);
             }
-            self.check_crc(&header, pos, &payload)?;
-            let record = Record::from_payload(expected, pos, kind, payload).ok_or(
+            self.check_crc(&header, pos, &[fixed, &rest])?;
+            let record = Record::from_parts(expected, pos, kind, fixed, rest).ok_or(
                 LogError::MalformedPayload {
                     seq: expected,
                     pos,
@@ -180,8 +189,13 @@ impl<'m> LogScanner<'m> {
         Ok(RecordHeader::decode(&bytes))
     }
 
-    fn check_crc(&self, header: &RecordHeader, pos: u64, payload: &[u8]) -> Result<(), LogError> {
-        let computed = header.compute_crc(payload);
+    fn check_crc(
+        &self,
+        header: &RecordHeader,
+        pos: u64,
+        payload: &[&[u8]],
+    ) -> Result<(), LogError> {
+        let computed = header.compute_crc_parts(payload);
         if computed == header.crc {
             return Ok(());
         }

@@ -1,0 +1,88 @@
+//! The syncer: with [`super::flusher::Release::Written`], syncs the disks to their media
+//! every interval and publishes how far the log is on the media (`synced`).
+//!
+//! Records leave the log once they are in the disk's page cache, which survives what the
+//! region survives; only a host crash loses both. The syncer bounds what such a crash
+//! loses to about one interval (plus the sync's own time). It runs beside the flusher, not
+//! in it: a sync of a second's random writes can take longer than a second on a slow disk,
+//! and the flusher must go on freeing ring space meanwhile.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use shm::SyncedWriter;
+
+use super::Nvram;
+
+/// A running syncer; syncs once more, then stops, when dropped.
+#[derive(Debug)]
+pub struct Syncer {
+    /// Dropping it wakes the thread for its last sync.
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    pub fn spawn(
+        nvram: Arc<Nvram>,
+        synced: SyncedWriter,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let thread = std::thread::Builder::new()
+            .name("syncer".into())
+            .spawn(move || run(&nvram, synced, interval, &stopped))?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Receiver<()>) {
+    let mut covered = nvram.region().synced().map_or(0, |s| s.seq);
+    loop {
+        let last = matches!(
+            stopped.recv_timeout(interval),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        match sync_once(nvram, &mut synced, covered) {
+            Ok(seq) => covered = seq,
+            Err(error) => log::error!("syncer: {error}; retrying in {} ms", interval.as_millis()),
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Syncs every disk if records were released since `covered`; returns the seq now covered.
+fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u64, String> {
+    // Read before syncing: everything released up to here is in the page cache already.
+    let flushed = nvram
+        .region()
+        .flushed()
+        .ok_or_else(|| "cannot read the log's flushed cursor".to_owned())?;
+    if flushed.seq <= covered {
+        return Ok(covered);
+    }
+    for volume in nvram.volumes() {
+        volume
+            .disk
+            .sync()
+            .map_err(|e| format!("cannot sync {}: {e}", volume.disk.path().display()))?;
+    }
+    synced.publish(flushed.seq);
+    Ok(flushed.seq)
+}
