@@ -16,13 +16,14 @@
 //!   before the log may forget it.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shm::log::FlushedWriter;
-use shm::{Cursor, LogScanner, Record, RecordKind, SyncedWriter};
+use shm::{Cursor, LogError, LogScanner, Record, RecordKind, SyncedWriter};
 
 use super::Nvram;
 use super::syncer::Syncer;
@@ -43,6 +44,34 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(20);
 /// When the log goes quiet, sync this long after the last sync: a client writing one block
 /// at a time would otherwise cost one sync per write.
 const IDLE_SYNC_DELAY: Duration = Duration::from_millis(2);
+
+/// Why a batch could not be applied or released. The flusher logs it and tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("cannot read the log's {name} cursor")]
+    Cursor { name: &'static str },
+    #[error("cannot read the log")]
+    Log(#[source] LogError),
+    #[error("log record {seq} is for export {export}, which has no disk here")]
+    UnknownExport { seq: u64, export: u32 },
+    #[error("cannot apply log record {seq} to {path}")]
+    Apply {
+        seq: u64,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk may have dropped the pages it failed to write: whatever was applied since
+    /// the last good sync must be applied again from the log, not synced again.
+    #[error("cannot sync {path}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot advance the flushed cursor")]
+    Advance(#[source] LogError),
+}
 
 /// When a record applied to a disk may leave the log (see the module doc).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -85,8 +114,8 @@ impl Default for FlusherConfig {
 pub struct Flusher {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// Declared after `thread`, so it stops after the flusher and its last sync covers
-    /// every record the flusher released.
+    /// Dropped after `drop` joined the flusher thread, so its last sync covers every record
+    /// the flusher released.
     _syncer: Option<Syncer>,
 }
 
@@ -140,9 +169,15 @@ fn run(
     if config.paused {
         log::warn!("flusher paused by configuration: writes stay in the log until it fills");
     }
+    // A previous run may have released records on write and died before its syncer synced
+    // them: the first sync of a syncing flusher covers every disk, not only those it wrote.
+    let touched = match synced {
+        Some(_) => nvram.volumes().iter().map(|v| v.export_id).collect(),
+        None => BTreeSet::new(),
+    };
     let mut state = State {
         applied: flushed.flushed(),
-        touched: BTreeSet::new(),
+        touched,
         last_sync: Instant::now(),
         synced,
     };
@@ -156,7 +191,7 @@ fn run(
         if !config.delay.is_zero() && !draining {
             std::thread::sleep(config.delay);
         }
-        let result = apply_batch(nvram, &mut state).and_then(|applied| {
+        let result = apply_batch(nvram, &mut state).and_then(|batch| {
             let unsynced = state.applied != flushed.flushed();
             let lagging = state.applied.pos - flushed.flushed().pos
                 >= nvram.region().geometry().ring_size / 4;
@@ -165,39 +200,52 @@ fn run(
                 || draining
                 || lagging
                 || since >= SYNC_INTERVAL
-                || (applied == 0 && since >= IDLE_SYNC_DELAY);
+                || (batch.applied == 0 && since >= IDLE_SYNC_DELAY);
             if unsynced && due {
                 release(nvram, &mut state, &mut flushed)?;
             }
-            Ok(applied)
+            Ok(batch)
         });
         match result {
-            Ok(0) if state.applied != flushed.flushed() => {
+            Ok(Batch { applied: 0, .. }) if state.applied != flushed.flushed() => {
                 // Wake when the idle sync falls due (or for a drain).
                 let wait = IDLE_SYNC_DELAY.saturating_sub(state.last_sync.elapsed());
                 let _ = nvram.wakeups().recv_timeout(wait);
             }
-            Ok(0) => {
+            Ok(Batch { applied: 0, .. }) => {
                 // Nothing to do: the next write wakes us (see `Nvram::wake_flusher`).
                 if nvram.flusher_sleeps(state.applied) {
                     let _ = nvram.wakeups().recv_timeout(IDLE_WAIT);
                 }
             }
-            Ok(applied) if applied < BATCH_RECORDS && !draining => {
+            Ok(Batch {
+                reached_end: true, ..
+            }) if !draining => {
                 // Writes are trickling in: let them gather for a tick rather than take them
                 // one wakeup each. A backlog past the threshold wakes us early.
                 let _ = nvram.wakeups().recv_timeout(TICK);
             }
             Ok(_) => {}
             Err(error) => {
-                log::error!("flusher: {error}; retrying in {} s", ERROR_WAIT.as_secs());
-                // Keep what applied cleanly before the failure (so one bad record does not
-                // hold back the rest of the log), else start again from what is on disk.
-                let kept = state.applied != flushed.flushed()
+                log::error!(
+                    "flusher: {}; retrying in {} s",
+                    shm::inspect::error_chain(&error),
+                    ERROR_WAIT.as_secs()
+                );
+                // After a failed sync the disk may have dropped the pages it could not
+                // write, and a second sync would report success: apply everything since
+                // the last release again from the log. After any other failure, keep what
+                // applied cleanly before it (so one bad record does not hold back the rest
+                // of the log).
+                let kept = !matches!(error, FlushError::Sync { .. })
+                    && state.applied != flushed.flushed()
                     && release(nvram, &mut state, &mut flushed).is_ok();
                 if !kept {
                     state.applied = flushed.flushed();
-                    state.touched.clear();
+                    // The next sync must cover whatever the failed one did not.
+                    state
+                        .touched
+                        .extend(nvram.volumes().iter().map(|v| v.export_id));
                 }
                 std::thread::sleep(ERROR_WAIT);
             }
@@ -216,58 +264,81 @@ struct State {
     synced: Option<SyncedWriter>,
 }
 
-/// Writes the next batch of logged records to the disks (without syncing); returns how many.
-fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<usize, String> {
+/// What [`apply_batch`] did.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Records written to the disks.
+    applied: usize,
+    /// Whether it stopped because it had applied everything it may, not at a batch limit.
+    reached_end: bool,
+}
+
+/// Writes the next batch of logged records to the disks (without syncing). It stops at the
+/// last record the writers have put in the overlays ([`Nvram::indexed`]): a record released
+/// before its overlay segment exists would leave that segment pointing at free log space.
+fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<Batch, FlushError> {
     let region = nvram.region();
-    let head = region
-        .head()
-        .ok_or_else(|| "cannot read the log's head".to_owned())?;
+    let head = region.head().ok_or(FlushError::Cursor { name: "head" })?;
+    let indexed = nvram.indexed();
     let scanner = LogScanner::new(region.mapping(), region.geometry(), state.applied, head);
-    let mut count = 0;
+    let mut applied = 0;
     let mut bytes = 0;
     // Records of a batch are nearly always for one export: look its volume up once.
     let mut volume: Option<Arc<Volume>> = None;
     for record in scanner {
-        let record = record.map_err(|e| format!("cannot read the log: {e}"))?;
+        let record = record.map_err(FlushError::Log)?;
+        if record.seq > indexed {
+            break;
+        }
         if volume.as_ref().is_none_or(|v| v.export_id != record.export) {
-            volume = Some(nvram.volume(record.export).ok_or_else(|| {
-                format!(
-                    "log record {} is for export {}, which has no disk here",
-                    record.seq, record.export
-                )
-            })?);
+            volume = Some(
+                nvram
+                    .volume(record.export)
+                    .ok_or(FlushError::UnknownExport {
+                        seq: record.seq,
+                        export: record.export,
+                    })?,
+            );
         }
         let Some(volume) = volume.as_deref() else {
             continue;
         };
-        apply(volume, &record).map_err(|e| {
-            format!(
-                "cannot apply log record {} to {}: {e}",
-                record.seq,
-                volume.disk.path().display()
-            )
+        apply(volume, &record).map_err(|source| FlushError::Apply {
+            seq: record.seq,
+            path: volume.disk.path().to_owned(),
+            source,
         })?;
         state.touched.insert(record.export);
         state.applied = record.end();
-        count += 1;
+        applied += 1;
         bytes += record.data.len() as u64;
-        if count >= BATCH_RECORDS || bytes >= BATCH_BYTES {
-            break;
+        if applied >= BATCH_RECORDS || bytes >= BATCH_BYTES {
+            return Ok(Batch {
+                applied,
+                reached_end: false,
+            });
         }
     }
-    Ok(count)
+    Ok(Batch {
+        applied,
+        reached_end: true,
+    })
 }
 
 /// Releases every record applied so far: syncs the disks written since the last release
-/// (with [`Release::Synced`]), then publishes `flushed` and prunes the overlays.
-fn release(nvram: &Nvram, state: &mut State, flushed: &mut FlushedWriter) -> Result<(), String> {
+/// (with [`Release::Synced`]), then prunes the overlays and publishes `flushed`.
+fn release(
+    nvram: &Nvram,
+    state: &mut State,
+    flushed: &mut FlushedWriter,
+) -> Result<(), FlushError> {
     if let Some(synced) = &mut state.synced {
         for export in &state.touched {
             if let Some(volume) = nvram.volume(*export) {
-                volume
-                    .disk
-                    .sync()
-                    .map_err(|e| format!("cannot sync {}: {e}", volume.disk.path().display()))?;
+                volume.disk.sync().map_err(|source| FlushError::Sync {
+                    path: volume.disk.path().to_owned(),
+                    source,
+                })?;
             }
         }
         state.last_sync = Instant::now();
@@ -276,15 +347,18 @@ fn release(nvram: &Nvram, state: &mut State, flushed: &mut FlushedWriter) -> Res
     state.touched.clear();
     // Only now, with the data where the release mode wants it, may the overlays drop it
     // and then the ring space be reused. In that order: overlay segments point into the
-    // log, so none may be left pointing at space the appender can reuse.
+    // log, so none may be left pointing at space the appender can reuse. A poisoned
+    // overlay is pruned all the same: pruning only removes segments, which is always safe.
     for volume in nvram.volumes() {
         volume
             .overlay
             .write()
-            .map_err(|_| format!("the overlay of {} is poisoned", volume.name))?
+            .unwrap_or_else(PoisonError::into_inner)
             .prune(state.applied.seq);
     }
-    flushed.advance(state.applied).map_err(|e| e.to_string())?;
+    flushed
+        .advance(state.applied)
+        .map_err(FlushError::Advance)?;
     Ok(())
 }
 

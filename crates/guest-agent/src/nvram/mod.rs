@@ -20,7 +20,7 @@ pub mod volume;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -54,6 +54,9 @@ pub struct Nvram {
     ownership: Option<Ownership>,
     /// Seq the flusher must reach even when paused or delayed (see [`Nvram::drain`]).
     drain_target: AtomicU64,
+    /// Seq of the last record whose overlay segment is in place: the flusher applies and
+    /// releases nothing past it (see [`Nvram::indexed`]).
+    indexed: AtomicU64,
 }
 
 /// Who may write what, from the control region: a write for an identity is logged only
@@ -119,6 +122,7 @@ impl Nvram {
             * 4096;
         let (wake_flusher, wakeups) = crossbeam_channel::bounded(1);
         let wake_backlog = region.geometry().ring_size / 64;
+        let initial_head = region.head().map_or(0, |head| head.seq);
         Arc::new(Self {
             region,
             appender: Mutex::new(appender),
@@ -131,6 +135,9 @@ impl Nvram {
             max_request: max_request as u32,
             ownership,
             drain_target: AtomicU64::new(0),
+            // Records logged before this agent started have no segments yet; `recover`
+            // gives them theirs before the flusher starts.
+            indexed: AtomicU64::new(initial_head),
         })
     }
 
@@ -143,8 +150,10 @@ impl Nvram {
         Ok(())
     }
 
-    /// Has the flusher write and sync everything logged so far, even if it is paused or
-    /// delayed by configuration, and waits for it; returns the flushed cursor.
+    /// Has the flusher write and release everything logged so far, even if it is paused or
+    /// delayed by configuration, and waits for it; returns the flushed cursor. Released
+    /// means as durable on the disk as in the log: synced in a guest, in the host's page
+    /// cache in process mode, which a partner on the same host reads as well.
     pub fn drain(&self, timeout: Duration) -> Result<Cursor, NvramError> {
         let head = self
             .region
@@ -223,15 +232,32 @@ impl Nvram {
         &self.region
     }
 
+    // The volume table only ever gains whole entries, so a panic elsewhere while it was
+    // locked cannot have left it half changed: its readers carry on past the poison. The
+    // flusher in particular must see every volume, or it would skip pruning one.
     pub(crate) fn volume(&self, export: u32) -> Option<Arc<Volume>> {
-        self.volumes.read().ok()?.get(&export).cloned()
+        self.volumes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&export)
+            .cloned()
     }
 
     pub(crate) fn volumes(&self) -> Vec<Arc<Volume>> {
         self.volumes
             .read()
-            .map(|v| v.values().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Seq of the last record whose overlay segment is in place. A writer publishes its
+    /// record (the head) before it takes the overlay's lock; were the flusher to release
+    /// the record in between, the segment added afterwards would point at log space the
+    /// appender may reuse. So the flusher goes no further than this.
+    pub(crate) fn indexed(&self) -> u64 {
+        self.indexed.load(Ordering::Acquire)
     }
 
     pub(crate) fn wakeups(&self) -> &Receiver<()> {
@@ -297,12 +323,16 @@ impl Nvram {
                 }
                 other => std::io::Error::other(other.to_string()),
             })?;
-        let mut overlay = volume.overlay.write().map_err(|_| poisoned())?;
-        update(&mut overlay, &appended);
-        drop(overlay);
+        let updated = volume
+            .overlay
+            .write()
+            .map(|mut overlay| update(&mut overlay, &appended));
+        // The record is in the log whatever became of the overlay: the flusher must be able
+        // to reach it. Stored under the appender's lock, so it only grows.
+        self.indexed.store(appended.seq, Ordering::Release);
         drop(appender);
         self.wake_flusher(appended.head);
-        Ok(())
+        updated.map_err(|_| poisoned())
     }
 }
 
@@ -378,5 +408,77 @@ impl Export for NvramExport {
     fn flush(&self) -> std::io::Result<()> {
         // Every completed write is already in the log: NVRAM semantics (see the module doc).
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flusher::{Flusher, FlusherConfig, Release};
+    use super::volume::Disk;
+    use super::*;
+    use shm::Mapping;
+
+    /// A writer publishes its record before it takes the overlay's lock; the flusher must
+    /// not release the record in that gap, or the segment added afterwards would point at
+    /// free log space. Here a record is appended behind `log`'s back, as if its writer
+    /// were stopped in the gap: the flusher must leave it alone until it is indexed.
+    #[test]
+    fn the_flusher_releases_nothing_past_the_last_indexed_record() {
+        for release in [Release::Written, Release::Synced] {
+            let dir = tempfile::tempdir().unwrap();
+            let region = NodeRegion::format(
+                Mapping::create_file(&dir.path().join("a.region"), 1 << 20).unwrap(),
+                0,
+                "a",
+            )
+            .unwrap();
+            std::fs::File::create(dir.path().join("a.img"))
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            let writer = region.writer(1).unwrap();
+            let nvram = Nvram::new(region.clone(), writer.appender, BackPressure::default());
+            let export = nvram.add_volume(Volume::new(
+                0,
+                "a",
+                Disk::open(&dir.path().join("a.img")).unwrap(),
+            ));
+            let config = FlusherConfig {
+                release,
+                ..FlusherConfig::default()
+            };
+            let _flusher =
+                Flusher::spawn(Arc::clone(&nvram), writer.flushed, writer.synced, config).unwrap();
+            export.write(0, &[1; 512], false).unwrap();
+            let stopped_in_the_gap = nvram
+                .appender
+                .lock()
+                .unwrap()
+                .append(
+                    &Entry::Write {
+                        export: 0,
+                        offset: 512,
+                        data: &[2; 512],
+                    },
+                    BackPressure::default(),
+                )
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(
+                region.flushed().unwrap().seq,
+                stopped_in_the_gap.seq - 1,
+                "{release:?}: the flusher released a record whose segment did not exist yet"
+            );
+            // The next write through `log` indexes everything before it.
+            export.write(1024, &[3; 512], false).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while region.flushed() != region.head() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{release:?}: the flusher stalled"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }

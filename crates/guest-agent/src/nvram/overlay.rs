@@ -11,8 +11,9 @@
 //! Locking contract (see `volume.rs`): a read holds the read lock while it reads the disk and
 //! applies the overlay, and pruning takes the write lock, so a reader can never read the disk
 //! before the flusher wrote it and apply the overlay after the segment was pruned. The
-//! flusher prunes *before* it releases records from the log, so a segment never points at
-//! log space the appender may reuse.
+//! flusher prunes *before* it releases records from the log, and releases no record whose
+//! segment is not in place yet (`Nvram::indexed`), so a segment never points at log space
+//! the appender may reuse.
 
 use std::collections::BTreeMap;
 

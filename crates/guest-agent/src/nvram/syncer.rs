@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use shm::SyncedWriter;
 
 use super::Nvram;
+use super::flusher::FlushError;
 
 /// A running syncer; syncs once more, then stops, when dropped.
 #[derive(Debug)]
@@ -52,14 +53,34 @@ impl Drop for Syncer {
 
 fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Receiver<()>) {
     let mut covered = nvram.region().synced().map_or(0, |s| s.seq);
+    // After a failed sync the kernel may have dropped the pages it could not write, and
+    // the next sync reports success without them: from then on `synced` would claim what
+    // the media may not hold. So it stays where it was, for the life of this agent.
+    let mut failed = false;
     loop {
         let last = matches!(
             stopped.recv_timeout(interval),
             Err(RecvTimeoutError::Disconnected)
         );
-        match sync_once(nvram, &mut synced, covered) {
-            Ok(seq) => covered = seq,
-            Err(error) => log::error!("syncer: {error}; retrying in {} ms", interval.as_millis()),
+        if !failed {
+            match sync_once(nvram, &mut synced, covered) {
+                Ok(seq) => covered = seq,
+                Err(error @ FlushError::Cursor { .. }) => {
+                    log::warn!(
+                        "syncer: {error}; trying again in {} ms",
+                        interval.as_millis()
+                    );
+                }
+                Err(error) => {
+                    // Said once; `hostd inspect` shows `synced` growing old from here on.
+                    log::error!(
+                        "syncer: {}; `synced` stays at seq {covered} for the life of this \
+                         agent, and a host crash may lose what was written since",
+                        shm::inspect::error_chain(&error)
+                    );
+                    failed = true;
+                }
+            }
         }
         if last {
             return;
@@ -68,20 +89,20 @@ fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Re
 }
 
 /// Syncs every disk if records were released since `covered`; returns the seq now covered.
-fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u64, String> {
+fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u64, FlushError> {
     // Read before syncing: everything released up to here is in the page cache already.
     let flushed = nvram
         .region()
         .flushed()
-        .ok_or_else(|| "cannot read the log's flushed cursor".to_owned())?;
+        .ok_or(FlushError::Cursor { name: "flushed" })?;
     if flushed.seq <= covered {
         return Ok(covered);
     }
     for volume in nvram.volumes() {
-        volume
-            .disk
-            .sync()
-            .map_err(|e| format!("cannot sync {}: {e}", volume.disk.path().display()))?;
+        volume.disk.sync().map_err(|source| FlushError::Sync {
+            path: volume.disk.path().to_owned(),
+            source,
+        })?;
     }
     synced.publish(flushed.seq);
     Ok(flushed.seq)
