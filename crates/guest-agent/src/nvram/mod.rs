@@ -422,9 +422,17 @@ mod tests {
     /// not release the record in that gap, or the segment added afterwards would point at
     /// free log space. Here a record is appended behind `log`'s back, as if its writer
     /// were stopped in the gap: the flusher must leave it alone until it is indexed.
-    #[test]
-    fn the_flusher_releases_nothing_past_the_last_indexed_record() {
-        for release in [Release::Written, Release::Synced] {
+    /// A node with one volume and a running flusher, in a temporary directory.
+    struct TestNode {
+        dir: tempfile::TempDir,
+        region: NodeRegion,
+        nvram: Arc<Nvram>,
+        export: Arc<NvramExport>,
+        _flusher: Flusher,
+    }
+
+    impl TestNode {
+        fn start(config: FlusherConfig) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let region = NodeRegion::format(
                 Mapping::create_file(&dir.path().join("a.region"), 1 << 20).unwrap(),
@@ -443,12 +451,100 @@ mod tests {
                 "a",
                 Disk::open(&dir.path().join("a.img")).unwrap(),
             ));
-            let config = FlusherConfig {
+            let flusher =
+                Flusher::spawn(Arc::clone(&nvram), writer.flushed, writer.synced, config).unwrap();
+            Self {
+                dir,
+                region,
+                nvram,
+                export,
+                _flusher: flusher,
+            }
+        }
+
+        fn wait_flushed(&self, within: Duration) {
+            let deadline = Instant::now() + within;
+            while self.region.flushed() != self.region.head() {
+                assert!(Instant::now() < deadline, "the flusher did not catch up");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn disk_bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("a.img")).unwrap()[offset..offset + len].to_vec()
+        }
+    }
+
+    /// A failed sync may lose what was written since the last one (the kernel drops the
+    /// pages it could not write back); a second sync would then succeed over the loss.
+    /// The flusher must write those records again from the log, and only then release them.
+    #[test]
+    fn after_a_failed_sync_the_flusher_writes_the_records_again() {
+        let node = TestNode::start(FlusherConfig {
+            release: Release::Synced,
+            ..FlusherConfig::default()
+        });
+        let disk = &node.export.volume().disk;
+        disk.failing_syncs.store(1, Ordering::Release);
+        for i in 0..16u8 {
+            node.export
+                .write(u64::from(i) * 4096, &[i + 1; 4096], false)
+                .unwrap();
+        }
+        node.wait_flushed(Duration::from_secs(10));
+        assert_eq!(
+            disk.failing_syncs.load(Ordering::Acquire),
+            0,
+            "no sync failed"
+        );
+        for i in 0..16u8 {
+            assert_eq!(
+                node.disk_bytes(usize::from(i) * 4096, 4096),
+                vec![i + 1; 4096],
+                "block {i} was released without being written again"
+            );
+        }
+    }
+
+    /// After a failed sync, `synced` must not claim what the media may have lost, however
+    /// well later syncs go.
+    #[test]
+    fn after_a_failed_sync_synced_stays_where_it_was() {
+        let node = TestNode::start(FlusherConfig {
+            release: Release::Written,
+            sync_interval: Duration::from_millis(20),
+            ..FlusherConfig::default()
+        });
+        let disk = &node.export.volume().disk;
+        node.export.write(0, &[1; 4096], false).unwrap();
+        node.wait_flushed(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while node.region.synced().unwrap().seq < 1 {
+            assert!(Instant::now() < deadline, "the syncer never synced");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        disk.failing_syncs.store(1, Ordering::Release);
+        node.export.write(4096, &[2; 4096], false).unwrap();
+        node.wait_flushed(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while disk.failing_syncs.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "the syncer did not sync again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // More writes and many good intervals later: still the last seq before the failure.
+        node.export.write(8192, &[3; 4096], false).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(node.region.synced().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn the_flusher_releases_nothing_past_the_last_indexed_record() {
+        for release in [Release::Written, Release::Synced] {
+            let node = TestNode::start(FlusherConfig {
                 release,
                 ..FlusherConfig::default()
-            };
-            let _flusher =
-                Flusher::spawn(Arc::clone(&nvram), writer.flushed, writer.synced, config).unwrap();
+            });
+            let (region, nvram, export) = (&node.region, &node.nvram, &node.export);
             export.write(0, &[1; 512], false).unwrap();
             let stopped_in_the_gap = nvram
                 .appender

@@ -28,6 +28,9 @@ pub struct Disk {
     file: File,
     size: u64,
     path: PathBuf,
+    /// Unit tests: this many next syncs fail, losing what was written (see [`Disk::sync`]).
+    #[cfg(test)]
+    pub(crate) failing_syncs: std::sync::atomic::AtomicU32,
 }
 
 impl Disk {
@@ -52,6 +55,8 @@ impl Disk {
             file,
             size,
             path: path.to_owned(),
+            #[cfg(test)]
+            failing_syncs: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -87,6 +92,18 @@ impl Disk {
     }
 
     pub fn sync(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self
+            .failing_syncs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            // As a disk whose writeback failed: the kernel may drop the pages it could not
+            // write. Here everything goes, which the tests arrange to be only unsynced data.
+            self.file.set_len(0)?;
+            self.file.set_len(self.size)?;
+            return Err(std::io::Error::other("injected sync failure"));
+        }
         self.file.sync_data()
     }
 
