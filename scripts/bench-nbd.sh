@@ -13,6 +13,8 @@
 # Usage: scripts/bench-nbd.sh [SECONDS_PER_RUN [ROUNDS]]   (default 4 and 3; IVHA_BENCH_DIR: where images go)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib/pair.sh
+. scripts/lib/pair.sh
 
 runtime=${1:-4}
 rounds=${2:-3}
@@ -30,7 +32,7 @@ states=()
 pids=()
 cleanup() {
     for state in "${states[@]}"; do
-        IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true
+        end_pair 0 "$hostd" "$state" 0
         rm -rf "$state" "$state.toml"
     done
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -38,36 +40,38 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port_ivha=$(free_port); port_media=$(free_port); port_file=$(free_port); port_mem=$(free_port)
-port_ivha_b=$(free_port); port_media_b=$(free_port)
+# Three pairs of ports: ivha's nodes a and b, ivha-media's, and the two nbdkit servers.
+port_ivha=$(free_port_pair 22809) || { echo "error: no free ports" >&2; exit 1; }
+port_media=$(free_port_pair $((port_ivha + 2))) || { echo "error: no free ports" >&2; exit 1; }
+port_file=$(free_port_pair $((port_media + 2))) || { echo "error: no free ports" >&2; exit 1; }
+port_mem=$((port_file + 1))
 size=1G
 
-start_pair() { # PORT PORT_B RELEASE: a process-mode pair whose node a serves on PORT
+start_pair() { # PORT RELEASE: a process-mode pair whose nodes a and b serve on PORT and PORT+1
     local state
     state=$(mktemp -d /dev/shm/ivha-bench-nbd.XXXXXX)
     states+=("$state")
-    mkdir -p "$images/$3"
+    mkdir -p "$images/$2"
     cat >"$state.toml" <<TOML
 backend = "process"
 [regions]
 node_mib = 64
 [disks]
 size_mib = 1024
-dir = "$images/$3"
+dir = "$images/$2"
 [flusher]
-release = "$3"
+release = "$2"
 [[node]]
 name = "a"
 nbd_port = $1
 [[node]]
 name = "b"
-nbd_port = $2
+nbd_port = $(($1 + 1))
 TOML
     IVHA_STATE_DIR=$state "$hostd" up --detach --config "$state.toml" >/dev/null
 }
-start_pair "$port_ivha" "$port_ivha_b" host
-start_pair "$port_media" "$port_media_b" media
+start_pair "$port_ivha" host
+start_pair "$port_media" media
 truncate -s "$size" "$images/nbdkit-file.img"
 nbdkit --exit-with-parent -f -p "$port_file" -i 127.0.0.1 file "$images/nbdkit-file.img" &
 pids+=($!)

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::block::{self, BLOCK_SIZE, BlockValue};
-use crate::history::{Action, Entry, History, Invoke};
+use crate::history::{Action, Entry, History, Invoke, WriterSpec};
+use crate::report::join_counts;
 
 /// How many anomalies of one kind the human summary lists before "and N more".
 pub const LISTED_PER_KIND: usize = 50;
@@ -79,9 +80,12 @@ impl FinalContents {
 
 /// Bytes of `identity`'s export that its writers' blocks cover (0 if it has no writers).
 pub fn needed_bytes(history: &History, identity: &str) -> u64 {
-    history
-        .run()
-        .writers
+    writers_needed_bytes(&history.run().writers, identity)
+}
+
+/// Bytes of `identity`'s export that the blocks of `writers` on it cover (0 if none).
+pub fn writers_needed_bytes(writers: &[WriterSpec], identity: &str) -> u64 {
+    writers
         .iter()
         .filter(|spec| spec.identity == identity && spec.blocks > 0)
         .filter_map(|spec| spec.end_block()?.checked_mul(BLOCK_SIZE as u64))
@@ -345,12 +349,7 @@ impl fmt::Display for CheckOutcome {
             ops.reads.fail,
             ops.reads.unknown
         )?;
-        let counts: Vec<String> = self
-            .anomaly_counts
-            .iter()
-            .map(|(kind, count)| format!("{kind} {count}"))
-            .collect();
-        writeln!(f, "anomalies: {}", counts.join(", "))?;
+        writeln!(f, "anomalies: {}", join_counts(&self.anomaly_counts))?;
         for kind in AnomalyKind::ALL {
             let mut of_kind = self.anomalies.iter().filter(|a| a.kind == kind);
             for anomaly in of_kind.by_ref().take(LISTED_PER_KIND) {
@@ -386,8 +385,9 @@ pub fn check(history: &History, finals: &FinalContents) -> Result<CheckOutcome, 
     let mut checker = Checker::new(history);
     checker.check_final_contents(finals);
     checker.check_reads();
-    checker.check_fences();
-    checker.check_dual_serving();
+    let intervals = checker.serve_intervals();
+    checker.check_fences(&intervals);
+    checker.check_dual_serving(&intervals);
 
     let operations = checker.op_counts();
     let mut anomalies = checker.anomalies;
@@ -471,18 +471,41 @@ enum Seen {
     Read { op: u64, completed_t: u64 },
 }
 
-impl Seen {
-    fn describe(self) -> String {
+impl fmt::Display for Seen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Seen::Final => "the final image".to_owned(),
-            Seen::Read { op, .. } => format!("read op {op}"),
+            Seen::Final => f.write_str("the final image"),
+            Seen::Read { op, .. } => write!(f, "read op {op}"),
         }
     }
+}
 
+impl Seen {
     fn op(self) -> Option<u64> {
         match self {
             Seen::Final => None,
             Seen::Read { op, .. } => Some(op),
+        }
+    }
+
+    /// When the read completed; None for the final image.
+    fn completed_t(self) -> Option<u64> {
+        match self {
+            Seen::Final => None,
+            Seen::Read { completed_t, .. } => Some(completed_t),
+        }
+    }
+}
+
+/// A read's value for humans, formatted only when shown: "zeros" or "seq N".
+#[derive(Debug, Clone, Copy)]
+struct ReadValue(u64);
+
+impl fmt::Display for ReadValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => f.write_str("zeros"),
+            seq => write!(f, "seq {seq}"),
         }
     }
 }
@@ -658,12 +681,10 @@ impl<'h> Checker<'h> {
         value: &BlockValue,
         seen: Seen,
     ) -> Origin {
-        let where_seen = seen.describe();
         match *value {
             BlockValue::Zero => Origin::Zero,
             BlockValue::Corrupt { ref reason } => {
-                let explanation =
-                    format!("block {block} holds corrupt data in {where_seen}: {reason}.");
+                let explanation = format!("block {block} holds corrupt data in {seen}: {reason}.");
                 self.report(AnomalyKind::CorruptBlock, explanation, |a| {
                     a.identity = Some(identity.to_owned());
                     a.block = Some(block);
@@ -682,24 +703,18 @@ impl<'h> Checker<'h> {
                     (
                         AnomalyKind::Duplicate,
                         format!(
-                            "block {block} holds writer {writer} seq {seq} in {where_seen}, which was aimed at block {aimed_at}."
+                            "block {block} holds writer {writer} seq {seq} in {seen}, which was aimed at block {aimed_at}."
                         ),
                     )
                 } else {
                     (
                         AnomalyKind::NeverInvoked,
                         format!(
-                            "block {block} holds writer {writer} seq {seq} aimed at block {aimed_at} in {where_seen}, but no invoke wrote that."
+                            "block {block} holds writer {writer} seq {seq} aimed at block {aimed_at} in {seen}, but no invoke wrote that."
                         ),
                     )
                 };
-                self.report(kind, explanation, |a| {
-                    a.identity = Some(identity.to_owned());
-                    a.block = Some(block);
-                    a.writer = Some(writer);
-                    a.seq = Some(seq);
-                    a.op = seen.op();
-                });
+                self.report_value(kind, explanation, identity, block, writer, seq, seen.op());
                 Origin::Bad
             }
             BlockValue::Write { writer, seq } => {
@@ -716,91 +731,60 @@ impl<'h> Checker<'h> {
         seq: u64,
         seen: Seen,
     ) -> Origin {
-        let where_seen = seen.describe();
-        let Some(record) = self.write_op(writer, seq) else {
-            let explanation = format!(
-                "block {block} holds writer {writer} seq {seq} in {where_seen}, which no invoke wrote."
-            );
-            self.report_value(
+        let found = self.write_op(writer, seq).map(|record| {
+            (
+                record.invoke.op,
+                record.invoke.t,
+                record.invoke.block,
+                record.identity,
+                record.outcome(),
+            )
+        });
+        let (kind, explanation) = match found {
+            None => (
                 AnomalyKind::NeverInvoked,
-                explanation,
-                identity,
-                block,
-                writer,
-                seq,
-                seen.op(),
-            );
-            return Origin::Bad;
-        };
-        let (write_op, write_t, write_block, write_identity, outcome) = (
-            record.invoke.op,
-            record.invoke.t,
-            record.invoke.block,
-            record.identity,
-            record.outcome(),
-        );
-        if write_block != block {
-            let explanation = format!(
-                "block {block} holds writer {writer} seq {seq} in {where_seen} claiming block {block}, but op {write_op} aimed it at block {write_block}."
-            );
-            self.report_value(
+                format!(
+                    "block {block} holds writer {writer} seq {seq} in {seen}, which no invoke wrote."
+                ),
+            ),
+            Some((write_op, _, write_block, ..)) if write_block != block => (
                 AnomalyKind::NeverInvoked,
-                explanation,
-                identity,
-                block,
-                writer,
-                seq,
-                seen.op(),
-            );
-            return Origin::Bad;
-        }
-        if write_identity != identity {
-            let explanation = format!(
-                "block {block} of identity {identity} holds writer {writer} seq {seq} in {where_seen}, which op {write_op} wrote to identity {write_identity}."
-            );
-            self.report_value(
+                format!(
+                    "block {block} holds writer {writer} seq {seq} in {seen} claiming block {block}, but op {write_op} aimed it at block {write_block}."
+                ),
+            ),
+            Some((write_op, _, _, write_identity, _)) if write_identity != identity => (
                 AnomalyKind::Duplicate,
-                explanation,
-                identity,
-                block,
-                writer,
-                seq,
-                seen.op(),
-            );
-            return Origin::Bad;
-        }
-        if let Seen::Read { completed_t, .. } = seen
-            && write_t > completed_t
-        {
-            let explanation = format!(
-                "{where_seen} of block {block} returned writer {writer} seq {seq}, but write op {write_op} was invoked only after the read completed."
-            );
-            self.report_value(
+                format!(
+                    "block {block} of identity {identity} holds writer {writer} seq {seq} in {seen}, which op {write_op} wrote to identity {write_identity}."
+                ),
+            ),
+            Some((write_op, write_t, ..)) if seen.completed_t().is_some_and(|t| write_t > t) => (
                 AnomalyKind::NeverInvoked,
-                explanation,
-                identity,
-                block,
-                writer,
-                seq,
-                seen.op(),
-            );
-            return Origin::Bad;
-        }
-        if let Outcome::Fail = outcome {
-            let explanation = format!(
-                "block {block} holds writer {writer} seq {seq} in {where_seen}, whose write op {write_op} failed."
-            );
-            self.report_value(
-                AnomalyKind::FailedWriteLanded,
-                explanation,
-                identity,
-                block,
-                writer,
-                seq,
-                seen.op().or(Some(write_op)),
-            );
-        }
-        Origin::Write { op: write_op, seq }
+                format!(
+                    "{seen} of block {block} returned writer {writer} seq {seq}, but write op {write_op} was invoked only after the read completed."
+                ),
+            ),
+            Some((write_op, .., outcome)) => {
+                if let Outcome::Fail = outcome {
+                    let explanation = format!(
+                        "block {block} holds writer {writer} seq {seq} in {seen}, whose write op {write_op} failed."
+                    );
+                    self.report_value(
+                        AnomalyKind::FailedWriteLanded,
+                        explanation,
+                        identity,
+                        block,
+                        writer,
+                        seq,
+                        seen.op().or(Some(write_op)),
+                    );
+                }
+                return Origin::Write { op: write_op, seq };
+            }
+        };
+        self.report_value(kind, explanation, identity, block, writer, seq, seen.op());
+        Origin::Bad
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -968,11 +952,7 @@ impl<'h> Checker<'h> {
                 }
                 next_done += 1;
             }
-            let read_value = if seq == 0 {
-                "zeros".to_owned()
-            } else {
-                format!("seq {seq}")
-            };
+            let read_value = ReadValue(seq);
             let violation = match (newest_acked, newest_read) {
                 (Some((acked_seq, acked_op)), _) if seq < acked_seq => Some(format!(
                     "read op {op} of block {block} returned {read_value}, older than seq {acked_seq} that write op {acked_op} acknowledged before the read began (stale read)."
@@ -1038,10 +1018,9 @@ impl<'h> Checker<'h> {
 
     /// Reports writes acknowledged within a gap when no node served their identity: invoked
     /// after the gap began (a `serve_end`) and acknowledged before it ended (a `serve_start`).
-    fn check_fences(&mut self) {
-        let intervals = self.serve_intervals();
+    fn check_fences(&mut self, intervals: &BTreeMap<&'h str, Vec<ServeInterval<'h>>>) {
         let mut findings = Vec::new();
-        for (identity, list) in &intervals {
+        for (identity, list) in intervals {
             let gaps = unserved_gaps(list);
             if gaps.is_empty() {
                 continue;
@@ -1090,9 +1069,8 @@ impl<'h> Checker<'h> {
     }
 
     /// Reports every overlap of two serving intervals of one identity on different nodes.
-    fn check_dual_serving(&mut self) {
-        let intervals = self.serve_intervals();
-        for (identity, list) in &intervals {
+    fn check_dual_serving(&mut self, intervals: &BTreeMap<&'h str, Vec<ServeInterval<'h>>>) {
+        for (identity, list) in intervals {
             for (i, first) in list.iter().enumerate() {
                 // Sorted by start: once one starts at or after `first` ends, all later do too.
                 for second in &list[i + 1..] {

@@ -132,13 +132,13 @@ fn check(args: &CheckArgs) -> Result<Verdict, CommandError> {
     let history = History::read(&args.history)?;
     let finals = FinalContents::load(&history, &args.finals)?;
     let outcome = checker::check(&history, &finals)?;
-    let report = Report::build(&history, &outcome);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else {
         print!("{outcome}");
     }
     if let Some(path) = &args.report {
+        let report = Report::build(&history, &outcome);
         write_report(path, &report)?;
         // Keep stdout pure JSON under --json.
         if args.json {
@@ -168,14 +168,11 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
         Some(ports) => [ports[0], ports[1]],
         None => [free_port()?, free_port()?],
     };
+    let fault_names: Vec<&str> = args.faults.iter().map(|k| k.name()).collect();
     println!(
         "campaign seed {seed}: {} cycles of {} on the {} backend; files in {}",
         args.cycles,
-        args.faults
-            .iter()
-            .map(|k| k.name())
-            .collect::<Vec<_>>()
-            .join(", "),
+        fault_names.join(", "),
         args.backend,
         out.display()
     );
@@ -195,11 +192,7 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     println!(
         "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}",
         args.cycles,
-        args.faults
-            .iter()
-            .map(|k| k.name())
-            .collect::<Vec<_>>()
-            .join(","),
+        fault_names.join(","),
         args.backend
     );
     if let Some(why) = finished.aborted {
@@ -220,8 +213,7 @@ fn free_port() -> Result<u16, CommandError> {
 }
 
 fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
-    let mut json = serde_json::to_vec_pretty(report)?;
-    json.push(b'\n');
+    let json = report.to_json()?;
     std::fs::File::create(path)
         .and_then(|mut file| file.write_all(&json))
         .map_err(|source| CommandError::WriteReport {

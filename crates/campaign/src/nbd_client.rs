@@ -19,7 +19,6 @@ const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 /// Transmission flags (from `NBD_INFO_EXPORT`).
-pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
 
@@ -197,11 +196,6 @@ impl NbdClient {
     /// The export's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// The transmission flags the server sent (`FLAG_*`).
-    pub fn transmission_flags(&self) -> u16 {
-        self.transmission_flags
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {

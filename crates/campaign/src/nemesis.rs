@@ -215,12 +215,7 @@ pub fn inject(
     let t = crate::history::now_micros();
     let detail = match fault.kind {
         FaultKind::Kill | FaultKind::Panic => {
-            let name = if fault.kind == FaultKind::Kill {
-                "kill"
-            } else {
-                "panic"
-            };
-            let said = hostd.run(&["kill", node, "--signal", name])?;
+            let said = hostd.run(&["kill", node, "--signal", fault.kind.name()])?;
             said.lines().next().unwrap_or_default().to_owned()
         }
         FaultKind::AgentKill => {

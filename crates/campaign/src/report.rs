@@ -116,6 +116,22 @@ impl Report {
             },
         }
     }
+
+    /// The report as pretty JSON, with a final newline (the `report.json` file).
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut json = serde_json::to_vec_pretty(self)?;
+        json.push(b'\n');
+        Ok(json)
+    }
+}
+
+/// Counts as `key count, key count` (empty for no keys).
+pub(crate) fn join_counts<K: fmt::Display>(counts: &BTreeMap<K, usize>) -> String {
+    counts
+        .iter()
+        .map(|(key, count)| format!("{key} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl fmt::Display for Percentiles {
@@ -145,15 +161,10 @@ impl fmt::Display for Report {
             }
         )?;
         writeln!(f, "cycles: {}", self.cycles)?;
-        let faults: Vec<String> = self
-            .faults
-            .iter()
-            .map(|(kind, count)| format!("{kind} {count}"))
-            .collect();
-        let faults = if faults.is_empty() {
+        let faults = if self.faults.is_empty() {
             "none".to_owned()
         } else {
-            faults.join(", ")
+            join_counts(&self.faults)
         };
         writeln!(f, "faults: {faults}")?;
         let ops = &self.operations;
@@ -167,12 +178,7 @@ impl fmt::Display for Report {
             "reads: {} ok, {} fail, {} unknown",
             ops.reads.ok, ops.reads.fail, ops.reads.unknown
         )?;
-        let anomalies: Vec<String> = self
-            .anomalies
-            .iter()
-            .map(|(kind, count)| format!("{kind} {count}"))
-            .collect();
-        writeln!(f, "anomalies: {}", anomalies.join(", "))?;
+        writeln!(f, "anomalies: {}", join_counts(&self.anomalies))?;
         writeln!(f, "takeovers: {}", self.takeovers.count)?;
         writeln!(
             f,

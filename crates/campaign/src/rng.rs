@@ -1,6 +1,17 @@
 //! A small seeded random number generator (SplitMix64): the same seed gives the same fault
 //! schedule and the same workload choices on every machine, with no dependency.
 
+/// SplitMix64's increment: the state advances by it before each output.
+pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function: scrambles one state into 64 random-looking bits.
+pub fn mix(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64 (Steele, Lea and Flood, 2014): fast, and good enough to choose faults.
 #[derive(Debug, Clone)]
 pub struct Rng {
@@ -20,11 +31,8 @@ impl Rng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
     }
 
     /// A number in `0..bound` (`bound` > 0; 0 gives 0).

@@ -151,12 +151,10 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     let finals = finals?;
 
     let history = History::read(&history_path)?;
-    let contents = FinalContents::load(&history, &finals)?;
-    let outcome = checker::check(&history, &contents)?;
+    let outcome = checker::check(&history, &finals)?;
     let report = Report::build(&history, &outcome);
     let report_path = out.join("report.json");
-    let mut json = serde_json::to_vec_pretty(&report).unwrap_or_default();
-    json.push(b'\n');
+    let json = report.to_json().unwrap_or_default();
     std::fs::write(&report_path, json).map_err(io_err(&report_path))?;
     Ok(RunOutcome {
         report,
@@ -296,21 +294,16 @@ fn torn_target(run_id: u64, writers: &[WriterSpec], node: &str) -> TornWrite {
     }
 }
 
-/// Reads every writer block of each identity through its address into `final/ID.img`.
+/// Reads every writer block of each identity through its address, keeping a copy in
+/// `final/ID.img`.
 fn read_finals(
     config: &RunConfig,
     writers: &[WriterSpec],
     out: &Path,
-) -> Result<Vec<(String, PathBuf)>, RunError> {
-    let mut files = Vec::new();
+) -> Result<FinalContents, RunError> {
+    let mut finals = FinalContents::new();
     for identity in NODES {
-        let end = writers
-            .iter()
-            .filter(|w| w.identity == identity)
-            .map(|w| w.first_block + w.blocks)
-            .max()
-            .unwrap_or(0)
-            * crate::block::BLOCK_SIZE as u64;
+        let end = checker::writers_needed_bytes(writers, identity);
         let final_err = |source| RunError::Final {
             identity: identity.to_owned(),
             source,
@@ -328,9 +321,9 @@ fn read_finals(
         client.disconnect();
         let path = out.join("final").join(format!("{identity}.img"));
         std::fs::write(&path, &image).map_err(io_err(&path))?;
-        files.push((identity.to_owned(), path));
+        finals.insert(identity, image);
     }
-    Ok(files)
+    Ok(finals)
 }
 
 fn connect_retrying(address: SocketAddr, export: &str) -> std::io::Result<NbdClient> {

@@ -13,8 +13,8 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use shm::log::record::{RECORD_HEADER_LEN, RecordHeader, WRITE_PREFIX_LEN};
-use shm::{Access, Mapping, NodeRegion, RecordKind};
+use shm::log::record::{RECORD_HEADER_LEN, RecordHeader};
+use shm::{Access, Entry, Mapping, NodeRegion};
 
 /// The seq a torn record's block carries: far beyond any writer's.
 pub const TORN_SEQ: u64 = 1 << 40;
@@ -60,25 +60,22 @@ pub fn leave(path: &Path, write: TornWrite, complete: bool) -> Result<String, To
     let geometry = region.geometry();
     let (flushed, head) = region.log_cursors().map_err(|e| open_err(Box::new(e)))?;
     let data = crate::block::encode(write.run_id, write.writer, TORN_SEQ, write.block);
-    let mut payload = Vec::with_capacity(WRITE_PREFIX_LEN + data.len());
-    payload.extend_from_slice(&write.export.to_le_bytes());
-    payload.extend_from_slice(&0u32.to_le_bytes());
-    payload.extend_from_slice(&(write.block * crate::block::BLOCK_SIZE as u64).to_le_bytes());
-    payload.extend_from_slice(&data);
-    let mut header = RecordHeader::new(
-        RecordKind::Write,
-        head.seq + 1,
-        payload.len() as u32,
-        head.pos,
-    );
-    header.crc = header.compute_crc(&payload);
-    let mut record = header.encode().to_vec();
-    let written = if complete {
-        payload.len()
-    } else {
-        WRITE_PREFIX_LEN + data.len() / 2
+    let entry = Entry::Write {
+        export: write.export,
+        offset: write.block * crate::block::BLOCK_SIZE as u64,
+        data: &data,
     };
-    record.extend_from_slice(&payload[..written]);
+    // Encoded as the log appender encodes it.
+    let (fixed, fixed_len, rest) = entry.payload_parts();
+    let prefix = &fixed[..fixed_len];
+    let payload_len = entry.payload_len() as usize;
+    let mut header = RecordHeader::new(entry.kind(), head.seq + 1, payload_len as u32, head.pos);
+    header.crc = header.compute_crc_parts(&[prefix, rest]);
+    let mut record = header.encode().to_vec();
+    record.extend_from_slice(prefix);
+    // Cut off halfway through the data unless complete.
+    let written = if complete { rest.len() } else { rest.len() / 2 };
+    record.extend_from_slice(&rest[..written]);
     // Only free ring space: never over records not yet flushed (a nearly full ring), and
     // never across the ring's end (a writer would have put a wrap marker first; the bytes
     // past the head are just as unpublished either way).
@@ -102,14 +99,14 @@ pub fn leave(path: &Path, write: TornWrite, complete: bool) -> Result<String, To
         })?;
     Ok(format!(
         "{} record seq {} ({} of {} bytes) left past head seq {} at log position {}",
-        if complete && record.len() == RECORD_HEADER_LEN + payload.len() {
+        if complete && record.len() == RECORD_HEADER_LEN + payload_len {
             "a complete but unpublished"
         } else {
             "a half-written"
         },
         head.seq + 1,
         record.len(),
-        RECORD_HEADER_LEN + payload.len(),
+        RECORD_HEADER_LEN + payload_len,
         head.seq,
         head.pos
     ))

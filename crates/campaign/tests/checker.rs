@@ -171,6 +171,11 @@ impl Builder {
         op
     }
 
+    /// A read that returns `writer`'s write `seq`.
+    fn read_seq(&mut self, writer: u32, block: u64, seq: u64) -> u64 {
+        self.read_returns(writer, block, BlockValue::Write { writer, seq })
+    }
+
     fn fault(&mut self, node: &str) {
         let t = self.tick();
         self.push(Entry::Fault(Fault {
@@ -279,15 +284,8 @@ fn valid_history_with_a_takeover_is_valid() {
         detect_to_serving_ms: 120.0,
     }));
     let seq = b.acked_write(0, 3);
-    b.read_returns(0, 3, BlockValue::Write { writer: 0, seq });
-    b.read_returns(
-        0,
-        1,
-        BlockValue::Write {
-            writer: 0,
-            seq: in_flight_seq,
-        },
-    );
+    b.read_seq(0, 3, seq);
+    b.read_seq(0, 1, in_flight_seq);
     b.read_returns(0, 2, BlockValue::Zero);
     let (failed, _) = b.write(0, 2);
     b.fail(failed); // Never landed: fine.
@@ -297,7 +295,7 @@ fn valid_history_with_a_takeover_is_valid() {
     let late = b.t;
     b.at(late - 15);
     let seq = b.acked_write(1, 1);
-    b.read_returns(1, 1, BlockValue::Write { writer: 1, seq });
+    b.read_seq(1, 1, seq);
     b.at(late + 100);
     b.end();
 
@@ -398,7 +396,7 @@ fn never_invoked_value_is_caught() {
 
     // A read returns a write invoked only after the read completed.
     let mut b = baseline();
-    let read = b.read_returns(0, 1, BlockValue::Write { writer: 0, seq: 2 });
+    let read = b.read_seq(0, 1, 2);
     let seq = b.acked_write(0, 1);
     assert_eq!(seq, 2);
     let outcome = b.check();
@@ -418,7 +416,7 @@ fn read_of_a_later_unknown_write_is_fine() {
     let (op, seq) = b.write(0, 1);
     b.unknown(op);
     b.land(0, 1, seq);
-    b.read_returns(0, 1, BlockValue::Write { writer: 0, seq });
+    b.read_seq(0, 1, seq);
     assert_valid(&b.check());
 }
 
@@ -534,14 +532,7 @@ fn stale_read_is_caught() {
     let mut b = baseline();
     let first = b.acked_write(0, 1);
     b.acked_write(0, 1);
-    let read = b.read_returns(
-        0,
-        1,
-        BlockValue::Write {
-            writer: 0,
-            seq: first,
-        },
-    );
+    let read = b.read_seq(0, 1, first);
     let outcome = b.check();
     assert_caught(&outcome, AnomalyKind::OrderViolation);
     assert_eq!(outcome.anomalies[0].op, Some(read));
@@ -562,15 +553,8 @@ fn read_regression_is_caught() {
     let (op, seq) = b.write(0, 1);
     b.unknown(op);
     b.land(0, 1, seq);
-    b.read_returns(0, 1, BlockValue::Write { writer: 0, seq });
-    let regressed = b.read_returns(
-        0,
-        1,
-        BlockValue::Write {
-            writer: 0,
-            seq: acked,
-        },
-    );
+    b.read_seq(0, 1, seq);
+    let regressed = b.read_seq(0, 1, acked);
     let outcome = b.check();
     assert_caught(&outcome, AnomalyKind::OrderViolation);
     assert_eq!(outcome.anomalies[0].op, Some(regressed));
@@ -584,17 +568,10 @@ fn stale_read_racing_an_unknown_write_is_fine() {
     let acked = b.acked_write(0, 1);
     let (op, seq) = b.write(0, 1);
     b.unknown(op);
-    b.read_returns(
-        0,
-        1,
-        BlockValue::Write {
-            writer: 0,
-            seq: acked,
-        },
-    );
+    b.read_seq(0, 1, acked);
     // Then the late write lands and is read: also fine.
     b.land(0, 1, seq);
-    b.read_returns(0, 1, BlockValue::Write { writer: 0, seq });
+    b.read_seq(0, 1, seq);
     assert_valid(&b.check());
 }
 
@@ -613,7 +590,7 @@ fn failed_write_landed_is_caught() {
     let mut b = baseline();
     let (op, seq) = b.write(0, 2);
     b.fail(op);
-    b.read_returns(0, 2, BlockValue::Write { writer: 0, seq });
+    b.read_seq(0, 2, seq);
     assert_caught(&b.check(), AnomalyKind::FailedWriteLanded);
 }
 
@@ -623,7 +600,7 @@ fn unknown_write_landing_is_fine() {
     let (op, seq) = b.write(0, 1);
     b.unknown(op);
     b.land(0, 1, seq);
-    b.read_returns(0, 1, BlockValue::Write { writer: 0, seq });
+    b.read_seq(0, 1, seq);
     assert_valid(&b.check());
 }
 

@@ -65,16 +65,6 @@ impl FileExport {
         self
     }
 
-    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
-        let end = offset + len;
-        while offset < end {
-            let chunk = (end - offset).min(ZEROES.len() as u64) as usize;
-            self.file.write_all_at(&ZEROES[..chunk], offset)?;
-            offset += chunk as u64;
-        }
-        Ok(())
-    }
-
     /// Zeroes a range, deallocating it if `may_trim`.
     fn zero(&self, offset: u64, len: u64, may_trim: bool) -> io::Result<()> {
         let (Ok(off), Ok(length)) = (i64::try_from(offset), i64::try_from(len)) else {
@@ -98,8 +88,19 @@ impl FileExport {
             Err(errno) if unsupported(errno) => {}
             Err(errno) => return Err(errno.into()),
         }
-        self.write_zero_bytes(offset, len)
+        write_zeroes_at(&self.file, offset, len)
     }
+}
+
+/// Writes `len` zero bytes at `offset`.
+pub(crate) fn write_zeroes_at(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    let end = offset + len;
+    while offset < end {
+        let chunk = (end - offset).min(ZEROES.len() as u64) as usize;
+        file.write_all_at(&ZEROES[..chunk], offset)?;
+        offset += chunk as u64;
+    }
+    Ok(())
 }
 
 /// Errors that mean "this file system cannot do that": fall back to something simpler.
@@ -107,7 +108,8 @@ fn unsupported(errno: Errno) -> bool {
     matches!(errno, Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL)
 }
 
-fn file_size(file: &File) -> io::Result<u64> {
+/// A file's size, or a block device's (found by seeking to its end).
+pub(crate) fn file_size(file: &File) -> io::Result<u64> {
     let metadata = file.metadata()?;
     if metadata.is_file() {
         return Ok(metadata.len());
@@ -217,7 +219,7 @@ mod tests {
     fn fallback_zeroing_writes_zeroes() {
         let (_file, export) = export(200_000);
         export.write(0, &[7; 200_000], false).unwrap();
-        export.write_zero_bytes(10, 150_000).unwrap();
+        write_zeroes_at(&export.file, 10, 150_000).unwrap();
         let mut back = vec![0; 200_000];
         export.read(0, &mut back).unwrap();
         assert!(back[..10].iter().all(|&b| b == 7));

@@ -129,10 +129,6 @@ impl Monitor {
         &self.health
     }
 
-    pub fn config(&self) -> Config {
-        self.config
-    }
-
     /// When the heartbeat last moved (on the monitor's clock).
     pub fn last_beat(&self) -> Option<Duration> {
         self.last_beat

@@ -449,14 +449,27 @@ fn state_of(stat: &str) -> std::io::Result<char> {
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "empty stat line"))
 }
 
-/// When process `pid` started, in clock ticks after boot (field 22 of `/proc/PID/stat`):
-/// with the pid, it names one process for the life of the machine.
-pub fn process_start_time(pid: u32) -> std::io::Result<u64> {
-    stat_from_state(&format!("/proc/{pid}/stat"))?
-        .split_whitespace()
+/// Field 22 of `stat` (from [`stat_from_state`]): the start time.
+fn start_time_of(stat: &str) -> std::io::Result<u64> {
+    stat.split_whitespace()
         .nth(22 - 3)
         .and_then(|field| field.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed stat line"))
+}
+
+/// When process `pid` started, in clock ticks after boot (field 22 of `/proc/PID/stat`):
+/// with the pid, it names one process for the life of the machine.
+pub fn process_start_time(pid: u32) -> std::io::Result<u64> {
+    start_time_of(&stat_from_state(&format!("/proc/{pid}/stat"))?)
+}
+
+/// The state and the start time of process `pid` (see [`process_state`] and
+/// [`process_start_time`]), from one read of `/proc/PID/stat`.
+pub fn process_state_and_start_time(pid: u32) -> std::io::Result<(char, u64)> {
+    let stat = stat_from_state(&format!("/proc/{pid}/stat"))?;
+    // The start time first: on a malformed line, the error is `process_start_time`'s.
+    let start_time = start_time_of(&stat)?;
+    Ok((state_of(&stat)?, start_time))
 }
 
 /// The state of process `pid` (field 3 of `/proc/PID/stat`): `R`, `S`, `D`, `T` (stopped),
@@ -702,6 +715,15 @@ mod tests {
             !threads.is_empty() && threads.iter().all(|s| *s != 'Z'),
             "{threads:?}"
         );
+    }
+
+    #[test]
+    fn state_and_start_time_come_from_one_read() {
+        let pid = std::process::id();
+        let (state, start_time) = process_state_and_start_time(pid).unwrap();
+        assert!(matches!(state, 'R' | 'S'), "{state}");
+        assert_eq!(start_time, process_start_time(pid).unwrap());
+        assert!(process_state_and_start_time(u32::MAX).is_err());
     }
 
     #[test]

@@ -20,7 +20,8 @@ mod test_support;
 
 pub use accel::{Accel, AccelChoice, AccelError, detect};
 pub use child::{
-    ChildError, Exit, QemuChild, Signal, process_start_time, process_state, thread_states,
+    ChildError, Exit, QemuChild, Signal, process_start_time, process_state,
+    process_state_and_start_time, thread_states,
 };
 pub use cmdline::{CmdlineError, HostForward, PanicAction, QemuCommand};
 pub use launch::{LaunchError, connect_qmp, launch};

@@ -400,14 +400,8 @@ pub struct SyncedWriter {
 
 impl SyncedWriter {
     /// Declares every record up to `seq` on the disk's media now.
-    pub fn publish(&mut self, seq: u64) -> Synced {
-        let synced = Synced {
-            seq,
-            unix_ns: unix_ns(),
-        };
-        self.writer
-            .publish(&self.mapping, [synced.seq, synced.unix_ns]);
-        synced
+    pub fn publish(&mut self, seq: u64) {
+        self.writer.publish(&self.mapping, [seq, unix_ns()]);
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use shm::NodeRegion;
+use shm::{LogScanner, NodeRegion};
 
 use crate::nvram::flusher::apply;
 use crate::nvram::volume::Volume;
@@ -59,7 +59,7 @@ pub fn replay(
         ..Replayed::default()
     };
     let mut touched = BTreeMap::new();
-    let scanner = region.unflushed().map_err(ReplayError::Cursors)?;
+    let scanner = LogScanner::new(region.mapping(), region.geometry(), flushed, head);
     for record in scanner {
         let record = match record {
             Ok(record) => record,

@@ -30,7 +30,7 @@ pub mod transmission;
 
 use std::io;
 
-pub use server::{Server, ServerConfig, serve};
+pub use server::{Server, ServerConfig};
 
 use protocol::OptionDataError;
 

@@ -171,17 +171,6 @@ impl Drop for Server {
     }
 }
 
-/// Serves `registry` on `listener` on the calling thread with the default configuration.
-/// Returns only if the listener cannot be used.
-pub fn serve(listener: TcpListener, registry: Arc<ExportRegistry>) -> io::Result<()> {
-    listener.set_nonblocking(true)?;
-    if let Ok(addr) = listener.local_addr() {
-        log::info!("nbd: serving on {addr}");
-    }
-    let shared = Arc::new(Shared::new(registry, ServerConfig::default()));
-    accept_loop(&listener, &shared)
-}
-
 /// State shared by the accept loop, the connection threads and the [`Server`] handle.
 #[derive(Debug)]
 struct Shared {

@@ -171,12 +171,8 @@ impl Session<'_> {
         let data = &mut self.buf[..len];
         if len > 0 {
             if let Err(error) = self.export.read(request.offset, data) {
-                log::warn!(
-                    "nbd: export {}: read of {len} bytes at {} failed: {error}",
-                    self.export.name(),
-                    request.offset
-                );
-                return self.reply(writer, errno_for(&error), request.cookie);
+                let error = self.failed("read", request, &error);
+                return self.reply(writer, error, request.cookie);
             }
         }
         writer
@@ -333,7 +329,7 @@ impl Session<'_> {
         }
     }
 
-    fn failed(&mut self, what: &str, request: &Request, error: &std::io::Error) -> u32 {
+    fn failed(&self, what: &str, request: &Request, error: &std::io::Error) -> u32 {
         log::warn!(
             "nbd: export {}: {what} of {} bytes at {} failed: {error}",
             self.export.name(),

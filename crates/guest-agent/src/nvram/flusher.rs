@@ -48,8 +48,6 @@ const IDLE_SYNC_DELAY: Duration = Duration::from_millis(2);
 /// Why a batch could not be applied or released. The flusher logs it and tries again.
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
-    #[error("cannot read the log's {name} cursor")]
-    Cursor { name: &'static str },
     #[error("cannot read the log")]
     Log(#[source] LogError),
     #[error("log record {seq} is for export {export}, which has no disk here")]
@@ -278,7 +276,9 @@ struct Batch {
 /// before its overlay segment exists would leave that segment pointing at free log space.
 fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<Batch, FlushError> {
     let region = nvram.region();
-    let head = region.head().ok_or(FlushError::Cursor { name: "head" })?;
+    let head = region
+        .head()
+        .ok_or(FlushError::Log(LogError::CursorUnreadable { name: "head" }))?;
     let indexed = nvram.indexed();
     let scanner = LogScanner::new(region.mapping(), region.geometry(), state.applied, head);
     let mut applied = 0;
@@ -290,19 +290,16 @@ fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<Batch, FlushError> {
         if record.seq > indexed {
             break;
         }
-        if volume.as_ref().is_none_or(|v| v.export_id != record.export) {
-            volume = Some(
-                nvram
-                    .volume(record.export)
-                    .ok_or(FlushError::UnknownExport {
+        let volume =
+            match volume.take() {
+                Some(v) if v.export_id == record.export => volume.insert(v),
+                _ => volume.insert(nvram.volume(record.export).ok_or(
+                    FlushError::UnknownExport {
                         seq: record.seq,
                         export: record.export,
-                    })?,
-            );
-        }
-        let Some(volume) = volume.as_deref() else {
-            continue;
-        };
+                    },
+                )?),
+            };
         apply(volume, &record).map_err(|source| FlushError::Apply {
             seq: record.seq,
             path: volume.disk.path().to_owned(),

@@ -25,16 +25,16 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use shm::{
-    Appended, BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion,
-    RecordKind,
+    BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion, RecordKind,
 };
 
 use crate::export::Export;
+use crate::export_file::DEFAULT_MAX_REQUEST;
 use volume::{Volume, poisoned};
 
 /// Largest request the exports accept: NBD clients' usual maximum, or less if a record
 /// could not hold it.
-const MAX_REQUEST: u64 = 32 << 20;
+const MAX_REQUEST: u64 = DEFAULT_MAX_REQUEST as u64;
 
 /// The node's log and the volumes whose writes go into it.
 #[derive(Debug)]
@@ -279,15 +279,11 @@ impl Nvram {
         sleeps
     }
 
-    /// After a write was logged with the head at `head`: wakes the flusher if it is idle
-    /// or the backlog is large.
-    fn wake_flusher(&self, head: Cursor) {
+    /// After a write was logged, leaving `unflushed` bytes in the ring: wakes the flusher
+    /// if it is idle or the backlog is large.
+    fn wake_flusher(&self, unflushed: u64) {
         fence(Ordering::SeqCst);
-        let backlog = self
-            .region
-            .flushed()
-            .map_or(u64::MAX, |flushed| head.pos.saturating_sub(flushed.pos));
-        if self.flusher_idle.swap(false, Ordering::SeqCst) || backlog >= self.wake_backlog {
+        if self.flusher_idle.swap(false, Ordering::SeqCst) || unflushed >= self.wake_backlog {
             // A full channel means a wakeup is pending already.
             let _ = self.wake_flusher.try_send(());
         }
@@ -295,12 +291,7 @@ impl Nvram {
 
     /// Appends `entry` (a change to `volume`) and updates the volume's overlay under the
     /// appender's lock.
-    fn log(
-        &self,
-        volume: &Volume,
-        entry: &Entry<'_>,
-        update: impl FnOnce(&mut overlay::Overlay, &Appended),
-    ) -> std::io::Result<()> {
+    fn log(&self, volume: &Volume, entry: &Entry<'_>) -> std::io::Result<()> {
         let mut appender = self.appender.lock().map_err(|_| poisoned())?;
         let owned = self
             .ownership
@@ -323,15 +314,19 @@ impl Nvram {
                 }
                 other => std::io::Error::other(other.to_string()),
             })?;
-        let updated = volume
-            .overlay
-            .write()
-            .map(|mut overlay| update(&mut overlay, &appended));
+        let updated = volume.overlay.write().map(|mut overlay| match *entry {
+            Entry::Write { offset, data, .. } => {
+                overlay.write(offset, data.len() as u64, appended.data_pos, appended.seq);
+            }
+            Entry::Trim { offset, len, .. } | Entry::WriteZeroes { offset, len, .. } => {
+                overlay.zero(offset, len, appended.seq);
+            }
+        });
         // The record is in the log whatever became of the overlay: the flusher must be able
         // to reach it. Stored under the appender's lock, so it only grows.
         self.indexed.store(appended.seq, Ordering::Release);
         drop(appender);
-        self.wake_flusher(appended.head);
+        self.wake_flusher(appended.unflushed);
         updated.map_err(|_| poisoned())
     }
 }
@@ -372,9 +367,7 @@ impl Export for NvramExport {
             offset,
             data,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, appended| {
-            overlay.write(offset, data.len() as u64, appended.data_pos, appended.seq)
-        })
+        self.nvram.log(&self.volume, &entry)
     }
 
     fn write_zeroes(
@@ -389,9 +382,7 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, appended| {
-            overlay.zero(offset, len, appended.seq)
-        })
+        self.nvram.log(&self.volume, &entry)
     }
 
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -400,9 +391,7 @@ impl Export for NvramExport {
             offset,
             len,
         };
-        self.nvram.log(&self.volume, &entry, |overlay, appended| {
-            overlay.zero(offset, len, appended.seq)
-        })
+        self.nvram.log(&self.volume, &entry)
     }
 
     fn flush(&self) -> std::io::Result<()> {
@@ -418,10 +407,6 @@ mod tests {
     use super::*;
     use shm::Mapping;
 
-    /// A writer publishes its record before it takes the overlay's lock; the flusher must
-    /// not release the record in that gap, or the segment added afterwards would point at
-    /// free log space. Here a record is appended behind `log`'s back, as if its writer
-    /// were stopped in the gap: the flusher must leave it alone until it is indexed.
     /// A node with one volume and a running flusher, in a temporary directory.
     struct TestNode {
         dir: tempfile::TempDir,
@@ -537,6 +522,10 @@ mod tests {
         assert_eq!(node.region.synced().unwrap().seq, 1);
     }
 
+    /// A writer publishes its record before it takes the overlay's lock; the flusher must
+    /// not release the record in that gap, or the segment added afterwards would point at
+    /// free log space. Here a record is appended behind `log`'s back, as if its writer
+    /// were stopped in the gap: the flusher must leave it alone until it is indexed.
     #[test]
     fn the_flusher_releases_nothing_past_the_last_indexed_record() {
         for release in [Release::Written, Release::Synced] {

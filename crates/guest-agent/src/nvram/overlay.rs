@@ -175,11 +175,6 @@ impl Overlay {
         self.bytes
     }
 
-    /// Number of segments.
-    pub fn len(&self) -> usize {
-        self.segments.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use shm::SyncedWriter;
+use shm::{LogError, SyncedWriter};
 
 use super::Nvram;
 use super::flusher::FlushError;
@@ -65,7 +65,7 @@ fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Re
         if !failed {
             match sync_once(nvram, &mut synced, covered) {
                 Ok(seq) => covered = seq,
-                Err(error @ FlushError::Cursor { .. }) => {
+                Err(error @ FlushError::Log(LogError::CursorUnreadable { .. })) => {
                     log::warn!(
                         "syncer: {error}; trying again in {} ms",
                         interval.as_millis()
@@ -94,7 +94,9 @@ fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u
     let flushed = nvram
         .region()
         .flushed()
-        .ok_or(FlushError::Cursor { name: "flushed" })?;
+        .ok_or(FlushError::Log(LogError::CursorUnreadable {
+            name: "flushed",
+        }))?;
     if flushed.seq <= covered {
         return Ok(covered);
     }

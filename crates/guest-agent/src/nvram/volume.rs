@@ -1,13 +1,13 @@
 //! One export's disk and its overlay of unflushed writes.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::overlay::{LogBytes, Overlay};
+use crate::export_file::{file_size, write_zeroes_at};
 
 /// Errors opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +39,12 @@ impl Disk {
             path: path.to_owned(),
             source,
         };
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(open_error)?;
-        // Seeking to the end sizes block devices too (their metadata says 0).
-        let size = file.seek(SeekFrom::End(0)).map_err(open_error)?;
+        let size = file_size(&file).map_err(open_error)?;
         if size == 0 {
             return Err(DiskError::Empty {
                 path: path.to_owned(),
@@ -79,16 +78,7 @@ impl Disk {
     /// Writes zeroes over a range (trim and write-zeroes both end here: ivha exports read
     /// trimmed ranges as zeroes, so the disk must hold zeroes too).
     pub fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.file
-                .write_all_at(&zeroes[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
+        write_zeroes_at(&self.file, offset, len)
     }
 
     pub fn sync(&self) -> std::io::Result<()> {

@@ -1,13 +1,13 @@
 //! `hostd up`: start the pair.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::{CommandResult, client};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, ConfigError};
 use crate::protocol::{ClusterStatus, Request, Response};
 use crate::render;
 use crate::state_dir::StateDir;
@@ -43,11 +43,18 @@ pub enum UpError {
     Timeout { seconds: u64, status: String },
 }
 
-pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(backend) = args.backend {
+/// The configuration from `path` (defaults without one), with `--backend` over its
+/// `backend`.
+fn load_config(path: Option<&Path>, backend: Option<Backend>) -> Result<Config, ConfigError> {
+    let mut config = Config::load(path)?;
+    if let Some(backend) = backend {
         config.backend = backend;
     }
+    Ok(config)
+}
+
+pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
+    let config = load_config(args.config.as_deref(), args.backend)?;
     if args.detach {
         return detach(state, args);
     }
@@ -90,12 +97,8 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
     if let Some(config) = &args.config {
         command.arg("--config").arg(config);
     }
-    if let Some(backend) = args.backend {
-        let name = match backend {
-            Backend::Qemu => "qemu",
-            Backend::Process => "process",
-        };
-        command.arg("--backend").arg(name);
+    if let Some(value) = args.backend.and_then(|b| b.to_possible_value()) {
+        command.arg("--backend").arg(value.get_name());
     }
     // Its own process group: a Ctrl-C at this terminal must not reach the daemon.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
@@ -187,12 +190,24 @@ pub struct DaemonArgs {
 }
 
 pub fn run_daemon(state: &StateDir, args: &DaemonArgs) -> CommandResult {
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(backend) = args.backend {
-        config.backend = backend;
-    }
+    let config = load_config(args.config.as_deref(), args.backend)?;
     crate::daemon::run(&config, state, |status| {
         log::info!("{}", render::progress_line(status));
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_are_the_flag_values() {
+        let names: Vec<String> = [Backend::Qemu, Backend::Process]
+            .iter()
+            .filter_map(|b| b.to_possible_value())
+            .map(|v| v.get_name().to_owned())
+            .collect();
+        assert_eq!(names, ["qemu", "process"]);
+    }
 }

@@ -130,8 +130,8 @@ pub fn load_config(state: &StateDir) -> Option<Config> {
 /// Whether the process a record names still runs (same pid, same start time). An error
 /// means it cannot be told: then nothing may be assumed dead.
 pub fn is_running(record: &RunRecord) -> Result<bool, RecordError> {
-    match qemu::process_start_time(record.pid) {
-        Ok(start_time) => Ok(start_time == record.start_time && !is_zombie(record.pid)),
+    match qemu::process_state_and_start_time(record.pid) {
+        Ok((state, start_time)) => Ok(start_time == record.start_time && !is_zombie(state)),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(RecordError::StartTime {
             pid: record.pid,
@@ -140,9 +140,10 @@ pub fn is_running(record: &RunRecord) -> Result<bool, RecordError> {
     }
 }
 
-/// A process that exited but was not reaped yet (its parent, init, reaps it soon).
-fn is_zombie(pid: u32) -> bool {
-    qemu::process_state(pid).is_ok_and(|state| matches!(state, 'Z' | 'X'))
+/// Whether a process in `state` exited but was not reaped yet (its parent, init, reaps it
+/// soon).
+fn is_zombie(state: char) -> bool {
+    matches!(state, 'Z' | 'X')
 }
 
 /// The nodes of `config` that have a running process to adopt, with their records. Empty

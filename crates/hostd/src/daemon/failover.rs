@@ -14,6 +14,7 @@ use shm::node::{Ack, ack_status};
 use shm::{Command, CommandKind, Owner, TakeOverArgument};
 
 use super::launch::Cluster;
+use super::send;
 use crate::config::GUEST_NBD_PORT;
 use crate::events::Event;
 use crate::protocol::{KillSignal, MoveReport, NodeState, Response, Timeline};
@@ -325,7 +326,7 @@ impl Cluster {
         if self.nodes[index].pid().is_none() {
             return Err(MoveError::Refused(format!("node {name} is not running")));
         }
-        let process_backend = self.config.backend == crate::config::Backend::Process;
+        let process_backend = self.is_process_backend();
         let shell = self.state.shell_socket(name);
         let node = &mut self.nodes[index];
         let done = match signal {
@@ -395,11 +396,7 @@ impl Cluster {
             node.exit = Some(format!("fenced by hostd ({status})"));
         }
         log::info!("node {name} fenced: {status}");
-        for identity in 0..self.nodes.len() {
-            if self.owner_of(identity) == Some(index) {
-                self.record_serving_ended(identity, index, "fenced");
-            }
-        }
+        self.record_serving_ended_all(index, "fenced");
         Ok(())
     }
 
@@ -624,6 +621,15 @@ impl Cluster {
         });
     }
 
+    /// Records the end of serving for every identity node `node` holds now.
+    pub(super) fn record_serving_ended_all(&self, node: usize, reason: &str) {
+        for identity in 0..self.nodes.len() {
+            if self.owner_of(identity) == Some(node) {
+                self.record_serving_ended(identity, node, reason);
+            }
+        }
+    }
+
     fn record_failure(&mut self, identity: usize, to: usize, reason: &str, error: &MoveError) {
         log::error!(
             "moving {} to {} failed: {}",
@@ -703,12 +709,6 @@ enum Move {
     Unplanned { reason: String },
     /// Its owner `from` is alive and releases it first.
     Planned { from: usize, reason: String },
-}
-
-fn send(reply: Option<Sender<Response>>, response: Response) {
-    if let Some(reply) = reply {
-        let _ = reply.send(response);
-    }
 }
 
 #[cfg(test)]

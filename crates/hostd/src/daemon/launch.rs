@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use qemu::{Accel, AccelChoice, HostForward, QemuChild, QemuCommand};
 use shm::{Access, ControlRegion, ControlWriter, Mapping, NodeRegion};
 
-use super::node::Node;
+use super::node::{Node, heartbeat_counter};
 use super::prepare::NodeFiles;
 use crate::config::{AccelSetting, Backend, Config, GUEST_NBD_PORT};
 use crate::events::{Event, EventLog};
@@ -403,25 +403,15 @@ impl Cluster {
                 kernel,
                 initrd,
                 accel,
-            } => self.command(
-                index,
-                (binary, accel.accel),
-                kernel,
-                initrd,
-                &self.files,
-                &self.control_path,
-            )?,
-            Plan::Process { agent } => self.agent_command(index, agent, &self.files),
+            } => self.command(index, (binary, accel.accel), kernel, initrd)?,
+            Plan::Process { agent } => self.agent_command(index, agent),
         };
         let name = self.nodes[index].name.clone();
         let _ = std::fs::remove_file(self.state.qmp_socket(&name));
         log::info!("starting node {name}");
         log::debug!("node {name}: {}", display_command(&command));
         let region = &self.nodes[index].region;
-        let before = (
-            region.boot_id(),
-            region.heartbeat().map_or(0, |h| h.counter),
-        );
+        let before = (region.boot_id(), heartbeat_counter(region));
         let child =
             QemuChild::spawn_with_log(command, &self.state.qemu_log(&name)).map_err(|source| {
                 LaunchError::Spawn {
@@ -458,7 +448,7 @@ impl Cluster {
         let before = (record.boot_id_before, record.heartbeat_before);
         let booting = self.nodes[index].adopted(child, before, Instant::now(), clock);
         let booting_note = if booting { ", still booting" } else { "" };
-        if self.config.backend == Backend::Process {
+        if self.is_process_backend() {
             return Ok(format!(
                 "agent process {} adopted{booting_note}",
                 record.pid
@@ -517,11 +507,7 @@ impl Cluster {
         node.fenced = true;
         node.exit = Some(what.into());
         node.forwards_own_port = false;
-        for identity in 0..self.nodes.len() {
-            if self.owner_of(identity) == Some(index) {
-                self.record_serving_ended(identity, index, "gone");
-            }
-        }
+        self.record_serving_ended_all(index, "gone");
         what.to_owned()
     }
 
@@ -571,7 +557,7 @@ impl Cluster {
 
     /// Connects to node `index`'s QMP socket (QEMU backend only).
     pub(super) fn connect_node(&mut self, index: usize) -> Result<(), LaunchError> {
-        if self.config.backend == Backend::Process {
+        if self.is_process_backend() {
             return Ok(());
         }
         let name = self.nodes[index].name.clone();
@@ -601,9 +587,8 @@ impl Cluster {
         (binary, accel): (&Path, Accel),
         kernel: &Path,
         initrd: &Path,
-        files: &[NodeFiles],
-        control_path: &Path,
     ) -> Result<std::process::Command, LaunchError> {
+        let files = &self.files;
         let node = &self.config.nodes[index];
         let partner_index = 1 - index;
         let partner = &self.config.nodes[partner_index];
@@ -655,7 +640,7 @@ impl Cluster {
             // so this guest cannot write them even by mistake.
             .shared_region("own", &files[index].region, region_size, false)
             .shared_region("partner", &files[partner_index].region, region_size, true)
-            .shared_region("control", control_path, control_size, true)
+            .shared_region("control", &self.control_path, control_size, true)
             // Both disks in both guests: the partner's is only written after a takeover.
             .disk(
                 "disk-own",
@@ -684,12 +669,8 @@ impl Cluster {
     }
 
     /// The command line of node `index`'s agent as a host process.
-    fn agent_command(
-        &self,
-        index: usize,
-        agent: &Path,
-        files: &[NodeFiles],
-    ) -> std::process::Command {
+    fn agent_command(&self, index: usize, agent: &Path) -> std::process::Command {
+        let files = &self.files;
         let node = &self.config.nodes[index];
         let mut command = std::process::Command::new(agent);
         command
@@ -734,12 +715,8 @@ impl Cluster {
         let clock = self.clock(now);
         let mut down = Vec::new();
         for (index, (node, last)) in self.nodes.iter_mut().zip(&mut self.last_states).enumerate() {
-            if !node.fenced {
-                for transition in node.sample(now, clock) {
-                    if matches!(transition.to, heartbeat::Health::Down(_)) {
-                        down.push(index);
-                    }
-                }
+            if !node.fenced && node.sample(now, clock) {
+                down.push(index);
             }
             let state = node.state();
             if state != *last {
@@ -778,10 +755,10 @@ impl Cluster {
                 let peer = node.region.peer().unwrap_or_default();
                 // One snapshot: read apart, a live flusher can make flushed pass head.
                 let cursors = node.region.log_cursors().ok();
-                let owner = self.control.owner(index).and_then(|o| o.node);
-                let served_by = owner.and_then(|n| names.get(n as usize).cloned());
+                let owner = self.owner_of(index);
+                let served_by = owner.and_then(|n| names.get(n).cloned());
                 let (takeover_possible, takeover_reason) =
-                    takeover_readiness(node, partner, owner.map(|n| n as usize) == Some(index));
+                    takeover_readiness(node, partner, owner == Some(index));
                 NodeStatus {
                     name: node.name.clone(),
                     partner: node.partner.clone(),

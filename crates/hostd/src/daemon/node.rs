@@ -52,7 +52,7 @@ impl Node {
         region: NodeRegion,
         monitor: Monitor,
     ) -> Self {
-        let heartbeat = region.heartbeat().map_or(0, |h| h.counter);
+        let heartbeat = heartbeat_counter(&region);
         Self {
             boot_id_before_launch: region.boot_id(),
             name,
@@ -118,7 +118,7 @@ impl Node {
             self.heartbeat = before.1;
             return true;
         }
-        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
+        let counter = heartbeat_counter(&self.region);
         // Any boot id but the running one: a later restart of the agent still counts.
         self.boot_id_before_launch = !boot_id;
         self.heartbeat = counter;
@@ -128,8 +128,8 @@ impl Node {
     }
 
     /// Feeds everything that may have changed since the last sample to the monitor;
-    /// returns the health transitions it caused. `clock` is the monitor's time for `now`.
-    pub fn sample(&mut self, now: Instant, clock: Duration) -> Vec<Transition> {
+    /// returns whether the node went Down in it. `clock` is the monitor's time for `now`.
+    pub fn sample(&mut self, now: Instant, clock: Duration) -> bool {
         let mut evidence = Vec::new();
         if let (Some(child), None) = (&mut self.child, &self.exit) {
             match child.try_wait() {
@@ -175,7 +175,7 @@ impl Node {
         // Only this boot's agent counts, and only once it beats: a new agent takes the
         // region (new boot id) before it has recovered its log and serves, and its counter
         // resumes from the previous boot's last value.
-        let counter = self.region.heartbeat().map_or(0, |h| h.counter);
+        let counter = heartbeat_counter(&self.region);
         if self.region.boot_id() != self.boot_id_before_launch && counter != self.heartbeat {
             self.heartbeat = counter;
             self.heartbeat_moved = Some(now);
@@ -193,12 +193,13 @@ impl Node {
             .filter_map(|e| self.monitor.observe(e, clock))
             .collect();
         transitions.extend(self.monitor.tick(clock));
-        for transition in &transitions {
-            if matches!(transition.to, Health::Down(_)) && self.down_at.is_none() {
-                self.down_at = Some(now);
-            }
+        let went_down = transitions
+            .iter()
+            .any(|transition| matches!(transition.to, Health::Down(_)));
+        if went_down && self.down_at.is_none() {
+            self.down_at = Some(now);
         }
-        transitions
+        went_down
     }
 
     pub fn heartbeat(&self) -> u64 {
@@ -249,8 +250,13 @@ impl Node {
     }
 }
 
+/// The heartbeat counter in `region` (0 before the first beat).
+pub(super) fn heartbeat_counter(region: &NodeRegion) -> u64 {
+    region.heartbeat().map_or(0, |h| h.counter)
+}
+
 /// A health in words, for status and events.
-pub fn health_reason(health: &Health) -> String {
+fn health_reason(health: &Health) -> String {
     match health {
         Health::Unknown => "no heartbeat yet".into(),
         Health::Up => String::new(),

@@ -22,6 +22,9 @@ pub struct Appended {
     pub data_pos: u64,
     /// The new head: just past this record.
     pub head: Cursor,
+    /// Ring bytes holding unflushed records now, this one included (from the flushed
+    /// cursor the append read to find room: a moment old, so at most this many).
+    pub unflushed: u64,
 }
 
 /// How an append waits when the ring is full.
@@ -139,6 +142,7 @@ impl LogAppender {
             pos,
             data_pos: payload_at + fixed.len() as u64,
             head,
+            unflushed: self.geometry.ring_size - (free - needed),
         })
     }
 

@@ -180,7 +180,7 @@ impl Entry<'_> {
     }
 
     /// The fixed part of the payload (all of it for ranges), and the data that follows it.
-    pub(crate) fn payload_parts(&self) -> ([u8; RANGE_PAYLOAD_LEN], usize, &[u8]) {
+    pub fn payload_parts(&self) -> ([u8; RANGE_PAYLOAD_LEN], usize, &[u8]) {
         let mut fixed = [0u8; RANGE_PAYLOAD_LEN];
         match *self {
             Entry::Write {
