@@ -9,6 +9,10 @@ use shm::NodeRegion;
 
 use crate::protocol::NodeState;
 
+/// After QEMU exited, how long its last QMP events may take to arrive (the channel ends
+/// sooner, when the reader sees the connection close).
+const EVENTS_AFTER_EXIT: Duration = Duration::from_millis(100);
+
 /// A launched node.
 #[derive(Debug)]
 pub struct Node {
@@ -131,20 +135,26 @@ impl Node {
     /// returns whether the node went Down in it. `clock` is the monitor's time for `now`.
     pub fn sample(&mut self, now: Instant, clock: Duration) -> bool {
         let mut evidence = Vec::new();
+        let mut exited = None;
         if let (Some(child), None) = (&mut self.child, &self.exit) {
             match child.try_wait() {
-                Ok(Some(status)) => {
-                    let status = status.to_string();
-                    log::warn!("node {}: QEMU exited ({status})", self.name);
-                    self.exit = Some(format!("exited: {status}"));
-                    evidence.push(Evidence::ProcessExited { status });
-                }
+                Ok(Some(status)) => exited = Some(status.to_string()),
                 Ok(None) => {}
                 Err(error) => log::warn!("node {}: cannot check QEMU: {error}", self.name),
             }
         }
         if let Some(events) = &self.events {
-            for event in events.try_iter() {
+            // QEMU says why it stops (GUEST_PANICKED, SHUTDOWN) before it exits, but the
+            // event may still be on its way through the QMP reader when the exit is seen:
+            // after an exit, take every event up to the end of the connection, so the
+            // cause is judged before the bare exit.
+            let pending: Vec<QmpEvent> = if exited.is_some() {
+                let deadline = Instant::now() + EVENTS_AFTER_EXIT;
+                std::iter::from_fn(|| events.recv_deadline(deadline).ok()).collect()
+            } else {
+                events.try_iter().collect()
+            };
+            for event in pending {
                 log::debug!(
                     "node {}: QMP event {} {}",
                     self.name,
@@ -171,6 +181,11 @@ impl Node {
                     _ => {}
                 }
             }
+        }
+        if let Some(status) = exited {
+            log::warn!("node {}: QEMU exited ({status})", self.name);
+            self.exit = Some(format!("exited: {status}"));
+            evidence.push(Evidence::ProcessExited { status });
         }
         // Only this boot's agent counts, and only once it beats: a new agent takes the
         // region (new boot id) before it has recovered its log and serves, and its counter
