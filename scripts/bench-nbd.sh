@@ -15,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib/pair.sh
 . scripts/lib/pair.sh
+. scripts/lib/target.sh
 
 runtime=${1:-4}
 rounds=${2:-3}
@@ -22,9 +23,9 @@ for tool in fio nbdkit python3; do
     command -v "$tool" >/dev/null || { echo "error: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
 done
 cargo build --release --quiet -p hostd --bin hostd -p guest-agent --bin guest-agent
-hostd=$PWD/target/release/hostd
+hostd=$target_dir/release/hostd
 
-work=${IVHA_BENCH_DIR:-$PWD/target/bench-nbd}
+work=${IVHA_BENCH_DIR:-$target_dir/bench-nbd}
 mkdir -p "$work"
 # Everything the run writes goes here and goes when it ends.
 images=$(mktemp -d "$work/run.XXXXXX")

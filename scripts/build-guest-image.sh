@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the ivha guest image:
-#   target/guest/vmlinuz            the Debian cloud kernel (linux-image-*-cloud-amd64)
-#   target/guest/initramfs.cpio.gz  busybox (static), the static guest-agent, /init, kernel modules
-#   target/guest/image.env          what went in (kernel package, release, module load order, paths)
+#   TARGET/guest/vmlinuz            the Debian cloud kernel (linux-image-*-cloud-amd64)
+#   TARGET/guest/initramfs.cpio.gz  busybox (static), the static guest-agent, /init, kernel modules
+#   TARGET/guest/image.env          what went in (kernel package, release, module load order, paths)
+# where TARGET is cargo's target directory: $CARGO_TARGET_DIR, default target/.
 #
 # Idempotent and incremental: missing Debian packages are installed (only when missing), the
-# kernel .deb is downloaded once into target/guest/cache/, the kernel is unpacked only when the
+# kernel .deb is downloaded once into TARGET/guest/cache/, the kernel is unpacked only when the
 # .deb changes, and the initramfs is rebuilt only when one of its inputs changed.
 # See docs/guest-image.md.
 #
@@ -15,11 +16,12 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/target.sh
 
-out=target/guest
+out=$target_dir/guest
 cache=$out/cache
 target_triple=x86_64-unknown-linux-gnu
-agent=${CARGO_TARGET_DIR:-target}/$target_triple/guest-agent/guest-agent
+agent=$target_dir/$target_triple/guest-agent/guest-agent
 overlay=scripts/guest
 meta_package=linux-image-cloud-amd64
 # Modules the guest needs; their dependencies are added from modules.dep.
@@ -293,7 +295,7 @@ if ! cmp -s "$kdir/vmlinuz" "$vmlinuz"; then
 fi
 
 cat >"$out/image.env.tmp" <<EOF
-# Written by scripts/build-guest-image.sh; paths are relative to the repository root.
+# Written by scripts/build-guest-image.sh.
 IVHA_GUEST_KERNEL=$vmlinuz
 IVHA_GUEST_INITRAMFS=$initramfs
 IVHA_GUEST_KERNEL_PACKAGE=$deb_name

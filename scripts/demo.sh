@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
+. scripts/lib/target.sh
 
 if [[ -t 1 ]]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
 n=0
@@ -30,7 +31,7 @@ step "build (release) and the guest image (the first time takes a few minutes)"
 quiet cargo build --release -p hostd --bin hostd >/dev/null
 out=$(quiet scripts/build-guest-image.sh)
 echo "${out##*$'\n'}"
-hostd=$PWD/target/release/hostd
+hostd=$target_dir/release/hostd
 
 state=$(mktemp -d /dev/shm/ivha-demo.XXXXXX)
 export IVHA_STATE_DIR=$state

@@ -4,10 +4,11 @@
 # Usage: scripts/measure-boot.sh [N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/target.sh
 
 runs=${1:-5}
 cargo build --release --quiet -p hostd --bin hostd
-hostd=$PWD/target/release/hostd
+hostd=$target_dir/release/hostd
 state=$(mktemp -d /dev/shm/ivha-measure.XXXXXX)
 config=$state.toml
 trap 'IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true; rm -rf "$state" "$config"' EXIT

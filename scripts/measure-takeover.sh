@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
+. scripts/lib/target.sh
 
 trials=${TRIALS:-20}
 hang_trials=${HANG_TRIALS:-3}
@@ -21,11 +22,11 @@ timeout_ms=${TIMEOUT_MS:-3000}
 die() { echo "measure-takeover: error: $*" >&2; exit 1; }
 
 cargo build --quiet -p hostd -p guest-agent --bins --examples
-if [[ ! -f target/guest/vmlinuz || ! -f target/guest/initramfs.cpio.gz ]]; then
+if [[ ! -f $target_dir/guest/vmlinuz || ! -f $target_dir/guest/initramfs.cpio.gz ]]; then
     scripts/build-guest-image.sh
 fi
-hostd=$PWD/target/debug/hostd
-probe=$PWD/target/debug/examples/takeover_probe
+hostd=$target_dir/debug/hostd
+probe=$target_dir/debug/examples/takeover_probe
 
 state=$(mktemp -d /dev/shm/ivha-takeover.XXXXXX)
 export IVHA_STATE_DIR=$state

@@ -5,6 +5,7 @@
 # Usage: scripts/test.sh            (what CI runs)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+. scripts/lib/target.sh
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -29,8 +30,8 @@ cargo test --workspace --locked 2>&1 | tee "$test_log"
 # with the command that replays it). `cargo test` built the binaries.
 campaign_seed=${IVHA_CAMPAIGN_SEED:-$(( $(date +%s) % 1000000 ))}
 step "fault campaign (12 cycles, seed $campaign_seed, QEMU guests)"
-campaign_dir=target/campaign/ci-seed-$campaign_seed
-if ! target/debug/ivha-campaign run --seed "$campaign_seed" --cycles 12 --backend qemu --out "$campaign_dir"; then
+campaign_dir=$target_dir/campaign/ci-seed-$campaign_seed
+if ! "$target_dir/debug/ivha-campaign" run --seed "$campaign_seed" --cycles 12 --backend qemu --out "$campaign_dir"; then
     echo "the fault campaign failed; its files are in $campaign_dir" >&2
     for log in "$campaign_dir"/logs/*; do
         [[ -f $log ]] && { echo "===== $log (last 40 lines)"; tail -n 40 "$log"; }

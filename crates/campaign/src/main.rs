@@ -52,7 +52,7 @@ struct RunArgs {
     #[arg(long, default_value = "qemu", value_parser = ["qemu", "process"])]
     backend: String,
     /// Directory for the history, the final contents, the report and the logs (default:
-    /// target/campaign/seed-SEED).
+    /// $CARGO_TARGET_DIR/campaign/seed-SEED, where CARGO_TARGET_DIR defaults to target).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// The hostd binary (default: beside this one).
@@ -154,10 +154,10 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     let seed = args
         .seed
         .unwrap_or_else(|| campaign::history::now_micros() % 1_000_000);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("target/campaign/seed-{seed}")));
+    let out = args.out.clone().unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+        PathBuf::from(target).join(format!("campaign/seed-{seed}"))
+    });
     let hostd = args.hostd.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()

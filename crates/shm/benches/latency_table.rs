@@ -317,11 +317,14 @@ fn sync_base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(dir);
     }
-    let exe = std::env::current_exe().unwrap();
-    match exe.ancestors().nth(3) {
-        Some(target) if target.join("CACHEDIR.TAG").exists() => target.to_owned(),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
-    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .find(|dir| dir.join("CACHEDIR.TAG").exists())
+                .map(Path::to_owned)
+        })
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// Filesystem type of the mount holding `path`, from `/proc/self/mounts`.

@@ -100,8 +100,8 @@ pub struct Cluster {
 }
 
 /// Where the guest image is looked for when the config names none: `IVHA_GUEST_DIR`, then
-/// `target/guest` beside the running binary (`target/{debug,release}/hostd`), then
-/// `target/guest` under the current directory.
+/// `guest` in the cargo target directory of the running binary (`<target>/{debug,release}/hostd`),
+/// then `$CARGO_TARGET_DIR/guest`, then `target/guest` under the current directory.
 pub fn default_image_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("IVHA_GUEST_DIR") {
         return PathBuf::from(dir);
@@ -109,10 +109,13 @@ pub fn default_image_dir() -> PathBuf {
     let beside_binary = std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.parent()?.join("guest")));
-    match beside_binary {
-        Some(dir) if dir.join("vmlinuz").exists() => dir,
-        _ => PathBuf::from("target/guest"),
-    }
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(|dir| PathBuf::from(dir).join("guest"));
+    [beside_binary, target_dir]
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("vmlinuz").exists())
+        .unwrap_or_else(|| PathBuf::from("target/guest"))
 }
 
 fn image(config: &Config) -> Result<(PathBuf, PathBuf), LaunchError> {

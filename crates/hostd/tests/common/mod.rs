@@ -28,9 +28,24 @@ pub const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
 pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
 pub const WRITE_PROBE_OFFSET: u64 = 3072;
 
+/// The profile directory this test was built into (`<target>/debug`, wherever
+/// `CARGO_TARGET_DIR` puts `<target>`): the test executable is `<profile>/deps/NAME`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    exe.parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not in <profile>/deps/", exe.display()))
+        .to_owned()
+}
+
+/// The guest image, which `scripts/build-guest-image.sh` builds into `<target>/guest`.
 pub fn image_dir() -> PathBuf {
-    // CARGO_MANIFEST_DIR is crates/hostd; the image is built into the workspace target dir.
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
+    let profile = profile_dir();
+    let target = profile
+        .ancestors()
+        .find(|dir| dir.join("CACHEDIR.TAG").exists())
+        .unwrap_or_else(|| panic!("no cargo target directory above {}", profile.display()));
+    target.join("guest")
 }
 
 /// Whether the VM tests can run here; under CI a missing prerequisite fails the test.
@@ -271,7 +286,7 @@ impl Drop for Pair {
 /// The guest-agent binary for the process backend. `cargo test --workspace` builds it
 /// (the agent's own tests need it); a lone `cargo test -p hostd` may not.
 pub fn agent_binary() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/guest-agent")
+    profile_dir().join("guest-agent")
 }
 
 /// Whether the process backend can run; under CI a missing agent fails the test.
