@@ -5,7 +5,7 @@
 #   --criterion  also run the criterion throughput bench of try_append (benches/append.rs)
 #   --quick      tiny sample counts: a smoke run, figures are not meaningful
 #   ARGS         passed on to the latency_table binary (unknown ones are ignored)
-# Environment (see crates/shm/benches/latency_table.rs):
+# Environment (see shm/benches/latency_table.rs):
 #   IVHA_BENCH_SAMPLES       samples per size for append and tcp (default 20000)
 #   IVHA_BENCH_SYNC_SAMPLES  samples per size for fdatasync (default 400)
 #   IVHA_BENCH_QUICK=1       same as --quick
