@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Measures takeover time: starts a QEMU pair whose flushers are paused, then runs the
-# takeover_probe example, which kills node a TRIALS times (SIGKILL) and HANG_TRIALS times
+# Measures takeover time: starts a QEMU pair whose flushers are paused, then runs
+# `ivha-campaign measure-takeover`, which kills node a TRIALS times (SIGKILL) and HANG_TRIALS times
 # (SIGSTOP) with UNFLUSHED_MIB of unflushed writes in a's log each time, and prints
 # p50/p99/max of kill-to-first-successful-read through a's address and the takeover's
 # timeline. Always stops the pair and removes its state directory. See
@@ -9,7 +9,7 @@
 # Environment: TRIALS (default 20), HANG_TRIALS (3), UNFLUSHED_MIB (16),
 # TIMEOUT_MS (heartbeat timeout, default 3000), KEEP_LOGS=DIR (copy hostd.log, events.jsonl
 # and the consoles there before the state directory is removed).
-# Usage: [TRIALS=N] scripts/measure-takeover.sh [extra takeover_probe arguments]
+# Usage: [TRIALS=N] scripts/measure-takeover.sh [extra measure-takeover arguments]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
@@ -21,12 +21,12 @@ unflushed_mib=${UNFLUSHED_MIB:-16}
 timeout_ms=${TIMEOUT_MS:-3000}
 die() { echo "measure-takeover: error: $*" >&2; exit 1; }
 
-cargo build --quiet -p hostd -p guest-agent --bins --examples
+cargo build --quiet -p hostd -p guest-agent -p campaign --bins
 if [[ ! -f $target_dir/guest/vmlinuz || ! -f $target_dir/guest/initramfs.cpio.gz ]]; then
     scripts/build-guest-image.sh
 fi
 hostd=$target_dir/debug/hostd
-probe=$target_dir/debug/examples/takeover_probe
+campaign=$target_dir/debug/ivha-campaign
 
 state=$(mktemp -d /dev/shm/ivha-takeover.XXXXXX)
 export IVHA_STATE_DIR=$state
@@ -70,5 +70,5 @@ EOF
 accel=$("$hostd" status --json | sed -n 's/^  "accel": "\(.*\)",$/\1/p')
 echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), accel ${accel:-unknown}"
 
-"$probe" --hostd "$hostd" --config "$config" --trials "$trials" --hang-trials "$hang_trials" \
-    --unflushed-mib "$unflushed_mib" "$@"
+"$campaign" measure-takeover --hostd "$hostd" --timeout-ms "$timeout_ms" --trials "$trials" \
+    --hang-trials "$hang_trials" --unflushed-mib "$unflushed_mib" "$@"

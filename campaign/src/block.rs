@@ -18,6 +18,8 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::rng::splitmix64;
+
 /// Size of one workload block, in bytes. Block `i` of an export lives at offset `i * BLOCK_SIZE`.
 pub const BLOCK_SIZE: usize = 4096;
 
@@ -256,11 +258,6 @@ impl Fill {
         self.state = x;
         x
     }
-}
-
-/// One SplitMix64 step from state `x`.
-fn splitmix64(x: u64) -> u64 {
-    crate::rng::mix(x.wrapping_add(crate::rng::GAMMA))
 }
 
 #[cfg(test)]

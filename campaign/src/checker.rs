@@ -16,7 +16,6 @@ use serde::Serialize;
 
 use crate::block::{self, BLOCK_SIZE, BlockValue};
 use crate::history::{Action, Entry, History, Invoke, WriterSpec};
-use crate::report::join_counts;
 
 /// How many anomalies of one kind the human summary lists before "and N more".
 pub const LISTED_PER_KIND: usize = 50;
@@ -1152,4 +1151,13 @@ pub fn parse_final_arg(arg: &str) -> Result<(String, PathBuf), String> {
         }
         _ => Err(format!("expected IDENTITY=PATH, got {arg:?}")),
     }
+}
+
+/// Counts as `key count, key count` (empty for no keys).
+pub(crate) fn join_counts<K: fmt::Display>(counts: &BTreeMap<K, usize>) -> String {
+    counts
+        .iter()
+        .map(|(key, count)| format!("{key} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -7,18 +7,10 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::block::{BLOCK_SIZE, BlockValue};
-
-/// Microseconds since the Unix epoch (host `CLOCK_REALTIME`): the `t` of every entry.
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
 
 /// One line of the history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -759,7 +751,7 @@ mod tests {
                     for i in 0..50 {
                         writer
                             .append(&Entry::Fault(Fault {
-                                t: now_micros(),
+                                t: wire::time::now_unix_us(),
                                 cycle: thread * 100 + i,
                                 fault: "kill".into(),
                                 node: "a".into(),

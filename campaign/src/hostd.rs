@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use wire::control::{ClusterStatus, NodeState, NodeStatus};
+use wire::events::EventLine;
 
 /// Errors talking to hostd.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,18 @@ pub enum HostdError {
         args: String,
         #[source]
         source: serde_json::Error,
+    },
+    #[error("cannot read hostd's events {path}")]
+    Events {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} line {line} is not an event this version knows: {error}")]
+    BadEvent {
+        path: PathBuf,
+        line: usize,
+        error: String,
     },
     #[error("timed out after {timeout:?} waiting for {what}; last status: {status}")]
     Timeout {
@@ -76,7 +89,7 @@ impl Hostd {
     }
 
     /// `hostd status --json`.
-    pub fn status(&self) -> Result<Value, HostdError> {
+    pub fn status(&self) -> Result<ClusterStatus, HostdError> {
         let text = self.run(&["status", "--json"])?;
         serde_json::from_str(&text).map_err(|source| HostdError::Json {
             args: "status --json".into(),
@@ -85,20 +98,16 @@ impl Hostd {
     }
 
     /// The status of node `name` within `status`.
-    pub fn node<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
-        status["nodes"]
-            .as_array()?
-            .iter()
-            .find(|n| n["name"] == name)
+    pub fn node<'a>(status: &'a ClusterStatus, name: &str) -> Option<&'a NodeStatus> {
+        status.nodes.iter().find(|n| n.name == name)
     }
 
-    /// Whether both nodes are up and each serves its own identity.
-    pub fn healthy(status: &Value) -> bool {
-        status["nodes"].as_array().is_some_and(|nodes| {
-            nodes
-                .iter()
-                .all(|n| n["state"] == "up" && n["served_by"] == n["name"])
-        })
+    /// Whether every node is up and serves its own identity.
+    pub fn healthy(status: &ClusterStatus) -> bool {
+        status
+            .nodes
+            .iter()
+            .all(|n| n.state == NodeState::Up && n.served_by.as_deref() == Some(&n.name))
     }
 
     /// Polls the status until `check` holds.
@@ -106,35 +115,47 @@ impl Hostd {
         &self,
         what: &str,
         timeout: Duration,
-        mut check: impl FnMut(&Value) -> bool,
-    ) -> Result<Value, HostdError> {
+        mut check: impl FnMut(&ClusterStatus) -> bool,
+    ) -> Result<ClusterStatus, HostdError> {
         let deadline = Instant::now() + timeout;
-        let mut last = Value::Null;
+        let mut last = None;
         loop {
             if let Ok(status) = self.status() {
                 if check(&status) {
                     return Ok(status);
                 }
-                last = status;
+                last = Some(status);
             }
             if Instant::now() >= deadline {
                 return Err(HostdError::Timeout {
                     what: what.to_owned(),
                     timeout,
-                    status: last.to_string(),
+                    status: last.as_ref().map_or_else(|| "none".to_owned(), summary),
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// hostd's structured events so far (`STATE/events.jsonl`), oldest first.
-    pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.state_dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+    /// hostd's structured events so far (`STATE/events.jsonl`), oldest first. A line that
+    /// is not an event this version knows is an error: the checker's input would silently
+    /// lack it otherwise.
+    pub fn events(&self) -> Result<Vec<EventLine>, HostdError> {
+        let path = self.state_dir.join("events.jsonl");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(HostdError::Events { path, source }),
+        };
+        let (events, bad) = wire::events::parse_log(&text);
+        match bad.into_iter().next() {
+            None => Ok(events),
+            Some(bad) => Err(HostdError::BadEvent {
+                path,
+                line: bad.number,
+                error: bad.error,
+            }),
+        }
     }
 
     /// Node `name`'s region file.
@@ -143,4 +164,9 @@ impl Hostd {
             .join("regions")
             .join(format!("{name}.region"))
     }
+}
+
+/// A status in one line, for error messages.
+pub fn summary(status: &ClusterStatus) -> String {
+    serde_json::to_string(status).unwrap_or_default()
 }

@@ -5,6 +5,7 @@ pub mod block;
 pub mod checker;
 pub mod history;
 pub mod hostd;
+pub mod measure;
 pub mod nbd_client;
 pub mod nemesis;
 pub mod report;

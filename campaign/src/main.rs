@@ -1,9 +1,9 @@
-//! `ivha-campaign`: run a fault campaign, or check a recorded history.
+//! `ivha-campaign`: run a fault campaign, check a recorded history, or measure takeovers.
 //!
-//! Both exit 0 (valid), 1 (invalid: anomalies), 2 (unknown: nothing proven) or 3 (bad
-//! input, a run that could not finish, or another error).
+//! `run` and `check` exit 0 (valid), 1 (invalid: anomalies), 2 (unknown: nothing proven) or
+//! 3 (bad input, a run that could not finish, or another error); `measure-takeover` exits
+//! 0 when every trial ran and 3 otherwise.
 
-use std::error::Error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,6 +30,9 @@ enum Command {
     Run(RunArgs),
     /// Check a recorded history against the final contents of the exports.
     Check(CheckArgs),
+    /// Measure takeover time against a running pair whose flushers are paused (see
+    /// scripts/measure-takeover.sh, which sets one up).
+    MeasureTakeover(campaign::measure::MeasureArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +99,8 @@ enum CommandError {
     Run(#[from] campaign::run::RunError),
     #[error("the run stopped before its last cycle: {0}")]
     Aborted(String),
+    #[error("the takeover measurement failed")]
+    Measure(#[from] campaign::measure::MeasureError),
     #[error("cannot find a free port")]
     Port(#[source] std::io::Error),
     #[error("cannot write the report to {path}")]
@@ -118,11 +123,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check(&args),
         Command::Run(args) => run(&args),
+        Command::MeasureTakeover(args) => {
+            campaign::measure::run(&args, hostd_binary(args.hostd.as_ref()))
+                .map(|()| Verdict::Valid)
+                .map_err(CommandError::from)
+        }
     };
     match result {
         Ok(verdict) => ExitCode::from(verdict.exit_code()),
         Err(error) => {
-            print_error_chain(&error);
+            wire::error_chain::print("ivha-campaign", &error);
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -153,17 +163,12 @@ fn check(args: &CheckArgs) -> Result<Verdict, CommandError> {
 fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     let seed = args
         .seed
-        .unwrap_or_else(|| campaign::history::now_micros() % 1_000_000);
+        .unwrap_or_else(|| wire::time::now_unix_us() % 1_000_000);
     let out = args.out.clone().unwrap_or_else(|| {
         let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
         PathBuf::from(target).join(format!("campaign/seed-{seed}"))
     });
-    let hostd = args.hostd.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| Some(exe.parent()?.join("hostd")))
-            .unwrap_or_else(|| PathBuf::from("hostd"))
-    });
+    let hostd = hostd_binary(args.hostd.as_ref());
     let ports = match &args.ports {
         Some(ports) => [ports[0], ports[1]],
         None => [free_port()?, free_port()?],
@@ -205,6 +210,18 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     Ok(finished.outcome.verdict)
 }
 
+/// The hostd binary: as given, else beside this one, else `hostd` in PATH.
+fn hostd_binary(given: Option<&PathBuf>) -> PathBuf {
+    if let Some(path) = given {
+        return path.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("hostd")))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from("hostd"))
+}
+
 fn free_port() -> Result<u16, CommandError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -220,13 +237,4 @@ fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
             path: path.to_owned(),
             source,
         })
-}
-
-fn print_error_chain(error: &dyn Error) {
-    eprintln!("error: {error}");
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        eprintln!("  caused by: {inner}");
-        cause = inner.source();
-    }
 }

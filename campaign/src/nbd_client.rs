@@ -7,34 +7,16 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-const FLAG_NO_ZEROES: u16 = 1 << 1;
-const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
-const FLAG_C_NO_ZEROES: u32 = 1 << 1;
-
+use wire::nbd::{
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_GO,
+    OPTION_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
 /// Transmission flags (from `NBD_INFO_EXPORT`).
-pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
-pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub use wire::nbd::{FLAG_SEND_FLUSH, FLAG_SEND_FUA};
 
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
 /// Longest option reply payload we accept.
 const MAX_OPTION_REPLY: u32 = 64 * 1024;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_FLAG_FUA: u16 = 1 << 0;
 
 /// The server answered a transmission request with a non-zero error (an errno value).
 /// Wrapped in an `io::Error`; see [`reply_errno`].

@@ -9,9 +9,10 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::hostd::{Hostd, HostdError};
+use wire::control::{ClusterStatus, NodeState};
+
+use crate::hostd::{Hostd, HostdError, summary};
 use crate::rng::Rng;
 use crate::torn_tail;
 
@@ -158,7 +159,7 @@ pub enum NemesisError {
     TornTail {
         node: String,
         #[source]
-        source: torn_tail::TornTailError,
+        source: Box<torn_tail::TornTailError>,
     },
     #[error("the fault did not fire: {0}")]
     DidNotFire(String),
@@ -171,16 +172,15 @@ pub struct FaultOutcome {
     pub t: u64,
     pub detail: String,
     /// The cluster epoch just before the fault.
-    pub epoch_before: Value,
+    pub epoch_before: u64,
 }
 
-fn pid_of(status: &Value, node: &str) -> Result<u32, NemesisError> {
+fn pid_of(status: &ClusterStatus, node: &str) -> Result<u32, NemesisError> {
     Hostd::node(status, node)
-        .and_then(|n| n["pid"].as_u64())
-        .map(|p| p as u32)
+        .and_then(|n| n.pid)
         .ok_or_else(|| NemesisError::NoPid {
             node: node.to_owned(),
-            status: status.to_string(),
+            status: summary(status),
         })
 }
 
@@ -211,8 +211,8 @@ pub fn inject(
     use nix::sys::signal::Signal;
     let node = fault.node.as_str();
     let status = hostd.status()?;
-    let boot_id = Hostd::node(&status, node).map(|n| n["boot_id"].clone());
-    let t = crate::history::now_micros();
+    let boot_id = Hostd::node(&status, node).map(|n| n.boot_id);
+    let t = wire::time::now_unix_us();
     let detail = match fault.kind {
         FaultKind::Kill | FaultKind::Panic => {
             let said = hostd.run(&["kill", node, "--signal", fault.kind.name()])?;
@@ -224,7 +224,7 @@ pub fn inject(
             hostd
                 .wait_for("the agent to restart", Duration::from_secs(30), |s| {
                     Hostd::node(s, node).is_some_and(|n| {
-                        Some(&n["boot_id"]) != boot_id.as_ref() || n["served_by"] != node
+                        Some(n.boot_id) != boot_id || n.served_by.as_deref() != Some(node)
                     })
                 })
                 .map_err(|_| NemesisError::DidNotFire(format!("{node}'s agent never restarted")))?;
@@ -248,18 +248,19 @@ pub fn inject(
             signal(pid, Signal::SIGKILL)?;
             let torn = torn.map_err(|source| NemesisError::TornTail {
                 node: node.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
             format!("SIGSTOP pid {pid}, {torn}, SIGKILL")
         }
         FaultKind::HostdRestart => {
-            let hostd_pid = status["hostd_pid"].as_u64().unwrap_or(0) as u32;
+            let hostd_pid = status.hostd_pid;
             if hostd_pid == 0 {
                 return Err(NemesisError::DidNotFire(format!(
-                    "hostd status has no hostd_pid: {status}"
+                    "hostd status has no hostd_pid: {}",
+                    summary(&status)
                 )));
             }
-            let epoch = status["epoch"].clone();
+            let epoch = status.epoch;
             signal(hostd_pid, Signal::SIGKILL)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             while process_alive(hostd_pid) && Instant::now() < deadline {
@@ -268,27 +269,28 @@ pub fn inject(
             std::thread::sleep(Duration::from_millis(fault.pause_ms));
             hostd.up(None)?;
             let adopted = hostd.status()?;
-            if adopted["adopted"] != true {
+            if !adopted.adopted {
                 return Err(NemesisError::DidNotFire(format!(
-                    "the restarted hostd did not adopt the pair: {adopted}"
+                    "the restarted hostd did not adopt the pair: {}",
+                    summary(&adopted)
                 )));
             }
-            if adopted["epoch"] != epoch {
+            if adopted.epoch != epoch {
                 return Err(NemesisError::DidNotFire(format!(
                     "the restart alone moved an identity (epoch {epoch} → {})",
-                    adopted["epoch"]
+                    adopted.epoch
                 )));
             }
             format!(
                 "SIGKILL hostd pid {hostd_pid}, {} ms without hostd, restarted: adopted pid {}",
-                fault.pause_ms, adopted["hostd_pid"]
+                fault.pause_ms, adopted.hostd_pid
             )
         }
     };
     Ok(FaultOutcome {
         t,
         detail,
-        epoch_before: status["epoch"].clone(),
+        epoch_before: status.epoch,
     })
 }
 
@@ -316,7 +318,7 @@ fn process_alive(pid: u32) -> bool {
 pub fn recover(
     hostd: &Hostd,
     fault: &PlannedFault,
-    epoch_before: &Value,
+    epoch_before: u64,
     dwell: Duration,
 ) -> Result<(), NemesisError> {
     let node = fault.node.as_str();
@@ -329,7 +331,7 @@ pub fn recover(
         hostd.wait_for(
             &format!("{node}'s identity to move to its partner"),
             Duration::from_secs(60),
-            |s| Hostd::node(s, node).is_some_and(|n| n["served_by"] != node),
+            |s| Hostd::node(s, node).is_some_and(|n| n.served_by.as_deref() != Some(node)),
         )?;
     }
     std::thread::sleep(dwell);
@@ -337,10 +339,10 @@ pub fn recover(
         // A takeover caused by the restart alone would come a heartbeat timeout later.
         std::thread::sleep(Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 500).saturating_sub(dwell));
         let status = hostd.status()?;
-        if status["epoch"] != *epoch_before {
+        if status.epoch != epoch_before {
             return Err(NemesisError::DidNotFire(format!(
                 "the hostd restart alone moved an identity (epoch {epoch_before} → {})",
-                status["epoch"]
+                status.epoch
             )));
         }
     }
@@ -350,15 +352,14 @@ pub fn recover(
         if Hostd::healthy(&status) {
             return Ok(());
         }
-        for name in ["a", "b"] {
-            let moved = Hostd::node(&status, name).is_some_and(|n| n["served_by"] != name);
-            // The partner holds the identity and must be up to release it.
-            let partner_up = status["nodes"].as_array().is_some_and(|nodes| {
-                nodes
-                    .iter()
-                    .any(|n| n["name"] != name && n["state"] == "up")
+        for node in &status.nodes {
+            let name = node.name.as_str();
+            // Whoever holds the identity now must be up to release it.
+            let holder_up = node.served_by.as_deref().is_some_and(|holder| {
+                holder != name
+                    && Hostd::node(&status, holder).is_some_and(|h| h.state == NodeState::Up)
             });
-            if moved && partner_up {
+            if holder_up {
                 if let Err(error) = hostd.run(&["giveback", name]) {
                     log::warn!("giveback {name}: {error}; retrying");
                     std::thread::sleep(Duration::from_millis(500));
@@ -369,7 +370,7 @@ pub fn recover(
             return Err(NemesisError::Hostd(HostdError::Timeout {
                 what: "a healthy pair".into(),
                 timeout: Duration::from_secs(120),
-                status: status.to_string(),
+                status: summary(&status),
             }));
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::checker::{AnomalyKind, CheckOutcome, OpCounts, Verdict};
+use crate::checker::{AnomalyKind, CheckOutcome, OpCounts, Verdict, join_counts};
 use crate::history::{Entry, History};
 
 /// The report of one run.
@@ -123,15 +123,6 @@ impl Report {
         json.push(b'\n');
         Ok(json)
     }
-}
-
-/// Counts as `key count, key count` (empty for no keys).
-pub(crate) fn join_counts<K: fmt::Display>(counts: &BTreeMap<K, usize>) -> String {
-    counts
-        .iter()
-        .map(|(key, count)| format!("{key} {count}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 impl fmt::Display for Percentiles {

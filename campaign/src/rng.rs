@@ -12,6 +12,12 @@ pub fn mix(state: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One SplitMix64 step from state `x`: a stateless hash of `x`, for patterns that must be
+/// regenerated from a seed and a position.
+pub fn splitmix64(x: u64) -> u64 {
+    mix(x.wrapping_add(GAMMA))
+}
+
 /// SplitMix64 (Steele, Lea and Flood, 2014): fast, and good enough to choose faults.
 #[derive(Debug, Clone)]
 pub struct Rng {

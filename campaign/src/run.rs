@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use wire::events::{Event, EventLine};
+use wire::records::RunRecord;
 
-use shm::inspect::error_chain;
+use wire::error_chain::one_line as error_chain;
 
 use crate::checker::{self, CheckOutcome, FinalContents};
 use crate::history::{
     End, Entry, Fault, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover, WriterSpec,
-    now_micros,
 };
 use crate::hostd::Hostd;
 use crate::nbd_client::NbdClient;
@@ -69,6 +69,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read hostd's events, which the checker needs")]
+    Events(#[source] crate::hostd::HostdError),
     #[error(transparent)]
     Check(#[from] checker::CheckError),
 }
@@ -121,12 +123,12 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     )
     .map_err(io_err(&schedule_path))?;
 
-    let run_id = Rng::new(config.seed ^ now_micros(), 2).next_u64();
+    let run_id = Rng::new(config.seed ^ wire::time::now_unix_us(), 2).next_u64();
     let writers = writer_specs(config);
     let history_path = out.join("history.jsonl");
     let history = Arc::new(HistoryWriter::create(&history_path)?);
     history.append(&Entry::Run(RunInfo {
-        t: now_micros(),
+        t: wire::time::now_unix_us(),
         seed: config.seed,
         run_id,
         block_size: crate::block::BLOCK_SIZE as u64,
@@ -142,13 +144,19 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         }
     };
     let finals = read_finals(config, &writers, out);
-    for entry in hostd_entries(&hostd, &fault_times) {
-        history.append(&entry)?;
+    let events = hostd.events();
+    if let Ok(events) = &events {
+        for entry in hostd_entries(events, &fault_times) {
+            history.append(&entry)?;
+        }
     }
-    history.append(&Entry::End(End { t: now_micros() }))?;
+    history.append(&Entry::End(End {
+        t: wire::time::now_unix_us(),
+    }))?;
     collect_logs(&hostd, out);
     stop_pair(&hostd);
     let finals = finals?;
+    events.map_err(RunError::Events)?;
 
     let history = History::read(&history_path)?;
     let outcome = checker::check(&history, &finals)?;
@@ -221,7 +229,7 @@ fn drive(
         };
         log::info!("cycle {}: {}", fault.cycle, outcome.detail);
         fault_times.push((fault.cycle, outcome.t));
-        let outcome_epoch = outcome.epoch_before.clone();
+        let outcome_epoch = outcome.epoch_before;
         let recorded = history.append(&Entry::Fault(Fault {
             t: outcome.t,
             cycle: fault.cycle,
@@ -233,7 +241,7 @@ fn drive(
             aborted = Some(format!("cannot record the fault: {error}"));
             break;
         }
-        if let Err(error) = nemesis::recover(hostd, fault, &outcome_epoch, DWELL) {
+        if let Err(error) = nemesis::recover(hostd, fault, outcome_epoch, DWELL) {
             aborted = Some(format!(
                 "cycle {}: the pair did not recover from {} on {}: {}",
                 fault.cycle,
@@ -339,34 +347,34 @@ fn connect_retrying(address: SocketAddr, export: &str) -> std::io::Result<NbdCli
 
 /// hostd's serving intervals and unplanned takeovers, as history entries. A takeover
 /// belongs to the last fault before it was detected.
-fn hostd_entries(hostd: &Hostd, faults: &[(u64, u64)]) -> Vec<Entry> {
-    hostd
-        .events()
+fn hostd_entries(events: &[EventLine], faults: &[(u64, u64)]) -> Vec<Entry> {
+    events
         .iter()
         .filter_map(|event| hostd_entry(event, faults))
         .collect()
 }
 
-fn hostd_entry(event: &Value, faults: &[(u64, u64)]) -> Option<Entry> {
-    let text = |key: &str| event[key].as_str().map(str::to_owned);
-    let t = event["time_unix_us"]
-        .as_u64()
-        .or_else(|| event["time_unix_ms"].as_u64().map(|ms| ms * 1000))?;
-    match event["event"].as_str()? {
-        "serving_started" => Some(Entry::ServeStart(ServeStart {
+fn hostd_entry(line: &EventLine, faults: &[(u64, u64)]) -> Option<Entry> {
+    let t = line.time_us();
+    match &line.event {
+        Event::ServingStarted { identity, node, .. } => Some(Entry::ServeStart(ServeStart {
             t,
-            identity: text("identity")?,
-            node: text("node")?,
+            identity: identity.clone(),
+            node: node.clone(),
         })),
-        "serving_ended" => Some(Entry::ServeEnd(ServeEnd {
+        Event::ServingEnded {
+            identity,
+            node,
+            reason,
+        } => Some(Entry::ServeEnd(ServeEnd {
             t,
-            identity: text("identity")?,
-            node: text("node")?,
-            reason: text("reason").unwrap_or_default(),
+            identity: identity.clone(),
+            node: node.clone(),
+            reason: reason.clone(),
         })),
-        "takeover" if event["planned"] == false => {
-            let detected_us = event["detected_unix_ms"].as_u64()? * 1000;
-            let serving_ms = event["timeline_ms"]["serving"].as_f64()?;
+        Event::Takeover(report) if !report.planned => {
+            let detected_us = report.detected_unix_ms * 1000;
+            let serving_ms = report.timeline_ms.serving?;
             // Detection is stamped in whole ms: allow for the rounding.
             let (cycle, fault_t) = faults
                 .iter()
@@ -377,9 +385,9 @@ fn hostd_entry(event: &Value, faults: &[(u64, u64)]) -> Option<Entry> {
             Some(Entry::Takeover(Takeover {
                 t,
                 cycle,
-                identity: text("node")?,
-                from: text("from")?,
-                to: text("to")?,
+                identity: report.node.clone(),
+                from: report.from.clone(),
+                to: report.to.clone(),
                 fault_to_serving_ms: ((serving_us - fault_t as f64) / 1000.0).max(0.0),
                 detect_to_serving_ms: serving_ms,
             }))
@@ -400,16 +408,18 @@ fn stop_pair(hostd: &Hostd) {
         for record in records {
             let pid = std::fs::read(record.path())
                 .ok()
-                .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
-                .and_then(|json| json["pid"].as_u64());
+                .and_then(|text| serde_json::from_slice::<RunRecord>(&text).ok())
+                .map(|record| record.pid);
             // Only a process whose command line names this state directory.
-            if let Some(pid) = pid.filter(|&pid| pid > 0)
+            if let Some(pid) = pid
+                .and_then(|pid| i32::try_from(pid).ok())
+                .filter(|&pid| pid > 0)
                 && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
                     String::from_utf8_lossy(&cmdline).contains(&*hostd.state_dir.to_string_lossy())
                 })
             {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
@@ -440,8 +450,8 @@ mod tests {
     #[test]
     fn takeover_events_become_entries_of_their_cycle() {
         let faults = [(0, 1_000_000_000), (1, 2_000_000_000)];
-        let event: Value = serde_json::from_str(
-            r#"{"time_unix_ms":2000200,"time_unix_us":2000200000,"event":"takeover","node":"a","from":"a","to":"b","planned":false,"detected_unix_ms":2000010,"timeline_ms":{"fenced":1.0,"serving":150.5}}"#,
+        let event = EventLine::parse(
+            r#"{"time_unix_ms":2000200,"time_unix_us":2000200000,"event":"takeover","node":"a","from":"a","to":"b","planned":false,"reason":"","epoch":1,"detected_unix_ms":2000010,"timeline_ms":{"fenced":1.0,"serving":150.5},"replayed_records":0,"replayed_first_seq":0,"replayed_last_seq":0,"replay_complete":true}"#,
         )
         .unwrap();
         let Some(Entry::Takeover(takeover)) = hostd_entry(&event, &faults) else {
@@ -450,13 +460,13 @@ mod tests {
         assert_eq!(takeover.cycle, 1);
         assert_eq!(takeover.detect_to_serving_ms, 150.5);
         assert!((takeover.fault_to_serving_ms - 160.5).abs() < 1e-6);
-        let planned: Value = serde_json::from_str(
-            r#"{"time_unix_us":1,"event":"takeover","planned":true,"node":"a","from":"a","to":"b","detected_unix_ms":1,"timeline_ms":{"serving":1}}"#,
+        let planned = EventLine::parse(
+            r#"{"time_unix_ms":0,"time_unix_us":1,"event":"takeover","planned":true,"node":"a","from":"a","to":"b","reason":"","epoch":1,"detected_unix_ms":1,"timeline_ms":{"serving":1},"replayed_records":0,"replayed_first_seq":0,"replayed_last_seq":0,"replay_complete":true}"#,
         )
         .unwrap();
         assert!(hostd_entry(&planned, &faults).is_none());
-        let started: Value = serde_json::from_str(
-            r#"{"time_unix_us":5,"event":"serving_started","identity":"a","node":"b","epoch":2}"#,
+        let started = EventLine::parse(
+            r#"{"time_unix_ms":0,"time_unix_us":5,"event":"serving_started","identity":"a","node":"b","epoch":2}"#,
         )
         .unwrap();
         assert!(

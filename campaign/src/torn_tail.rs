@@ -22,11 +22,23 @@ pub const TORN_SEQ: u64 = 1 << 40;
 /// Errors leaving a torn tail.
 #[derive(Debug, thiserror::Error)]
 pub enum TornTailError {
-    #[error("cannot open region {path}")]
-    Open {
+    #[error("cannot map region {path}")]
+    Map {
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: shm::MappingError,
+    },
+    #[error("{path} is not a node region")]
+    Region {
+        path: PathBuf,
+        #[source]
+        source: shm::NodeError,
+    },
+    #[error("cannot read the log cursors of {path}")]
+    Cursors {
+        path: PathBuf,
+        #[source]
+        source: shm::LogError,
     },
     #[error("cannot write region {path}")]
     Write {
@@ -50,15 +62,21 @@ pub struct TornWrite {
 /// (right crc, head not published) if `complete`, else cut off halfway through its data.
 /// Returns a description.
 pub fn leave(path: &Path, write: TornWrite, complete: bool) -> Result<String, TornTailError> {
-    let open_err = |source: Box<dyn std::error::Error + Send + Sync>| TornTailError::Open {
+    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|source| TornTailError::Map {
         path: path.to_owned(),
         source,
-    };
-    let region = Mapping::open(path, Access::ReadOnly)
-        .map_err(|e| open_err(Box::new(e)))
-        .and_then(|m| NodeRegion::open(m).map_err(|e| open_err(Box::new(e))))?;
+    })?;
+    let region = NodeRegion::open(mapping).map_err(|source| TornTailError::Region {
+        path: path.to_owned(),
+        source,
+    })?;
     let geometry = region.geometry();
-    let (flushed, head) = region.log_cursors().map_err(|e| open_err(Box::new(e)))?;
+    let (flushed, head) = region
+        .log_cursors()
+        .map_err(|source| TornTailError::Cursors {
+            path: path.to_owned(),
+            source,
+        })?;
     let data = crate::block::encode(write.run_id, write.writer, TORN_SEQ, write.block);
     let entry = Entry::Write {
         export: write.export,

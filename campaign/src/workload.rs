@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::block::{self, BLOCK_SIZE};
 use crate::history::{
-    Action, Entry, ErrorCompletion, HistoryWriter, Invoke, OkCompletion, WriterSpec, now_micros,
+    Action, Entry, ErrorCompletion, HistoryWriter, Invoke, OkCompletion, WriterSpec,
 };
 use crate::nbd_client::{NbdClient, reply_errno};
 use crate::rng::Rng;
@@ -140,7 +140,7 @@ fn run_writer(
         let offset = block * BLOCK_SIZE as u64;
         let read = rng.percent(config.read_percent);
         let invoke = Invoke {
-            t: now_micros(),
+            t: wire::time::now_unix_us(),
             op,
             writer: spec.writer,
             action: if read { Action::Read } else { Action::Write },
@@ -160,7 +160,7 @@ fn run_writer(
                 .read(offset, BLOCK_SIZE as u32)
                 .map(|bytes| Some(block::decode(&bytes, config.run_id, block))),
         };
-        let t = now_micros();
+        let t = wire::time::now_unix_us();
         match result {
             Ok(value) => {
                 acked.fetch_add(1, Ordering::Relaxed);

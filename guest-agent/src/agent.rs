@@ -155,7 +155,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             }
             Err(error) => log::warn!(
                 "partner {name}'s disk is not usable, so this node cannot take it over: {}",
-                shm::inspect::error_chain(&error)
+                wire::error_chain::one_line(&error)
             ),
         }
     }
@@ -166,17 +166,17 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         log::info!("recovered {recovered} unflushed records from the log");
     }
     let flusher_config = FlusherConfig {
-        delay: Duration::from_millis(args.flush_delay_ms),
-        paused: args.flush_paused,
+        delay: Duration::from_millis(args.options.flush_delay_ms),
+        paused: args.options.flush_paused,
         release: args.release(),
-        sync_interval: Duration::from_millis(args.sync_interval_ms),
+        sync_interval: Duration::from_millis(args.options.sync_interval_ms),
     };
     log::info!(
         "flusher: {}",
         match flusher_config.release {
             Release::Written => format!(
                 "a write leaves the log once in the host's page cache; disks synced every {} ms",
-                args.sync_interval_ms
+                args.options.sync_interval_ms
             ),
             Release::Synced => "a write leaves the log once synced to the disk".to_owned(),
         }
@@ -190,7 +190,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         }
     }
     let server_config = ServerConfig {
-        poll: Duration::from_micros(args.nbd_poll_us),
+        poll: Duration::from_micros(args.options.nbd_poll_us),
         ..ServerConfig::default()
     };
     let server = Server::spawn_with(listener, Arc::clone(&registry), server_config.clone())
@@ -387,7 +387,7 @@ fn selftest_write_partner(node: &str, found: &regions::Found) {
     };
     for (name, path) in [(node, &found.own), (partner_name.as_str(), partner)] {
         let result = Mapping::open(path, Access::ReadWrite)
-            .map_err(|e| shm::inspect::error_chain(&e))
+            .map_err(|e| wire::error_chain::one_line(&e))
             .and_then(|m| {
                 m.probe_store(node_live::WRITE_PROBE, WRITE_PROBE_MARKER)
                     .map_err(|e| e.to_string())

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use wire::agent::AgentOptions;
+
 use crate::nvram::flusher::Release;
 
 /// ivha guest agent: owns this node's shared-memory region.
@@ -24,10 +26,6 @@ pub struct Args {
     /// Process mode: the regions are the `*.region` files in this directory.
     #[arg(long)]
     pub region_dir: Option<PathBuf>,
-
-    /// Heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    pub heartbeat_ms: u64,
 
     /// Self-test: try to store a marker into the partner's region (which must be
     /// write-protected) and, as a control, into this node's own region.
@@ -55,46 +53,57 @@ pub struct Args {
     #[arg(long, default_value = "0.0.0.0:10809")]
     pub listen: std::net::SocketAddr,
 
-    /// NBD: after answering, poll the socket this long for the next request before
-    /// blocking (saves a wakeup per request at queue depth 1; 0 blocks at once).
-    #[arg(long, default_value_t = 0, value_name = "MICROSECONDS",
-          value_parser = clap::value_parser!(u64).range(0..=10_000))]
-    pub nbd_poll_us: u64,
-
-    /// Flusher: wait this long before each batch (keeps records unflushed for a while).
-    #[arg(long, default_value_t = 0, value_name = "MS")]
-    pub flush_delay_ms: u64,
-
-    /// Flusher: never flush (writes stay in the log; they block once it is full).
-    #[arg(long)]
-    pub flush_paused: bool,
-
-    /// When a logged write leaves the log: `host` once the disk holds it as durably as the
-    /// log (process mode: written to the host's page cache; in a guest: synced, since the
-    /// guest's page cache dies with the guest), `media` once synced to the disk's media.
-    #[arg(long, value_enum, default_value_t = ReleaseArg::Host, value_name = "WHEN")]
-    pub release: ReleaseArg,
-
-    /// With `--release host` in process mode: sync the disks to their media this often.
-    #[arg(long, default_value_t = 1000, value_name = "MS",
-          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
-    pub sync_interval_ms: u64,
-
     /// How long a write waits for ring space before failing with EIO.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub backpressure_timeout_s: u64,
+
+    /// Read the settings hostd gives (heartbeat, flusher, NBD) from the `ivha.*` words of
+    /// this kernel command line, e.g. /proc/cmdline in a guest; they replace the flags.
+    #[arg(long, value_name = "FILE")]
+    pub kernel_cmdline: Option<PathBuf>,
+
+    /// The settings hostd gives every agent.
+    #[command(flatten)]
+    pub options: AgentOptions,
 }
 
-/// Values of `--release`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReleaseArg {
-    Host,
-    Media,
+/// Errors reading the settings from a kernel command line.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelCmdlineError {
+    #[error("cannot read the kernel command line {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel command line {path} has bad ivha.* settings")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: clap::Error,
+    },
 }
 
 impl Args {
+    /// Replaces the settings with those of `--kernel-cmdline`, if given.
+    pub fn read_kernel_cmdline(&mut self) -> Result<(), KernelCmdlineError> {
+        let Some(path) = &self.kernel_cmdline else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| KernelCmdlineError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        self.options =
+            AgentOptions::from_kernel_args(&text).map_err(|source| KernelCmdlineError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(())
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
+        Duration::from_millis(self.options.heartbeat_ms)
     }
 
     /// Whether the regions are host files (process mode) rather than a guest's devices.
@@ -105,9 +114,63 @@ impl Args {
     /// When the flusher may release a record: only where the disk's page cache is the
     /// host's (process mode) can `host` release a record as soon as it is written.
     pub fn release(&self) -> Release {
-        match self.release {
-            ReleaseArg::Host if self.process_mode() => Release::Written,
-            ReleaseArg::Host | ReleaseArg::Media => Release::Synced,
+        match self.options.release {
+            wire::agent::Release::Host if self.process_mode() => Release::Written,
+            wire::agent::Release::Host | wire::agent::Release::Media => Release::Synced,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn the_kernel_command_line_replaces_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmdline = dir.path().join("cmdline");
+        let given = AgentOptions {
+            heartbeat_ms: 50,
+            flush_paused: true,
+            nbd_poll_us: 20,
+            ..AgentOptions::default()
+        };
+        std::fs::write(
+            &cmdline,
+            format!("console=ttyS0 ivha.node=a {}\n", given.to_kernel_args()),
+        )
+        .unwrap();
+        let mut args = Args::try_parse_from([
+            "guest-agent".as_ref(),
+            "--node".as_ref(),
+            "a".as_ref(),
+            "--heartbeat-ms".as_ref(),
+            "999".as_ref(),
+            "--kernel-cmdline".as_ref(),
+            cmdline.as_os_str(),
+        ])
+        .unwrap();
+        args.read_kernel_cmdline().unwrap();
+        assert_eq!(args.options, given);
+
+        std::fs::write(&cmdline, "ivha.heartbeat_ms=soon").unwrap();
+        let error = args.read_kernel_cmdline().unwrap_err();
+        assert!(matches!(error, KernelCmdlineError::Parse { .. }), "{error}");
+    }
+
+    #[test]
+    fn hostd_s_flags_parse() {
+        let options = AgentOptions {
+            release: wire::agent::Release::Media,
+            flush_delay_ms: 5,
+            ..AgentOptions::default()
+        };
+        let mut argv = vec!["guest-agent".to_owned(), "--node".into(), "b".into()];
+        argv.extend(options.to_args());
+        let args = Args::try_parse_from(argv).unwrap();
+        assert_eq!(args.options, options);
+        assert_eq!(args.release(), Release::Synced);
     }
 }

@@ -5,8 +5,6 @@
 //! `fallocate(ZERO_RANGE)`, else write zeroes, so a trimmed range always reads back as zeroes.
 //! Used by tests and benchmarks, and as the reference the logged exports are measured against.
 
-#![forbid(unsafe_code)]
-
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;

@@ -16,11 +16,15 @@ fn main() -> ExitCode {
     if let Err(error) = stop_signals.thread_unblock() {
         log::warn!("cannot unblock SIGTERM and SIGINT: {error}");
     }
-    let args = guest_agent::args::Args::parse();
+    let mut args = guest_agent::args::Args::parse();
+    if let Err(error) = args.read_kernel_cmdline() {
+        wire::error_chain::print("guest-agent", &error);
+        return ExitCode::FAILURE;
+    }
     match guest_agent::agent::run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("guest-agent: error: {}", shm::inspect::error_chain(&error));
+            wire::error_chain::print("guest-agent", &error);
             ExitCode::FAILURE
         }
     }

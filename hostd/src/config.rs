@@ -54,6 +54,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use wire::agent::{AgentOptions, Release};
 
 /// Errors loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -190,33 +191,11 @@ impl Default for NbdSettings {
     }
 }
 
-/// When a logged write may leave the log (see the module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReleaseSetting {
-    /// Once the disk holds it as durably as the log: written, where the disk's page cache is
-    /// the host's (process backend); synced, in a guest.
-    #[default]
-    Host,
-    /// Once synced to the disk's media, everywhere.
-    Media,
-}
-
-impl ReleaseSetting {
-    /// The guest agent's `--release` value.
-    pub fn agent_arg(self) -> &'static str {
-        match self {
-            Self::Host => "host",
-            Self::Media => "media",
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FlusherSettings {
     /// When a logged write may leave the log.
-    pub release: ReleaseSetting,
+    pub release: Release,
     /// With `release = "host"` and the process backend: how often the agents sync their
     /// disks to the media, bounding what a host crash loses.
     pub sync_interval_ms: u64,
@@ -231,7 +210,7 @@ pub struct FlusherSettings {
 impl Default for FlusherSettings {
     fn default() -> Self {
         Self {
-            release: ReleaseSetting::Host,
+            release: Release::Host,
             sync_interval_ms: 1000,
             delay_ms: 0,
             paused: false,
@@ -406,13 +385,26 @@ impl Config {
             if args.contains("ivha.node=") {
                 return invalid("kernel_args must not set ivha.node: hostd sets it".into());
             }
+            // The agent refuses what it does not know; say so before anything boots.
+            if let Err(error) = AgentOptions::from_kernel_args(args) {
+                let first = error.to_string();
+                let first = first.lines().next().unwrap_or_default();
+                return invalid(format!("kernel_args {args:?}: {first}"));
+            }
         }
         Ok(())
     }
 
-    /// The other node of the pair.
-    pub fn partner_of(&self, index: usize) -> &NodeConfig {
-        &self.nodes[1 - index]
+    /// What every agent of this cluster is told.
+    pub fn agent_options(&self) -> AgentOptions {
+        AgentOptions {
+            heartbeat_ms: self.heartbeat.interval_ms,
+            nbd_poll_us: self.nbd.poll_us,
+            flush_delay_ms: self.flusher.delay_ms,
+            flush_paused: self.flusher.paused,
+            release: self.flusher.release,
+            sync_interval_ms: self.flusher.sync_interval_ms,
+        }
     }
 }
 
@@ -470,10 +462,18 @@ mod tests {
             ("[flusher]\nsync_interval_ms = 0\n", "from 1 to 3600000"),
             ("[nbd]\npoll_us = 20000\n", "at most 10000"),
             ("[flusher]\nrelease = \"disk\"\n", "unknown variant"),
+            (
+                "[qemu]\nkernel_args = \"quiet ivha.flush_pasued\"\n",
+                "flush-pasued",
+            ),
+            (
+                "[[node]]\nname = \"a\"\nnbd_port = 1\nkernel_args = \"ivha.heartbeat_ms=x\"\n[[node]]\nname = \"b\"\nnbd_port = 2\n",
+                "ivha.heartbeat_ms=x",
+            ),
         ];
         for (text, expected) in cases {
             let error = Config::parse(text).and_then(|c| c.validate()).unwrap_err();
-            let message = shm::inspect::error_chain(&error);
+            let message = wire::error_chain::one_line(&error);
             assert!(message.contains(expected), "{text:?}: {message}");
         }
     }

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use shm::inspect::{ControlReport, NodeReport, Problem, RegionReport};
 
-use crate::protocol::{ClusterStatus, NodeState};
+use wire::control::{ClusterStatus, NodeState};
 
 /// One line of boot progress: how long it has been, and each node's state.
 pub fn progress_line(status: &ClusterStatus) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 const PAIR_STARTING: &str = r#"{"time_unix_ms":1700000000000,"event":"pair_starting","accel":"tcg","accel_reason":"no vmx/svm in /proc/cpuinfo"}"#;
 const A_UP: &str = r#"{"time_unix_ms":1700000001000,"event":"node_state","node":"a","from":"booting","to":"up","detail":"heartbeat 1"}"#;
 const B_UP: &str = r#"{"time_unix_ms":1700000001500,"event":"node_state","node":"b","from":"booting","to":"up","detail":"heartbeat 1"}"#;
-const TAKEOVER: &str = r#"{"time_unix_ms":1700000002000,"event":"takeover","node":"a","by":"b","planned":false,"reason":"QEMU exited (signal 9)","epoch":2,"detected_unix_ms":1700000001900,"timeline_ms":{"fenced":12,"replayed":80,"serving":95},"replayed_records":64,"replayed_first_seq":10,"replayed_last_seq":73,"replay_complete":true}"#;
+const TAKEOVER: &str = r#"{"time_unix_ms":1700000002000,"event":"takeover","node":"a","from":"a","to":"b","planned":false,"reason":"QEMU exited (signal 9)","epoch":2,"detected_unix_ms":1700000001900,"timeline_ms":{"fenced":12,"replayed":80,"serving":95},"replayed_records":64,"replayed_first_seq":10,"replayed_last_seq":73,"replay_complete":true}"#;
 
 /// Runs `hostd --state-dir DIR ARGS` in UTC (`TZ=UTC0`), so the clock is predictable.
 fn hostd(state_dir: &Path, args: &[&str]) -> (i32, String, String) {

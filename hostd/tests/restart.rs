@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 use common::ack_checker::AckedWriter;
 use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, alive, one_pair, prerequisites};
-use serde_json::Value;
+use wire::events::{Event, EventLine};
 
-fn count(events: &[Value], kind: &str) -> usize {
-    events.iter().filter(|e| e["event"] == kind).count()
+fn count(events: &[EventLine], kind: fn(&Event) -> bool) -> usize {
+    events.iter().filter(|line| kind(&line.event)).count()
+}
+
+fn takeover(event: &Event) -> bool {
+    matches!(event, Event::Takeover(_))
 }
 
 /// Waits until `writer` has `more` acknowledgements beyond what it had.
@@ -32,7 +36,7 @@ fn wait_for_acks(writer: &AckedWriter, more: u64, what: &str) {
 
 fn hostd_sigkill_then_adopt(pair: &Pair) {
     let epoch = pair.status()["epoch"].as_u64().unwrap();
-    let takeovers = count(&pair.events(), "takeover");
+    let takeovers = count(&pair.events(), takeover);
     let writer = AckedWriter::start(pair.addr(0), "a", 1, 0, 8192);
     wait_for_acks(&writer, 100, "before the kill");
 
@@ -72,8 +76,11 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
         assert_eq!(Pair::node(&settled, node)["state"], "up");
     }
     let recorded = pair.events();
-    assert_eq!(count(&recorded, "takeover"), takeovers, "{recorded:#?}");
-    assert_eq!(count(&recorded, "pair_adopted"), 1);
+    assert_eq!(count(&recorded, takeover), takeovers, "{recorded:#?}");
+    assert_eq!(
+        count(&recorded, |e| matches!(e, Event::PairAdopted { .. })),
+        1
+    );
 
     // The new hostd watches: a kill of a is a takeover by b, as before.
     let (code, out, err) = pair.hostd(&["kill", "a"]);

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use campaign::nbd_client::NbdClient;
 use common::ack_checker::AckedWriter;
 use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, one_pair, prerequisites};
-use serde_json::Value;
+use wire::control::MoveReport;
+use wire::events::Event;
 
 const PROCESS: &str = "backend = \"process\"\n";
 const PAUSED: &str = "[flusher]\npaused = true\n";
@@ -68,12 +69,16 @@ fn wait_served_by(pair: &Pair, node: &str, by: &str, timeout: Duration) {
     });
 }
 
-fn last_event(pair: &Pair, kind: &str, node: &str) -> Value {
+/// The last takeover of identity `node`.
+fn last_takeover(pair: &Pair, node: &str) -> MoveReport {
     pair.events()
         .into_iter()
         .rev()
-        .find(|e| e["event"] == kind && e["node"] == node)
-        .unwrap_or_else(|| panic!("no {kind} event for {node}: {:#?}", pair.events()))
+        .find_map(|line| match line.event {
+            Event::Takeover(report) if report.node == node => Some(report),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no takeover event for {node}: {:#?}", pair.events()))
 }
 
 fn unflushed(pair: &Pair, node: &str) -> u64 {
@@ -102,17 +107,11 @@ fn kill_then_giveback(pair: &Pair) {
     let (code, out, err) = pair.hostd(&["kill", "a", "--signal", "kill"]);
     assert_eq!(code, 0, "hostd kill: {out}{err}");
     wait_served_by(pair, "a", "b", Duration::from_secs(30));
-    let takeover = last_event(pair, "takeover", "a");
-    assert_eq!(takeover["to"], "b");
-    assert!(
-        takeover["reason"].as_str().unwrap().contains("QEMU exited"),
-        "{takeover}"
-    );
-    assert!(
-        takeover["replayed_records"].as_u64().unwrap() >= 64,
-        "{takeover}"
-    );
-    assert_eq!(takeover["replay_complete"], true);
+    let takeover = last_takeover(pair, "a");
+    assert_eq!(takeover.to, "b");
+    assert!(takeover.reason.contains("QEMU exited"), "{takeover:?}");
+    assert!(takeover.replayed_records >= 64, "{takeover:?}");
+    assert!(takeover.replay_complete);
 
     let mut a = pair.connect(0, "a");
     verify_blocks(&mut a, &before, "a's blocks through a's address");
@@ -287,8 +286,8 @@ fn vm_hang_is_detected_by_heartbeat_timeout() {
     let (code, out, err) = pair.hostd(&["kill", "a", "--signal", "stop"]);
     assert_eq!(code, 0, "hostd kill: {out}{err}");
     wait_served_by(&pair, "a", "b", Duration::from_secs(30));
-    let takeover = last_event(&pair, "takeover", "a");
-    assert_eq!(takeover["reason"], "heartbeat timed out", "{takeover}");
+    let takeover = last_takeover(&pair, "a");
+    assert_eq!(takeover.reason, "heartbeat timed out", "{takeover:?}");
     assert!(!common::alive(a_pid), "the hung QEMU was killed and reaped");
     let status = pair.status();
     assert_eq!(Pair::node(&status, "a")["state"], "fenced");
@@ -319,8 +318,8 @@ fn vm_panic_is_detected_from_the_qmp_event() {
         started.elapsed() < Duration::from_secs(20),
         "detected by the event, not the 30 s timeout"
     );
-    let takeover = last_event(&pair, "takeover", "a");
-    assert_eq!(takeover["reason"], "guest kernel panicked", "{takeover}");
+    let takeover = last_takeover(&pair, "a");
+    assert_eq!(takeover.reason, "guest kernel panicked", "{takeover:?}");
     // (a's console may not show the panic message: hostd fences the guest as soon as
     // QEMU reports the panic, before the kernel has flushed its console.)
     verify_blocks(&mut pair.connect(0, "a"), &blocks, "after a panic");

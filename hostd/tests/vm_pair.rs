@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{MARKER, Pair, WRITE_PROBE_OFFSET, alive, prerequisites};
 use serde_json::Value;
+use wire::events::Event;
 
 #[test]
 fn the_pair_boots_and_each_guest_reads_its_partner() {
@@ -107,21 +108,16 @@ fn down_leaves_no_qemu_behind() {
         assert!(!alive(pid), "QEMU {pid} is still running after hostd down");
     }
     // The event log tells the story: both nodes came up, then the pair stopped.
-    let events: Vec<Value> = std::fs::read_to_string(pair.state.path().join("events.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = pair.events();
     let kinds: Vec<String> = events
         .iter()
-        .map(|e| match e["event"].as_str().unwrap() {
-            "node_state" => format!(
-                "{} {}->{}",
-                e["node"].as_str().unwrap(),
-                e["from"].as_str().unwrap(),
-                e["to"].as_str().unwrap()
-            ),
-            other => other.to_owned(),
+        .map(|line| match &line.event {
+            Event::NodeState { node, from, to, .. } => {
+                format!("{node} {}->{}", from.as_str(), to.as_str())
+            }
+            Event::PairStarting { .. } => "pair_starting".to_owned(),
+            Event::PairStopped { .. } => "pair_stopped".to_owned(),
+            other => format!("{other:?}"),
         })
         .collect();
     assert_eq!(
@@ -136,7 +132,7 @@ fn down_leaves_no_qemu_behind() {
         Some("pair_stopped"),
         "{kinds:?}"
     );
-    assert!(events.iter().all(|e| e["time_unix_ms"].as_u64() > Some(0)));
+    assert!(events.iter().all(|line| line.time_unix_ms > 0));
 
     // State was kept (no --purge): a region still has its header and the agent's boot id.
     assert_ne!(pair.region("a").boot_id(), 0);

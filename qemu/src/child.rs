@@ -27,7 +27,7 @@ const DROP_REAP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     /// The process could not be started.
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         /// The program that failed to start.
         program: String,
@@ -35,7 +35,7 @@ pub enum ChildError {
         source: std::io::Error,
     },
     /// The stdout/stderr log file could not be opened.
-    #[error("cannot open the log file {}: {source}", path.display())]
+    #[error("cannot open the log file {}", path.display())]
     LogFile {
         /// The log file.
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum ChildError {
         source: std::io::Error,
     },
     /// `pidfd_open` failed (e.g. a kernel older than 5.3).
-    #[error("cannot open a pidfd for process {pid}: {source}")]
+    #[error("cannot open a pidfd for process {pid}")]
     Pidfd {
         /// The process id.
         pid: u32,
@@ -67,7 +67,7 @@ pub enum ChildError {
         reason: String,
     },
     /// `pidfd_send_signal` failed for a reason other than the process being gone.
-    #[error("cannot send {signal} to process {pid}: {source}")]
+    #[error("cannot send {signal} to process {pid}")]
     Signal {
         /// The process id.
         pid: u32,
@@ -77,7 +77,7 @@ pub enum ChildError {
         source: std::io::Error,
     },
     /// Waiting for or polling the process failed.
-    #[error("cannot wait for process {pid}: {source}")]
+    #[error("cannot wait for process {pid}")]
     Wait {
         /// The process id.
         pid: u32,
@@ -495,7 +495,11 @@ impl Drop for QemuChild {
         }
         match self.kill_and_reap(DROP_REAP_TIMEOUT) {
             Ok(status) => log::debug!("process {} killed on drop: {status}", self.pid()),
-            Err(e) => log::error!("dropping process {}: {e}", self.pid()),
+            Err(e) => log::error!(
+                "dropping process {}: {}",
+                self.pid(),
+                wire::error_chain::one_line(&e)
+            ),
         }
     }
 }

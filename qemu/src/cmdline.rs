@@ -122,7 +122,7 @@ pub enum CmdlineError {
     #[error("the guest name must not be empty")]
     EmptyName,
     /// The backing file of a region could not be inspected.
-    #[error("shared region `{id}`: cannot inspect {}: {source}", path.display())]
+    #[error("shared region `{id}`: cannot inspect {}", path.display())]
     RegionFile {
         /// The region's id.
         id: String,

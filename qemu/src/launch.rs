@@ -80,6 +80,10 @@ pub fn connect_qmp(
             return Err(QmpError::ConnectTimeout {
                 path: sock.to_owned(),
                 timeout,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "QEMU never created the socket",
+                ),
             }
             .into());
         }

@@ -26,7 +26,7 @@ const MAX_LINE: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The socket exists but refused the connection for a reason other than not being ready.
-    #[error("cannot connect to the QMP socket {}: {source}", path.display())]
+    #[error("cannot connect to the QMP socket {}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -40,9 +40,11 @@ pub enum QmpError {
         path: PathBuf,
         /// How long we tried.
         timeout: Duration,
+        /// What the last try said (the socket is missing, or refuses).
+        source: std::io::Error,
     },
     /// Reading from or writing to the connection failed.
-    #[error("QMP I/O failed while {context}: {source}")]
+    #[error("QMP I/O failed while {context}")]
     Io {
         /// What the client was doing.
         context: String,
@@ -407,6 +409,7 @@ fn connect_retry(
                     return Err(QmpError::ConnectTimeout {
                         path: path.to_owned(),
                         timeout,
+                        source: e,
                     });
                 }
                 thread::sleep(pause.min(deadline - now));

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!(
                 "format-regions: error: {}",
-                shm::inspect::error_chain(error.as_ref())
+                wire::error_chain::one_line(error.as_ref())
             );
             ExitCode::FAILURE
         }

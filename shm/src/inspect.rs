@@ -177,7 +177,7 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
                 size,
                 problem: Some(Problem {
                     seq: None,
-                    message: error_chain(&error),
+                    message: wire::error_chain::one_line(&error),
                 }),
                 ..NodeReport::default()
             };
@@ -370,22 +370,10 @@ pub fn inspect_control(mapping: Mapping) -> ControlReport {
             commands: Vec::new(),
             problem: Some(Problem {
                 seq: None,
-                message: error_chain(&error),
+                message: wire::error_chain::one_line(&error),
             }),
         },
     }
-}
-
-/// An error and its sources, joined the way the CLI prints them.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

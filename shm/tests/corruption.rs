@@ -9,9 +9,7 @@ mod common;
 
 use common::{Raw, RegionFile, scan_all, sealed};
 use shm::header::HeaderError;
-use shm::inspect::{
-    InspectOptions, NodeReport, RegionReport, UnpublishedTail, error_chain, inspect,
-};
+use shm::inspect::{InspectOptions, NodeReport, RegionReport, UnpublishedTail, inspect};
 use shm::layout::{
     FORMAT_VERSION, STATIC_HEADER_CRC_OFFSET, control_names, node_header, node_live,
 };
@@ -763,7 +761,7 @@ fn a_header_from_another_version_is_refused_by_its_version() {
             ),
             "{error:?}"
         );
-        let message = error_chain(&error);
+        let message = wire::error_chain::one_line(&error);
         assert!(message.contains("version"), "{message}");
         let report = log.inspect();
         assert!(report.header.is_none());
@@ -804,7 +802,10 @@ fn a_static_header_with_a_bad_crc_is_refused() {
             ),
             "{error:?}"
         );
-        assert!(error_chain(&error).contains("checksum"), "{error}");
+        assert!(
+            wire::error_chain::one_line(&error).contains("checksum"),
+            "{error}"
+        );
         let report = log.inspect();
         assert!(report.header.is_none());
         assert!(report.problem.unwrap().message.contains("checksum"));

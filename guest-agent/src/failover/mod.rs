@@ -212,7 +212,7 @@ impl FailoverMonitor {
         let flushed = self
             .nvram
             .drain(DRAIN_TIMEOUT)
-            .map_err(|e| shm::inspect::error_chain(&e))?;
+            .map_err(|e| wire::error_chain::one_line(&e))?;
         // Its listener goes last: clients still connected were cut off above.
         self.entry(identity)?.listener = None;
         ack.last_seq = flushed.seq;

@@ -328,13 +328,13 @@ fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared)
         Err(error) if error.is_hang_up() => {
             log::info!(
                 "nbd: {peer} went away: {} ({stats})",
-                shm::inspect::error_chain(&error)
+                wire::error_chain::one_line(&error)
             );
         }
         Err(error) => {
             log::warn!(
                 "nbd: closing connection from {peer}: {} ({stats})",
-                shm::inspect::error_chain(&error)
+                wire::error_chain::one_line(&error)
             );
         }
     }

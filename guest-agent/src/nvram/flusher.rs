@@ -227,7 +227,7 @@ fn run(
             Err(error) => {
                 log::error!(
                     "flusher: {}; retrying in {} s",
-                    shm::inspect::error_chain(&error),
+                    wire::error_chain::one_line(&error),
                     ERROR_WAIT.as_secs()
                 );
                 // After a failed sync the disk may have dropped the pages it could not

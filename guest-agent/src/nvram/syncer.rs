@@ -1,5 +1,5 @@
-//! The syncer: with [`super::flusher::Release::Written`], syncs the disks to their media
-//! every interval and publishes how far the log is on the media (`synced`).
+//! The syncer: where records leave the log once written (not synced), syncs the disks to
+//! their media every interval and publishes how far the log is on the media (`synced`).
 //!
 //! Records leave the log once they are in the disk's page cache, which survives what the
 //! region survives; only a host crash loses both. The syncer bounds what such a crash
@@ -15,7 +15,20 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use shm::{LogError, SyncedWriter};
 
 use super::Nvram;
-use super::flusher::FlushError;
+
+/// Why a sync did not happen.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("cannot read the flushed cursor")]
+    Cursor(#[source] LogError),
+    /// The disk may have dropped the pages it failed to write.
+    #[error("cannot sync {}", path.display())]
+    Sync {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// A running syncer; syncs once more, then stops, when dropped.
 #[derive(Debug)]
@@ -65,9 +78,10 @@ fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Re
         if !failed {
             match sync_once(nvram, &mut synced, covered) {
                 Ok(seq) => covered = seq,
-                Err(error @ FlushError::Log(LogError::CursorUnreadable { .. })) => {
+                Err(error @ SyncError::Cursor(_)) => {
                     log::warn!(
-                        "syncer: {error}; trying again in {} ms",
+                        "syncer: {}; trying again in {} ms",
+                        wire::error_chain::one_line(&error),
                         interval.as_millis()
                     );
                 }
@@ -76,7 +90,7 @@ fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Re
                     log::error!(
                         "syncer: {}; `synced` stays at seq {covered} for the life of this \
                          agent, and a host crash may lose what was written since",
-                        shm::inspect::error_chain(&error)
+                        wire::error_chain::one_line(&error)
                     );
                     failed = true;
                 }
@@ -89,19 +103,20 @@ fn run(nvram: &Nvram, mut synced: SyncedWriter, interval: Duration, stopped: &Re
 }
 
 /// Syncs every disk if records were released since `covered`; returns the seq now covered.
-fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u64, FlushError> {
+fn sync_once(nvram: &Nvram, synced: &mut SyncedWriter, covered: u64) -> Result<u64, SyncError> {
     // Read before syncing: everything released up to here is in the page cache already.
-    let flushed = nvram
-        .region()
-        .flushed()
-        .ok_or(FlushError::Log(LogError::CursorUnreadable {
-            name: "flushed",
-        }))?;
+    let flushed =
+        nvram
+            .region()
+            .flushed()
+            .ok_or(SyncError::Cursor(LogError::CursorUnreadable {
+                name: "flushed",
+            }))?;
     if flushed.seq <= covered {
         return Ok(covered);
     }
     for volume in nvram.volumes() {
-        volume.disk.sync().map_err(|source| FlushError::Sync {
+        volume.disk.sync().map_err(|source| SyncError::Sync {
             path: volume.disk.path().to_owned(),
             source,
         })?;

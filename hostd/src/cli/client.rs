@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use crate::daemon::socket_call;
-use crate::protocol::{Request, Response};
 use crate::state_dir::StateDir;
+use wire::control::call as socket_call;
+use wire::control::{Request, Response};
 
 /// Errors reaching the daemon.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::{CommandResult, client};
-use crate::protocol::{Request, Response};
 use crate::state_dir::StateDir;
+use wire::control::{Request, Response};
 
 #[derive(Debug, Args)]
 pub struct DownArgs {

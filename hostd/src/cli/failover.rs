@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{CommandResult, client};
-use crate::protocol::{KillSignal, MoveReport, Request, Response};
 use crate::state_dir::StateDir;
+use wire::control::{KillSignal, MoveReport, Request, Response};
 
 #[derive(Debug, Args)]
 pub struct KillArgs {

@@ -86,10 +86,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!(
-                "hostd: error: {}",
-                shm::inspect::error_chain(error.as_ref())
-            );
+            wire::error_chain::print("hostd", error.as_ref());
             ExitCode::FAILURE
         }
     }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{CommandResult, client};
-use crate::protocol::{Request, Response};
 use crate::render;
 use crate::state_dir::StateDir;
+use wire::control::{Request, Response};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {

@@ -8,9 +8,9 @@ use clap::{Args, ValueEnum};
 
 use super::{CommandResult, client};
 use crate::config::{Backend, Config, ConfigError};
-use crate::protocol::{ClusterStatus, Request, Response};
 use crate::render;
 use crate::state_dir::StateDir;
+use wire::control::{ClusterStatus, Request, Response};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {

@@ -1,225 +1,128 @@
-//! What a hostd leaves in the state directory so that the next one can adopt the running
-//! pair: one record per node process (`run/NODE.json`: pid and start time) and the
-//! configuration the pair was started with (`run/config.json`).
-//!
-//! The guests do not depend on hostd to serve: a hostd killed even with SIGKILL leaves them
-//! running, and a new one finds them here. The start time makes a recycled pid harmless:
-//! a record only matches the process it was written for.
+//! A restarted hostd takes over the nodes an earlier one left running, instead of launching
+//! new ones. Nothing is restarted and no takeover is started for it: the running nodes get
+//! a fresh heartbeat timeout from now. A node whose process is gone died while no hostd
+//! watched; it counts as fenced, so its identities move on.
 
-use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use wire::events::Event;
+use wire::records::RunRecord;
 
-use crate::config::Config;
-use crate::state_dir::StateDir;
+use super::backend::BackendError;
+use super::cluster::Cluster;
+use super::topology::NodeId;
 
-/// One node's running process, as the hostd that started it recorded it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub pid: u32,
-    /// Clock ticks after boot (`/proc/PID/stat` field 22).
-    pub start_time: u64,
-    /// The region's boot id and heartbeat counter before this process started: while the
-    /// region still shows them, the node's agent has not started (it is booting).
-    #[serde(default)]
-    pub boot_id_before: u64,
-    #[serde(default)]
-    pub heartbeat_before: u64,
-}
-
-/// Errors writing the records. Reading is forgiving: a missing or unreadable record only
-/// means there is nothing to adopt.
+/// Why nothing could be adopted.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot read the start time of process {pid}")]
-    StartTime {
-        pid: u32,
-        #[source]
-        source: std::io::Error,
-    },
+#[error("cannot adopt node {node}'s running process; the guests were left running")]
+pub struct AdoptError {
+    pub node: String,
+    #[source]
+    pub source: BackendError,
 }
 
-fn run_dir(state: &StateDir) -> PathBuf {
-    state.root().join("run")
-}
-
-fn record_path(state: &StateDir, node: &str) -> PathBuf {
-    run_dir(state).join(format!("{node}.json"))
-}
-
-fn config_path(state: &StateDir) -> PathBuf {
-    run_dir(state).join("config.json")
-}
-
-/// Writes `value` as JSON to `path` atomically (a reader never sees half a file).
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RecordError> {
-    let write_err = |source| RecordError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let text = serde_json::to_vec_pretty(value).map_err(|e| write_err(std::io::Error::other(e)))?;
-    let temporary = path.with_extension("json.new");
-    std::fs::write(&temporary, text).map_err(write_err)?;
-    std::fs::rename(&temporary, path).map_err(write_err)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
-    let text = std::fs::read(path).ok()?;
-    match serde_json::from_slice(&text) {
-        Ok(value) => Some(value),
-        Err(error) => {
-            log::warn!("ignoring {}: {error}", path.display());
-            None
-        }
-    }
-}
-
-/// Records that node `node` runs as process `pid`, started when its region showed boot id
-/// and heartbeat `before`.
-pub fn save_record(
-    state: &StateDir,
-    node: &str,
-    pid: u32,
-    before: (u64, u64),
-) -> Result<(), RecordError> {
-    let start_time =
-        qemu::process_start_time(pid).map_err(|source| RecordError::StartTime { pid, source })?;
-    let record = RunRecord {
-        pid,
-        start_time,
-        boot_id_before: before.0,
-        heartbeat_before: before.1,
-    };
-    write_json(&record_path(state, node), &record)
-}
-
-/// The record of node `node`, if there is one.
-pub fn load_record(state: &StateDir, node: &str) -> Option<RunRecord> {
-    read_json(&record_path(state, node))
-}
-
-/// Forgets node `node`'s process (it was stopped on purpose).
-pub fn remove_record(state: &StateDir, node: &str) {
-    let path = record_path(state, node);
-    if let Err(error) = std::fs::remove_file(&path)
-        && error.kind() != std::io::ErrorKind::NotFound
-    {
-        log::warn!("cannot remove {}: {error}", path.display());
-    }
-}
-
-/// Records the configuration the pair is started with.
-pub fn save_config(state: &StateDir, config: &Config) -> Result<(), RecordError> {
-    write_json(&config_path(state), config)
-}
-
-/// The configuration the running pair was started with.
-pub fn load_config(state: &StateDir) -> Option<Config> {
-    read_json(&config_path(state))
-}
-
-/// Whether the process a record names still runs (same pid, same start time). An error
-/// means it cannot be told: then nothing may be assumed dead.
-pub fn is_running(record: &RunRecord) -> Result<bool, RecordError> {
-    match qemu::process_state_and_start_time(record.pid) {
-        Ok((state, start_time)) => Ok(start_time == record.start_time && !is_zombie(state)),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(RecordError::StartTime {
-            pid: record.pid,
-            source,
-        }),
-    }
-}
-
-/// Whether a process in `state` exited but was not reaped yet (its parent, init, reaps it
-/// soon).
-fn is_zombie(state: char) -> bool {
-    matches!(state, 'Z' | 'X')
-}
-
-/// The nodes of `config` that have a running process to adopt, with their records. Empty
-/// when nothing runs: then the pair is launched afresh.
-pub fn running_nodes(
-    state: &StateDir,
-    config: &Config,
-) -> Result<Vec<(usize, RunRecord)>, RecordError> {
-    let mut running = Vec::new();
-    for (index, node) in config.nodes.iter().enumerate() {
-        if let Some(record) = load_record(state, &node.name)
-            && is_running(&record)?
-        {
-            running.push((index, record));
-        }
-    }
-    Ok(running)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn records_match_only_their_own_process() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        let config = Config::default();
-        assert!(running_nodes(&state, &config).unwrap().is_empty());
-        let mut sleeper = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        save_record(&state, &config.nodes[0].name, sleeper.id(), (5, 6)).unwrap();
-        let found = running_nodes(&state, &config).unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].0, 0);
-        assert_eq!(found[0].1.pid, sleeper.id());
-        // Another process with the same pid would have another start time.
-        let recycled = RunRecord {
-            start_time: found[0].1.start_time + 1,
-            ..found[0].1
+/// Adopts the running nodes (`running`: those whose recorded process still runs).
+pub fn adopt(mut cluster: Cluster, running: &[(NodeId, RunRecord)]) -> Result<Cluster, AdoptError> {
+    let mut adopted = Vec::new();
+    let nodes: Vec<NodeId> = cluster.topology().nodes().collect();
+    for node in nodes {
+        let name = cluster.topology().name(node).to_owned();
+        let found = running.iter().find(|(n, _)| *n == node).map(|(_, r)| r);
+        let how = match found.map(|record| adopt_node(&mut cluster, node, record)) {
+            Some(Ok(how)) => how,
+            Some(Err(BackendError::Adopt { source, .. }))
+                if matches!(*source, qemu::ChildError::Adopt { .. }) =>
+            {
+                // It ended between the check and the adoption.
+                log::warn!("node {name}: {source}");
+                mark_gone(&mut cluster, node)
+            }
+            Some(Err(source)) => {
+                // Not known to be dead, not under control either: touch nothing.
+                cluster.disown_all();
+                return Err(AdoptError { node: name, source });
+            }
+            None => mark_gone(&mut cluster, node),
         };
-        assert!(!is_running(&recycled).unwrap());
-        assert_eq!(
-            (found[0].1.boot_id_before, found[0].1.heartbeat_before),
-            (5, 6)
-        );
-        sleeper.kill().unwrap();
-        // Not reaped yet: a zombie does not count as running.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !running_nodes(&state, &config).unwrap().is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a zombie counts as running"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        sleeper.wait().unwrap();
-        assert!(running_nodes(&state, &config).unwrap().is_empty());
-        remove_record(&state, &config.nodes[0].name);
-        assert!(load_record(&state, &config.nodes[0].name).is_none());
-        remove_record(&state, &config.nodes[0].name);
+        log::info!("node {name}: {how}");
+        adopted.push((name, how));
     }
+    reconcile_forwards(&mut cluster);
+    cluster.set_adopted();
+    cluster.record(&Event::PairAdopted { nodes: adopted });
+    Ok(cluster)
+}
 
-    #[test]
-    fn config_round_trips_and_garbage_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateDir::new(dir.path());
-        assert!(load_config(&state).is_none());
-        let mut config = Config::default();
-        config.heartbeat.timeout_ms = 1234;
-        save_config(&state, &config).unwrap();
-        assert_eq!(load_config(&state), Some(config));
-        std::fs::write(record_path(&state, "a"), b"{not json").unwrap();
-        assert!(load_record(&state, "a").is_none());
+/// Takes over `node`'s running process; returns what was adopted, in words.
+fn adopt_node(
+    cluster: &mut Cluster,
+    node: NodeId,
+    record: &RunRecord,
+) -> Result<String, BackendError> {
+    let adopted = cluster.backend_mut().adopt(node, record)?;
+    let now = Instant::now();
+    let clock = cluster.clock(now);
+    let before = (record.boot_id_before, record.heartbeat_before);
+    let booting = cluster
+        .node_mut(node)
+        .adopted(before, adopted.paused, now, clock);
+    Ok(if booting {
+        format!("{}, still booting", adopted.note)
+    } else {
+        adopted.note
+    })
+}
+
+/// `node` had no running process: it died while no hostd watched. It counts as fenced,
+/// so its identities move on.
+fn mark_gone(cluster: &mut Cluster, node: NodeId) -> String {
+    let what = "gone while no hostd was running";
+    let clock = cluster.clock(Instant::now());
+    cluster.node_mut(node).gone(what, clock);
+    cluster.record_serving_ended_all(node, "gone");
+    what.to_owned()
+}
+
+/// Each identity's address leads to its owner and nowhere else. A hostd that died between
+/// moving the owner and moving the address left them apart.
+fn reconcile_forwards(cluster: &mut Cluster) {
+    let nodes: Vec<NodeId> = cluster.topology().nodes().collect();
+    for node in nodes {
+        let ports = match cluster.backend_mut().forwarded_ports(node) {
+            None => return,
+            Some(Ok(ports)) => ports,
+            Some(Err(error)) => {
+                log::warn!(
+                    "adoption: cannot list node {}'s forwards: {}",
+                    cluster.topology().name(node),
+                    wire::error_chain::one_line(&error)
+                );
+                continue;
+            }
+        };
+        let identities: Vec<_> = cluster.topology().identities().collect();
+        for identity in identities {
+            let has = ports.contains(&cluster.port(identity));
+            let should = cluster.owner_of(identity) == Some(node) && !cluster.node(node).fenced;
+            let result = match (has, should) {
+                (true, false) => cluster.unforward(node, identity),
+                (false, true) => cluster.forward(node, identity),
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) if has != should => log::warn!(
+                    "adoption: the address of {} {} node {} (a move was cut short)",
+                    cluster.topology().identity_name(identity),
+                    if should {
+                        "now leads to"
+                    } else {
+                        "no longer leads to"
+                    },
+                    cluster.topology().name(node)
+                ),
+                Ok(()) => {}
+                Err(error) => log::error!("adoption: {}", wire::error_chain::one_line(&error)),
+            }
+        }
     }
 }

@@ -1,25 +1,41 @@
-//! The daemon: launches the pair, watches it, answers the control socket, shuts it down.
+//! The daemon: launches the cluster, watches it, answers the control socket, shuts it down.
 //!
 //! One thread owns all cluster state (the main loop below); the control socket and signal
 //! threads only pass requests to it over a channel. No locks, no shared mutable state.
+//!
+//! - [`topology`]: node and identity ids, and who may take over whom;
+//! - [`backend`]: where nodes run (QEMU guests, agent processes, a fake for tests);
+//! - `health`: one node's liveness from its heartbeat and its backend's reports;
+//! - `cluster`: the nodes, the control region (owners, commands), sampling and status;
+//! - `moves`: takeover, planned takeover and giveback; `inject`: `hostd kill`;
+//! - `records` and `adopt`: what a restarted hostd finds and how it adopts the nodes;
+//! - [`prepare`]: regions and disks; `socket`: the control socket.
 
 mod adopt;
-mod failover;
-mod launch;
-mod node;
+pub mod backend;
+mod cluster;
+mod health;
+mod inject;
+mod moves;
 pub mod prepare;
+mod records;
 mod socket;
+pub mod topology;
+
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, select};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::config::Config;
-use crate::protocol::{ClusterStatus, Request, Response};
+use crate::config::{Backend, Config};
 use crate::state_dir::StateDir;
-pub use socket::call as socket_call;
+use moves::send;
+use socket::Envelope;
+use wire::control::{ClusterStatus, Request, Response};
 
 /// Errors that stop the daemon from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +58,14 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Prepare(#[from] prepare::PrepareError),
+    #[error("cannot set up QEMU")]
+    Qemu(#[from] backend::qemu::QemuSetupError),
+    #[error("cannot set up the agent processes")]
+    Process(#[from] backend::process::NoAgent),
+    #[error("cannot launch the cluster")]
+    Launch(#[from] cluster::LaunchError),
     #[error(transparent)]
-    Launch(#[from] launch::LaunchError),
+    Adopt(#[from] adopt::AdoptError),
     #[error("cannot serve the control socket {path}")]
     Socket {
         path: PathBuf,
@@ -53,18 +75,9 @@ pub enum DaemonError {
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
     #[error(
-        "cannot tell whether the pair an earlier hostd started still runs; nothing was started or stopped"
+        "cannot tell whether the cluster an earlier hostd started still runs; nothing was started or stopped"
     )]
-    Adopt(#[from] adopt::RecordError),
-}
-
-/// A request from the socket or a signal, with where to send the answer.
-pub(crate) struct Envelope {
-    pub request: Request,
-    pub reply: Option<Sender<Response>>,
-    /// Disconnects once the answer is written to the client: the daemon waits for it
-    /// before exiting after `down`, or the client would get nothing.
-    pub written: Option<Receiver<()>>,
+    Records(#[from] records::RecordError),
 }
 
 /// Runs the daemon in this process until `down` or SIGINT/SIGTERM. `on_progress` is called
@@ -88,8 +101,8 @@ pub fn run(
     let lock = lock(state)?;
     // A pair left running by an earlier hostd is adopted with the configuration it was
     // started with: its QEMUs were built from it.
-    let saved_config = adopt::load_config(state);
-    let running = adopt::running_nodes(state, saved_config.as_ref().unwrap_or(config))?;
+    let saved_config = records::load_config(state);
+    let running = records::running_nodes(state, saved_config.as_ref().unwrap_or(config))?;
     let adopted_config = match saved_config {
         Some(saved) if !running.is_empty() => {
             if saved != *config {
@@ -130,14 +143,20 @@ pub fn run(
             source,
         })?;
 
+    let paths = cluster::node_paths(config, state);
+    let backend: Box<dyn backend::NodeBackend> = match config.backend {
+        Backend::Qemu => Box::new(backend::qemu::QemuBackend::new(config, paths)?),
+        Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
+    };
+    let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?;
     let mut cluster = if running.is_empty() {
-        launch::launch(config, state, &files, &control)?
+        cluster.launch()?
     } else {
         log::info!(
-            "adopting the running pair ({} node(s) alive)",
+            "adopting the running cluster ({} node(s) alive)",
             running.len()
         );
-        launch::adopt(config, state, &files, &control, &running)?
+        adopt::adopt(cluster, &running)?
     };
     let result = main_loop(&mut cluster, &requests, &mut on_progress);
     // Children (reaped), then the lock, then the socket: `hostd down` takes a gone socket
@@ -150,11 +169,12 @@ pub fn run(
 }
 
 fn main_loop(
-    cluster: &mut launch::Cluster,
+    cluster: &mut cluster::Cluster,
     requests: &Receiver<Envelope>,
     on_progress: &mut impl FnMut(&ClusterStatus),
 ) -> Result<(), DaemonError> {
     let tick = cluster.tick();
+    let mut moves = moves::Moves::default();
     let mut booting = true;
     let mut last_progress = Instant::now() - PROGRESS_INTERVAL;
     let mut next_tick = Instant::now();
@@ -164,29 +184,25 @@ fn main_loop(
             recv(requests) -> envelope => {
                 let Ok(Envelope { request, reply, written }) = envelope else { continue };
                 match request {
-                    Request::Status => {
-                        send(reply, Response::Status(cluster.status()));
-                    }
+                    Request::Status => send(reply, Response::Status(cluster.status())),
                     Request::Kill { node, signal } => {
-                        let response = match cluster.inject(&node, signal) {
+                        let response = match inject::inject(cluster, &node, signal) {
                             Ok(message) => Response::Killed { message },
-                            Err(error) => Response::Error { message: error.to_string() },
+                            Err(error) => error_response(&error),
                         };
                         send(reply, response);
                     }
                     Request::Takeover { node } => {
-                        let response = match cluster.planned_takeover(&node) {
+                        let response = match moves::planned_takeover(cluster, &node) {
                             Ok(report) => Response::Moved(report),
-                            Err(error) => Response::Error {
-                                message: shm::inspect::error_chain(&error),
-                            },
+                            Err(error) => error_response(&error),
                         };
                         send(reply, response);
                     }
-                    Request::Giveback { node } => cluster.start_giveback(&node, reply),
+                    Request::Giveback { node } => moves.start_giveback(cluster, &node, reply),
                     Request::Down { purge } => {
                         let report = cluster.shut_down(purge);
-                        log::info!("pair stopped: {:?}", report.stopped);
+                        log::info!("cluster stopped: {:?}", report.stopped);
                         send(reply, Response::Down(report));
                         if let Some(written) = written {
                             let _ = written.recv_timeout(Duration::from_secs(2));
@@ -197,11 +213,7 @@ fn main_loop(
             }
             recv(timeout) -> _ => {
                 next_tick += tick;
-                for node in cluster.sample() {
-                    cluster.fail_over(node);
-                }
-                cluster.adopt_orphans();
-                cluster.continue_giveback();
+                moves.tick(cluster);
                 if booting && last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();
                     let status = cluster.status();
@@ -213,10 +225,10 @@ fn main_loop(
     }
 }
 
-fn send(reply: Option<Sender<Response>>, response: Response) {
-    if let Some(reply) = reply {
-        // The client may have gone; that is its business.
-        let _ = reply.send(response);
+/// An error as the control socket answers it: the whole chain, once.
+fn error_response(error: &dyn std::error::Error) -> Response {
+    Response::Error {
+        message: wire::error_chain::one_line(error),
     }
 }
 
@@ -256,8 +268,3 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 /// How often boot progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How long hostd waits, in all, for the nodes to quit on their own before killing them.
-pub const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one QMP `quit` may take to be answered (a paused or hung QEMU never answers).
-pub const QMP_QUIT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -23,7 +23,7 @@ pub enum PrepareError {
     Region {
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: RegionError,
     },
     #[error(
         "region {path} is {actual} bytes but the configuration asks for {wanted}; it may hold unflushed writes, so it is not replaced (remove it with `hostd down --purge` once you are sure)"
@@ -45,6 +45,19 @@ pub enum PrepareError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a region could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error(transparent)]
+    Map(#[from] shm::MappingError),
+    #[error(transparent)]
+    Node(#[from] shm::NodeError),
+    #[error(transparent)]
+    Control(#[from] shm::ControlError),
+    #[error(transparent)]
+    Name(#[from] wire::state_dir::StateDirError),
 }
 
 /// Paths of one node's files.
@@ -80,7 +93,7 @@ pub fn prepare(
             .region_path(&node.name)
             .map_err(|e| PrepareError::Region {
                 path: state.regions_dir(),
-                source: Box::new(e),
+                source: e.into(),
             })?;
         node_region(&region, index as u32, &node.name, region_size)?;
         let disk = disk_dir.join(format!("{}.img", node.name));
@@ -91,29 +104,29 @@ pub fn prepare(
     if !control.exists() {
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         Mapping::create_file(&control, 64 << 10)
-            .map_err(|e| boxed(&control, e))
+            .map_err(|e| region_error(&control, e))
             .and_then(|m| {
-                ControlRegion::format(m, &names, &names).map_err(|e| boxed(&control, e))
+                ControlRegion::format(m, &names, &names).map_err(|e| region_error(&control, e))
             })?;
     }
     Ok((files, control))
 }
 
-fn boxed(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> PrepareError {
+fn region_error(path: &Path, e: impl Into<RegionError>) -> PrepareError {
     PrepareError::Region {
         path: path.to_owned(),
-        source: Box::new(e),
+        source: e.into(),
     }
 }
 
 fn node_region(path: &Path, id: u32, name: &str, size: u64) -> Result<(), PrepareError> {
     if !path.exists() {
-        let mapping = Mapping::create_file(path, size).map_err(|e| boxed(path, e))?;
-        NodeRegion::format(mapping, id, name).map_err(|e| boxed(path, e))?;
+        let mapping = Mapping::create_file(path, size).map_err(|e| region_error(path, e))?;
+        NodeRegion::format(mapping, id, name).map_err(|e| region_error(path, e))?;
         log::info!("created region {} ({} MiB)", path.display(), size >> 20);
         return Ok(());
     }
-    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|e| boxed(path, e))?;
+    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|e| region_error(path, e))?;
     if mapping.len() != size {
         return Err(PrepareError::RegionSize {
             path: path.to_owned(),
@@ -121,7 +134,7 @@ fn node_region(path: &Path, id: u32, name: &str, size: u64) -> Result<(), Prepar
             wanted: size,
         });
     }
-    let region = NodeRegion::open(mapping).map_err(|e| boxed(path, e))?;
+    let region = NodeRegion::open(mapping).map_err(|e| region_error(path, e))?;
     if region.header().name != name {
         return Err(PrepareError::RegionOwner {
             path: path.to_owned(),

@@ -6,11 +6,18 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use wire::control::{Request, Response};
 
-use super::Envelope;
-use crate::protocol::{Request, Response};
+/// A request from the socket or a signal, with where to send the answer.
+pub struct Envelope {
+    pub request: Request,
+    pub reply: Option<Sender<Response>>,
+    /// Disconnects once the answer is written to the client: the daemon waits for it
+    /// before exiting after `down`, or the client would get nothing.
+    pub written: Option<Receiver<()>>,
+}
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -110,27 +117,10 @@ fn read_request(stream: &UnixStream) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))
 }
 
-/// Client side: sends one request and reads the response.
-pub fn call(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
-    let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    serde_json::from_str(answer.trim()).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("malformed answer from hostd: {e}"),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::control::call;
 
     #[test]
     fn requests_round_trip_and_garbage_gets_an_error() {

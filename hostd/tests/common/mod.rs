@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shm::{Access, Mapping, NodeRegion};
+use wire::events::EventLine;
 
 pub mod ack_checker;
 
@@ -144,13 +145,16 @@ impl Pair {
             .collect()
     }
 
-    /// The events recorded so far, oldest first.
-    pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.state.path().join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
+    /// The events recorded so far, oldest first; every line must be an event.
+    pub fn events(&self) -> Vec<EventLine> {
+        let text =
+            std::fs::read_to_string(self.state.path().join("events.jsonl")).unwrap_or_default();
+        let (events, bad) = wire::events::parse_log(&text);
+        assert!(
+            bad.is_empty(),
+            "events.jsonl has lines that are not events: {bad:#?}"
+        );
+        events
     }
 
     /// SIGKILLs the daemon and waits until it is gone; returns its pid.

@@ -52,6 +52,11 @@ impl StateDir {
         self.root.join("regions").join("control.region")
     }
 
+    /// Records of the running node processes, for a restarted hostd (see [`crate::records`]).
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
     /// Directory of the region files.
     pub fn regions_dir(&self) -> PathBuf {
         self.root.join("regions")
@@ -69,12 +74,17 @@ impl StateDir {
 
     /// The socket of node `name`'s guest shell (its second serial port).
     pub fn shell_socket(&self, name: &str) -> PathBuf {
-        self.root.join("qmp").join(format!("{name}.shell.sock"))
+        self.sockets_dir().join(format!("{name}.shell.sock"))
+    }
+
+    /// Directory of the QMP and guest shell sockets.
+    pub fn sockets_dir(&self) -> PathBuf {
+        self.root.join("qmp")
     }
 
     /// QMP socket of node `name`.
     pub fn qmp_socket(&self, name: &str) -> PathBuf {
-        self.root.join("qmp").join(format!("{name}.sock"))
+        self.sockets_dir().join(format!("{name}.sock"))
     }
 
     /// The daemon's control socket.
@@ -112,7 +122,7 @@ impl StateDir {
             self.root.clone(),
             self.regions_dir(),
             self.root.join("consoles"),
-            self.root.join("qmp"),
+            self.sockets_dir(),
         ] {
             builder.create(&dir)?;
         }

@@ -1,42 +1,37 @@
-//! One node as the daemon sees it: its QEMU, its QMP connection, its region, its health.
+//! One node's health as hostd judges it: its heartbeat in its region, what its backend
+//! reports (exit, QMP events), and the liveness monitor fed by both.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use heartbeat::{DownReason, Evidence, Health, Monitor, SuspectReason, Transition};
-use qemu::{QemuChild, QmpClient, QmpEvent};
 use shm::NodeRegion;
+use wire::control::NodeState;
 
-use crate::protocol::NodeState;
+use super::backend::{Polled, VmEvent};
 
-/// After QEMU exited, how long its last QMP events may take to arrive (the channel ends
-/// sooner, when the reader sees the connection close).
-const EVENTS_AFTER_EXIT: Duration = Duration::from_millis(100);
-
-/// A launched node.
+/// A node of the cluster, apart from its process (which its backend owns).
 #[derive(Debug)]
-pub struct Node {
+pub struct NodeHealth {
     pub name: String,
-    pub partner: String,
     /// The host port of this node's identity (its NBD address).
     pub nbd_port: u16,
-    pub console: std::path::PathBuf,
-    pub child: Option<QemuChild>,
-    pub qmp: Option<QmpClient>,
-    pub events: Option<Receiver<QmpEvent>>,
+    pub console: PathBuf,
     /// The node's region, mapped read-only: hostd never writes a node region.
     pub region: NodeRegion,
+    /// Whether a process was ever started (or adopted) for this node.
+    pub started: bool,
     /// Boot id found in the region before launch: a new one means the agent started.
-    pub boot_id_before_launch: u64,
-    /// How QEMU ended, once it has.
+    boot_id_before_launch: u64,
+    /// How the node's process ended, once it has.
     pub exit: Option<String>,
     pub paused: bool,
     /// Set once hostd has killed and reaped this node to take it over.
     pub fenced: bool,
-    /// Whether this node's QEMU forwards its own identity's port (false while the partner
-    /// holds it).
+    /// Whether this node's process serves its own identity's port (false while another
+    /// node holds the identity).
     pub forwards_own_port: bool,
-    pub monitor: Monitor,
+    monitor: Monitor,
     /// When the node went Down (for the takeover timeline).
     pub down_at: Option<Instant>,
     /// Milliseconds from Down to the confirmed fence.
@@ -47,12 +42,11 @@ pub struct Node {
     heartbeat_moved: Option<Instant>,
 }
 
-impl Node {
+impl NodeHealth {
     pub fn new(
         name: String,
-        partner: String,
         nbd_port: u16,
-        console: std::path::PathBuf,
+        console: PathBuf,
         region: NodeRegion,
         monitor: Monitor,
     ) -> Self {
@@ -60,13 +54,10 @@ impl Node {
         Self {
             boot_id_before_launch: region.boot_id(),
             name,
-            partner,
             nbd_port,
             console,
-            child: None,
-            qmp: None,
-            events: None,
             region,
+            started: false,
             exit: None,
             paused: false,
             fenced: false,
@@ -80,15 +71,17 @@ impl Node {
         }
     }
 
-    /// Forgets the previous boot: called when hostd has started this node's QEMU (again).
-    /// `before` is the region's boot id and heartbeat counter read before the start: the
-    /// new agent may have written its own already.
-    pub fn restarted(&mut self, child: QemuChild, before: (u64, u64)) {
+    /// The region's boot id and heartbeat counter now: taken before a start, since the
+    /// new agent may write its own before hostd looks again.
+    pub fn before_start(&self) -> (u64, u64) {
+        (self.region.boot_id(), heartbeat_counter(&self.region))
+    }
+
+    /// Forgets the previous boot: hostd has started this node's process (again).
+    pub fn restarted(&mut self, before: (u64, u64)) {
         let (boot_id_before, heartbeat_before) = before;
         self.heartbeat = heartbeat_before;
-        self.child = Some(child);
-        self.qmp = None;
-        self.events = None;
+        self.started = true;
         self.boot_id_before_launch = boot_id_before;
         self.exit = None;
         self.paused = false;
@@ -100,90 +93,93 @@ impl Node {
         self.heartbeat_moved = None;
     }
 
-    /// Takes over a node process an earlier hostd started; `before` is the region's boot id
-    /// and heartbeat counter from before that process started (its run record). Returns
-    /// whether the node is still booting. A running agent may have been up for long
-    /// already: its heartbeat counts from the first sample, and it gets a whole heartbeat
-    /// timeout from now before it can be judged down.
+    /// Takes over a node process an earlier hostd started; `before` is the region's boot
+    /// id and heartbeat counter from before that process started (its run record).
+    /// Returns whether the node is still booting. A running agent may have been up for
+    /// long already: its heartbeat counts from the first sample, and it gets a whole
+    /// heartbeat timeout from now before it can be judged down.
     pub fn adopted(
         &mut self,
-        child: QemuChild,
         before: (u64, u64),
+        paused: bool,
         now: Instant,
         clock: Duration,
     ) -> bool {
         let boot_id = self.region.boot_id();
-        self.child = Some(child);
+        self.started = true;
         self.monitor.reset();
-        if boot_id == before.0 {
+        let booting = if boot_id == before.0 {
             // The region still shows the previous boot: this boot's agent has not started.
             // Wait for its first beat as after a launch.
             self.boot_id_before_launch = before.0;
             self.heartbeat = before.1;
-            return true;
+            true
+        } else {
+            let counter = heartbeat_counter(&self.region);
+            // Any boot id but the running one: a later restart of the agent still counts.
+            self.boot_id_before_launch = !boot_id;
+            self.heartbeat = counter;
+            self.heartbeat_moved = Some(now);
+            self.monitor.observe(Evidence::Heartbeat { counter }, clock);
+            false
+        };
+        if paused {
+            // QMP events sent while no hostd listened are lost: the VM's state says it.
+            self.paused = true;
+            self.monitor.observe(Evidence::Stopped, clock);
         }
-        let counter = heartbeat_counter(&self.region);
-        // Any boot id but the running one: a later restart of the agent still counts.
-        self.boot_id_before_launch = !boot_id;
-        self.heartbeat = counter;
-        self.heartbeat_moved = Some(now);
-        self.monitor.observe(Evidence::Heartbeat { counter }, clock);
-        false
+        booting
     }
 
-    /// Feeds everything that may have changed since the last sample to the monitor;
-    /// returns whether the node went Down in it. `clock` is the monitor's time for `now`.
-    pub fn sample(&mut self, now: Instant, clock: Duration) -> bool {
-        let mut evidence = Vec::new();
-        let mut exited = None;
-        if let (Some(child), None) = (&mut self.child, &self.exit) {
-            match child.try_wait() {
-                Ok(Some(status)) => exited = Some(status.to_string()),
-                Ok(None) => {}
-                Err(error) => log::warn!("node {}: cannot check QEMU: {error}", self.name),
-            }
+    /// The node had no process when its cluster was adopted: it died while no hostd
+    /// watched. It counts as fenced, with `what` as the reason.
+    pub fn gone(&mut self, what: &str, clock: Duration) {
+        // So that its takeover gives this as the reason.
+        self.monitor.observe(
+            Evidence::ProcessExited {
+                status: what.into(),
+            },
+            clock,
+        );
+        self.fenced = true;
+        self.exit = Some(what.into());
+        self.forwards_own_port = false;
+    }
+
+    /// Marks the node fenced: its process was killed and reaped (`how`).
+    pub fn fenced(&mut self, how: &str) {
+        self.fenced = true;
+        if self.exit.is_none() {
+            self.exit = Some(format!("fenced by hostd ({how})"));
         }
-        if let Some(events) = &self.events {
-            // QEMU says why it stops (GUEST_PANICKED, SHUTDOWN) before it exits, but the
-            // event may still be on its way through the QMP reader when the exit is seen:
-            // after an exit, take every event up to the end of the connection, so the
-            // cause is judged before the bare exit.
-            let pending: Vec<QmpEvent> = if exited.is_some() {
-                let deadline = Instant::now() + EVENTS_AFTER_EXIT;
-                std::iter::from_fn(|| events.recv_deadline(deadline).ok()).collect()
-            } else {
-                events.try_iter().collect()
-            };
-            for event in pending {
-                log::debug!(
-                    "node {}: QMP event {} {}",
-                    self.name,
-                    event.name,
-                    event.data
-                );
-                match event.name.as_str() {
-                    "STOP" => {
-                        self.paused = true;
-                        evidence.push(Evidence::Stopped);
-                    }
-                    "RESUME" => {
-                        self.paused = false;
-                        evidence.push(Evidence::Resumed);
-                    }
-                    "GUEST_PANICKED" => {
-                        log::warn!("node {}: guest panicked {}", self.name, event.data);
-                        evidence.push(Evidence::GuestPanicked);
-                    }
-                    "SHUTDOWN" => {
-                        log::warn!("node {}: shutdown {}", self.name, event.data);
-                        evidence.push(Evidence::Shutdown);
-                    }
-                    _ => {}
+    }
+
+    /// Feeds what the backend saw and what the region shows to the monitor; returns
+    /// whether the node went Down in this sample. `clock` is the monitor's time for `now`.
+    pub fn sample(&mut self, polled: Polled, now: Instant, clock: Duration) -> bool {
+        let mut evidence = Vec::new();
+        for event in polled.events {
+            match event {
+                VmEvent::Stopped => {
+                    self.paused = true;
+                    evidence.push(Evidence::Stopped);
+                }
+                VmEvent::Resumed => {
+                    self.paused = false;
+                    evidence.push(Evidence::Resumed);
+                }
+                VmEvent::Panicked(data) => {
+                    log::warn!("node {}: guest panicked {data}", self.name);
+                    evidence.push(Evidence::GuestPanicked);
+                }
+                VmEvent::Shutdown(data) => {
+                    log::warn!("node {}: shutdown {data}", self.name);
+                    evidence.push(Evidence::Shutdown);
                 }
             }
         }
-        if let Some(status) = exited {
-            log::warn!("node {}: QEMU exited ({status})", self.name);
+        if let Some(status) = polled.exited {
+            log::warn!("node {}: its process exited ({status})", self.name);
             self.exit = Some(format!("exited: {status}"));
             evidence.push(Evidence::ProcessExited { status });
         }
@@ -230,7 +226,7 @@ impl Node {
         if self.fenced {
             return NodeState::Fenced;
         }
-        if self.child.is_none() {
+        if !self.started {
             return NodeState::Down;
         }
         match self.monitor.health() {
@@ -252,21 +248,14 @@ impl Node {
         match (&self.exit, self.paused) {
             (Some(exit), _) => exit.clone(),
             (None, true) => "paused".into(),
-            (None, false) if self.child.is_some() => "running".into(),
+            (None, false) if self.started => "running".into(),
             (None, false) => "not started".into(),
         }
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child
-            .as_ref()
-            .filter(|_| self.exit.is_none())
-            .map(QemuChild::pid)
     }
 }
 
 /// The heartbeat counter in `region` (0 before the first beat).
-pub(super) fn heartbeat_counter(region: &NodeRegion) -> u64 {
+fn heartbeat_counter(region: &NodeRegion) -> u64 {
     region.heartbeat().map_or(0, |h| h.counter)
 }
 

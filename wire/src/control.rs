@@ -3,6 +3,11 @@
 //! The socket is `STATE_DIR/hostd.sock`, mode 0600, and the daemon also checks the peer's
 //! uid (only root and the daemon's own user are served).
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// What a client asks.
@@ -212,4 +217,22 @@ impl Timeline {
         .into_iter()
         .filter_map(|(step, at)| Some((step, at?)))
     }
+}
+
+/// Client side: sends one request and reads the response.
+pub fn call(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(answer.trim()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("malformed answer from hostd: {e}"),
+        )
+    })
 }

@@ -1,0 +1,426 @@
+//! A backend for unit tests of the cluster's state machine: no processes, no guests. Each
+//! node's "agent" is a thread that writes the node's real region (heartbeats, what it reads
+//! of the nodes it watches, acknowledgements of hostd's commands) as a real agent would,
+//! and does what the test tells it to. Every backend call is logged with the cluster
+//! epoch at that moment, so tests can check the order of fence, epoch and commands.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use shm::node::{Ack, PeerObservation, ack_status};
+use shm::{Access, CommandKind, ControlRegion, Mapping, NodeRegion};
+use wire::records::RunRecord;
+
+use super::{Adopted, BackendError, NodeBackend, Polled, Signal, SpawnPlan, Stopped};
+use crate::daemon::topology::NodeId;
+
+/// How a fake agent answers hostd's commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Ok,
+    Fail,
+    Never,
+}
+
+/// What a fake agent does; tests change it while the cluster runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Behaviour {
+    /// Whether it beats (false: a guest that never finishes booting).
+    pub beats: bool,
+    pub answer: Answer,
+}
+
+/// One logged call or command, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Spawn {
+        node: usize,
+        ports: Vec<u16>,
+    },
+    Fence {
+        node: usize,
+        epoch: u64,
+    },
+    Forward {
+        node: usize,
+        port: u16,
+    },
+    Unforward {
+        node: usize,
+        port: u16,
+    },
+    Signal {
+        node: usize,
+    },
+    /// A command an agent received from the control region.
+    Command {
+        node: usize,
+        kind: CommandKind,
+        identity: u64,
+        epoch: u64,
+    },
+}
+
+/// The test's side of the fake: the call log and each node's behaviour.
+#[derive(Debug, Clone)]
+pub struct FakeHandle {
+    log: Arc<Mutex<Vec<Call>>>,
+    behaviours: Vec<Arc<Mutex<Behaviour>>>,
+}
+
+impl FakeHandle {
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.log).clone()
+    }
+
+    pub fn set(&self, node: usize, change: impl FnOnce(&mut Behaviour)) {
+        change(&mut lock(&self.behaviours[node]));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct FakeNode {
+    name: String,
+    agent: Option<FakeAgent>,
+    pid: u32,
+    /// How the process ended; `reported` once `poll` said so.
+    exit: Option<String>,
+    reported: bool,
+}
+
+#[derive(Debug)]
+struct FakeAgent {
+    stop: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeAgent {
+    fn end(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Fake nodes over real regions.
+#[derive(Debug)]
+pub struct FakeBackend {
+    nodes: Vec<FakeNode>,
+    control: ControlRegion,
+    handle: FakeHandle,
+    /// Each start gets its own boot id, as a real agent picks one.
+    next_boot: u32,
+}
+
+impl FakeBackend {
+    /// Nodes named `names` (in order), in a cluster whose control region is `control`.
+    pub fn new(names: &[&str], control: &Path) -> (Self, FakeHandle) {
+        let handle = FakeHandle {
+            log: Arc::default(),
+            behaviours: names
+                .iter()
+                .map(|_| {
+                    Arc::new(Mutex::new(Behaviour {
+                        beats: true,
+                        answer: Answer::Ok,
+                    }))
+                })
+                .collect(),
+        };
+        let control = open_control(control);
+        let backend = FakeBackend {
+            nodes: names
+                .iter()
+                .map(|name| FakeNode {
+                    name: (*name).to_owned(),
+                    agent: None,
+                    pid: 0,
+                    exit: None,
+                    reported: false,
+                })
+                .collect(),
+            control,
+            handle: handle.clone(),
+            next_boot: 0,
+        };
+        (backend, handle)
+    }
+
+    fn log(&self, call: Call) {
+        lock(&self.handle.log).push(call);
+    }
+
+    fn node(&mut self, node: NodeId) -> &mut FakeNode {
+        &mut self.nodes[node.index()]
+    }
+
+    fn running(&self, node: NodeId) -> bool {
+        let fake = &self.nodes[node.index()];
+        fake.agent.is_some() && fake.exit.is_none()
+    }
+}
+
+impl NodeBackend for FakeBackend {
+    fn accel(&self) -> (String, String) {
+        ("fake".into(), "unit test".into())
+    }
+
+    fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
+        self.log(Call::Spawn {
+            node: node.index(),
+            ports: plan.ports.clone(),
+        });
+        self.next_boot += 1;
+        // The run record needs a live process: the test's own.
+        let pid = std::process::id();
+        let agent = start_agent(
+            node.index(),
+            self.next_boot,
+            &plan.region,
+            plan.watched.iter().map(|w| w.region.clone()).collect(),
+            &plan.control_region,
+            Arc::clone(&self.handle.behaviours[node.index()]),
+            Arc::clone(&self.handle.log),
+        );
+        let fake = self.node(node);
+        if let Some(mut old) = fake.agent.take() {
+            old.end();
+        }
+        fake.agent = Some(agent);
+        fake.pid = pid;
+        fake.exit = None;
+        fake.reported = false;
+        Ok(pid)
+    }
+
+    fn connect(&mut self, _node: NodeId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn adopt(&mut self, node: NodeId, _record: &RunRecord) -> Result<Adopted, BackendError> {
+        Err(BackendError::NotRunning {
+            node: self.node(node).name.clone(),
+        })
+    }
+
+    fn poll(&mut self, node: NodeId) -> Polled {
+        let fake = self.node(node);
+        let exited = match (&fake.exit, fake.reported) {
+            (Some(exit), false) => {
+                fake.reported = true;
+                Some(exit.clone())
+            }
+            _ => None,
+        };
+        Polled {
+            exited,
+            events: Vec::new(),
+        }
+    }
+
+    fn pid(&self, node: NodeId) -> Option<u32> {
+        self.running(node).then(|| self.nodes[node.index()].pid)
+    }
+
+    fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError> {
+        if !self.running(node) {
+            return Err(BackendError::NotRunning {
+                node: self.node(node).name.clone(),
+            });
+        }
+        self.log(Call::Signal { node: node.index() });
+        let fake = self.node(node);
+        match signal {
+            Signal::Kill => {
+                if let Some(agent) = fake.agent.as_mut() {
+                    agent.end();
+                }
+                fake.exit = Some("signal: 9 (SIGKILL)".into());
+            }
+            Signal::Stop => {
+                if let Some(agent) = &fake.agent {
+                    agent.frozen.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fence(&mut self, node: NodeId, _timeout: Duration) -> Result<String, BackendError> {
+        let epoch = self.control.epoch();
+        self.log(Call::Fence {
+            node: node.index(),
+            epoch,
+        });
+        let fake = self.node(node);
+        if let Some(agent) = fake.agent.as_mut() {
+            agent.end();
+        }
+        let how = fake
+            .exit
+            .get_or_insert_with(|| "signal: 9 (SIGKILL)".into())
+            .clone();
+        fake.reported = true;
+        Ok(how)
+    }
+
+    fn forward(&mut self, node: NodeId, port: u16) -> Result<(), BackendError> {
+        self.log(Call::Forward {
+            node: node.index(),
+            port,
+        });
+        Ok(())
+    }
+
+    fn unforward(&mut self, node: NodeId, port: u16) -> Result<(), BackendError> {
+        self.log(Call::Unforward {
+            node: node.index(),
+            port,
+        });
+        Ok(())
+    }
+
+    fn forwarded_ports(&mut self, _node: NodeId) -> Option<Result<Vec<u16>, BackendError>> {
+        None
+    }
+
+    fn agents_listen(&self) -> bool {
+        false
+    }
+
+    fn panic(&mut self, _node: NodeId) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported {
+            backend: "fake",
+            what: "panic a kernel",
+        })
+    }
+
+    fn kill_agent(&mut self, node: NodeId) -> Result<String, BackendError> {
+        self.signal(node, Signal::Kill)?;
+        Ok("killed".into())
+    }
+
+    fn stop_all(&mut self, _timeout: Duration) -> Stopped {
+        (0..self.nodes.len())
+            .map(|index| {
+                let fake = &mut self.nodes[index];
+                if let Some(agent) = fake.agent.as_mut() {
+                    agent.end();
+                }
+                (NodeId::from_index(index), "stopped".to_owned())
+            })
+            .collect()
+    }
+
+    fn kill_all(&mut self) {
+        self.stop_all(Duration::ZERO);
+    }
+
+    fn disown_all(&mut self) {}
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        for fake in &mut self.nodes {
+            if let Some(agent) = fake.agent.as_mut() {
+                agent.end();
+            }
+        }
+    }
+}
+
+/// Starts node `index`'s fake agent on its region.
+fn start_agent(
+    index: usize,
+    boot_id: u32,
+    region: &Path,
+    watched: Vec<PathBuf>,
+    control: &Path,
+    behaviour: Arc<Mutex<Behaviour>>,
+    log: Arc<Mutex<Vec<Call>>>,
+) -> FakeAgent {
+    let open = |path: &Path, access| {
+        let mapping = Mapping::open(path, access)
+            .unwrap_or_else(|e| panic!("fake agent: {}: {e}", path.display()));
+        NodeRegion::open(mapping).unwrap_or_else(|e| panic!("fake agent: {}: {e}", path.display()))
+    };
+    let own = open(region, Access::ReadWrite);
+    let watched: Vec<NodeRegion> = watched.iter().map(|p| open(p, Access::ReadOnly)).collect();
+    let control = open_control(control);
+    let stop = Arc::new(AtomicBool::new(false));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let (thread_stop, thread_frozen) = (Arc::clone(&stop), Arc::clone(&frozen));
+    // A boot id per start, as a real agent picks one.
+    let boot_id = 0x00fa_ce00_0000_0000 | u64::from(boot_id);
+    let mut writer = own
+        .writer(boot_id)
+        .unwrap_or_else(|e| panic!("fake agent: {e}"));
+    // Commands issued before this start are not for this agent.
+    let mut last_seq = control.command(index).map_or(0, |c| c.seq);
+    let thread = std::thread::spawn(move || {
+        while !thread_stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+            if thread_frozen.load(Ordering::SeqCst) {
+                continue;
+            }
+            let behaviour = *lock(&behaviour);
+            if !behaviour.beats {
+                continue;
+            }
+            writer.heartbeat.beat();
+            for region in &watched {
+                writer.peer.observe(PeerObservation {
+                    node_id: Some(region.header().node_id),
+                    boot_id: region.boot_id(),
+                    heartbeat: region.heartbeat().map_or(0, |h| h.counter),
+                });
+            }
+            let Some(command) = control.command(index) else {
+                continue;
+            };
+            if command.seq <= last_seq {
+                continue;
+            }
+            last_seq = command.seq;
+            lock(&log).push(Call::Command {
+                node: index,
+                kind: command.kind,
+                identity: command.identity,
+                epoch: command.epoch,
+            });
+            let status = match behaviour.answer {
+                Answer::Ok => ack_status::OK,
+                Answer::Fail => ack_status::FAILED,
+                Answer::Never => continue,
+            };
+            writer.ack.acknowledge(Ack {
+                command_seq: command.seq,
+                epoch: command.epoch,
+                status,
+                first_seq: 1,
+                last_seq: 0,
+            });
+        }
+    });
+    FakeAgent {
+        stop,
+        frozen,
+        thread: Some(thread),
+    }
+}
+
+fn open_control(path: &Path) -> ControlRegion {
+    Mapping::open(path, Access::ReadOnly)
+        .ok()
+        .and_then(|m| ControlRegion::open(m).ok())
+        .unwrap_or_else(|| panic!("fake: cannot open the control region {}", path.display()))
+}

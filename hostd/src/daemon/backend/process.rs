@@ -1,0 +1,178 @@
+//! Nodes as agent processes on the host (`--backend process`): no guest, no hypervisor.
+//! The regions are the same files; each agent listens on its identities' host ports
+//! itself, so moving an address is part of the agent's takeover command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wire::records::RunRecord;
+
+use super::children::Children;
+use super::{Adopted, BackendError, NodeBackend, NodePaths, Polled, Signal, SpawnPlan, Stopped};
+use crate::daemon::topology::NodeId;
+
+/// How long a killed agent may take to be reaped.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The agent binary was not found.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "guest-agent not found at {}: build it (`cargo build -p guest-agent`) or set IVHA_AGENT_BINARY",
+    path.display()
+)]
+pub struct NoAgent {
+    pub path: PathBuf,
+}
+
+/// One agent process per node.
+#[derive(Debug)]
+pub struct ProcessBackend {
+    agent: PathBuf,
+    children: Children,
+}
+
+impl ProcessBackend {
+    /// Agents from `IVHA_AGENT_BINARY`, else `guest-agent` beside this binary.
+    pub fn new(paths: Vec<NodePaths>) -> Result<Self, NoAgent> {
+        let path = match std::env::var_os("IVHA_AGENT_BINARY") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.join("guest-agent")))
+                .unwrap_or_else(|| PathBuf::from("guest-agent")),
+        };
+        if !path.exists() {
+            return Err(NoAgent { path });
+        }
+        Ok(Self {
+            agent: path,
+            children: Children::new(paths),
+        })
+    }
+
+    fn command(&self, plan: &SpawnPlan) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.agent);
+        command
+            .arg("--node")
+            .arg(&plan.name)
+            .arg("--region-dir")
+            .arg(&plan.regions_dir)
+            .arg("--disk")
+            .arg(&plan.disk);
+        // The agent takes over one partner today: the first node it watches.
+        if let Some(watched) = plan.watched.first() {
+            command.arg("--partner-disk").arg(&watched.disk);
+        }
+        // While another node holds this node's identity, it holds its address too.
+        let listen = match plan.ports.first() {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => "127.0.0.1:0".to_owned(),
+        };
+        command.arg("--listen").arg(listen);
+        command.args(plan.options.to_args());
+        command
+    }
+}
+
+impl NodeBackend for ProcessBackend {
+    fn accel(&self) -> (String, String) {
+        (
+            "process".to_owned(),
+            "agents run as host processes (--backend process)".to_owned(),
+        )
+    }
+
+    fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
+        let command = self.command(plan);
+        self.children.spawn(node, command)
+    }
+
+    fn connect(&mut self, _node: NodeId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn adopt(&mut self, node: NodeId, record: &RunRecord) -> Result<Adopted, BackendError> {
+        self.children.adopt(node, record)?;
+        Ok(Adopted {
+            paused: false,
+            note: format!("agent process {} adopted", record.pid),
+        })
+    }
+
+    fn poll(&mut self, node: NodeId) -> Polled {
+        Polled {
+            exited: self.children.poll_exit(node),
+            events: Vec::new(),
+        }
+    }
+
+    fn pid(&self, node: NodeId) -> Option<u32> {
+        self.children.pid(node)
+    }
+
+    fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError> {
+        self.children.signal(node, signal)
+    }
+
+    fn fence(&mut self, node: NodeId, timeout: Duration) -> Result<String, BackendError> {
+        self.children.fence(node, timeout)
+    }
+
+    fn forward(&mut self, _node: NodeId, _port: u16) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn unforward(&mut self, _node: NodeId, _port: u16) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn forwarded_ports(&mut self, _node: NodeId) -> Option<Result<Vec<u16>, BackendError>> {
+        None
+    }
+
+    fn agents_listen(&self) -> bool {
+        true
+    }
+
+    fn panic(&mut self, _node: NodeId) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported {
+            backend: "process",
+            what: "panic a kernel (there is none)",
+        })
+    }
+
+    fn kill_agent(&mut self, node: NodeId) -> Result<String, BackendError> {
+        // The agent is the node's process.
+        let pid = self.children.pid(node);
+        self.children.signal(node, Signal::Kill)?;
+        Ok(format!(
+            "SIGKILL sent to node {} (pid {})",
+            self.children.name(node),
+            pid.unwrap_or_default()
+        ))
+    }
+
+    fn stop_all(&mut self, timeout: Duration) -> Stopped {
+        let mut asked = Vec::new();
+        for index in 0..self.children.len() {
+            let node = NodeId::from_index(index);
+            if self.children.running(node) {
+                let request = self
+                    .children
+                    .terminate(node)
+                    .map(|()| "stopped (SIGTERM)")
+                    .map_err(|e| wire::error_chain::one_line(&e));
+                asked.push((node, request));
+            }
+        }
+        self.children.finish_stop(asked, timeout)
+    }
+
+    fn kill_all(&mut self) {
+        self.children.kill_all(KILL_TIMEOUT);
+    }
+
+    fn disown_all(&mut self) {
+        self.children.disown_all();
+    }
+}

@@ -1,0 +1,702 @@
+//! The cluster as hostd holds it: its nodes' health, who owns each identity (the control
+//! region, which only hostd writes), the commands hostd gives the agents, and the
+//! backend that runs the nodes. The steps that move identities are in `moves.rs`,
+//! adoption after a restart in `adopt.rs`; both work through this type's methods.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shm::node::{Ack, ack_status};
+use shm::{Access, Command, CommandKind, ControlRegion, ControlWriter, Mapping, NodeRegion, Owner};
+use wire::control::{ClusterStatus, DownReport, NodeState, NodeStatus};
+use wire::events::Event;
+use wire::state_dir::StateDir;
+
+use super::backend::{BackendError, NodeBackend, NodePaths, SpawnPlan, WatchedNode};
+use super::health::NodeHealth;
+use super::prepare::{NodeFiles, RegionError};
+use super::records::{self, RecordError};
+use super::topology::{IdentityId, NodeId, Topology};
+use crate::config::Config;
+use crate::events::EventLog;
+
+/// How long a fenced node may take to die and be reaped.
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long hostd waits, in all, for the nodes to quit on their own before killing them.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors setting the cluster up or starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot map region {path}")]
+    Region {
+        path: PathBuf,
+        #[source]
+        source: RegionError,
+    },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("cannot record node {node}'s process for a restarted hostd")]
+    Record {
+        node: String,
+        #[source]
+        source: RecordError,
+    },
+}
+
+/// Errors giving an agent a command.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot write the control region")]
+    Control(#[from] shm::ControlError),
+    #[error("node {node} did not acknowledge command {seq} within {timeout:?}")]
+    AckTimeout {
+        node: String,
+        seq: u64,
+        timeout: Duration,
+    },
+    #[error("node {node} failed command {seq} (status {status}; see its console)")]
+    AckFailed { node: String, seq: u64, status: u64 },
+}
+
+/// The running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    config: Config,
+    state: StateDir,
+    topology: Topology,
+    nodes: Vec<NodeHealth>,
+    backend: Box<dyn NodeBackend>,
+    control: ControlRegion,
+    /// hostd is the control region's only writer.
+    control_writer: ControlWriter,
+    /// Seq of the last command issued to any node.
+    command_seq: u64,
+    files: Vec<NodeFiles>,
+    control_path: PathBuf,
+    started: Instant,
+    events: EventLog,
+    /// Each node's state at the last sample, to record transitions.
+    last_states: Vec<NodeState>,
+    /// Whether this hostd adopted running nodes rather than launching them.
+    adopted: bool,
+}
+
+/// The files of each node's process, from the state directory.
+pub fn node_paths(config: &Config, state: &StateDir) -> Vec<NodePaths> {
+    config
+        .nodes
+        .iter()
+        .map(|node| NodePaths {
+            name: node.name.clone(),
+            log: state.qemu_log(&node.name),
+            qmp_socket: state.qmp_socket(&node.name),
+            shell_socket: state.shell_socket(&node.name),
+        })
+        .collect()
+}
+
+fn map_node_region(path: &Path) -> Result<NodeRegion, LaunchError> {
+    let region_error = |source: RegionError| LaunchError::Region {
+        path: path.to_owned(),
+        source,
+    };
+    let mapping = Mapping::open(path, Access::ReadOnly).map_err(|e| region_error(e.into()))?;
+    NodeRegion::open(mapping).map_err(|e| region_error(e.into()))
+}
+
+impl Cluster {
+    /// The cluster without any node process: regions mapped, control region opened.
+    pub fn new(
+        config: &Config,
+        state: &StateDir,
+        files: &[NodeFiles],
+        control_path: &Path,
+        backend: Box<dyn NodeBackend>,
+    ) -> Result<Cluster, LaunchError> {
+        let region_error = |source: RegionError| LaunchError::Region {
+            path: control_path.to_owned(),
+            source,
+        };
+        let control = Mapping::open(control_path, Access::ReadWrite)
+            .map_err(|e| region_error(e.into()))
+            .and_then(|m| ControlRegion::open(m).map_err(|e| region_error(e.into())))?;
+        let control_writer = control.writer().map_err(|e| region_error(e.into()))?;
+        let command_seq = (0..control.header().nodes.len())
+            .filter_map(|i| control.command(i).map(|c| c.seq))
+            .max()
+            .unwrap_or(0);
+        let monitor = heartbeat::Monitor::new(heartbeat::Config::new(
+            Duration::from_millis(config.heartbeat.interval_ms),
+            Duration::from_millis(config.heartbeat.timeout_ms),
+        ));
+        let topology = Topology::new(config.nodes.iter().map(|n| n.name.clone()));
+        let mut nodes = Vec::new();
+        for (node, node_config) in topology.nodes().zip(&config.nodes) {
+            let region = map_node_region(&files[node.index()].region)?;
+            let mut health = NodeHealth::new(
+                node_config.name.clone(),
+                node_config.nbd_port,
+                state.console_log(&node_config.name),
+                region,
+                monitor.clone(),
+            );
+            // A state directory kept from an earlier run may have this identity with
+            // another node: then that node serves its address.
+            health.forwards_own_port = control
+                .owner(node.home_identity().index())
+                .is_none_or(|o| o.node.is_none_or(|n| n as usize == node.index()));
+            nodes.push(health);
+        }
+        Ok(Cluster {
+            config: config.clone(),
+            state: state.clone(),
+            topology,
+            nodes,
+            backend,
+            control,
+            control_writer,
+            command_seq,
+            files: files.to_vec(),
+            control_path: control_path.to_owned(),
+            started: Instant::now(),
+            events: EventLog::new(&state.event_log()),
+            last_states: vec![NodeState::Booting; config.nodes.len()],
+            adopted: false,
+        })
+    }
+
+    /// Boots every node. On any failure, whatever was started is killed before returning.
+    pub fn launch(mut self) -> Result<Cluster, LaunchError> {
+        let (accel, accel_reason) = self.backend.accel();
+        self.record(&Event::PairStarting {
+            accel,
+            accel_reason,
+        });
+        if let Err(error) = records::save_config(&self.state, &self.config) {
+            log::warn!(
+                "a restarted hostd will not be able to adopt this cluster: {}",
+                wire::error_chain::one_line(&error)
+            );
+        }
+        for identity in self.topology.identities() {
+            if let Some(owner) = self.owner_of(identity) {
+                self.record(&Event::ServingStarted {
+                    identity: self.topology.identity_name(identity).to_owned(),
+                    node: self.topology.name(owner).to_owned(),
+                    epoch: self.epoch(),
+                });
+            }
+        }
+        // Every node starts before any control channel is awaited: they boot in parallel.
+        let nodes: Vec<NodeId> = self.topology.nodes().collect();
+        for &node in &nodes {
+            if let Err(error) = self.spawn_node(node) {
+                self.backend.kill_all();
+                return Err(error);
+            }
+        }
+        for &node in &nodes {
+            if let Err(error) = self.connect_node(node) {
+                self.backend.kill_all();
+                return Err(error);
+            }
+        }
+        self.started = Instant::now();
+        Ok(self)
+    }
+
+    // --- What the cluster is ------------------------------------------------------------
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn node(&self, node: NodeId) -> &NodeHealth {
+        &self.nodes[node.index()]
+    }
+
+    pub fn node_mut(&mut self, node: NodeId) -> &mut NodeHealth {
+        &mut self.nodes[node.index()]
+    }
+
+    pub fn backend_mut(&mut self) -> &mut dyn NodeBackend {
+        self.backend.as_mut()
+    }
+
+    /// The node called `name`.
+    pub fn node_named(&self, name: &str) -> Option<NodeId> {
+        self.topology.node_named(name)
+    }
+
+    /// The host port of `identity`'s address.
+    pub fn port(&self, identity: IdentityId) -> u16 {
+        self.nodes[identity.home().index()].nbd_port
+    }
+
+    /// How often the main loop samples the nodes: often, since a sample is a few loads
+    /// from shared memory and a `waitid`, and process death should be seen at once.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.config.heartbeat.interval_ms.min(10))
+    }
+
+    /// The monitors' clock now: time since launch (set before the first sample).
+    pub fn clock(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    pub fn set_adopted(&mut self) {
+        self.adopted = true;
+        self.last_states = self.nodes.iter().map(NodeHealth::state).collect();
+    }
+
+    // --- Ownership: the control region -------------------------------------------------
+
+    pub fn epoch(&self) -> u64 {
+        self.control.epoch()
+    }
+
+    /// Which node holds `identity` now.
+    pub fn owner_of(&self, identity: IdentityId) -> Option<NodeId> {
+        self.control
+            .owner(identity.index())
+            .and_then(|o| o.node)
+            .and_then(|n| self.topology.node_at(n as usize))
+    }
+
+    /// Makes `node` the owner of `identity` at `epoch`, which becomes the cluster's epoch.
+    pub fn set_owner(
+        &mut self,
+        identity: IdentityId,
+        node: NodeId,
+        epoch: u64,
+    ) -> Result<(), CommandError> {
+        self.control_writer.set_epoch(epoch);
+        self.control_writer.set_owner(
+            identity.index(),
+            Owner {
+                node: Some(node.index() as u32),
+                epoch,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Issues a command to `node`; returns its seq.
+    pub fn issue(
+        &mut self,
+        node: NodeId,
+        kind: CommandKind,
+        identity: IdentityId,
+        epoch: u64,
+        argument: u64,
+    ) -> Result<u64, CommandError> {
+        self.command_seq += 1;
+        let seq = self.command_seq;
+        self.control_writer.issue(
+            node.index(),
+            Command {
+                seq,
+                kind,
+                identity: identity.index() as u64,
+                epoch,
+                argument,
+            },
+        )?;
+        log::info!(
+            "command {seq} to {}: {kind:?} identity {} (epoch {epoch})",
+            self.topology.name(node),
+            self.topology.identity_name(identity)
+        );
+        Ok(seq)
+    }
+
+    /// Polls `node`'s acknowledgement until it names command `seq`.
+    pub fn await_ack(
+        &self,
+        node: NodeId,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<Ack, CommandError> {
+        let deadline = Instant::now() + timeout;
+        let name = || self.topology.name(node).to_owned();
+        loop {
+            if let Some(ack) = self.nodes[node.index()].region.ack()
+                && ack.command_seq == seq
+            {
+                return match ack.status {
+                    ack_status::OK | ack_status::PARTIAL_REPLAY => Ok(ack),
+                    status => Err(CommandError::AckFailed {
+                        node: name(),
+                        seq,
+                        status,
+                    }),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(CommandError::AckTimeout {
+                    node: name(),
+                    seq,
+                    timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    // --- Processes ----------------------------------------------------------------------
+
+    /// What node `node` needs to start.
+    fn plan(&self, node: NodeId) -> SpawnPlan {
+        let config = &self.config.nodes[node.index()];
+        let watched = self
+            .topology
+            .watched_by(node)
+            .into_iter()
+            .map(|other| WatchedNode {
+                name: self.topology.name(other).to_owned(),
+                region: self.files[other.index()].region.clone(),
+                disk: self.files[other.index()].disk.clone(),
+            })
+            .collect();
+        let kernel_args = [self.config.qemu.kernel_args.as_str(), &config.kernel_args]
+            .into_iter()
+            .filter(|args| !args.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        SpawnPlan {
+            name: config.name.clone(),
+            options: self.config.agent_options(),
+            region: self.files[node.index()].region.clone(),
+            disk: self.files[node.index()].disk.clone(),
+            watched,
+            control_region: self.control_path.clone(),
+            region_size: self.config.regions.node_mib << 20,
+            control_size: self.control.header().region_size,
+            regions_dir: self.state.regions_dir(),
+            // The identity's address goes to this node unless another node holds it now.
+            ports: if self.nodes[node.index()].forwards_own_port {
+                vec![config.nbd_port]
+            } else {
+                Vec::new()
+            },
+            kernel_args,
+            console: self.state.console_log(&config.name),
+        }
+    }
+
+    /// Starts `node`'s process and records it for a restarted hostd.
+    pub fn spawn_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
+        let plan = self.plan(node);
+        let name = plan.name.clone();
+        log::info!("starting node {name}");
+        let before = self.nodes[node.index()].before_start();
+        let pid = self.backend.spawn(node, &plan)?;
+        // Without its record a restarted hostd could not adopt the node, and might take it
+        // for dead: no node runs unrecorded.
+        if let Err(source) = records::save_record(&self.state, &name, pid, before) {
+            let _ = self.backend.fence(node, QUIT_TIMEOUT);
+            return Err(LaunchError::Record { node: name, source });
+        }
+        self.nodes[node.index()].restarted(before);
+        Ok(())
+    }
+
+    /// Waits until `node`'s control channel answers.
+    pub fn connect_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
+        Ok(self.backend.connect(node)?)
+    }
+
+    /// Kills and reaps `node`; only a confirmed death counts.
+    pub fn fence(&mut self, node: NodeId) -> Result<(), BackendError> {
+        let how = self.backend.fence(node, FENCE_TIMEOUT)?;
+        self.nodes[node.index()].fenced(&how);
+        log::info!("node {} fenced: {how}", self.topology.name(node));
+        self.record_serving_ended_all(node, "fenced");
+        Ok(())
+    }
+
+    /// Points `identity`'s host port at `node`.
+    pub fn forward(&mut self, node: NodeId, identity: IdentityId) -> Result<(), BackendError> {
+        self.backend.forward(node, self.port(identity))?;
+        if node == identity.home() {
+            self.nodes[node.index()].forwards_own_port = true;
+        }
+        Ok(())
+    }
+
+    /// Takes `identity`'s host port away from `node`.
+    pub fn unforward(&mut self, node: NodeId, identity: IdentityId) -> Result<(), BackendError> {
+        self.backend.unforward(node, self.port(identity))?;
+        if node == identity.home() {
+            self.nodes[node.index()].forwards_own_port = false;
+        }
+        Ok(())
+    }
+
+    /// The pid of `node`'s process while it runs.
+    pub fn pid(&self, node: NodeId) -> Option<u32> {
+        self.backend.pid(node)
+    }
+
+    // --- Watching -----------------------------------------------------------------------
+
+    /// Samples every node (fenced ones are done with), records each state change as an
+    /// event, and returns the nodes that went Down in this sample.
+    pub fn sample(&mut self) -> Vec<NodeId> {
+        let now = Instant::now();
+        let clock = self.clock(now);
+        let mut down = Vec::new();
+        for node in self.topology.nodes() {
+            let health = &mut self.nodes[node.index()];
+            if !health.fenced && health.started {
+                let polled = self.backend.poll(node);
+                if health.sample(polled, now, clock) {
+                    down.push(node);
+                }
+            }
+            let state = health.state();
+            let last = &mut self.last_states[node.index()];
+            if state != *last {
+                let detail = format!(
+                    "{}vm {}, heartbeat {}, boot id {:#018x}",
+                    match health.health_reason() {
+                        reason if reason.is_empty() => String::new(),
+                        reason => format!("{reason}; "),
+                    },
+                    health.vm_description(),
+                    health.heartbeat(),
+                    health.region.boot_id()
+                );
+                let event = Event::NodeState {
+                    node: health.name.clone(),
+                    from: *last,
+                    to: state,
+                    detail,
+                };
+                *last = state;
+                self.events.record(&event);
+            }
+        }
+        down
+    }
+
+    /// The cluster as `hostd status` shows it.
+    pub fn status(&self) -> ClusterStatus {
+        let now = Instant::now();
+        let names = &self.control.header().nodes;
+        let nodes = self
+            .topology
+            .nodes()
+            .map(|node| {
+                let health = &self.nodes[node.index()];
+                let identity = node.home_identity();
+                let partner = self.topology.first_taker(identity);
+                let peer = health.region.peer().unwrap_or_default();
+                // One snapshot: read apart, a live flusher can make flushed pass head.
+                let cursors = health.region.log_cursors().ok();
+                let owner = self.owner_of(identity);
+                let served_by = owner.and_then(|n| names.get(n.index()).cloned());
+                let (takeover_possible, takeover_reason) = match partner {
+                    Some(partner) => takeover_readiness(
+                        health,
+                        &self.nodes[partner.index()],
+                        owner == Some(node),
+                    ),
+                    None => (false, "no other node may take it over".to_owned()),
+                };
+                NodeStatus {
+                    name: health.name.clone(),
+                    partner: partner
+                        .map(|p| self.topology.name(p).to_owned())
+                        .unwrap_or_default(),
+                    state: health.state(),
+                    health: health.health_reason(),
+                    vm: health.vm_description(),
+                    pid: self.backend.pid(node),
+                    heartbeat: health.heartbeat(),
+                    heartbeat_age_ms: health.heartbeat_age(now).map(|d| d.as_millis() as u64),
+                    boot_id: health.region.boot_id(),
+                    peer_boot_id: peer.boot_id,
+                    peer_heartbeat: peer.heartbeat,
+                    head_seq: cursors.map(|(_, head)| head.seq),
+                    last_ack_seq: health.region.ack().map_or(0, |a| a.command_seq),
+                    flushed_seq: cursors.map(|(flushed, _)| flushed.seq),
+                    served_by,
+                    nbd: format!("nbd://127.0.0.1:{}/{}", health.nbd_port, health.name),
+                    takeover_possible,
+                    takeover_reason,
+                    console: health.console.display().to_string(),
+                }
+            })
+            .collect();
+        let (accel, accel_reason) = self.backend.accel();
+        ClusterStatus {
+            epoch: self.epoch(),
+            state_dir: self.state.root().display().to_string(),
+            hostd_pid: std::process::id(),
+            accel,
+            accel_reason,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            adopted: self.adopted,
+            nodes,
+        }
+    }
+
+    // --- Stopping -----------------------------------------------------------------------
+
+    /// Stops every node: asks each to go, then waits for all of them on one deadline and
+    /// kills whatever is left.
+    pub fn shut_down(&mut self, purge: bool) -> DownReport {
+        let stopped: Vec<(String, String)> = self
+            .backend
+            .stop_all(QUIT_TIMEOUT)
+            .into_iter()
+            .map(|(node, how)| {
+                let name = self.topology.name(node).to_owned();
+                log::info!("node {name}: {how}");
+                records::remove_record(&self.state, &name);
+                (name, how)
+            })
+            .collect();
+        for identity in self.topology.identities() {
+            if let Some(owner) = self.owner_of(identity)
+                && !self.nodes[owner.index()].fenced
+            {
+                self.record_serving_ended(identity, owner, "stopped");
+            }
+        }
+        self.record(&Event::PairStopped {
+            stopped: stopped.clone(),
+        });
+        let purged = if purge {
+            self.purge()
+        } else {
+            self.sync_disks();
+            false
+        };
+        DownReport { stopped, purged }
+    }
+
+    /// Leaves every node process running without this hostd.
+    pub fn disown_all(&mut self) {
+        self.backend.disown_all();
+    }
+
+    /// Syncs the disk images to their media: agents may have left released writes in the
+    /// host's page cache (`flusher.release = "host"`), and after a clean `down` everything
+    /// the cluster released should be on the media, not only in memory.
+    fn sync_disks(&self) {
+        for files in &self.files {
+            // fdatasync needs no write access.
+            let synced = std::fs::File::open(&files.disk).and_then(|disk| disk.sync_data());
+            if let Err(error) = synced {
+                log::warn!("cannot sync disk {}: {error}", files.disk.display());
+            }
+        }
+    }
+
+    fn purge(&self) -> bool {
+        let mut ok = true;
+        let mut remove = |path: &Path| {
+            let result = if path.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            if let Err(error) = result.or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }) {
+                log::warn!("cannot remove {}: {error}", path.display());
+                ok = false;
+            }
+        };
+        remove(&self.state.regions_dir());
+        for files in &self.files {
+            remove(&files.disk);
+        }
+        remove(&self.state.sockets_dir());
+        ok
+    }
+
+    // --- Events -------------------------------------------------------------------------
+
+    pub fn record(&self, event: &Event) {
+        self.events.record(event);
+    }
+
+    pub fn record_serving_ended(&self, identity: IdentityId, node: NodeId, reason: &str) {
+        self.record(&Event::ServingEnded {
+            identity: self.topology.identity_name(identity).to_owned(),
+            node: self.topology.name(node).to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Records the end of serving for every identity `node` holds now.
+    pub fn record_serving_ended_all(&self, node: NodeId, reason: &str) {
+        for identity in self.topology.identities() {
+            if self.owner_of(identity) == Some(node) {
+                self.record_serving_ended(identity, node, reason);
+            }
+        }
+    }
+
+    /// Logs and records a move of `identity` to `to` that failed.
+    pub fn record_failure(
+        &self,
+        identity: IdentityId,
+        to: NodeId,
+        reason: &str,
+        error: &dyn std::error::Error,
+    ) {
+        let chain = wire::error_chain::one_line(error);
+        let (identity, to) = (
+            self.topology.identity_name(identity),
+            self.topology.name(to),
+        );
+        log::error!("moving {identity} to {to} failed: {chain}");
+        self.record(&Event::MoveFailed {
+            node: identity.to_owned(),
+            to: to.to_owned(),
+            reason: reason.to_owned(),
+            error: chain,
+        });
+    }
+}
+
+/// Whether `taker` could take `node`'s identity over now, and why not.
+fn takeover_readiness(
+    node: &NodeHealth,
+    taker: &NodeHealth,
+    node_owns_identity: bool,
+) -> (bool, String) {
+    if !node_owns_identity {
+        return (
+            false,
+            format!("{} does not hold its identity now", node.name),
+        );
+    }
+    let taker_state = taker.state();
+    if taker_state != NodeState::Up {
+        return (
+            false,
+            format!("partner {} is {}", taker.name, taker_state.as_str()),
+        );
+    }
+    let peer = taker.region.peer().unwrap_or_default();
+    if peer.boot_id == 0 || peer.boot_id != node.region.boot_id() {
+        return (
+            false,
+            format!(
+                "partner {} does not read {}'s region yet",
+                taker.name, node.name
+            ),
+        );
+    }
+    (
+        true,
+        format!("partner {} is up and reads its region", taker.name),
+    )
+}

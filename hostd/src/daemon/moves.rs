@@ -1,0 +1,485 @@
+//! Moving identities between nodes: takeover after a failure, planned takeover, giveback.
+//!
+//! Unplanned takeover (a node went Down): fence first (kill and reap: no takeover until
+//! the node is confirmed dead), then a new epoch and owner in the control region, then the
+//! taker's `TakeOver` command (it replays the dead node's log and acknowledges), then the
+//! address. Planned moves (takeover, giveback) release first: the old owner stops writing
+//! and flushes its log before the new one starts.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use shm::CommandKind;
+use shm::TakeOverArgument;
+use shm::node::ack_status;
+use wire::control::{MoveReport, NodeState, Response, Timeline};
+use wire::events::Event;
+
+use super::backend::BackendError;
+use super::cluster::{Cluster, CommandError, LaunchError};
+use super::topology::{IdentityId, NodeId};
+
+/// How long an agent may take to acknowledge a takeover (a replay of a full log included).
+const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a release may take (the old owner flushes its whole log).
+const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a restarted node may take to boot for a giveback.
+const GIVEBACK_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Why a move failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("no node is called {0:?}")]
+    NoSuchNode(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot fence node {node}")]
+    Fence {
+        node: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("cannot move the address of {identity} to node {node}")]
+    Address {
+        identity: String,
+        node: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot restart node {node}")]
+    Restart {
+        node: String,
+        #[source]
+        source: Box<LaunchError>,
+    },
+}
+
+/// How an identity moves.
+#[derive(Debug, Clone)]
+enum Move {
+    /// Its owner was fenced; the new owner replays its log.
+    Unplanned { reason: String },
+    /// Its owner `from` is alive and releases it first.
+    Planned { from: NodeId, reason: String },
+}
+
+/// A giveback waiting for its node to boot.
+#[derive(Debug)]
+struct PendingGiveback {
+    node: NodeId,
+    reply: Option<Sender<Response>>,
+    started: Instant,
+    started_unix_ms: u64,
+    /// Whether this giveback started the node's process again.
+    restarted: bool,
+}
+
+/// The moves in progress: the daemon's failover state beside the cluster's.
+#[derive(Debug, Default)]
+pub struct Moves {
+    pending_giveback: Option<PendingGiveback>,
+}
+
+fn ms_since(started: Instant) -> f64 {
+    (started.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn node_named(cluster: &Cluster, name: &str) -> Result<NodeId, MoveError> {
+    cluster
+        .node_named(name)
+        .ok_or_else(|| MoveError::NoSuchNode(name.to_owned()))
+}
+
+impl Moves {
+    /// What the main loop does on every tick: fence and take over what went Down, move
+    /// identities whose taker was not ready before, finish a giveback whose node is up.
+    pub fn tick(&mut self, cluster: &mut Cluster) {
+        for node in cluster.sample() {
+            fail_over(cluster, node);
+        }
+        adopt_orphans(cluster);
+        self.continue_giveback(cluster);
+    }
+
+    /// `hostd giveback NODE`: starts NODE again if it is not running; the move itself
+    /// happens once it is up (see [`Moves::continue_giveback`]).
+    pub fn start_giveback(
+        &mut self,
+        cluster: &mut Cluster,
+        name: &str,
+        reply: Option<Sender<Response>>,
+    ) {
+        match self.begin_giveback(cluster, name) {
+            Ok(pending) => {
+                self.pending_giveback = Some(PendingGiveback { reply, ..pending });
+                // It may be up already.
+                self.continue_giveback(cluster);
+            }
+            Err(error) => send(
+                reply,
+                Response::Error {
+                    message: wire::error_chain::one_line(&error),
+                },
+            ),
+        }
+    }
+
+    fn begin_giveback(
+        &mut self,
+        cluster: &mut Cluster,
+        name: &str,
+    ) -> Result<PendingGiveback, MoveError> {
+        let node = node_named(cluster, name)?;
+        let identity = node.home_identity();
+        if self.pending_giveback.is_some() {
+            return Err(MoveError::Refused(
+                "a giveback is already in progress".into(),
+            ));
+        }
+        let holder = match cluster.owner_of(identity) {
+            Some(holder) if holder != node => holder,
+            _ => {
+                return Err(MoveError::Refused(format!(
+                    "{name} holds its own identity already: nothing to give back"
+                )));
+            }
+        };
+        let holder_state = cluster.node(holder).state();
+        if holder_state != NodeState::Up {
+            return Err(MoveError::Refused(format!(
+                "partner {} is {}: it cannot release {name}'s identity",
+                cluster.topology().name(holder),
+                holder_state.as_str()
+            )));
+        }
+        let started = Instant::now();
+        // A fenced node has an exit status too: no pid means nothing runs.
+        let restart = cluster.pid(node).is_none() || cluster.node(node).state() == NodeState::Down;
+        if restart {
+            // Reaps whatever is left of the old process.
+            let _ = cluster
+                .backend_mut()
+                .fence(node, super::cluster::FENCE_TIMEOUT);
+            // Its address stays with the holder until the move.
+            cluster.node_mut(node).forwards_own_port = false;
+            cluster
+                .spawn_node(node)
+                .and_then(|()| cluster.connect_node(node))
+                .map_err(|source| MoveError::Restart {
+                    node: name.to_owned(),
+                    source: Box::new(source),
+                })?;
+            log::info!("giveback: node {name} restarted; waiting for its agent");
+        }
+        Ok(PendingGiveback {
+            node,
+            reply: None,
+            started,
+            started_unix_ms: wire::time::now_unix_ms(),
+            restarted: restart,
+        })
+    }
+
+    /// Completes a pending giveback once its node is up; gives up after a boot timeout.
+    fn continue_giveback(&mut self, cluster: &mut Cluster) {
+        let Some(pending) = self.pending_giveback.take() else {
+            return;
+        };
+        let node = pending.node;
+        let name = cluster.topology().name(node).to_owned();
+        let state = cluster.node(node).state();
+        if state != NodeState::Up {
+            if pending.started.elapsed() > GIVEBACK_BOOT_TIMEOUT
+                || matches!(state, NodeState::Down | NodeState::Fenced)
+            {
+                let error = MoveError::Refused(format!(
+                    "node {name} did not come up for the giveback (it is {})",
+                    state.as_str()
+                ));
+                send(
+                    pending.reply,
+                    Response::Error {
+                        message: error.to_string(),
+                    },
+                );
+            } else {
+                self.pending_giveback = Some(pending);
+            }
+            return;
+        }
+        let identity = node.home_identity();
+        let timeline = Timeline {
+            restarted: pending.restarted.then(|| ms_since(pending.started)),
+            ..Timeline::default()
+        };
+        let response = match cluster.owner_of(identity) {
+            Some(holder) if holder != node => {
+                let result = move_identity(
+                    cluster,
+                    identity,
+                    node,
+                    Move::Planned {
+                        from: holder,
+                        reason: "giveback (hostd giveback)".into(),
+                    },
+                    (pending.started, pending.started_unix_ms),
+                    timeline,
+                );
+                match result {
+                    Ok(report) => {
+                        cluster.record(&Event::Giveback(report.clone()));
+                        Response::Moved(report)
+                    }
+                    Err(error) => {
+                        cluster.record_failure(identity, node, "giveback", &error);
+                        Response::Error {
+                            message: format!(
+                                "giveback of {name} failed: {}",
+                                wire::error_chain::one_line(&error)
+                            ),
+                        }
+                    }
+                }
+            }
+            _ => Response::Error {
+                message: format!("{name} holds its own identity already: nothing to give back"),
+            },
+        };
+        send(pending.reply, response);
+    }
+}
+
+/// Acts on a node that went Down: fences it, then moves every identity it held to a
+/// taker. Records the outcome as events; never panics the daemon.
+pub fn fail_over(cluster: &mut Cluster, victim: NodeId) {
+    let detected = cluster.node(victim).down_at.unwrap_or_else(Instant::now);
+    if let Err(source) = cluster.fence(victim) {
+        // No takeover without a confirmed fence: two writers would be worse than none.
+        let reason = cluster.node(victim).health_reason();
+        let error = MoveError::Fence {
+            node: cluster.topology().name(victim).to_owned(),
+            source,
+        };
+        let identity = victim.home_identity();
+        if let Some(taker) = cluster.topology().first_taker(identity) {
+            cluster.record_failure(identity, taker, &reason, &error);
+        }
+        return;
+    }
+    cluster.node_mut(victim).fenced_ms = Some(ms_since(detected));
+    adopt_orphans(cluster);
+}
+
+/// Moves each identity held by a fenced node to a taker, as soon as one can serve (called
+/// after every fence and on every tick, so a takeover refused while the taker was booting
+/// or suspect happens once it is up).
+pub fn adopt_orphans(cluster: &mut Cluster) {
+    let identities: Vec<IdentityId> = cluster.topology().identities().collect();
+    for identity in identities {
+        let Some(owner) = cluster.owner_of(identity) else {
+            continue;
+        };
+        if !cluster.node(owner).fenced {
+            continue;
+        }
+        let reason = cluster.node(owner).health_reason();
+        // The nodes that may take the owner's identities, in order; the first live one.
+        let takers: Vec<NodeId> = cluster
+            .topology()
+            .takeover_candidates(owner.home_identity())
+            .collect();
+        let ready = takers.iter().copied().find(|&taker| {
+            matches!(
+                cluster.node(taker).state(),
+                NodeState::Up | NodeState::Suspect
+            )
+        });
+        let Some(taker) = ready else {
+            if !cluster.node(owner).orphan_reported
+                && let Some(&first) = takers.first()
+            {
+                cluster.node_mut(owner).orphan_reported = true;
+                let error = MoveError::Refused(format!(
+                    "partner {} is {}; the takeover waits until it is up",
+                    cluster.topology().name(first),
+                    cluster.node(first).state().as_str()
+                ));
+                cluster.record_failure(identity, first, &reason, &error);
+            }
+            continue;
+        };
+        let detected = cluster.node(owner).down_at.unwrap_or_else(Instant::now);
+        let detected_unix_ms =
+            wire::time::now_unix_ms().saturating_sub(detected.elapsed().as_millis() as u64);
+        let timeline = Timeline {
+            fenced: cluster.node(owner).fenced_ms,
+            ..Timeline::default()
+        };
+        let report = move_identity(
+            cluster,
+            identity,
+            taker,
+            Move::Unplanned {
+                reason: reason.clone(),
+            },
+            (detected, detected_unix_ms),
+            timeline,
+        );
+        match report {
+            Ok(report) => cluster.record(&Event::Takeover(report)),
+            Err(error) => cluster.record_failure(identity, taker, &reason, &error),
+        }
+    }
+}
+
+/// `hostd takeover NODE`: another node takes NODE's identity over; NODE keeps running.
+pub fn planned_takeover(cluster: &mut Cluster, name: &str) -> Result<MoveReport, MoveError> {
+    let node = node_named(cluster, name)?;
+    let identity = node.home_identity();
+    if cluster.owner_of(identity) != Some(node) {
+        return Err(MoveError::Refused(format!(
+            "{name} does not hold its identity now (use `hostd giveback {name}` to return it)"
+        )));
+    }
+    let taker = cluster.topology().first_taker(identity).ok_or_else(|| {
+        MoveError::Refused(format!("no other node may take {name}'s identity over"))
+    })?;
+    for member in [node, taker] {
+        let state = cluster.node(member).state();
+        if state != NodeState::Up {
+            return Err(MoveError::Refused(format!(
+                "node {} is {}: a planned takeover needs both nodes up",
+                cluster.topology().name(member),
+                state.as_str()
+            )));
+        }
+    }
+    let report = move_identity(
+        cluster,
+        identity,
+        taker,
+        Move::Planned {
+            from: node,
+            reason: "planned takeover (hostd takeover)".into(),
+        },
+        (Instant::now(), wire::time::now_unix_ms()),
+        Timeline::default(),
+    )?;
+    cluster.record(&Event::Takeover(report.clone()));
+    Ok(report)
+}
+
+/// Moves `identity` to node `to`. The caller has fenced the old owner (unplanned) or names
+/// it for a release (planned).
+fn move_identity(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    to: NodeId,
+    how: Move,
+    (started, started_unix_ms): (Instant, u64),
+    mut timeline: Timeline,
+) -> Result<MoveReport, MoveError> {
+    let identity_name = cluster.topology().identity_name(identity).to_owned();
+    let address_error = |cluster: &Cluster, node: NodeId, source| MoveError::Address {
+        identity: identity_name.clone(),
+        node: cluster.topology().name(node).to_owned(),
+        source,
+    };
+    let from = match &how {
+        Move::Unplanned { .. } => cluster.owner_of(identity).unwrap_or(identity.home()),
+        Move::Planned { from, .. } => *from,
+    };
+    let argument = TakeOverArgument {
+        replay_partner_log: matches!(how, Move::Unplanned { .. }),
+        port: if cluster.backend_mut().agents_listen() {
+            cluster.port(identity)
+        } else {
+            0
+        },
+    };
+    if let Move::Planned { from, .. } = how {
+        // New clients must not reach the old owner while it flushes.
+        cluster
+            .unforward(from, identity)
+            .map_err(|source| address_error(cluster, from, source))?;
+        let epoch = cluster.epoch();
+        let released = cluster
+            .issue(from, CommandKind::Release, identity, epoch, 0)
+            .and_then(|seq| cluster.await_ack(from, seq, RELEASE_ACK_TIMEOUT));
+        if let Err(error) = released {
+            // The old owner keeps the identity: give its address back.
+            if let Err(undo) = cluster.forward(from, identity) {
+                log::error!(
+                    "cannot restore the address after a failed release: {}",
+                    wire::error_chain::one_line(&undo)
+                );
+            }
+            return Err(error.into());
+        }
+        timeline.released = Some(ms_since(started));
+        cluster.record_serving_ended(identity, from, "released");
+    } else {
+        // The fenced node's process is gone and with it its forward.
+        cluster.node_mut(from).forwards_own_port = false;
+    }
+    let epoch = cluster.epoch() + 1;
+    // Before the owner changes: the agent may start serving as soon as it does.
+    cluster.record(&Event::ServingStarted {
+        identity: identity_name.clone(),
+        node: cluster.topology().name(to).to_owned(),
+        epoch,
+    });
+    cluster.set_owner(identity, to, epoch)?;
+    let seq = cluster.issue(
+        to,
+        CommandKind::TakeOver,
+        identity,
+        epoch,
+        argument.to_word(),
+    )?;
+    let ack = cluster.await_ack(to, seq, TAKEOVER_ACK_TIMEOUT)?;
+    timeline.replayed = Some(ms_since(started));
+    cluster
+        .forward(to, identity)
+        .map_err(|source| address_error(cluster, to, source))?;
+    timeline.serving = Some(ms_since(started));
+    let replayed = argument.replay_partner_log;
+    let report = MoveReport {
+        node: identity_name,
+        from: cluster.topology().name(from).to_owned(),
+        to: cluster.topology().name(to).to_owned(),
+        planned: !replayed,
+        reason: match how {
+            Move::Unplanned { reason } | Move::Planned { reason, .. } => reason,
+        },
+        epoch,
+        detected_unix_ms: started_unix_ms,
+        timeline_ms: timeline,
+        replayed_records: if replayed {
+            (ack.last_seq + 1).saturating_sub(ack.first_seq)
+        } else {
+            0
+        },
+        replayed_first_seq: ack.first_seq,
+        replayed_last_seq: ack.last_seq,
+        replay_complete: ack.status != ack_status::PARTIAL_REPLAY,
+    };
+    log::info!(
+        "identity {} moved {} → {} in {:.1} ms (epoch {epoch})",
+        report.node,
+        report.from,
+        report.to,
+        report.timeline_ms.serving.unwrap_or_default()
+    );
+    Ok(report)
+}
+
+/// Answers a client, if it still waits.
+pub fn send(reply: Option<Sender<Response>>, response: Response) {
+    if let Some(reply) = reply {
+        // The client may have gone; that is its business.
+        let _ = reply.send(response);
+    }
+}

@@ -1,0 +1,373 @@
+//! The takeover state machine over the fake backend: real regions and a real control
+//! region in a temporary directory, fake agents that beat and answer commands.
+
+use std::time::{Duration, Instant};
+
+use shm::CommandKind;
+use wire::control::{NodeState, Response};
+use wire::events::Event;
+use wire::state_dir::StateDir;
+
+use super::backend::fake::{Answer, Call, FakeBackend, FakeHandle};
+use super::cluster::Cluster;
+use super::moves::{self, Moves};
+use super::prepare;
+use super::topology::NodeId;
+use crate::config::{Backend, Config};
+
+const A: usize = 0;
+const B: usize = 1;
+
+struct Harness {
+    cluster: Cluster,
+    moves: Moves,
+    fake: FakeHandle,
+    state: StateDir,
+    _dir: tempfile::TempDir,
+}
+
+fn node(index: usize) -> NodeId {
+    NodeId::from_index(index)
+}
+
+impl Harness {
+    /// A launched pair whose agents beat every 2 ms, judged down after 150 ms of silence.
+    fn pair() -> Self {
+        Self::pair_with(|_| {})
+    }
+
+    /// A pair whose fake agents are set up by `before` before launch.
+    fn pair_with(before: impl FnOnce(&FakeHandle)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let mut config = Config {
+            backend: Backend::Process,
+            ..Config::default()
+        };
+        config.regions.node_mib = 1;
+        config.disks.size_mib = 1;
+        config.heartbeat.interval_ms = 10;
+        config.heartbeat.timeout_ms = 150;
+        let (files, control) = prepare::prepare(&config, &state).unwrap();
+        let (backend, fake) = FakeBackend::new(&["a", "b"], &control);
+        before(&fake);
+        let cluster = Cluster::new(&config, &state, &files, &control, Box::new(backend))
+            .unwrap()
+            .launch()
+            .unwrap();
+        Harness {
+            cluster,
+            moves: Moves::default(),
+            fake,
+            state,
+            _dir: dir,
+        }
+    }
+
+    /// Runs the main loop's tick until `done` holds; fails after `timeout`.
+    fn run_until(&mut self, what: &str, timeout: Duration, done: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.cluster) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}; calls {:#?}",
+                self.fake.calls()
+            );
+            self.moves.tick(&mut self.cluster);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Runs the loop for `time` and checks `invariant` at every tick.
+    fn run_for(&mut self, time: Duration, invariant: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + time;
+        while Instant::now() < deadline {
+            self.moves.tick(&mut self.cluster);
+            assert!(invariant(&self.cluster), "calls {:#?}", self.fake.calls());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn up(&mut self) {
+        self.run_until("both nodes up", Duration::from_secs(5), |c| {
+            [A, B]
+                .iter()
+                .all(|&n| c.node(node(n)).state() == NodeState::Up)
+        });
+    }
+
+    fn crash(&mut self, index: usize) {
+        let name = self.cluster.topology().name(node(index)).to_owned();
+        super::inject::inject(&mut self.cluster, &name, wire::control::KillSignal::Kill).unwrap();
+    }
+
+    fn owner(&self, identity: usize) -> Option<usize> {
+        self.cluster
+            .owner_of(node(identity).home_identity())
+            .map(NodeId::index)
+    }
+
+    fn events(&self) -> Vec<Event> {
+        let text = std::fs::read_to_string(self.state.event_log()).unwrap_or_default();
+        let (lines, bad) = wire::events::parse_log(&text);
+        assert!(bad.is_empty(), "{bad:?}");
+        lines.into_iter().map(|line| line.event).collect()
+    }
+}
+
+fn position(calls: &[Call], wanted: impl Fn(&Call) -> bool) -> usize {
+    calls
+        .iter()
+        .position(wanted)
+        .unwrap_or_else(|| panic!("no such call in {calls:#?}"))
+}
+
+/// A crashed node is killed and reaped while the epoch is still the old one; only then
+/// does its identity get a new epoch and owner, and the taker its command.
+#[test]
+fn the_fence_comes_before_the_epoch_bump() {
+    let mut h = Harness::pair();
+    h.up();
+    assert_eq!(h.cluster.epoch(), 0);
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let calls = h.fake.calls();
+    let fence = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
+    assert_eq!(
+        calls[fence],
+        Call::Fence { node: A, epoch: 0 },
+        "fenced only after the epoch moved on"
+    );
+    let takeover = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                node: B,
+                kind: CommandKind::TakeOver,
+                ..
+            }
+        )
+    });
+    assert!(fence < takeover, "{calls:#?}");
+    assert_eq!(
+        calls[takeover],
+        Call::Command {
+            node: B,
+            kind: CommandKind::TakeOver,
+            identity: A as u64,
+            epoch: 1
+        }
+    );
+    assert_eq!(h.cluster.epoch(), 1);
+    assert_eq!(h.cluster.node(node(A)).state(), NodeState::Fenced);
+    // The address follows, last.
+    let forward = position(&calls, |c| matches!(c, Call::Forward { node: B, .. }));
+    assert!(takeover < forward);
+}
+
+/// While the only node that could take over is still booting, nothing moves; the wait is
+/// reported once, and the takeover happens as soon as the node is up.
+#[test]
+fn no_takeover_while_the_partner_boots() {
+    let mut h = Harness::pair_with(|fake| fake.set(B, |b| b.beats = false));
+    h.run_until("a up", Duration::from_secs(5), |c| {
+        c.node(node(A)).state() == NodeState::Up
+    });
+    assert_eq!(h.cluster.node(node(B)).state(), NodeState::Booting);
+    h.crash(A);
+    h.run_until("a fenced", Duration::from_secs(5), |c| {
+        c.node(node(A)).state() == NodeState::Fenced
+    });
+    h.run_for(Duration::from_millis(300), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(A)) && c.epoch() == 0
+    });
+    assert!(
+        !h.fake.calls().iter().any(|c| matches!(
+            c,
+            Call::Command {
+                kind: CommandKind::TakeOver,
+                ..
+            }
+        )),
+        "a takeover was commanded to a booting node"
+    );
+    let waits = h
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::MoveFailed { error, .. } if error.contains("waits until it is up")))
+        .count();
+    assert_eq!(waits, 1, "the wait is reported once");
+
+    h.fake.set(B, |b| b.beats = true);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+}
+
+/// A planned takeover whose release fails leaves everything as it was: the old owner
+/// keeps the identity and gets its address back, the epoch does not move.
+#[test]
+fn a_failed_release_rolls_back() {
+    let mut h = Harness::pair();
+    h.up();
+    h.fake.set(A, |a| a.answer = Answer::Fail);
+    let error = moves::planned_takeover(&mut h.cluster, "a").unwrap_err();
+    assert!(
+        wire::error_chain::one_line(&error).contains("failed command"),
+        "{error}"
+    );
+    assert_eq!(h.owner(A), Some(A));
+    assert_eq!(h.cluster.epoch(), 0);
+    let calls = h.fake.calls();
+    let port = h.cluster.port(node(A).home_identity());
+    let unforward = position(&calls, |c| *c == Call::Unforward { node: A, port });
+    let restored = position(&calls, |c| *c == Call::Forward { node: A, port });
+    assert!(unforward < restored, "{calls:#?}");
+    assert!(
+        !calls.iter().any(|c| matches!(
+            c,
+            Call::Command {
+                kind: CommandKind::TakeOver,
+                ..
+            }
+        )),
+        "{calls:#?}"
+    );
+
+    // It works once the release does.
+    h.fake.set(A, |a| a.answer = Answer::Ok);
+    let report = moves::planned_takeover(&mut h.cluster, "a").unwrap();
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("a", "b"));
+    assert_eq!(h.owner(A), Some(B));
+    assert_eq!(h.cluster.epoch(), 1);
+}
+
+/// Both nodes die one after the other: the first takeover happens, the second finds no
+/// live taker, so nothing is handed to a dead node, nothing loops, and the daemon runs on.
+#[test]
+fn a_double_failure_hands_nothing_to_a_dead_node() {
+    let mut h = Harness::pair();
+    h.up();
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    h.crash(B);
+    h.run_until("b fenced", Duration::from_secs(5), |c| {
+        c.node(node(B)).state() == NodeState::Fenced
+    });
+    h.run_for(Duration::from_millis(300), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+            && c.owner_of(node(B).home_identity()) == Some(node(B))
+            && c.epoch() == 1
+    });
+    let takeovers = h
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::Command {
+                    kind: CommandKind::TakeOver,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(takeovers, 1);
+    let status = h.cluster.status();
+    assert!(status.nodes.iter().all(|n| n.state == NodeState::Fenced));
+}
+
+/// A node restarted while its partner holds its identity does not take its address at
+/// start; the giveback releases the identity from the partner first, then hands it over.
+#[test]
+fn a_node_restarted_while_its_partner_holds_its_identity_waits_for_the_giveback() {
+    let mut h = Harness::pair();
+    h.up();
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
+    let response = loop {
+        if let Ok(response) = answer.try_recv() {
+            break response;
+        }
+        h.moves.tick(&mut h.cluster);
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let Response::Moved(report) = response else {
+        panic!("giveback failed: {response:?}");
+    };
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("b", "a"));
+    assert!(report.timeline_ms.restarted.is_some());
+    assert_eq!(h.owner(A), Some(A));
+    assert_eq!(h.cluster.epoch(), 2);
+    let calls = h.fake.calls();
+    let port = h.cluster.port(node(A).home_identity());
+    let spawns: Vec<&Call> = calls
+        .iter()
+        .filter(|c| matches!(c, Call::Spawn { node: A, .. }))
+        .collect();
+    assert_eq!(
+        spawns.last(),
+        Some(&&Call::Spawn {
+            node: A,
+            ports: vec![]
+        }),
+        "the restarted node must not serve its address while b holds it"
+    );
+    let release = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                node: B,
+                kind: CommandKind::Release,
+                ..
+            }
+        )
+    });
+    let takeover = calls
+        .iter()
+        .rposition(|c| {
+            matches!(
+                c,
+                Call::Command {
+                    node: A,
+                    kind: CommandKind::TakeOver,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    let forward = calls
+        .iter()
+        .rposition(|c| *c == Call::Forward { node: A, port })
+        .unwrap();
+    assert!(release < takeover && takeover < forward, "{calls:#?}");
+}
+
+/// Requests about nodes that do not exist, or moves that make no sense, are refused with
+/// words, and change nothing.
+#[test]
+fn senseless_requests_are_refused() {
+    let mut h = Harness::pair();
+    h.up();
+    let no_node = moves::planned_takeover(&mut h.cluster, "z").unwrap_err();
+    assert!(no_node.to_string().contains("no node is called"));
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
+    let Ok(Response::Error { message }) = answer.try_recv() else {
+        panic!("a giveback of an identity at home was not refused");
+    };
+    assert!(
+        message.contains("holds its own identity already"),
+        "{message}"
+    );
+    assert_eq!(h.cluster.epoch(), 0);
+}

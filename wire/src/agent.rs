@@ -1,0 +1,203 @@
+//! The guest agent's settings, as hostd hands them over: one typed definition, rendered as
+//! command-line flags for an agent process and as `ivha.*` kernel arguments for a guest,
+//! and parsed back by the agent from either.
+//!
+//! In a guest, `/init` knows none of these: it passes the kernel command line to the agent
+//! (`--kernel-cmdline /proc/cmdline`), which reads every `ivha.KEY=VALUE` (or bare
+//! `ivha.KEY` for a switch) as the flag `--KEY VALUE` with `_` for `-`. The few keys
+//! `/init` itself uses ([`INIT_KEYS`]) are left to it.
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Kernel arguments `/init` reads itself; the agent ignores them.
+pub const INIT_KEYS: [&str; 3] = ["node", "debug", "selftest"];
+
+/// When a logged write may leave the NVRAM log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Release {
+    /// Once the disk holds it as durably as the log: written, where the disk's page cache
+    /// is the host's (process mode); synced, in a guest (its page cache dies with it).
+    #[default]
+    Host,
+    /// Once synced to the disk's media, everywhere.
+    Media,
+}
+
+impl Release {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Release::Host => "host",
+            Release::Media => "media",
+        }
+    }
+}
+
+/// What hostd tells every agent of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct AgentOptions {
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub heartbeat_ms: u64,
+
+    /// NBD: after answering, poll the socket this long for the next request before
+    /// blocking (saves a wakeup per request at queue depth 1; 0 blocks at once).
+    #[arg(long, default_value_t = 0, value_name = "MICROSECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub nbd_poll_us: u64,
+
+    /// Flusher: wait this long before each batch (keeps records unflushed for a while).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub flush_delay_ms: u64,
+
+    /// Flusher: never flush (writes stay in the log; they block once it is full).
+    #[arg(long)]
+    pub flush_paused: bool,
+
+    /// When a logged write leaves the log: `host` once the disk holds it as durably as the
+    /// log (process mode: written to the host's page cache; in a guest: synced, since the
+    /// guest's page cache dies with the guest), `media` once synced to the disk's media.
+    #[arg(long, value_enum, default_value_t = Release::Host, value_name = "WHEN")]
+    pub release: Release,
+
+    /// With `--release host` in process mode: sync the disks to their media this often.
+    #[arg(long, default_value_t = 1000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub sync_interval_ms: u64,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            nbd_poll_us: 0,
+            flush_delay_ms: 0,
+            flush_paused: false,
+            release: Release::Host,
+            sync_interval_ms: 1000,
+        }
+    }
+}
+
+/// Parses the options alone, for [`AgentOptions::from_kernel_args`].
+#[derive(Debug, Parser)]
+#[command(name = "ivha kernel arguments", no_binary_name = true)]
+struct OptionsOnly {
+    #[command(flatten)]
+    options: AgentOptions,
+}
+
+impl AgentOptions {
+    /// Each option as its flag (without `--`) and value (None for a switch that is on);
+    /// switches that are off are left out.
+    fn flags(&self) -> Vec<(&'static str, Option<String>)> {
+        let mut flags = vec![
+            ("heartbeat-ms", Some(self.heartbeat_ms.to_string())),
+            ("nbd-poll-us", Some(self.nbd_poll_us.to_string())),
+            ("flush-delay-ms", Some(self.flush_delay_ms.to_string())),
+            ("release", Some(self.release.as_str().to_owned())),
+            ("sync-interval-ms", Some(self.sync_interval_ms.to_string())),
+        ];
+        if self.flush_paused {
+            flags.push(("flush-paused", None));
+        }
+        flags
+    }
+
+    /// The options as an agent process's flags.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, value) in self.flags() {
+            args.push(format!("--{flag}"));
+            args.extend(value);
+        }
+        args
+    }
+
+    /// The options as kernel arguments: `ivha.heartbeat_ms=100 ... ivha.flush_paused`.
+    pub fn to_kernel_args(&self) -> String {
+        self.flags()
+            .into_iter()
+            .map(|(flag, value)| {
+                let key = flag.replace('-', "_");
+                match value {
+                    Some(value) => format!("ivha.{key}={value}"),
+                    None => format!("ivha.{key}"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Reads the options from a kernel command line: every `ivha.*` word but
+    /// [`INIT_KEYS`]; anything else is the kernel's. Options not given keep their
+    /// defaults; an unknown `ivha.*` key or a bad value is an error that names it.
+    pub fn from_kernel_args(cmdline: &str) -> Result<Self, clap::Error> {
+        let mut args = Vec::new();
+        for word in cmdline.split_whitespace() {
+            let Some(setting) = word.strip_prefix("ivha.") else {
+                continue;
+            };
+            let (key, value) = match setting.split_once('=') {
+                Some((key, value)) => (key, Some(value)),
+                None => (setting, None),
+            };
+            if INIT_KEYS.contains(&key) {
+                continue;
+            }
+            args.push(format!("--{}", key.replace('_', "-")));
+            args.extend(value.map(str::to_owned));
+        }
+        OptionsOnly::try_parse_from(args).map(|parsed| parsed.options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unusual() -> AgentOptions {
+        AgentOptions {
+            heartbeat_ms: 37,
+            nbd_poll_us: 5,
+            flush_delay_ms: 200,
+            flush_paused: true,
+            release: Release::Media,
+            sync_interval_ms: 250,
+        }
+    }
+
+    #[test]
+    fn flags_parse_back_to_the_same_options() {
+        for options in [AgentOptions::default(), unusual()] {
+            let parsed = OptionsOnly::try_parse_from(options.to_args()).map(|p| p.options);
+            assert_eq!(parsed.ok(), Some(options));
+        }
+    }
+
+    #[test]
+    fn kernel_arguments_parse_back_to_the_same_options() {
+        for options in [AgentOptions::default(), unusual()] {
+            let cmdline = format!(
+                "console=ttyS0 panic=-1 ivha.node=a {} ivha.debug=1 quiet",
+                options.to_kernel_args()
+            );
+            let parsed = AgentOptions::from_kernel_args(&cmdline);
+            assert_eq!(parsed.ok(), Some(options), "{cmdline}");
+        }
+        assert_eq!(
+            AgentOptions::from_kernel_args("console=ttyS0").ok(),
+            Some(AgentOptions::default())
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let unknown = AgentOptions::from_kernel_args("ivha.flush_pasued").unwrap_err();
+        assert!(unknown.to_string().contains("flush-pasued"), "{unknown}");
+        let bad = AgentOptions::from_kernel_args("ivha.heartbeat_ms=fast").unwrap_err();
+        assert!(bad.to_string().contains("fast"), "{bad}");
+        assert!(AgentOptions::from_kernel_args("ivha.heartbeat_ms=0").is_err());
+    }
+}

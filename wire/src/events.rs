@@ -1,0 +1,280 @@
+//! hostd's structured events: one JSON object per line in `STATE_DIR/events.jsonl`.
+//!
+//! Every state transition hostd observes is recorded, with a wall-clock time, so operators
+//! and tools (`hostd events`, the fault campaign's checker, the takeover measurement) can
+//! reconstruct what happened without parsing logs. hostd writes [`EventLine`]s and every
+//! reader parses them back into the same types: a renamed field is a parse error, not a
+//! silently missing value.
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{MoveReport, NodeState};
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The daemon launched the pair.
+    PairStarting { accel: String, accel_reason: String },
+    /// A node's state changed.
+    NodeState {
+        node: String,
+        from: NodeState,
+        to: NodeState,
+        /// What hostd saw: e.g. the QEMU exit status, or the heartbeat counter.
+        detail: String,
+    },
+    /// A node's identity moved to another node (a takeover).
+    Takeover(MoveReport),
+    /// A node took its identity back.
+    Giveback(MoveReport),
+    /// A takeover or giveback could not be completed.
+    MoveFailed {
+        node: String,
+        to: String,
+        reason: String,
+        error: String,
+    },
+    /// hostd injected a fault (`hostd kill`).
+    FaultInjected { node: String, signal: String },
+    /// Node `node` may serve identity `identity` from now on. Recorded before the node is
+    /// told to, so the time is a lower bound of when it starts.
+    ServingStarted {
+        identity: String,
+        node: String,
+        epoch: u64,
+    },
+    /// Node `node` no longer serves identity `identity`: it was fenced (killed and reaped),
+    /// released the identity, or stopped. Recorded once that is certain, so the time is an
+    /// upper bound of when it stopped.
+    ServingEnded {
+        identity: String,
+        node: String,
+        reason: String,
+    },
+    /// A restarted hostd found the pair running and adopted it instead of launching one:
+    /// each node with what was found.
+    PairAdopted { nodes: Vec<(String, String)> },
+    /// The pair was stopped: each node with how it ended.
+    PairStopped { stopped: Vec<(String, String)> },
+}
+
+impl Event {
+    /// The event's `node` field: the node whose state changed or that was hurt, the
+    /// identity that moved, the node that starts or stops serving. None for pair-wide
+    /// events.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Event::NodeState { node, .. }
+            | Event::MoveFailed { node, .. }
+            | Event::FaultInjected { node, .. }
+            | Event::ServingStarted { node, .. }
+            | Event::ServingEnded { node, .. } => Some(node),
+            Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
+            Event::PairStarting { .. } | Event::PairAdopted { .. } | Event::PairStopped { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// One line of `events.jsonl`: an event and when hostd recorded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventLine {
+    pub time_unix_ms: u64,
+    /// The same time in microseconds, for tools that order events against client
+    /// operations (the fault campaign's checker). Absent in logs of early versions.
+    #[serde(default)]
+    pub time_unix_us: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl EventLine {
+    /// An event recorded at `time_unix_us`.
+    pub fn new(event: Event, time_unix_us: u64) -> Self {
+        Self {
+            time_unix_ms: time_unix_us / 1000,
+            time_unix_us,
+            event,
+        }
+    }
+
+    /// When the event was recorded, in microseconds since the epoch.
+    pub fn time_us(&self) -> u64 {
+        if self.time_unix_us == 0 {
+            self.time_unix_ms * 1000
+        } else {
+            self.time_unix_us
+        }
+    }
+
+    /// Parses one line of `events.jsonl`.
+    pub fn parse(line: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+
+    /// The line as `events.jsonl` holds it (without the newline).
+    pub fn to_json(&self) -> String {
+        // A derived Serialize of strings, numbers and lists cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A line of an event log that is not an event this version knows, with why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// 1-based line number.
+    pub number: usize,
+    pub text: String,
+    pub error: String,
+}
+
+/// Parses a whole event log; lines that are not events are returned apart, in order.
+pub fn parse_log(text: &str) -> (Vec<EventLine>, Vec<BadLine>) {
+    let mut events = Vec::new();
+    let mut bad = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match EventLine::parse(line) {
+            Ok(event) => events.push(event),
+            Err(error) => bad.push(BadLine {
+                number: index + 1,
+                text: line.to_owned(),
+                error: error.to_string(),
+            }),
+        }
+    }
+    (events, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::control::Timeline;
+
+    fn report() -> MoveReport {
+        MoveReport {
+            node: "a".into(),
+            from: "a".into(),
+            to: "b".into(),
+            planned: false,
+            reason: "QEMU exited".into(),
+            epoch: 2,
+            detected_unix_ms: 1000,
+            timeline_ms: Timeline {
+                fenced: Some(1.5),
+                serving: Some(20.25),
+                ..Timeline::default()
+            },
+            replayed_records: 3,
+            replayed_first_seq: 1,
+            replayed_last_seq: 3,
+            replay_complete: true,
+        }
+    }
+
+    #[test]
+    fn every_event_round_trips_through_its_line() {
+        let events = [
+            Event::PairStarting {
+                accel: "tcg".into(),
+                accel_reason: "no vmx".into(),
+            },
+            Event::NodeState {
+                node: "a".into(),
+                from: NodeState::Booting,
+                to: NodeState::Up,
+                detail: "heartbeat 1".into(),
+            },
+            Event::Takeover(report()),
+            Event::Giveback(MoveReport {
+                planned: true,
+                ..report()
+            }),
+            Event::MoveFailed {
+                node: "a".into(),
+                to: "b".into(),
+                reason: "r".into(),
+                error: "e".into(),
+            },
+            Event::FaultInjected {
+                node: "a".into(),
+                signal: "kill".into(),
+            },
+            Event::ServingStarted {
+                identity: "a".into(),
+                node: "b".into(),
+                epoch: 2,
+            },
+            Event::ServingEnded {
+                identity: "a".into(),
+                node: "a".into(),
+                reason: "fenced".into(),
+            },
+            Event::PairAdopted {
+                nodes: vec![("a".into(), "adopted".into())],
+            },
+            Event::PairStopped {
+                stopped: vec![("a".into(), "quit cleanly".into())],
+            },
+        ];
+        for (n, event) in events.into_iter().enumerate() {
+            let line = EventLine::new(event, 1_700_000_000_123_456 + n as u64);
+            let text = line.to_json();
+            assert_eq!(EventLine::parse(&text).unwrap(), line, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_format_is_flat_json_with_the_kind_in_event() {
+        let line = EventLine::new(Event::Takeover(report()), 2_000_000);
+        let value: serde_json::Value = serde_json::from_str(&line.to_json()).unwrap();
+        assert_eq!(value["event"], "takeover");
+        assert_eq!(value["time_unix_ms"], 2000);
+        assert_eq!(value["timeline_ms"]["serving"], 20.25);
+        assert_eq!(value["planned"], false);
+    }
+
+    #[test]
+    fn renamed_fields_and_unknown_kinds_are_reported_not_dropped() {
+        let text = concat!(
+            r#"{"time_unix_ms":1,"event":"serving_started","identity":"a","node":"b","epoch":1}"#,
+            "\n",
+            r#"{"time_unix_ms":2,"event":"serving_started","ident":"a","node":"b","epoch":1}"#,
+            "\n\n",
+            r#"{"time_unix_ms":3,"event":"from_the_future"}"#,
+            "\nnot json\n"
+        );
+        let (events, bad) = parse_log(text);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].time_us(), 1000, "ms only: early logs");
+        let numbers: Vec<usize> = bad.iter().map(|b| b.number).collect();
+        assert_eq!(numbers, [2, 4, 5]);
+        assert!(bad[0].error.contains("identity"), "{}", bad[0].error);
+    }
+
+    #[test]
+    fn the_node_field_is_what_the_json_calls_node() {
+        let started = Event::ServingStarted {
+            identity: "a".into(),
+            node: "b".into(),
+            epoch: 2,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&EventLine::new(started.clone(), 1).to_json()).unwrap();
+        assert_eq!(started.node(), value["node"].as_str());
+        let moved = Event::Takeover(report());
+        let value: serde_json::Value =
+            serde_json::from_str(&EventLine::new(moved.clone(), 1).to_json()).unwrap();
+        assert_eq!(moved.node(), value["node"].as_str());
+        let starting = Event::PairStarting {
+            accel: "tcg".into(),
+            accel_reason: String::new(),
+        };
+        assert_eq!(starting.node(), None);
+    }
+}
