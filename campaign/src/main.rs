@@ -68,8 +68,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 32)]
     blocks: u64,
     /// Host ports of the identities a and b (default: two free ports).
-    #[arg(long, value_delimiter = ',', num_args = 2, value_name = "PORT,PORT")]
-    ports: Option<Vec<u16>>,
+    #[arg(long, value_name = "PORT,PORT", value_parser = parse_ports)]
+    ports: Option<[u16; 2]>,
 }
 
 #[derive(Debug, Args)]
@@ -170,7 +170,7 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     });
     let hostd = hostd_binary(args.hostd.as_ref());
     let ports = match &args.ports {
-        Some(ports) => [ports[0], ports[1]],
+        Some(ports) => *ports,
         None => [free_port()?, free_port()?],
     };
     let fault_names: Vec<&str> = args.faults.iter().map(|k| k.name()).collect();
@@ -210,6 +210,27 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     Ok(finished.outcome.verdict)
 }
 
+/// `--ports A,B`: the host ports of identities a and b.
+fn parse_ports(text: &str) -> Result<[u16; 2], String> {
+    let ports: Vec<u16> = text
+        .split(',')
+        .map(|port| {
+            port.trim()
+                .parse()
+                .map_err(|e| format!("{port:?} is not a port: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    match ports.as_slice() {
+        [a, b] if a != b && *a != 0 && *b != 0 => Ok([*a, *b]),
+        [a, b] if a == b => Err(format!("the two ports must differ, both are {a}")),
+        [_, _] => Err("port 0 is not a port".into()),
+        _ => Err(format!(
+            "two ports are needed (PORT,PORT), {} given",
+            ports.len()
+        )),
+    }
+}
+
 /// The hostd binary: as given, else beside this one, else `hostd` in PATH.
 fn hostd_binary(given: Option<&PathBuf>) -> PathBuf {
     if let Some(path) = given {
@@ -237,4 +258,21 @@ fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_take_the_form_the_usage_shows() {
+        let cli = Cli::try_parse_from(["ivha-campaign", "run", "--ports", "31001,31002"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not a run");
+        };
+        assert_eq!(args.ports, Some([31001, 31002]));
+        for bad in ["31001", "31001,31001", "1,2,3", "x,2", "0,5"] {
+            assert!(parse_ports(bad).is_err(), "{bad}");
+        }
+    }
 }

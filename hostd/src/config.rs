@@ -27,6 +27,11 @@
 //! [nbd]
 //! poll_us = 50              # after a reply, poll for the next request this long before blocking
 //!
+//! [recovery]
+//! restart_limit = 5         # restarts of a fenced node when nothing live can serve (0: off)
+//! restart_window_s = 600    # ... counted over this window
+//! restart_backoff_ms = 1000 # the pause before the second restart; doubles, at most a minute
+//!
 //! [flusher]
 //! release = "host"          # host | media: when a logged write leaves the log (below)
 //! sync_interval_ms = 1000   # release = "host", process backend: disks synced this often
@@ -175,6 +180,30 @@ impl Default for HeartbeatConfig {
     }
 }
 
+/// What hostd does on its own when no live node can serve an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoverySettings {
+    /// How many times within `restart_window_s` hostd restarts a fenced node by itself
+    /// when no live node could take over what it (or its taker) held; 0 turns that off
+    /// (then `hostd giveback NODE` restarts it). Restarts back off: the first at once,
+    /// then after `restart_backoff_ms`, twice that, and so on (at most a minute).
+    /// `hostd giveback NODE` resets the count.
+    pub restart_limit: u32,
+    pub restart_window_s: u64,
+    pub restart_backoff_ms: u64,
+}
+
+impl Default for RecoverySettings {
+    fn default() -> Self {
+        Self {
+            restart_limit: 5,
+            restart_window_s: 600,
+            restart_backoff_ms: 1000,
+        }
+    }
+}
+
 /// The agents' NBD servers.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -239,6 +268,7 @@ pub struct Config {
     pub disks: DiskConfig,
     pub heartbeat: HeartbeatConfig,
     pub nbd: NbdSettings,
+    pub recovery: RecoverySettings,
     pub flusher: FlusherSettings,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -253,6 +283,7 @@ impl Default for Config {
             disks: DiskConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             nbd: NbdSettings::default(),
+            recovery: RecoverySettings::default(),
             flusher: FlusherSettings::default(),
             nodes: vec![
                 NodeConfig {
@@ -269,6 +300,12 @@ impl Default for Config {
         }
     }
 }
+
+/// Largest disk image: 16 TiB.
+const MAX_DISK_MIB: u64 = 16 << 20;
+
+/// Node names the state directory uses for other things (`regions/control.region`).
+const RESERVED_NAMES: [&str; 1] = ["control"];
 
 /// The NBD port the agent listens on inside each guest.
 pub const GUEST_NBD_PORT: u16 = 10809;
@@ -326,6 +363,12 @@ impl Config {
                     node.name
                 ));
             }
+            if RESERVED_NAMES.contains(&node.name.as_str()) {
+                return invalid(format!(
+                    "node name {:?} is reserved (the state directory uses it)",
+                    node.name
+                ));
+            }
             if node.nbd_port == 0 {
                 return invalid(format!("node {}: nbd_port 0 is not a port", node.name));
             }
@@ -345,8 +388,11 @@ impl Config {
                 "regions.node_mib = {mib}: a power of two from 1 to 4096 is needed (ivshmem BARs are powers of two)"
             ));
         }
-        if self.disks.size_mib == 0 {
-            return invalid("disks.size_mib must be more than 0".into());
+        if !(1..=MAX_DISK_MIB).contains(&self.disks.size_mib) {
+            return invalid(format!(
+                "disks.size_mib = {}: from 1 to {MAX_DISK_MIB} (16 TiB)",
+                self.disks.size_mib
+            ));
         }
         if self.qemu.memory_mib < 64 {
             return invalid(format!(
@@ -385,14 +431,43 @@ impl Config {
             if args.contains("ivha.node=") {
                 return invalid("kernel_args must not set ivha.node: hostd sets it".into());
             }
-            // The agent refuses what it does not know; say so before anything boots.
-            if let Err(error) = AgentOptions::from_kernel_args(args) {
-                let first = error.to_string();
-                let first = first.lines().next().unwrap_or_default();
-                return invalid(format!("kernel_args {args:?}: {first}"));
+        }
+        self.validate_agent_options()?;
+        // The agent refuses what it does not know; say so before anything boots. It reads
+        // hostd's settings, then the cluster's and the node's kernel_args.
+        for node in &self.nodes {
+            let cmdline = format!(
+                "{} {} {}",
+                self.agent_options().to_kernel_args(),
+                self.qemu.kernel_args,
+                node.kernel_args
+            );
+            if let Err(error) = AgentOptions::from_kernel_args(&cmdline) {
+                let text = error.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                return invalid(format!(
+                    "node {}: kernel_args: {}",
+                    node.name,
+                    first.trim_start_matches("error: ")
+                ));
             }
         }
         Ok(())
+    }
+
+    /// Checks the agents' settings against the agent's own limits (it would refuse them and
+    /// exit at every start).
+    fn validate_agent_options(&self) -> Result<(), ConfigError> {
+        self.agent_options().validate().map_err(|error| {
+            let text = error.to_string();
+            ConfigError::Invalid(format!(
+                "the agents would refuse these settings: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+            ))
+        })
     }
 
     /// What every agent of this cluster is told.
@@ -466,9 +541,18 @@ mod tests {
                 "[qemu]\nkernel_args = \"quiet ivha.flush_pasued\"\n",
                 "flush-pasued",
             ),
+            ("[disks]\nsize_mib = 17592186044417\n", "from 1 to 16777216"),
+            (
+                "[heartbeat]\ninterval_ms = 70000\ntimeout_ms = 200000\n",
+                "the agents would refuse",
+            ),
+            (
+                "[[node]]\nname = \"control\"\nnbd_port = 1\n[[node]]\nname = \"b\"\nnbd_port = 2\n",
+                "reserved",
+            ),
             (
                 "[[node]]\nname = \"a\"\nnbd_port = 1\nkernel_args = \"ivha.heartbeat_ms=x\"\n[[node]]\nname = \"b\"\nnbd_port = 2\n",
-                "ivha.heartbeat_ms=x",
+                "node a: kernel_args",
             ),
         ];
         for (text, expected) in cases {
@@ -476,6 +560,12 @@ mod tests {
             let message = wire::error_chain::one_line(&error);
             assert!(message.contains(expected), "{text:?}: {message}");
         }
+    }
+
+    #[test]
+    fn a_node_may_override_hostd_s_agent_settings() {
+        let text = "[flusher]\npaused = true\n[[node]]\nname = \"a\"\nnbd_port = 1\nkernel_args = \"ivha.heartbeat_ms=50 ivha.flush_paused=1\"\n[[node]]\nname = \"b\"\nnbd_port = 2\n";
+        Config::parse(text).unwrap().validate().unwrap();
     }
 
     #[test]

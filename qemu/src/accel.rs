@@ -187,7 +187,7 @@ fn probe(binary: &Path, timeout: Duration) -> Result<(), String> {
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let mut child = QemuChild::from_child(child).map_err(|e| e.to_string())?;
+    let mut child = QemuChild::from_child(child).map_err(|e| wire::error_chain::one_line(&e))?;
     let (Some(stdin), Some(stdout), Some(mut stderr)) =
         (child.take_stdin(), child.take_stdout(), child.take_stderr())
     else {
@@ -198,7 +198,10 @@ fn probe(binary: &Path, timeout: Duration) -> Result<(), String> {
         let kvm = qmp.execute_with_timeout("query-kvm", None, remaining())?;
         qmp.set_timeout(remaining());
         if let Err(e) = qmp.quit() {
-            log::debug!("KVM probe: quit failed: {e}");
+            log::debug!(
+                "KVM probe: quit failed: {}",
+                wire::error_chain::one_line(&e)
+            );
         }
         Ok(kvm)
     });
@@ -207,7 +210,7 @@ fn probe(binary: &Path, timeout: Duration) -> Result<(), String> {
         Ok(Some(_)) => {}
         Ok(None) | Err(_) => {
             if let Err(e) = child.kill_and_reap(Duration::from_secs(5)) {
-                log::warn!("KVM probe: {e}");
+                log::warn!("KVM probe: {}", wire::error_chain::one_line(&e));
             }
         }
     }
@@ -217,8 +220,11 @@ fn probe(binary: &Path, timeout: Duration) -> Result<(), String> {
     match answer {
         Ok(kvm) if is_true(&kvm, "present") && is_true(&kvm, "enabled") => Ok(()),
         Ok(kvm) => Err(format!("query-kvm answered {kvm}")),
-        Err(e) if err_text.is_empty() => Err(e.to_string()),
-        Err(e) => Err(format!("{e}; QEMU said: {err_text}")),
+        Err(e) if err_text.is_empty() => Err(wire::error_chain::one_line(&e)),
+        Err(e) => Err(format!(
+            "{}; QEMU said: {err_text}",
+            wire::error_chain::one_line(&e)
+        )),
     }
 }
 

@@ -333,12 +333,12 @@ impl QmpClient {
                 }
                 Ok(Incoming::Greeting(_)) => {
                     let e = QmpError::Malformed("a second greeting arrived".to_owned());
-                    self.dead = Some(e.to_string());
+                    self.dead = Some(wire::error_chain::one_line(&e));
                     return Err(e);
                 }
                 Ok(Incoming::Failed(f)) => {
                     let e = failure_error(f, &format!("the response to `{command}`"));
-                    self.dead = Some(e.to_string());
+                    self.dead = Some(wire::error_chain::one_line(&e));
                     return Err(e);
                 }
                 Err(RecvTimeoutError::Timeout) => {
@@ -349,7 +349,7 @@ impl QmpClient {
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let e = QmpError::Closed(format!("while waiting for `{command}`"));
-                    self.dead = Some(e.to_string());
+                    self.dead = Some(wire::error_chain::one_line(&e));
                     return Err(e);
                 }
             }

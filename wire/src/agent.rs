@@ -52,7 +52,10 @@ pub struct AgentOptions {
     pub flush_delay_ms: u64,
 
     /// Flusher: never flush (writes stay in the log; they block once it is full).
-    #[arg(long)]
+    /// `--flush-paused` alone means on; a value (1/0, true/false) may follow.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true",
+          default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "ON")]
     pub flush_paused: bool,
 
     /// When a logged write leaves the log: `host` once the disk holds it as durably as the
@@ -80,9 +83,15 @@ impl Default for AgentOptions {
     }
 }
 
-/// Parses the options alone, for [`AgentOptions::from_kernel_args`].
+/// Parses the options alone, for [`AgentOptions::from_kernel_args`]. A setting given twice
+/// takes its last value, as kernel arguments do (a node's own `kernel_args` come after
+/// hostd's settings).
 #[derive(Debug, Parser)]
-#[command(name = "ivha kernel arguments", no_binary_name = true)]
+#[command(
+    name = "ivha kernel arguments",
+    no_binary_name = true,
+    args_override_self = true
+)]
 struct OptionsOnly {
     #[command(flatten)]
     options: AgentOptions,
@@ -128,6 +137,11 @@ impl AgentOptions {
             })
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// Whether the agent accepts these options (its flags' limits).
+    pub fn validate(&self) -> Result<(), clap::Error> {
+        OptionsOnly::try_parse_from(self.to_args()).map(drop)
     }
 
     /// Reads the options from a kernel command line: every `ivha.*` word but
@@ -190,6 +204,17 @@ mod tests {
             AgentOptions::from_kernel_args("console=ttyS0").ok(),
             Some(AgentOptions::default())
         );
+    }
+
+    #[test]
+    fn the_last_setting_wins_and_switches_take_values() {
+        let base = AgentOptions::default().to_kernel_args();
+        let cmdline = format!("{base} ivha.heartbeat_ms=50 ivha.flush_paused=1");
+        let parsed = AgentOptions::from_kernel_args(&cmdline).unwrap();
+        assert_eq!(parsed.heartbeat_ms, 50);
+        assert!(parsed.flush_paused);
+        let off = AgentOptions::from_kernel_args("ivha.flush_paused ivha.flush_paused=0").unwrap();
+        assert!(!off.flush_paused);
     }
 
     #[test]

@@ -52,6 +52,16 @@ pub enum Event {
         node: String,
         reason: String,
     },
+    /// hostd restarted a fenced node by itself: no live node could serve an identity.
+    NodeRestarted {
+        node: String,
+        /// The restart's number within the configured window.
+        attempt: u32,
+        reason: String,
+    },
+    /// hostd stopped restarting a node by itself: it reached the configured limit.
+    /// `hostd giveback NODE` restarts it and resets the count.
+    RestartsExhausted { node: String, restarts: u32 },
     /// A restarted hostd found the pair running and adopted it instead of launching one:
     /// each node with what was found.
     PairAdopted { nodes: Vec<(String, String)> },
@@ -69,7 +79,9 @@ impl Event {
             | Event::MoveFailed { node, .. }
             | Event::FaultInjected { node, .. }
             | Event::ServingStarted { node, .. }
-            | Event::ServingEnded { node, .. } => Some(node),
+            | Event::ServingEnded { node, .. }
+            | Event::NodeRestarted { node, .. }
+            | Event::RestartsExhausted { node, .. } => Some(node),
             Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
             Event::PairStarting { .. } | Event::PairAdopted { .. } | Event::PairStopped { .. } => {
                 None
@@ -217,6 +229,15 @@ mod tests {
             },
             Event::PairAdopted {
                 nodes: vec![("a".into(), "adopted".into())],
+            },
+            Event::NodeRestarted {
+                node: "b".into(),
+                attempt: 2,
+                reason: "no live node".into(),
+            },
+            Event::RestartsExhausted {
+                node: "b".into(),
+                restarts: 5,
             },
             Event::PairStopped {
                 stopped: vec![("a".into(), "quit cleanly".into())],

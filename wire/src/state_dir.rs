@@ -129,11 +129,11 @@ impl StateDir {
         Ok(())
     }
 
-    /// Resolves what a user typed: a path to a region file, or a node name.
+    /// Resolves what a user typed: a node name, or a path to a region file. A path has a
+    /// `/` (`./a` for a file `a` here): a bare word is always a node.
     pub fn resolve_region(&self, node_or_path: &str) -> Result<PathBuf, StateDirError> {
-        let as_path = Path::new(node_or_path);
-        if node_or_path.contains('/') || as_path.exists() {
-            return Ok(as_path.to_owned());
+        if node_or_path.contains('/') {
+            return Ok(PathBuf::from(node_or_path));
         }
         let path = self.region_path(node_or_path)?;
         if !path.exists() {
@@ -170,5 +170,12 @@ mod tests {
         ));
         let file = dir.path().join("regions/a.region");
         assert_eq!(state.resolve_region(file.to_str().unwrap()).unwrap(), file);
+        // A node name never means a file of that name in the current directory (the
+        // tests run in the crate's directory, which has `src`).
+        assert!(Path::new("src").exists());
+        assert!(matches!(
+            state.resolve_region("src"),
+            Err(StateDirError::NoRegion { .. })
+        ));
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::{CommandResult, client};
+use crate::daemon::Offline;
 use crate::state_dir::StateDir;
 use wire::control::{Request, Response};
 
@@ -18,8 +19,20 @@ pub struct DownArgs {
 
 pub fn run(state: &StateDir, args: &DownArgs) -> CommandResult {
     let request = Request::Down { purge: args.purge };
-    let Response::Down(report) = client::call(state, &request, Duration::from_secs(30))? else {
-        return Err("hostd answered a down request with something else".into());
+    let report = match client::call(state, &request, Duration::from_secs(30)) {
+        Ok(Response::Down(report)) => report,
+        Ok(_) => return Err("hostd answered a down request with something else".into()),
+        Err(client::ClientError::NotRunning { .. }) if state.root().exists() => {
+            return offline(state, args.purge);
+        }
+        Err(client::ClientError::NotRunning { .. }) => {
+            println!(
+                "nothing runs in {} (no such directory)",
+                state.root().display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(error) => return Err(error.into()),
     };
     for (node, how) in &report.stopped {
         println!("node {node}: {how}");
@@ -43,4 +56,27 @@ pub fn run(state: &StateDir, args: &DownArgs) -> CommandResult {
         println!("regions and disks kept in {}", state.root().display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// No daemon answers: nothing to stop, unless nodes still run without one.
+fn offline(state: &StateDir, purge: bool) -> CommandResult {
+    match crate::daemon::down_offline(state, purge)? {
+        Offline::NodesRunning(nodes) => Err(format!(
+            "no hostd is running for {}, but node(s) {} still run: `hostd up` adopts them, then `hostd down` stops them",
+            state.root().display(),
+            nodes.join(", ")
+        )
+        .into()),
+        Offline::Stopped { purged: None } => {
+            println!("nothing runs in {}; regions and disks kept", state.root().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Offline::Stopped { purged: Some(true) } => {
+            println!("nothing runs in {}; regions and disks removed", state.root().display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Offline::Stopped { purged: Some(false) } => {
+            Err("some files could not be removed (see the messages above)".into())
+        }
+    }
 }

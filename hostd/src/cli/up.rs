@@ -37,6 +37,12 @@ pub struct UpArgs {
 pub enum UpError {
     #[error("cannot start the daemon")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot create {path} or its log")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the daemon exited before the pair was up; the end of {log}:\n{tail}")]
     DaemonDied { log: String, tail: String },
     #[error("the agents were not up after {seconds} s; last status:\n{status}")]
@@ -79,13 +85,19 @@ pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
 
 /// Runs `hostd daemon` in the background and follows its progress over the socket.
 fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
-    state.create()?;
+    let state_error = |source| UpError::StateDir {
+        path: state.root().to_owned(),
+        source,
+    };
+    state.create().map_err(state_error)?;
+    crate::daemon::ensure_not_running(state)?;
     let log_path = state.daemon_log();
     // Appended to: a restarted hostd must not wipe what the previous one logged.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)?;
+        .open(&log_path)
+        .map_err(state_error)?;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .arg("--state-dir")
@@ -121,8 +133,10 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
             }
             .into());
         }
+        // Only the daemon started here counts: another one may have taken the socket.
         if let Ok(Response::Status(status)) =
             client::call(state, &Request::Status, Duration::from_secs(5))
+            && status.hostd_pid == daemon.id()
         {
             let states = render::progress_states(&status);
             if states != last_states {

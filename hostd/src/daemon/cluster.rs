@@ -3,6 +3,7 @@
 //! backend that runs the nodes. The steps that move identities are in `moves.rs`,
 //! adoption after a restart in `adopt.rs`; both work through this type's methods.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,9 @@ pub struct Cluster {
     last_states: Vec<NodeState>,
     /// Whether this hostd adopted running nodes rather than launching them.
     adopted: bool,
+    /// Identities held away from home when this hostd launched the nodes: their owner
+    /// started without their address, which must be re-established once it is up.
+    addresses_pending: BTreeSet<IdentityId>,
 }
 
 /// The files of each node's process, from the state directory.
@@ -163,6 +167,7 @@ impl Cluster {
             events: EventLog::new(&state.event_log()),
             last_states: vec![NodeState::Booting; config.nodes.len()],
             adopted: false,
+            addresses_pending: BTreeSet::new(),
         })
     }
 
@@ -188,6 +193,16 @@ impl Cluster {
                 });
             }
         }
+        // A node starts with its own identity's address only; one that holds another
+        // node's identity (a move before the last `down`) gets that address once it is up.
+        self.addresses_pending = self
+            .topology
+            .identities()
+            .filter(|&identity| {
+                self.owner_of(identity)
+                    .is_some_and(|owner| owner != identity.home())
+            })
+            .collect();
         // Every node starts before any control channel is awaited: they boot in parallel.
         let nodes: Vec<NodeId> = self.topology.nodes().collect();
         for &node in &nodes {
@@ -220,6 +235,11 @@ impl Cluster {
         &mut self.nodes[node.index()]
     }
 
+    #[cfg(test)]
+    pub fn state_dir(&self) -> &StateDir {
+        &self.state
+    }
+
     pub fn backend_mut(&mut self) -> &mut dyn NodeBackend {
         self.backend.as_mut()
     }
@@ -232,6 +252,11 @@ impl Cluster {
     /// The host port of `identity`'s address.
     pub fn port(&self, identity: IdentityId) -> u16 {
         self.nodes[identity.home().index()].nbd_port
+    }
+
+    /// What hostd does by itself when nothing live can serve an identity.
+    pub fn recovery(&self) -> &crate::config::RecoverySettings {
+        &self.config.recovery
     }
 
     /// How often the main loop samples the nodes: often, since a sample is a few loads
@@ -422,7 +447,18 @@ impl Cluster {
         if node == identity.home() {
             self.nodes[node.index()].forwards_own_port = true;
         }
+        self.addresses_pending.remove(&identity);
         Ok(())
+    }
+
+    /// Gives up re-establishing `identity`'s address (the attempt failed and was reported).
+    pub fn forget_pending_address(&mut self, identity: IdentityId) {
+        self.addresses_pending.remove(&identity);
+    }
+
+    /// The identities whose owner has yet to get their address (see `launch`).
+    pub fn addresses_pending(&self) -> Vec<IdentityId> {
+        self.addresses_pending.iter().copied().collect()
     }
 
     /// Takes `identity`'s host port away from `node`.
@@ -553,6 +589,15 @@ impl Cluster {
             .stop_all(QUIT_TIMEOUT)
             .into_iter()
             .map(|(node, how)| {
+                // hostd's own words for an earlier end: "fenced by hostd (...)" or
+                // "exited: ..." say more than the bare status the backend kept.
+                let how = match (
+                    &self.nodes[node.index()].exit,
+                    how.strip_prefix("had already "),
+                ) {
+                    (Some(exit), Some(_)) => format!("had already {exit}"),
+                    _ => how,
+                };
                 let name = self.topology.name(node).to_owned();
                 log::info!("node {name}: {how}");
                 records::remove_record(&self.state, &name);
@@ -597,27 +642,8 @@ impl Cluster {
     }
 
     fn purge(&self) -> bool {
-        let mut ok = true;
-        let mut remove = |path: &Path| {
-            let result = if path.is_dir() {
-                std::fs::remove_dir_all(path)
-            } else {
-                std::fs::remove_file(path)
-            };
-            if let Err(error) = result.or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            }) {
-                log::warn!("cannot remove {}: {error}", path.display());
-                ok = false;
-            }
-        };
-        remove(&self.state.regions_dir());
-        for files in &self.files {
-            remove(&files.disk);
-        }
-        remove(&self.state.sockets_dir());
-        ok
+        let disks: Vec<PathBuf> = self.files.iter().map(|f| f.disk.clone()).collect();
+        super::prepare::purge(&self.state, &disks)
     }
 
     // --- Events -------------------------------------------------------------------------

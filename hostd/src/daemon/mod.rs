@@ -232,6 +232,40 @@ fn error_response(error: &dyn std::error::Error) -> Response {
     }
 }
 
+/// What `hostd down` does when no daemon runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offline {
+    /// Nothing runs; with `purge`, the regions and disks were removed (all of them).
+    Stopped { purged: Option<bool> },
+    /// No daemon, but these nodes still run: a new `hostd up` adopts them.
+    NodesRunning(Vec<String>),
+}
+
+/// `hostd down` without a daemon: nothing to stop, unless node processes an earlier hostd
+/// started still run; with `purge`, deletes the regions and the disks the last
+/// configuration named (`down --purge` must work after a failed `up`).
+pub fn down_offline(state: &StateDir, purge: bool) -> Result<Offline, DaemonError> {
+    let _lock = lock(state)?;
+    let config = records::load_config(state).unwrap_or_default();
+    let running = records::running_nodes(state, &config)?;
+    if !running.is_empty() {
+        return Ok(Offline::NodesRunning(
+            running
+                .iter()
+                .map(|(node, _)| config.nodes[node.index()].name.clone())
+                .collect(),
+        ));
+    }
+    let purged = purge.then(|| prepare::purge(state, &prepare::disk_paths(&config, state)));
+    Ok(Offline::Stopped { purged })
+}
+
+/// Fails when a daemon holds the state directory (`up --detach` checks before it starts
+/// one, whose own start would only fail in its log).
+pub fn ensure_not_running(state: &StateDir) -> Result<(), DaemonError> {
+    lock(state).map(drop)
+}
+
 /// Holds `hostd.lock` for the life of the daemon.
 fn lock(state: &StateDir) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
     let path = state.lock_file();

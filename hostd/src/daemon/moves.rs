@@ -6,6 +6,7 @@
 //! address. Planned moves (takeover, giveback) release first: the old owner stops writing
 //! and flushes its log before the new one starts.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -80,6 +81,27 @@ struct PendingGiveback {
 #[derive(Debug, Default)]
 pub struct Moves {
     pending_giveback: Option<PendingGiveback>,
+    /// Per node, hostd's own restarts of it within the window.
+    restarts: BTreeMap<NodeId, Restarts>,
+}
+
+/// hostd's own restarts of one node.
+#[derive(Debug, Default)]
+struct Restarts {
+    times: Vec<Instant>,
+    /// The limit was reached and said so.
+    exhausted: bool,
+}
+
+/// The wait before restart number `n` (0-based) within the window: at once, then
+/// `first`, twice that, and so on, at most a minute.
+fn restart_backoff(n: usize, first: Duration) -> Duration {
+    match n {
+        0 => Duration::ZERO,
+        n => first
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(Duration::from_secs(60)),
+    }
 }
 
 fn ms_since(started: Instant) -> f64 {
@@ -99,8 +121,88 @@ impl Moves {
         for node in cluster.sample() {
             fail_over(cluster, node);
         }
-        adopt_orphans(cluster);
+        // A giveback whose node is up takes its identity before anyone else may.
         self.continue_giveback(cluster);
+        adopt_orphans(cluster);
+        restore_addresses(cluster);
+        self.restart_for_orphans(cluster);
+    }
+
+    /// Restarts a fenced node when an identity has no live node that could serve it
+    /// (its holder and every candidate are fenced or down), within the restart budget.
+    fn restart_for_orphans(&mut self, cluster: &mut Cluster) {
+        let limit = cluster.recovery().restart_limit as usize;
+        let window = Duration::from_secs(cluster.recovery().restart_window_s);
+        let backoff = Duration::from_millis(cluster.recovery().restart_backoff_ms);
+        let identities: Vec<IdentityId> = cluster.topology().identities().collect();
+        for identity in identities {
+            let Some(owner) = cluster.owner_of(identity) else {
+                continue;
+            };
+            if !cluster.node(owner).fenced {
+                continue;
+            }
+            let candidates: Vec<NodeId> = cluster
+                .topology()
+                .takeover_candidates(owner.home_identity())
+                .collect();
+            let alive = |node: NodeId| {
+                matches!(
+                    cluster.node(node).state(),
+                    NodeState::Up | NodeState::Suspect | NodeState::Booting | NodeState::Paused
+                )
+            };
+            if candidates.iter().any(|&node| alive(node)) {
+                continue;
+            }
+            // The first candidate gets the identity once it is up (adopt_orphans).
+            let Some(&target) = candidates.first() else {
+                continue;
+            };
+            let restarts = self.restarts.entry(target).or_default();
+            restarts.times.retain(|t| t.elapsed() < window);
+            if restarts.times.len() >= limit {
+                if !restarts.exhausted && limit > 0 {
+                    restarts.exhausted = true;
+                    let node = cluster.topology().name(target).to_owned();
+                    log::error!(
+                        "node {node}: {limit} restarts within {window:?}; hostd restarts it no more (`hostd giveback {node}` does)"
+                    );
+                    cluster.record(&Event::RestartsExhausted {
+                        node,
+                        restarts: limit as u32,
+                    });
+                }
+                continue;
+            }
+            let waited = restarts
+                .times
+                .last()
+                .map_or(Duration::MAX, Instant::elapsed);
+            if waited < restart_backoff(restarts.times.len(), backoff) {
+                continue;
+            }
+            restarts.times.push(Instant::now());
+            let attempt = restarts.times.len() as u32;
+            let name = cluster.topology().name(target).to_owned();
+            let reason = format!(
+                "no live node can serve {}",
+                cluster.topology().identity_name(identity)
+            );
+            log::warn!("node {name}: restarting it ({reason}, attempt {attempt})");
+            cluster.record(&Event::NodeRestarted {
+                node: name.clone(),
+                attempt,
+                reason: reason.clone(),
+            });
+            if let Err(source) = restart(cluster, target) {
+                let error = MoveError::Restart {
+                    node: name,
+                    source: Box::new(source),
+                };
+                cluster.record_failure(identity, target, &reason, &error);
+            }
+        }
     }
 
     /// `hostd giveback NODE`: starts NODE again if it is not running; the move itself
@@ -138,16 +240,24 @@ impl Moves {
                 "a giveback is already in progress".into(),
             ));
         }
-        let holder = match cluster.owner_of(identity) {
-            Some(holder) if holder != node => holder,
-            _ => {
-                return Err(MoveError::Refused(format!(
-                    "{name} holds its own identity already: nothing to give back"
-                )));
-            }
+        // A fenced node has an exit status too: no pid means nothing runs.
+        let dead = |cluster: &Cluster, node: NodeId| {
+            cluster.pid(node).is_none()
+                || matches!(
+                    cluster.node(node).state(),
+                    NodeState::Down | NodeState::Fenced
+                )
         };
+        let holder = cluster.owner_of(identity).unwrap_or(node);
+        if holder == node && !dead(cluster, node) {
+            return Err(MoveError::Refused(format!(
+                "{name} holds its own identity already: nothing to give back"
+            )));
+        }
+        // A live holder must be up to release the identity; a dead one was fenced, and the
+        // node replays its log instead.
         let holder_state = cluster.node(holder).state();
-        if holder_state != NodeState::Up {
+        if holder != node && holder_state != NodeState::Up && !cluster.node(holder).fenced {
             return Err(MoveError::Refused(format!(
                 "partner {} is {}: it cannot release {name}'s identity",
                 cluster.topology().name(holder),
@@ -155,24 +265,17 @@ impl Moves {
             )));
         }
         let started = Instant::now();
-        // A fenced node has an exit status too: no pid means nothing runs.
-        let restart = cluster.pid(node).is_none() || cluster.node(node).state() == NodeState::Down;
-        if restart {
-            // Reaps whatever is left of the old process.
-            let _ = cluster
-                .backend_mut()
-                .fence(node, super::cluster::FENCE_TIMEOUT);
-            // Its address stays with the holder until the move.
-            cluster.node_mut(node).forwards_own_port = false;
-            cluster
-                .spawn_node(node)
-                .and_then(|()| cluster.connect_node(node))
-                .map_err(|source| MoveError::Restart {
-                    node: name.to_owned(),
-                    source: Box::new(source),
-                })?;
+        // The operator's word: hostd may restart it by itself again.
+        self.restarts.remove(&node);
+        let restart_needed = dead(cluster, node);
+        if restart_needed {
+            restart(cluster, node).map_err(|source| MoveError::Restart {
+                node: name.to_owned(),
+                source: Box::new(source),
+            })?;
             log::info!("giveback: node {name} restarted; waiting for its agent");
         }
+        let restart = restart_needed;
         Ok(PendingGiveback {
             node,
             reply: None,
@@ -216,14 +319,25 @@ impl Moves {
         };
         let response = match cluster.owner_of(identity) {
             Some(holder) if holder != node => {
+                let how = if cluster.node(holder).fenced {
+                    // Its holder died too: the node replays the holder's log.
+                    Move::Unplanned {
+                        reason: format!(
+                            "giveback (hostd giveback) from fenced {}",
+                            cluster.topology().name(holder)
+                        ),
+                    }
+                } else {
+                    Move::Planned {
+                        from: holder,
+                        reason: "giveback (hostd giveback)".into(),
+                    }
+                };
                 let result = move_identity(
                     cluster,
                     identity,
                     node,
-                    Move::Planned {
-                        from: holder,
-                        reason: "giveback (hostd giveback)".into(),
-                    },
+                    how,
                     (pending.started, pending.started_unix_ms),
                     timeline,
                 );
@@ -243,12 +357,42 @@ impl Moves {
                     }
                 }
             }
+            // It held its own identity when it died: restarted, it serves it again from
+            // its log.
+            _ if pending.restarted => Response::Moved(MoveReport {
+                node: name.clone(),
+                from: name.clone(),
+                to: name.clone(),
+                planned: true,
+                reason: "giveback (hostd giveback): restarted".into(),
+                epoch: cluster.epoch(),
+                detected_unix_ms: pending.started_unix_ms,
+                timeline_ms: timeline,
+                replayed_records: 0,
+                replayed_first_seq: 0,
+                replayed_last_seq: 0,
+                replay_complete: true,
+            }),
             _ => Response::Error {
                 message: format!("{name} holds its own identity already: nothing to give back"),
             },
         };
         send(pending.reply, response);
     }
+}
+
+/// Starts a dead node again: whatever is left of its process is reaped, and it starts
+/// without its address unless it holds its identity.
+fn restart(cluster: &mut Cluster, node: NodeId) -> Result<(), LaunchError> {
+    let _ = cluster
+        .backend_mut()
+        .fence(node, super::cluster::FENCE_TIMEOUT);
+    let home = cluster
+        .owner_of(node.home_identity())
+        .is_none_or(|owner| owner == node);
+    cluster.node_mut(node).forwards_own_port = home;
+    cluster.spawn_node(node)?;
+    cluster.connect_node(node)
 }
 
 /// Acts on a node that went Down: fences it, then moves every identity it held to a
@@ -330,6 +474,66 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
         match report {
             Ok(report) => cluster.record(&Event::Takeover(report)),
             Err(error) => cluster.record_failure(identity, taker, &reason, &error),
+        }
+    }
+}
+
+/// Gives each identity held away from home at launch its address again, once its owner
+/// is up: the owner is told to serve it (no replay: the log it would replay was replayed
+/// when it took the identity over) and the address follows.
+pub fn restore_addresses(cluster: &mut Cluster) {
+    for identity in cluster.addresses_pending() {
+        let Some(owner) = cluster.owner_of(identity) else {
+            continue;
+        };
+        if cluster.node(owner).fenced || cluster.node(owner).state() != NodeState::Up {
+            // A fenced owner's identities move on (adopt_orphans); a booting one waits.
+            continue;
+        }
+        let argument = TakeOverArgument {
+            replay_partner_log: false,
+            port: if cluster.backend_mut().agents_listen() {
+                cluster.port(identity)
+            } else {
+                0
+            },
+        };
+        let epoch = cluster.epoch();
+        let restored = cluster
+            .issue(
+                owner,
+                CommandKind::TakeOver,
+                identity,
+                epoch,
+                argument.to_word(),
+            )
+            .and_then(|seq| cluster.await_ack(owner, seq, TAKEOVER_ACK_TIMEOUT))
+            .map_err(MoveError::from)
+            .and_then(|_| {
+                cluster
+                    .forward(owner, identity)
+                    .map_err(|source| MoveError::Address {
+                        identity: cluster.topology().identity_name(identity).to_owned(),
+                        node: cluster.topology().name(owner).to_owned(),
+                        source,
+                    })
+            });
+        match restored {
+            Ok(()) => log::info!(
+                "identity {} is served by {} at its address again",
+                cluster.topology().identity_name(identity),
+                cluster.topology().name(owner)
+            ),
+            Err(error) => {
+                // Said once; `hostd giveback` (or a takeover) is the way out.
+                cluster.forget_pending_address(identity);
+                cluster.record_failure(
+                    identity,
+                    owner,
+                    "restoring its address after a restart",
+                    &error,
+                );
+            }
         }
     }
 }

@@ -112,6 +112,47 @@ pub fn prepare(
     Ok((files, control))
 }
 
+/// Deletes what `prepare` created: the regions (with any unflushed writes in them), the
+/// given disk images, and the sockets. Returns whether everything went; what could not
+/// be removed is logged.
+pub fn purge(state: &StateDir, disks: &[PathBuf]) -> bool {
+    let mut ok = true;
+    let mut remove = |path: &Path| {
+        let result = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        if let Err(error) = result.or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        }) {
+            log::warn!("cannot remove {}: {error}", path.display());
+            ok = false;
+        }
+    };
+    remove(&state.regions_dir());
+    for disk in disks {
+        remove(disk);
+    }
+    remove(&state.sockets_dir());
+    ok
+}
+
+/// The disk images `config` names.
+pub fn disk_paths(config: &Config, state: &StateDir) -> Vec<PathBuf> {
+    let dir = config
+        .disks
+        .dir
+        .clone()
+        .unwrap_or_else(|| state.default_disk_dir());
+    config
+        .nodes
+        .iter()
+        .map(|node| dir.join(format!("{}.img", node.name)))
+        .collect()
+}
+
 fn region_error(path: &Path, e: impl Into<RegionError>) -> PrepareError {
     PrepareError::Region {
         path: path.to_owned(),

@@ -38,6 +38,15 @@ impl Harness {
 
     /// A pair whose fake agents are set up by `before` before launch.
     fn pair_with(before: impl FnOnce(&FakeHandle)) -> Self {
+        Self::pair_configured(before, |_| {})
+    }
+
+    /// A pair whose configuration is changed by `configure` and whose fake agents are set
+    /// up by `before`, before launch.
+    fn pair_configured(
+        before: impl FnOnce(&FakeHandle),
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         let mut config = Config {
@@ -48,6 +57,7 @@ impl Harness {
         config.disks.size_mib = 1;
         config.heartbeat.interval_ms = 10;
         config.heartbeat.timeout_ms = 150;
+        configure(&mut config);
         let (files, control) = prepare::prepare(&config, &state).unwrap();
         let (backend, fake) = FakeBackend::new(&["a", "b"], &control);
         before(&fake);
@@ -244,10 +254,11 @@ fn a_failed_release_rolls_back() {
     assert_eq!(h.cluster.epoch(), 1);
 }
 
-/// Both nodes die one after the other: the first takeover happens, the second finds no
-/// live taker, so nothing is handed to a dead node, nothing loops, and the daemon runs on.
+/// Both nodes die one after the other. Nothing is handed to a dead node: the identities
+/// wait for a live one, and since none is left, hostd restarts one by itself, which then
+/// takes everything over by replaying the last holder's log.
 #[test]
-fn a_double_failure_hands_nothing_to_a_dead_node() {
+fn a_double_failure_is_recovered_by_a_restart() {
     let mut h = Harness::pair();
     h.up();
     h.crash(A);
@@ -255,31 +266,76 @@ fn a_double_failure_hands_nothing_to_a_dead_node() {
         c.owner_of(node(A).home_identity()) == Some(node(B))
     });
     h.crash(B);
-    h.run_until("b fenced", Duration::from_secs(5), |c| {
-        c.node(node(B)).state() == NodeState::Fenced
+    h.run_until("a holds both", Duration::from_secs(10), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(A))
+            && c.owner_of(node(B).home_identity()) == Some(node(A))
     });
-    h.run_for(Duration::from_millis(300), |c| {
+    let calls = h.fake.calls();
+    // Every takeover went to a node that was alive: b before its death, a after its
+    // restart.
+    let b_fenced = position(&calls, |c| matches!(c, Call::Fence { node: B, .. }));
+    let a_restarted = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::Spawn { node: A, .. }))
+        .unwrap();
+    assert!(b_fenced < a_restarted, "{calls:#?}");
+    for (index, call) in calls.iter().enumerate() {
+        if let Call::Command {
+            node: taker,
+            kind: CommandKind::TakeOver,
+            ..
+        } = call
+        {
+            assert!(
+                (*taker == B && index < b_fenced) || (*taker == A && index > a_restarted),
+                "a takeover commanded to a dead node: {calls:#?}"
+            );
+        }
+    }
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::NodeRestarted { node, attempt: 1, .. } if node == "a"
+    )));
+}
+
+/// A node that keeps dying is restarted only within the budget, with growing pauses; then
+/// hostd says so and stops, and `hostd giveback` is still the way out.
+#[test]
+fn restarts_stop_at_the_limit_and_giveback_still_works() {
+    let mut h = Harness::pair_configured(|_| {}, |config| config.recovery.restart_backoff_ms = 20);
+    h.up();
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
         c.owner_of(node(A).home_identity()) == Some(node(B))
-            && c.owner_of(node(B).home_identity()) == Some(node(B))
-            && c.epoch() == 1
     });
-    let takeovers = h
-        .fake
-        .calls()
+    // From now on a dies as soon as it starts.
+    h.fake.set(A, |a| a.dies_at_start = true);
+    h.crash(B);
+    h.run_until("restarts exhausted", Duration::from_secs(30), |c| {
+        let text = std::fs::read_to_string(c.state_dir().event_log()).unwrap_or_default();
+        text.contains("restarts_exhausted")
+    });
+    let restarts = h
+        .events()
         .into_iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Call::Command {
-                    kind: CommandKind::TakeOver,
-                    ..
-                }
-            )
-        })
+        .filter(|e| matches!(e, Event::NodeRestarted { .. }))
         .count();
-    assert_eq!(takeovers, 1);
-    let status = h.cluster.status();
-    assert!(status.nodes.iter().all(|n| n.state == NodeState::Fenced));
+    assert_eq!(restarts, 5, "the default restart_limit");
+    h.run_for(Duration::from_millis(300), |c| {
+        c.node(node(A)).state() == NodeState::Fenced
+    });
+    h.fake.set(A, |a| a.dies_at_start = false);
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
+    let response = loop {
+        if let Ok(response) = answer.try_recv() {
+            break response;
+        }
+        h.moves.tick(&mut h.cluster);
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(matches!(response, Response::Moved(_)), "{response:?}");
+    assert_eq!(h.owner(A), Some(A));
 }
 
 /// A node restarted while its partner holds its identity does not take its address at

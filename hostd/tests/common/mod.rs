@@ -11,6 +11,7 @@ use shm::{Access, Mapping, NodeRegion};
 use wire::events::EventLine;
 
 pub mod ack_checker;
+pub mod blocks;
 
 /// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
 static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());

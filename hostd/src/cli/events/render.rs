@@ -57,6 +57,17 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
             node,
             reason,
         } => with_note(format!("node {node} stops serving {identity}"), reason),
+        Event::NodeRestarted {
+            node,
+            attempt,
+            reason,
+        } => with_note(
+            format!("node {node} restarted by hostd (attempt {attempt})"),
+            reason,
+        ),
+        Event::RestartsExhausted { node, restarts } => format!(
+            "node {node}: {restarts} restarts, no more by hostd (`hostd giveback {node}` restarts it)"
+        ),
     };
     format!("{stamp}  {body}")
 }

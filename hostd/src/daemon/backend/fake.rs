@@ -31,6 +31,8 @@ pub struct Behaviour {
     /// Whether it beats (false: a guest that never finishes booting).
     pub beats: bool,
     pub answer: Answer,
+    /// Whether its process dies as soon as it starts (a crash loop).
+    pub dies_at_start: bool,
 }
 
 /// One logged call or command, in order.
@@ -132,6 +134,7 @@ impl FakeBackend {
                     Arc::new(Mutex::new(Behaviour {
                         beats: true,
                         answer: Answer::Ok,
+                        dies_at_start: false,
                     }))
                 })
                 .collect(),
@@ -199,6 +202,13 @@ impl NodeBackend for FakeBackend {
         fake.pid = pid;
         fake.exit = None;
         fake.reported = false;
+        if lock(&self.handle.behaviours[node.index()]).dies_at_start {
+            let fake = self.node(node);
+            if let Some(agent) = fake.agent.as_mut() {
+                agent.end();
+            }
+            fake.exit = Some("exit status: 1".into());
+        }
         Ok(pid)
     }
 

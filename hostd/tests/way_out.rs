@@ -1,0 +1,201 @@
+#![allow(clippy::unwrap_used)]
+
+//! Every state has a way out, with agents as host processes: states an adversarial pass
+//! found with none. Each test names the finding it covers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::blocks::{random_blocks, verify_blocks, write_blocks};
+use common::{NODE_B, Pair, agent_prerequisite, one_pair};
+use wire::events::Event;
+
+const PROCESS: &str = "backend = \"process\"\n";
+
+fn served_by(pair: &Pair, node: &str) -> String {
+    let status = pair.status();
+    Pair::node(&status, node)["served_by"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn wait_served_by(pair: &Pair, node: &str, by: &str) {
+    pair.wait_for(
+        &format!("{node} served by {by}"),
+        Duration::from_secs(30),
+        |status| Pair::node(status, node)["served_by"] == by,
+    );
+}
+
+/// `hostd up --detach` again on the pair's state directory, with its configuration.
+fn up_again(pair: &Pair) -> (i32, String, String) {
+    let config = pair.state.path().join("ivha.toml");
+    pair.hostd(&[
+        "up",
+        "--detach",
+        "--timeout",
+        "60",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+}
+
+/// Finding 1: an identity held by its partner at `down` is served at its own address
+/// after the next `up`, with every acknowledged write.
+#[test]
+fn an_identity_held_away_is_served_at_its_address_after_down_and_up() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PROCESS);
+    let mut a = pair.connect(0, "a");
+    let blocks = random_blocks(32, 11, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+    let (code, out, err) = pair.hostd(&["takeover", "a"]);
+    assert_eq!(code, 0, "hostd takeover: {out}{err}");
+    let (code, out, err) = pair.hostd(&["down"]);
+    assert_eq!(code, 0, "hostd down: {out}{err}");
+    let (code, out, err) = up_again(&pair);
+    assert_eq!(code, 0, "hostd up again: {out}{err}");
+    assert_eq!(served_by(&pair, "a"), "b");
+    // Pair::connect retries for 30 s, then fails the test: nothing listened before.
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after down and up");
+    let (code, out, err) = pair.hostd(&["giveback", "a"]);
+    assert_eq!(code, 0, "hostd giveback: {out}{err}");
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after giveback");
+}
+
+/// Finding 2: both nodes die one after the other; with no live node to take anything
+/// over, hostd restarts them by itself, and both addresses serve every acknowledged write.
+#[test]
+fn a_double_failure_recovers_without_an_operator() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PROCESS);
+    let mut written = Vec::new();
+    for (index, name) in ["a", "b"].into_iter().enumerate() {
+        let mut client = pair.connect(index, name);
+        let blocks = random_blocks(32, 20 + index as u64, client.size());
+        write_blocks(&mut client, &blocks);
+        client.disconnect();
+        written.push(blocks);
+    }
+    let (code, out, err) = pair.hostd(&["kill", "a"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_served_by(&pair, "a", "b");
+    let (code, out, err) = pair.hostd(&["kill", "b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    pair.wait_for("b fenced", Duration::from_secs(30), |status| {
+        Pair::node(status, "b")["state"] == "fenced"
+    });
+    // Both identities come back on some live node, then serve everything.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = pair.status();
+        let served = ["a", "b"].iter().all(|name| {
+            let holder = Pair::node(&status, name)["served_by"]
+                .as_str()
+                .unwrap_or("");
+            Pair::node(&status, holder)["state"] == "up"
+        });
+        if served {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {status:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (index, name) in ["a", "b"].into_iter().enumerate() {
+        verify_blocks(
+            &mut pair.connect(index, name),
+            &written[index],
+            "after the double failure",
+        );
+    }
+    let restarts = pair
+        .events()
+        .into_iter()
+        .filter(|line| matches!(line.event, Event::NodeRestarted { .. }))
+        .count();
+    assert!(restarts >= 1, "{:#?}", pair.events());
+}
+
+/// Finding 2, with automatic restarts off: `hostd giveback` restarts the node itself, even
+/// while the node holding its identity is fenced, and the identity comes home.
+#[test]
+fn giveback_restarts_its_node_when_the_holder_is_dead_too() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, &format!("{PROCESS}[recovery]\nrestart_limit = 0\n"));
+    let mut a = pair.connect(0, "a");
+    let blocks = random_blocks(32, 31, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+    pair.hostd(&["kill", "a"]);
+    wait_served_by(&pair, "a", "b");
+    pair.hostd(&["kill", "b"]);
+    pair.wait_for("b fenced", Duration::from_secs(30), |status| {
+        Pair::node(status, "b")["state"] == "fenced"
+    });
+    let (code, out, err) = pair.hostd(&["giveback", "a"]);
+    assert_eq!(code, 0, "hostd giveback a: {out}{err}");
+    assert_eq!(served_by(&pair, "a"), "a");
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after giveback");
+}
+
+/// Finding 4: a second `hostd up --detach` on a running state directory fails, every time,
+/// with the reason, and leaves the running daemon alone.
+#[test]
+fn a_second_up_fails_with_the_reason() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PROCESS);
+    let pid = pair.status()["hostd_pid"].clone();
+    for _ in 0..3 {
+        let (code, out, err) = up_again(&pair);
+        assert_ne!(code, 0, "a second up succeeded: {out}");
+        assert!(err.contains("already running"), "{err}");
+    }
+    assert_eq!(pair.status()["hostd_pid"], pid);
+}
+
+/// Findings 9 and 18: `hostd down` with no daemon says there is nothing to stop and exits
+/// 0; `--purge` removes the regions without a daemon; with nodes still running it says
+/// how to stop them.
+#[test]
+fn down_works_without_a_daemon() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, PROCESS);
+    pair.kill_hostd();
+    let (code, _, err) = pair.hostd(&["down"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("still run") && err.contains("adopts them"),
+        "{err}"
+    );
+    let (code, out, err) = up_again(&pair);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = pair.hostd(&["down"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = pair.hostd(&["down"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("nothing runs"), "{out}");
+    assert!(pair.state.path().join("regions/a.region").exists());
+    let (code, out, err) = pair.hostd(&["down", "--purge"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed"), "{out}");
+    assert!(!pair.state.path().join("regions").exists());
+    assert!(!pair.state.path().join("disks/a.img").exists());
+}
