@@ -29,9 +29,9 @@ cargo test --workspace --locked 2>&1 | tee "$test_log"
 # Each kind of fault twice against real QEMU guests, with a fresh seed each run (printed,
 # with the command that replays it). `cargo test` built the binaries.
 campaign_seed=${IVHA_CAMPAIGN_SEED:-$(( $(date +%s) % 1000000 ))}
-step "fault campaign (12 cycles, seed $campaign_seed, QEMU guests)"
+step "fault campaign (14 cycles, seed $campaign_seed, QEMU guests)"
 campaign_dir=$target_dir/campaign/ci-seed-$campaign_seed
-if ! "$target_dir/debug/ivha-campaign" run --seed "$campaign_seed" --cycles 12 --backend qemu --out "$campaign_dir"; then
+if ! "$target_dir/debug/ivha-campaign" run --seed "$campaign_seed" --cycles 14 --backend qemu --out "$campaign_dir"; then
     echo "the fault campaign failed; its files are in $campaign_dir" >&2
     for log in "$campaign_dir"/logs/*; do
         [[ -f $log ]] && { echo "===== $log (last 40 lines)"; tail -n 40 "$log"; }

@@ -44,11 +44,11 @@ struct RunArgs {
     #[arg(long, default_value_t = 12)]
     cycles: u64,
     /// Fault kinds to draw from (comma-separated): kill, stop, panic, agent_kill,
-    /// hostd_restart, torn_tail. `panic` needs QEMU guests.
+    /// hostd_restart, torn_tail, double_kill. `panic` needs QEMU guests.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail"
+        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill"
     )]
     faults: Vec<FaultKind>,
     /// Where the nodes run: QEMU guests, or agents as host processes.

@@ -34,17 +34,21 @@ pub enum FaultKind {
     /// Freeze the node, leave a record half written past its log head (as if the agent
     /// died mid-append), then SIGKILL it.
     TornTail,
+    /// SIGKILL the node, then the node holding its identity: at once (before any
+    /// takeover), or after the takeover. No live node is left; hostd must restart one.
+    DoubleKill,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Panic,
         FaultKind::AgentKill,
         FaultKind::HostdRestart,
         FaultKind::TornTail,
+        FaultKind::DoubleKill,
     ];
 
     /// The name used in the history and on the command line.
@@ -56,6 +60,7 @@ impl FaultKind {
             FaultKind::AgentKill => "agent_kill",
             FaultKind::HostdRestart => "hostd_restart",
             FaultKind::TornTail => "torn_tail",
+            FaultKind::DoubleKill => "double_kill",
         }
     }
 
@@ -128,6 +133,9 @@ pub fn schedule(
                 FaultKind::Stop if rng.percent(50) => rng.between(300, 2000),
                 FaultKind::Stop => rng.between(4000, 6000),
                 FaultKind::HostdRestart => rng.between(100, 2000),
+                // 0: both at once; else the taker dies this long after the takeover.
+                FaultKind::DoubleKill if rng.percent(50) => 0,
+                FaultKind::DoubleKill => rng.between(100, 2000),
                 _ => 0,
             };
             PlannedFault {
@@ -252,6 +260,40 @@ pub fn inject(
             })?;
             format!("SIGSTOP pid {pid}, {torn}, SIGKILL")
         }
+        FaultKind::DoubleKill => {
+            hostd.run(&["kill", node])?;
+            // The other node: the one holding (or about to hold) this node's identity.
+            let other = status
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .find(|name| name != node)
+                .ok_or_else(|| NemesisError::DidNotFire("no second node".into()))?;
+            if fault.pause_ms > 0 {
+                hostd
+                    .wait_for(
+                        &format!("{node}'s identity to move to {other}"),
+                        Duration::from_secs(60),
+                        |s| {
+                            Hostd::node(s, node)
+                                .is_some_and(|n| n.served_by.as_deref() == Some(other.as_str()))
+                        },
+                    )
+                    .map_err(|_| {
+                        NemesisError::DidNotFire(format!("{other} never took {node} over"))
+                    })?;
+                std::thread::sleep(Duration::from_millis(fault.pause_ms));
+            }
+            hostd.run(&["kill", &other])?;
+            if fault.pause_ms == 0 {
+                format!("SIGKILL {node}, then at once {other}")
+            } else {
+                format!(
+                    "SIGKILL {node}; {other} took it over; SIGKILL {other} {} ms later",
+                    fault.pause_ms
+                )
+            }
+        }
         FaultKind::HostdRestart => {
             let hostd_pid = status.hostd_pid;
             if hostd_pid == 0 {
@@ -325,8 +367,22 @@ pub fn recover(
     let expects_takeover = match fault.kind {
         FaultKind::Kill | FaultKind::Panic | FaultKind::TornTail => true,
         FaultKind::Stop => fault.pause_ms > HEARTBEAT_TIMEOUT_MS,
-        FaultKind::AgentKill | FaultKind::HostdRestart => false,
+        FaultKind::AgentKill | FaultKind::HostdRestart | FaultKind::DoubleKill => false,
     };
+    if fault.kind == FaultKind::DoubleKill {
+        // No live node was left: hostd restarts one, which takes every identity over.
+        hostd.wait_for(
+            "every identity served by a live node after the double kill",
+            Duration::from_secs(120),
+            |s| {
+                s.nodes.iter().all(|n| {
+                    n.served_by.as_deref().is_some_and(|holder| {
+                        Hostd::node(s, holder).is_some_and(|h| h.state == NodeState::Up)
+                    })
+                })
+            },
+        )?;
+    }
     if expects_takeover {
         hostd.wait_for(
             &format!("{node}'s identity to move to its partner"),
@@ -397,8 +453,9 @@ mod tests {
 
     #[test]
     fn every_kind_comes_in_each_round() {
-        let plan = schedule(7, 12, &FaultKind::ALL, &nodes());
-        for round in plan.chunks(6) {
+        let kinds = FaultKind::ALL.len();
+        let plan = schedule(7, 2 * kinds as u64, &FaultKind::ALL, &nodes());
+        for round in plan.chunks(kinds) {
             for kind in FaultKind::ALL {
                 assert_eq!(round.iter().filter(|f| f.kind == kind).count(), 1);
             }

@@ -152,3 +152,88 @@ fn a_second_agent_for_a_node_leaves_the_region_alone() {
         "the second agent took the region over"
     );
 }
+
+/// A takeover command that the control region no longer backs (hostd withdrew the claim,
+/// or the command was for an earlier run of this agent) is refused, not acted on; one the
+/// owner backs is carried out.
+#[test]
+fn a_takeover_the_control_region_does_not_back_is_refused() {
+    use shm::{Command as ControlCommand, CommandKind, Owner, TakeOverArgument};
+    let dir = tempfile::tempdir().unwrap();
+    regions(dir.path());
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args([
+            "--node",
+            "a",
+            "--heartbeat-ms",
+            "5",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--region-dir")
+        .arg(dir.path())
+        .arg("--disk")
+        .arg(dir.path().join("a.img"))
+        .arg("--partner-disk")
+        .arg(dir.path().join("b.img"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let region = open(&dir.path().join("x.region"));
+    let control = ControlRegion::open(
+        Mapping::open(&dir.path().join("z.region"), Access::ReadWrite).unwrap(),
+    )
+    .unwrap();
+    let mut writer = control.writer().unwrap();
+    let ack_of = |seq: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(ack) = region.ack().filter(|a| a.command_seq == seq) {
+                return ack.status;
+            }
+            assert!(std::time::Instant::now() < deadline, "no ack for {seq}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    let take_b = |seq: u64, epoch: u64| ControlCommand {
+        seq,
+        kind: CommandKind::TakeOver,
+        identity: 1,
+        epoch,
+        argument: TakeOverArgument {
+            replay_partner_log: true,
+            port: 0,
+        }
+        .to_word(),
+    };
+    // b still owns its identity (epoch 1): a command to take it over is stale.
+    writer.set_epoch(1);
+    writer
+        .set_owner(
+            1,
+            Owner {
+                node: Some(1),
+                epoch: 1,
+            },
+        )
+        .unwrap();
+    writer.issue(0, take_b(1, 1)).unwrap();
+    let stale = ack_of(1);
+    // Now hostd names a the owner at epoch 2, and says so.
+    writer.set_epoch(2);
+    writer
+        .set_owner(
+            1,
+            Owner {
+                node: Some(0),
+                epoch: 2,
+            },
+        )
+        .unwrap();
+    writer.issue(0, take_b(2, 2)).unwrap();
+    let current = ack_of(2);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(stale, shm::node::ack_status::FAILED);
+    assert_eq!(current, shm::node::ack_status::OK);
+}

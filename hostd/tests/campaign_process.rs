@@ -25,10 +25,11 @@ fn process_campaign_of_every_kind_is_valid() {
         FaultKind::AgentKill,
         FaultKind::HostdRestart,
         FaultKind::TornTail,
+        FaultKind::DoubleKill,
     ];
     let config = RunConfig {
         seed: 7,
-        cycles: 10,
+        cycles: 12,
         kinds: kinds.clone(),
         backend: "process".into(),
         out_dir: out.path().to_owned(),

@@ -71,7 +71,8 @@ fn kill_then_giveback(pair: &Pair) {
     wait_served_by(pair, "a", "b", Duration::from_secs(30));
     let takeover = last_takeover(pair, "a");
     assert_eq!(takeover.to, "b");
-    assert!(takeover.reason.contains("QEMU exited"), "{takeover:?}");
+    // "QEMU exited (...)" or "agent process exited (...)", by backend.
+    assert!(takeover.reason.contains(" exited ("), "{takeover:?}");
     assert!(takeover.replayed_records >= 64, "{takeover:?}");
     assert!(takeover.replay_complete);
 

@@ -89,6 +89,16 @@ fn a_double_failure_recovers_without_an_operator() {
     let (code, out, err) = pair.hostd(&["kill", "a"]);
     assert_eq!(code, 0, "{out}{err}");
     wait_served_by(&pair, "a", "b");
+    // Finding 18: the process backend's nodes are agent processes, not QEMU.
+    let reason = pair
+        .events()
+        .into_iter()
+        .find_map(|line| match line.event {
+            Event::Takeover(report) => Some(report.reason),
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.starts_with("agent process exited"), "{reason}");
     let (code, out, err) = pair.hostd(&["kill", "b"]);
     assert_eq!(code, 0, "{out}{err}");
     pair.wait_for("b fenced", Duration::from_secs(30), |status| {
@@ -198,4 +208,55 @@ fn down_works_without_a_daemon() {
     assert!(out.contains("removed"), "{out}");
     assert!(!pair.state.path().join("regions").exists());
     assert!(!pair.state.path().join("disks/a.img").exists());
+}
+
+/// Finding 5: a node's port taken by another program fails `up` at once, naming the port,
+/// with no node left running.
+#[test]
+fn a_taken_port_fails_up_at_once() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let state = tempfile::Builder::new()
+        .prefix("ivha-vmtest-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let config = state.path().join("ivha.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{PROCESS}[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
+             [[node]]\nname = \"a\"\nnbd_port = {taken}\n[[node]]\nname = \"b\"\nnbd_port = {}\n",
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
+        .args(["up", "--detach", "--timeout", "60", "--config"])
+        .arg(&config)
+        .env("IVHA_STATE_DIR", state.path())
+        .env("IVHA_AGENT_BINARY", common::agent_binary())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stderr.contains(&format!("127.0.0.1:{taken}")), "{stderr}");
+    let runs = std::fs::read_dir(state.path().join("run"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.file_name() != "config.json")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(runs, 0, "a node process was recorded");
+    drop(squatter);
 }

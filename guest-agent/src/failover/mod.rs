@@ -123,6 +123,23 @@ impl FailoverMonitor {
             ack.status = ack_status::UNKNOWN;
             return ack;
         }
+        if command.kind == CommandKind::TakeOver {
+            // A command hostd gave an earlier run of this agent, or a claim hostd withdrew
+            // since: the control region's owner is the newest word, and it is not this
+            // node (at this command's epoch or before).
+            let owner = self.control.owner(identity as usize);
+            let current =
+                owner.is_some_and(|o| o.node == Some(self.node_id) && o.epoch <= command.epoch);
+            if !current {
+                log::warn!(
+                    "command {} (take over identity {identity} at epoch {}) is stale: the control region says {owner:?}; not acting on it",
+                    command.seq,
+                    command.epoch
+                );
+                ack.status = ack_status::FAILED;
+                return ack;
+            }
+        }
         let result = match command.kind {
             CommandKind::TakeOver => self.take_over(
                 identity,
@@ -171,7 +188,14 @@ impl FailoverMonitor {
                 .iter()
                 .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
                 .collect();
-            let replayed = replay::replay(partner, &volumes).map_err(|e| e.to_string())?;
+            // What this node serves already must not get the partner's older records.
+            let served = self
+                .identities
+                .iter()
+                .filter(|(id, i)| **id != identity && i.export.volume().writable())
+                .map(|(id, _)| *id)
+                .collect();
+            let replayed = replay::replay(partner, &volumes, &served).map_err(|e| e.to_string())?;
             log::info!(
                 "replayed {} records ({} bytes) of {}'s log, seq {}..={}",
                 replayed.records,

@@ -1,6 +1,6 @@
 //! Replaying a fenced partner's log onto the disks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use shm::{LogScanner, NodeRegion};
@@ -44,13 +44,18 @@ pub enum ReplayError {
 
 /// Writes every record of `region` between its flushed cursor and its head to the disk of
 /// the record's export (in `volumes`, by export id), in log order, then syncs those disks.
+/// Records for an export in `served` are skipped: this node serves it already, after a
+/// replay of this same log, and has written newer data since, which a second replay
+/// would overwrite with older.
 ///
 /// The region's writer must be fenced: nothing may append while this runs. The flushed
 /// cursor is left alone (the region is the dead partner's, mapped read-only); replaying
-/// the same records again is harmless, since they are applied in order.
+/// the same records again onto disks nobody wrote since is harmless, since they are
+/// applied in order.
 pub fn replay(
     region: &NodeRegion,
     volumes: &BTreeMap<u32, Arc<Volume>>,
+    served: &BTreeSet<u32>,
 ) -> Result<Replayed, ReplayError> {
     let (flushed, head) = region.log_cursors().map_err(ReplayError::Cursors)?;
     let mut replayed = Replayed {
@@ -71,6 +76,10 @@ pub fn replay(
                 break;
             }
         };
+        if served.contains(&record.export) {
+            replayed.last_seq = record.seq;
+            continue;
+        }
         let Some(volume) = volumes.get(&record.export) else {
             replayed.stopped = Some(format!(
                 "record {} is for export {}, which has no disk here",
@@ -147,7 +156,20 @@ mod tests {
 
         let reader =
             NodeRegion::open(Mapping::open(&region_path, Access::ReadOnly).unwrap()).unwrap();
-        let replayed = replay(&reader, &volumes).unwrap();
+        // A second replay for another identity, while export 0 is served here with a newer
+        // write: export 0 keeps it.
+        let newer = vec![7u8; 4096];
+        let replayed = replay(&reader, &volumes, &BTreeSet::new()).unwrap();
+        volumes[&0].disk.write_at(0, &newer).unwrap();
+        let again = replay(&reader, &volumes, &BTreeSet::from([0])).unwrap();
+        assert_eq!(again.last_seq, 5, "the whole log was gone through");
+        let mut buf = vec![0u8; 4096];
+        volumes[&0].disk.read_at(0, &mut buf).unwrap();
+        assert_eq!(
+            buf, newer,
+            "a served export must not get the older records again"
+        );
+        volumes[&0].disk.write_at(0, &[3u8; 4096]).unwrap();
         assert_eq!(replayed.records, 5);
         assert_eq!((replayed.first_seq, replayed.last_seq), (1, 5));
         assert_eq!(replayed.stopped, None);
@@ -184,7 +206,7 @@ mod tests {
         }
         let mut volumes = BTreeMap::new();
         volumes.insert(0, Volume::new(0, "a", disk(dir.path(), "a.img")));
-        let replayed = replay(&region, &volumes).unwrap();
+        let replayed = replay(&region, &volumes, &BTreeSet::new()).unwrap();
         assert_eq!(replayed.records, 1);
         assert!(
             replayed.stopped.as_deref().unwrap().contains("export 5"),

@@ -37,6 +37,15 @@ pub enum LaunchError {
     },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(
+        "node {node} cannot serve at 127.0.0.1:{port}: the port is taken (another program listens there?)"
+    )]
+    PortInUse {
+        node: String,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot record node {node}'s process for a restarted hostd")]
     Record {
         node: String,
@@ -58,6 +67,8 @@ pub enum CommandError {
     },
     #[error("node {node} failed command {seq} (status {status}; see its console)")]
     AckFailed { node: String, seq: u64, status: u64 },
+    #[error("node {node} died before it acknowledged command {seq}")]
+    Died { node: String, seq: u64 },
 }
 
 /// The running cluster.
@@ -142,6 +153,7 @@ impl Cluster {
                 node_config.name.clone(),
                 node_config.nbd_port,
                 state.console_log(&node_config.name),
+                backend.process_name(),
                 region,
                 monitor.clone(),
             );
@@ -203,8 +215,21 @@ impl Cluster {
                     .is_some_and(|owner| owner != identity.home())
             })
             .collect();
-        // Every node starts before any control channel is awaited: they boot in parallel.
+        // A taken port would make the node (or its QEMU) fail after the launch, and the
+        // takeover that follows fail the same way: refuse now, naming the port.
         let nodes: Vec<NodeId> = self.topology.nodes().collect();
+        for &node in &nodes {
+            for port in self.plan(node).ports {
+                if let Err(source) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                    return Err(LaunchError::PortInUse {
+                        node: self.topology.name(node).to_owned(),
+                        port,
+                        source,
+                    });
+                }
+            }
+        }
+        // Every node starts before any control channel is awaited: they boot in parallel.
         for &node in &nodes {
             if let Err(error) = self.spawn_node(node) {
                 self.backend.kill_all();
@@ -336,15 +361,17 @@ impl Cluster {
         Ok(seq)
     }
 
-    /// Polls `node`'s acknowledgement until it names command `seq`.
+    /// Polls `node`'s acknowledgement until it names command `seq`; gives up at once if the
+    /// node's process ends (its death is then seen by the next sample).
     pub fn await_ack(
-        &self,
+        &mut self,
         node: NodeId,
         seq: u64,
         timeout: Duration,
     ) -> Result<Ack, CommandError> {
         let deadline = Instant::now() + timeout;
-        let name = || self.topology.name(node).to_owned();
+        let name = self.topology.name(node).to_owned();
+        let name = || name.clone();
         loop {
             if let Some(ack) = self.nodes[node.index()].region.ack()
                 && ack.command_seq == seq
@@ -357,6 +384,9 @@ impl Cluster {
                         status,
                     }),
                 };
+            }
+            if self.backend.has_exited(node) {
+                return Err(CommandError::Died { node: name(), seq });
             }
             if Instant::now() >= deadline {
                 return Err(CommandError::AckTimeout {
@@ -415,6 +445,7 @@ impl Cluster {
         let plan = self.plan(node);
         let name = plan.name.clone();
         log::info!("starting node {name}");
+        keep_previous_console(&plan.console);
         let before = self.nodes[node.index()].before_start();
         let pid = self.backend.spawn(node, &plan)?;
         // Without its record a restarted hostd could not adopt the node, and might take it
@@ -689,6 +720,21 @@ impl Cluster {
             reason: reason.to_owned(),
             error: chain,
         });
+    }
+}
+
+/// Keeps the last boot's console as `NAME.previous.log`: the new boot's QEMU truncates
+/// `NAME.log`, and the crashed boot's last lines are what explain the crash.
+fn keep_previous_console(console: &Path) {
+    if console.metadata().is_ok_and(|m| m.len() > 0) {
+        let previous = console.with_extension("previous.log");
+        if let Err(error) = std::fs::rename(console, &previous) {
+            log::warn!(
+                "cannot keep the previous console {} as {}: {error}",
+                console.display(),
+                previous.display()
+            );
+        }
     }
 }
 

@@ -17,6 +17,8 @@ pub struct NodeHealth {
     /// The host port of this node's identity (its NBD address).
     pub nbd_port: u16,
     pub console: PathBuf,
+    /// What the node's process is, in words ("QEMU", "agent process").
+    process: &'static str,
     /// The node's region, mapped read-only: hostd never writes a node region.
     pub region: NodeRegion,
     /// Whether a process was ever started (or adopted) for this node.
@@ -47,6 +49,7 @@ impl NodeHealth {
         name: String,
         nbd_port: u16,
         console: PathBuf,
+        process: &'static str,
         region: NodeRegion,
         monitor: Monitor,
     ) -> Self {
@@ -56,6 +59,7 @@ impl NodeHealth {
             name,
             nbd_port,
             console,
+            process,
             region,
             started: false,
             exit: None,
@@ -241,7 +245,7 @@ impl NodeHealth {
 
     /// Why the node is not Up, in words ("" when it is).
     pub fn health_reason(&self) -> String {
-        health_reason(self.monitor.health())
+        health_reason(self.monitor.health(), self.process)
     }
 
     pub fn vm_description(&self) -> String {
@@ -260,7 +264,7 @@ fn heartbeat_counter(region: &NodeRegion) -> u64 {
 }
 
 /// A health in words, for status and events.
-fn health_reason(health: &Health) -> String {
+fn health_reason(health: &Health, process: &str) -> String {
     match health {
         Health::Unknown => "no heartbeat yet".into(),
         Health::Up => String::new(),
@@ -270,7 +274,9 @@ fn health_reason(health: &Health) -> String {
         }
         Health::Suspect(SuspectReason::Paused) => "VM paused".into(),
         Health::Down(DownReason::HeartbeatTimeout) => "heartbeat timed out".into(),
-        Health::Down(DownReason::ProcessExited { status }) => format!("QEMU exited ({status})"),
+        Health::Down(DownReason::ProcessExited { status }) => {
+            format!("{process} exited ({status})")
+        }
         Health::Down(DownReason::GuestPanicked) => "guest kernel panicked".into(),
         Health::Down(DownReason::Shutdown) => "guest shut down".into(),
     }

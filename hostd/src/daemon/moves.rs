@@ -391,6 +391,17 @@ fn restart(cluster: &mut Cluster, node: NodeId) -> Result<(), LaunchError> {
         .owner_of(node.home_identity())
         .is_none_or(|owner| owner == node);
     cluster.node_mut(node).forwards_own_port = home;
+    // What it owns it serves from its start (its own log holds the writes).
+    let identities: Vec<IdentityId> = cluster.topology().identities().collect();
+    for identity in identities {
+        if cluster.owner_of(identity) == Some(node) {
+            cluster.record(&Event::ServingStarted {
+                identity: cluster.topology().identity_name(identity).to_owned(),
+                node: cluster.topology().name(node).to_owned(),
+                epoch: cluster.epoch(),
+            });
+        }
+    }
     cluster.spawn_node(node)?;
     cluster.connect_node(node)
 }
@@ -434,11 +445,12 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
             .topology()
             .takeover_candidates(owner.home_identity())
             .collect();
+        // Up or only late, and not already dead without the monitor knowing yet.
         let ready = takers.iter().copied().find(|&taker| {
             matches!(
                 cluster.node(taker).state(),
                 NodeState::Up | NodeState::Suspect
-            )
+            ) && !cluster.backend_mut().has_exited(taker)
         });
         let Some(taker) = ready else {
             if !cluster.node(owner).orphan_reported
@@ -636,14 +648,34 @@ fn move_identity(
         epoch,
     });
     cluster.set_owner(identity, to, epoch)?;
-    let seq = cluster.issue(
-        to,
-        CommandKind::TakeOver,
-        identity,
-        epoch,
-        argument.to_word(),
-    )?;
-    let ack = cluster.await_ack(to, seq, TAKEOVER_ACK_TIMEOUT)?;
+    let taken = cluster
+        .issue(
+            to,
+            CommandKind::TakeOver,
+            identity,
+            epoch,
+            argument.to_word(),
+        )
+        .and_then(|seq| cluster.await_ack(to, seq, TAKEOVER_ACK_TIMEOUT));
+    let ack = match taken {
+        Ok(ack) => ack,
+        Err(error) => {
+            if let Move::Unplanned { .. } = how {
+                // The taker never said it replayed the old owner's log (it died or
+                // failed): the identity goes back to its fenced owner at a new epoch, so
+                // the next taker replays that log, and no one serves it unreplayed.
+                if let Err(undo) = cluster.set_owner(identity, from, epoch + 1) {
+                    log::error!(
+                        "cannot give {identity_name} back to {} after a failed takeover: {}",
+                        cluster.topology().name(from),
+                        wire::error_chain::one_line(&undo)
+                    );
+                }
+                cluster.record_serving_ended(identity, to, "its takeover failed");
+            }
+            return Err(error.into());
+        }
+    };
     timeline.replayed = Some(ms_since(started));
     cluster
         .forward(to, identity)

@@ -427,3 +427,89 @@ fn senseless_requests_are_refused() {
     );
     assert_eq!(h.cluster.epoch(), 0);
 }
+
+/// Finding 15: a restarted node's new console does not replace the crashed boot's: that
+/// one is kept as `NAME.previous.log`.
+#[test]
+fn a_restart_keeps_the_previous_console() {
+    let mut h = Harness::pair();
+    h.up();
+    let console = h.state.console_log("a");
+    std::fs::write(&console, "the kernel's last words\n").unwrap();
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
+    while answer.try_recv().is_err() {
+        h.moves.tick(&mut h.cluster);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let previous = std::fs::read_to_string(h.state.root().join("consoles/a.previous.log")).unwrap();
+    assert_eq!(previous, "the kernel's last words\n");
+}
+
+/// A taker that dies before it acknowledges a takeover never said it replayed the old
+/// owner's log: the identity goes back to its fenced owner at a new epoch (so no one
+/// serves it unreplayed), and the next taker replays that log.
+#[test]
+fn a_taker_that_dies_before_acknowledging_gives_the_identity_back() {
+    let mut h = Harness::pair();
+    h.up();
+    h.fake.set(B, |b| b.answer = Answer::Die);
+    h.crash(A);
+    h.run_until("b dies on the takeover", Duration::from_secs(5), |c| {
+        let text = std::fs::read_to_string(c.state_dir().event_log()).unwrap_or_default();
+        text.contains("its takeover failed")
+    });
+    h.fake.set(B, |b| b.answer = Answer::Ok);
+    // The failed claim was taken back at the next epoch: the first takeover of a was at
+    // epoch 1, and a's owner was a again (epoch 2) before anything else moved.
+    let calls = h.fake.calls();
+    let first = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                kind: CommandKind::TakeOver,
+                identity: 0,
+                ..
+            }
+        )
+    });
+    assert!(
+        matches!(
+            calls[first],
+            Call::Command {
+                node: B,
+                epoch: 1,
+                ..
+            }
+        ),
+        "{calls:#?}"
+    );
+    h.run_until("a live node holds a", Duration::from_secs(10), |c| {
+        c.owner_of(node(A).home_identity())
+            .is_some_and(|owner| c.node(owner).state() == NodeState::Up)
+    });
+    let takeovers_of_a: Vec<Call> = h
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::Command {
+                    kind: CommandKind::TakeOver,
+                    identity: 0,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(takeovers_of_a.len() >= 2, "{takeovers_of_a:#?}");
+    assert!(
+        matches!(takeovers_of_a.last(), Some(Call::Command { epoch, .. }) if *epoch >= 3),
+        "the next takeover came after the claim was taken back: {takeovers_of_a:#?}"
+    );
+}

@@ -98,6 +98,16 @@ impl Children {
         }
     }
 
+    /// Whether the process has ended; `poll_exit` still reports it once.
+    pub fn has_exited(&mut self, node: NodeId) -> bool {
+        if self.exits[node.index()].is_some() {
+            return true;
+        }
+        self.children[node.index()]
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
     /// The pid while the process runs.
     pub fn pid(&self, node: NodeId) -> Option<u32> {
         if self.exits[node.index()].is_some() {

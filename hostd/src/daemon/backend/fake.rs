@@ -23,6 +23,8 @@ pub enum Answer {
     Ok,
     Fail,
     Never,
+    /// The process dies when the command arrives.
+    Die,
 }
 
 /// What a fake agent does; tests change it while the cluster runs.
@@ -101,6 +103,8 @@ struct FakeNode {
 struct FakeAgent {
     stop: Arc<AtomicBool>,
     frozen: Arc<AtomicBool>,
+    /// Set by the agent itself when it dies (`Answer::Die`).
+    died: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -166,6 +170,18 @@ impl FakeBackend {
         &mut self.nodes[node.index()]
     }
 
+    /// An agent that died by itself is a process that exited.
+    fn note_death(&mut self, node: NodeId) {
+        let fake = self.node(node);
+        let died = fake
+            .agent
+            .as_ref()
+            .is_some_and(|agent| agent.died.load(Ordering::SeqCst));
+        if died && fake.exit.is_none() {
+            fake.exit = Some("signal: 9 (SIGKILL)".into());
+        }
+    }
+
     fn running(&self, node: NodeId) -> bool {
         let fake = &self.nodes[node.index()];
         fake.agent.is_some() && fake.exit.is_none()
@@ -175,6 +191,10 @@ impl FakeBackend {
 impl NodeBackend for FakeBackend {
     fn accel(&self) -> (String, String) {
         ("fake".into(), "unit test".into())
+    }
+
+    fn process_name(&self) -> &'static str {
+        "fake process"
     }
 
     fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
@@ -223,6 +243,7 @@ impl NodeBackend for FakeBackend {
     }
 
     fn poll(&mut self, node: NodeId) -> Polled {
+        self.note_death(node);
         let fake = self.node(node);
         let exited = match (&fake.exit, fake.reported) {
             (Some(exit), false) => {
@@ -235,6 +256,11 @@ impl NodeBackend for FakeBackend {
             exited,
             events: Vec::new(),
         }
+    }
+
+    fn has_exited(&mut self, node: NodeId) -> bool {
+        self.note_death(node);
+        self.node(node).exit.is_some()
     }
 
     fn pid(&self, node: NodeId) -> Option<u32> {
@@ -368,7 +394,9 @@ fn start_agent(
     let control = open_control(control);
     let stop = Arc::new(AtomicBool::new(false));
     let frozen = Arc::new(AtomicBool::new(false));
-    let (thread_stop, thread_frozen) = (Arc::clone(&stop), Arc::clone(&frozen));
+    let died = Arc::new(AtomicBool::new(false));
+    let (thread_stop, thread_frozen, thread_died) =
+        (Arc::clone(&stop), Arc::clone(&frozen), Arc::clone(&died));
     // A boot id per start, as a real agent picks one.
     let boot_id = 0x00fa_ce00_0000_0000 | u64::from(boot_id);
     let mut writer = own
@@ -411,6 +439,10 @@ fn start_agent(
                 Answer::Ok => ack_status::OK,
                 Answer::Fail => ack_status::FAILED,
                 Answer::Never => continue,
+                Answer::Die => {
+                    thread_died.store(true, Ordering::SeqCst);
+                    return;
+                }
             };
             writer.ack.acknowledge(Ack {
                 command_seq: command.seq,
@@ -424,6 +456,7 @@ fn start_agent(
     FakeAgent {
         stop,
         frozen,
+        died,
         thread: Some(thread),
     }
 }

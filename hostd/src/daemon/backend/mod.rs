@@ -174,6 +174,10 @@ pub trait NodeBackend: std::fmt::Debug + Send {
     /// The backend's name for status ("tcg", "kvm", "process") and why it was chosen.
     fn accel(&self) -> (String, String);
 
+    /// What a node's process is, in words ("QEMU", "agent process"), for reasons like
+    /// "QEMU exited (...)".
+    fn process_name(&self) -> &'static str;
+
     /// Starts node `node`'s process; returns its pid. A process the node had before must
     /// have ended (fenced or stopped).
     fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError>;
@@ -189,6 +193,9 @@ pub trait NodeBackend: std::fmt::Debug + Send {
 
     /// The pid of the node's process while it runs.
     fn pid(&self, node: NodeId) -> Option<u32>;
+
+    /// Whether the node's process has ended (without reporting it: `poll` still does).
+    fn has_exited(&mut self, node: NodeId) -> bool;
 
     /// Sends `signal` to the node's process.
     fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError>;

@@ -82,6 +82,10 @@ impl NodeBackend for ProcessBackend {
         )
     }
 
+    fn process_name(&self) -> &'static str {
+        "agent process"
+    }
+
     fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
         let command = self.command(plan);
         self.children.spawn(node, command)
@@ -108,6 +112,10 @@ impl NodeBackend for ProcessBackend {
 
     fn pid(&self, node: NodeId) -> Option<u32> {
         self.children.pid(node)
+    }
+
+    fn has_exited(&mut self, node: NodeId) -> bool {
+        self.children.has_exited(node)
     }
 
     fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError> {

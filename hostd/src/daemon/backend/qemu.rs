@@ -203,6 +203,10 @@ impl NodeBackend for QemuBackend {
         )
     }
 
+    fn process_name(&self) -> &'static str {
+        "QEMU"
+    }
+
     fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
         let paths = self.children.paths(node).clone();
         let command = self.command(&paths, plan)?;
@@ -308,6 +312,10 @@ impl NodeBackend for QemuBackend {
 
     fn pid(&self, node: NodeId) -> Option<u32> {
         self.children.pid(node)
+    }
+
+    fn has_exited(&mut self, node: NodeId) -> bool {
+        self.children.has_exited(node)
     }
 
     fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError> {
