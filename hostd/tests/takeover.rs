@@ -11,26 +11,14 @@ use std::time::{Duration, Instant};
 
 use common::ack_checker::AckedWriter;
 use common::blocks::{random_blocks, verify_blocks, write_blocks};
-use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, one_pair, prerequisites};
+use common::{
+    FLUSH_DELAY, NODE_B, PROCESS, Pair, agent_prerequisite, one_pair, prerequisites, served_by,
+    wait_served_by,
+};
 use wire::control::MoveReport;
 use wire::events::Event;
 
-const PROCESS: &str = "backend = \"process\"\n";
 const PAUSED: &str = "[flusher]\npaused = true\n";
-fn served_by(pair: &Pair, node: &str) -> String {
-    let status = pair.status();
-    Pair::node(&status, node)["served_by"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned()
-}
-
-fn wait_served_by(pair: &Pair, node: &str, by: &str, timeout: Duration) {
-    pair.wait_for(&format!("{node} served by {by}"), timeout, |status| {
-        Pair::node(status, node)["served_by"] == by
-    });
-}
-
 /// The last takeover of identity `node`.
 fn last_takeover(pair: &Pair, node: &str) -> MoveReport {
     pair.events()

@@ -8,26 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::blocks::{random_blocks, verify_blocks, write_blocks};
-use common::{NODE_B, Pair, agent_prerequisite, one_pair};
+use common::{NODE_B, PROCESS, Pair, agent_prerequisite, one_pair, served_by, wait_served_by};
 use wire::events::Event;
-
-const PROCESS: &str = "backend = \"process\"\n";
-
-fn served_by(pair: &Pair, node: &str) -> String {
-    let status = pair.status();
-    Pair::node(&status, node)["served_by"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned()
-}
-
-fn wait_served_by(pair: &Pair, node: &str, by: &str) {
-    pair.wait_for(
-        &format!("{node} served by {by}"),
-        Duration::from_secs(30),
-        |status| Pair::node(status, node)["served_by"] == by,
-    );
-}
 
 /// `hostd up --detach` again on the pair's state directory, with its configuration.
 fn up_again(pair: &Pair) -> (i32, String, String) {
@@ -88,7 +70,7 @@ fn a_double_failure_recovers_without_an_operator() {
     }
     let (code, out, err) = pair.hostd(&["kill", "a"]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_served_by(&pair, "a", "b");
+    wait_served_by(&pair, "a", "b", Duration::from_secs(30));
     // Finding 18: the process backend's nodes are agent processes, not QEMU.
     let reason = pair
         .events()
@@ -149,7 +131,7 @@ fn giveback_restarts_its_node_when_the_holder_is_dead_too() {
     write_blocks(&mut a, &blocks);
     a.disconnect();
     pair.hostd(&["kill", "a"]);
-    wait_served_by(&pair, "a", "b");
+    wait_served_by(&pair, "a", "b", Duration::from_secs(30));
     pair.hostd(&["kill", "b"]);
     pair.wait_for("b fenced", Duration::from_secs(30), |status| {
         Pair::node(status, "b")["state"] == "fenced"

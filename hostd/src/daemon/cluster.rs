@@ -198,11 +198,7 @@ impl Cluster {
         }
         for identity in self.topology.identities() {
             if let Some(owner) = self.owner_of(identity) {
-                self.record(&Event::ServingStarted {
-                    identity: self.topology.identity_name(identity).to_owned(),
-                    node: self.topology.name(owner).to_owned(),
-                    epoch: self.epoch(),
-                });
+                self.record_serving_started(identity, owner, self.epoch());
             }
         }
         // A node starts with its own identity's address only; one that holds another
@@ -681,6 +677,15 @@ impl Cluster {
 
     pub fn record(&self, event: &Event) {
         self.events.record(event);
+    }
+
+    /// Node `node` may serve `identity` from now on: recorded before it is told to.
+    pub fn record_serving_started(&self, identity: IdentityId, node: NodeId, epoch: u64) {
+        self.record(&Event::ServingStarted {
+            identity: self.topology.identity_name(identity).to_owned(),
+            node: self.topology.name(node).to_owned(),
+            epoch,
+        });
     }
 
     pub fn record_serving_ended(&self, identity: IdentityId, node: NodeId, reason: &str) {

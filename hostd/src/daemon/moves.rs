@@ -395,11 +395,7 @@ fn restart(cluster: &mut Cluster, node: NodeId) -> Result<(), LaunchError> {
     let identities: Vec<IdentityId> = cluster.topology().identities().collect();
     for identity in identities {
         if cluster.owner_of(identity) == Some(node) {
-            cluster.record(&Event::ServingStarted {
-                identity: cluster.topology().identity_name(identity).to_owned(),
-                node: cluster.topology().name(node).to_owned(),
-                epoch: cluster.epoch(),
-            });
+            cluster.record_serving_started(identity, node, cluster.epoch());
         }
     }
     cluster.spawn_node(node)?;
@@ -502,14 +498,7 @@ pub fn restore_addresses(cluster: &mut Cluster) {
             // A fenced owner's identities move on (adopt_orphans); a booting one waits.
             continue;
         }
-        let argument = TakeOverArgument {
-            replay_partner_log: false,
-            port: if cluster.backend_mut().agents_listen() {
-                cluster.port(identity)
-            } else {
-                0
-            },
-        };
+        let argument = takeover_argument(cluster, identity, false);
         let epoch = cluster.epoch();
         let restored = cluster
             .issue(
@@ -587,6 +576,23 @@ pub fn planned_takeover(cluster: &mut Cluster, name: &str) -> Result<MoveReport,
     Ok(report)
 }
 
+/// A `TakeOver` command's argument: whether to replay the old owner's log, and the port
+/// to listen on where the agents listen themselves.
+fn takeover_argument(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    replay: bool,
+) -> TakeOverArgument {
+    TakeOverArgument {
+        replay_partner_log: replay,
+        port: if cluster.backend_mut().agents_listen() {
+            cluster.port(identity)
+        } else {
+            0
+        },
+    }
+}
+
 /// Moves `identity` to node `to`. The caller has fenced the old owner (unplanned) or names
 /// it for a release (planned).
 fn move_identity(
@@ -607,14 +613,7 @@ fn move_identity(
         Move::Unplanned { .. } => cluster.owner_of(identity).unwrap_or(identity.home()),
         Move::Planned { from, .. } => *from,
     };
-    let argument = TakeOverArgument {
-        replay_partner_log: matches!(how, Move::Unplanned { .. }),
-        port: if cluster.backend_mut().agents_listen() {
-            cluster.port(identity)
-        } else {
-            0
-        },
-    };
+    let argument = takeover_argument(cluster, identity, matches!(how, Move::Unplanned { .. }));
     if let Move::Planned { from, .. } = how {
         // New clients must not reach the old owner while it flushes.
         cluster
@@ -642,11 +641,7 @@ fn move_identity(
     }
     let epoch = cluster.epoch() + 1;
     // Before the owner changes: the agent may start serving as soon as it does.
-    cluster.record(&Event::ServingStarted {
-        identity: identity_name.clone(),
-        node: cluster.topology().name(to).to_owned(),
-        epoch,
-    });
+    cluster.record_serving_started(identity, to, epoch);
     cluster.set_owner(identity, to, epoch)?;
     let taken = cluster
         .issue(

@@ -26,6 +26,8 @@ pub fn one_pair() -> std::sync::MutexGuard<'static, ()> {
 /// Config fragments for [`Pair::up_with`].
 pub const NODE_B: &str = "[[node]]\nname = \"b\"\n";
 pub const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
+/// Agents as host processes.
+pub const PROCESS: &str = "backend = \"process\"\n";
 
 pub const MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
 pub const WRITE_PROBE_OFFSET: u64 = 3072;
@@ -341,4 +343,19 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// The node serving identity `node` now (its `served_by`).
+pub fn served_by(pair: &Pair, node: &str) -> String {
+    let status = pair.status();
+    Pair::node(&status, node)["served_by"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+pub fn wait_served_by(pair: &Pair, node: &str, by: &str, timeout: Duration) {
+    pair.wait_for(&format!("{node} served by {by}"), timeout, |status| {
+        Pair::node(status, node)["served_by"] == by
+    });
 }
