@@ -36,17 +36,8 @@ die() {
     exit 1
 }
 trap 'echo "build-guest-image: error: command failed (line $LINENO): $BASH_COMMAND" >&2' ERR
+. scripts/lib/apt.sh
 
-# Root runs apt-get directly; anyone else through sudo, asked for only when something is missing.
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null; then
-        sudo "$@"
-    else
-        die "need root (or sudo) to run: $*"
-    fi
-}
 # An ELF file is statically linked when it has no PT_INTERP program header.
 is_static() {
     local f=$1 phoff phentsize phnum i type
@@ -58,15 +49,6 @@ is_static() {
         type=$(od -An -tu4 -j$((phoff + i * phentsize)) -N4 "$f" | tr -d ' ')
         [[ $type == 3 ]] && return 1
     done
-    return 0
-}
-apt_updated=0
-apt_update_once() {
-    if ((apt_updated == 0)); then
-        apt_updated=1
-        say "apt-get update"
-        as_root apt-get update -qq || say "warning: apt-get update failed"
-    fi
     return 0
 }
 

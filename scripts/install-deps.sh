@@ -31,6 +31,8 @@ die() {
     echo "install-deps: error: $*" >&2
     exit 1
 }
+# shellcheck source=scripts/lib/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 # The QEMU set: installed together at the version of qemu-system-x86 that apt offers.
 qemu_set=(qemu-system-x86 qemu-utils qemu-block-extra)
@@ -57,23 +59,6 @@ checks=(
     "build-essential|cc --version"
 )
 
-as_root() {
-    if [[ $(id -u) -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null; then
-        sudo "$@"
-    else
-        die "need root (or sudo) to run: $*"
-    fi
-}
-apt_updated=0
-apt_update_once() {
-    if ((apt_updated == 0)); then
-        apt_updated=1
-        say "apt-get update"
-        as_root apt-get update -qq || say "warning: apt-get update failed; using the package lists as they are"
-    fi
-}
 apt_install() {
     local out
     say "installing: $*"
