@@ -309,22 +309,13 @@ impl Drop for Tcp {
 // c. fdatasync'd file write
 
 /// Where the fdatasync files go: `IVHA_BENCH_SYNC_DIR`, else the cargo target directory
-/// (this executable is `<target>/<profile>/deps/latency_table-<hash>`).
+/// (cargo names `<target>/tmp` to benchmarks at build time).
 fn sync_base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("IVHA_BENCH_SYNC_DIR") {
         return PathBuf::from(dir);
     }
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .find(|dir| dir.join("CACHEDIR.TAG").exists())
-                .map(Path::to_owned)
-        })
-        .unwrap_or_else(std::env::temp_dir)
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    target_tmp.parent().unwrap_or(target_tmp).to_owned()
 }
 
 /// Filesystem type of the mount holding `path`, from `/proc/self/mounts`.

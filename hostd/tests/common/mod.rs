@@ -43,13 +43,11 @@ fn profile_dir() -> PathBuf {
 }
 
 /// The guest image, which `scripts/build-guest-image.sh` builds into `<target>/guest`.
+/// Cargo names `<target>/tmp` to integration tests at build time, wherever
+/// `CARGO_TARGET_DIR` puts `<target>`.
 pub fn image_dir() -> PathBuf {
-    let profile = profile_dir();
-    let target = profile
-        .ancestors()
-        .find(|dir| dir.join("CACHEDIR.TAG").exists())
-        .unwrap_or_else(|| panic!("no cargo target directory above {}", profile.display()));
-    target.join("guest")
+    let target_tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    target_tmp.parent().unwrap_or(target_tmp).join("guest")
 }
 
 /// Whether the VM tests can run here; under CI a missing prerequisite fails the test.
