@@ -90,9 +90,9 @@ write_pattern() {
 step "hostd up --detach  (two QEMU guests sharing NVRAM regions; flushers paused)"
 out=$(quiet "$hostd" up --detach --config "$state/ivha.toml")
 echo "${out##*$'\n'}"
-# Until each node's partner reads its region (then either can be taken over).
+# Until each node's partner has read its region since it booted (for a clean status).
 for _ in $(seq 100); do
-    (($("$hostd" status --json | grep -c '"takeover_possible": true') == 2)) && break
+    (($("$hostd" status --json | grep -c 'is up and reads its region"') == 2)) && break
     sleep 0.1
 done
 "$hostd" status

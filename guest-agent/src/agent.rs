@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shm::layout::node_live;
-use shm::{Access, BackPressure, ControlRegion, Mapping, NodeRegion, NodeWriter, PeerObservation};
+use shm::{
+    Access, BackPressure, ControlRegion, Mapping, NodeRegion, NodeWriter, PeerObservation,
+    ServiceCounters,
+};
 
 use crate::args::Args;
 use crate::export::ExportRegistry;
@@ -104,6 +107,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         mut heartbeat,
         ack,
         peer: mut peer_writer,
+        service: mut service_writer,
     } = writer;
     let node_id = own.header().node_id;
     let ownership = control.as_ref().map(|control| Ownership {
@@ -191,8 +195,17 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     }
     let server_config = ServerConfig {
         poll: Duration::from_micros(args.options.nbd_poll_us),
+        max_connections_per_export: args.options.nbd_max_connections as usize,
+        max_negotiating: args.options.nbd_max_negotiating as usize,
+        idle_timeout: (args.options.nbd_idle_timeout_s > 0)
+            .then(|| Duration::from_secs(args.options.nbd_idle_timeout_s)),
         ..ServerConfig::default()
     };
+    // One descriptor per connection, for every export this node may serve.
+    let connections =
+        server_config.max_negotiating + server_config.max_connections_per_export * identities.len();
+    raise_descriptor_limit(connections as u64 + RESERVED_DESCRIPTORS);
+    let counters = Arc::clone(&server_config.counters);
     let server = Server::spawn_with(listener, Arc::clone(&registry), server_config.clone())
         .map_err(AgentError::Thread)?;
     // In process mode the listener is the identity's address: it goes when the identity
@@ -287,8 +300,43 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             peer_writer.observe(seen);
             last_seen = seen;
         }
+        service_writer.publish(ServiceCounters {
+            nbd_connections: counters.open(),
+            nbd_refused: counters.refused(),
+            nbd_idle_closed: counters.idle_closed(),
+            writes_waiting: nvram.writes_waiting(),
+        });
     }
     Ok(())
+}
+
+/// Descriptors the agent needs besides its NBD connections: regions, disks, listeners,
+/// logs, with room to spare.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Raises the open-file limit to at least `wanted` if it can (a guest's init leaves the
+/// kernel's 1024), and warns when it cannot: the connection limits would then not hold
+/// before the descriptors run out.
+fn raise_descriptor_limit(wanted: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= wanted {
+        return;
+    }
+    // Root may raise the hard limit too; anyone may raise the soft one up to the hard one.
+    let raised = setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted.max(hard))
+        .or_else(|_| setrlimit(Resource::RLIMIT_NOFILE, wanted.min(hard), hard));
+    match (raised, getrlimit(Resource::RLIMIT_NOFILE)) {
+        (Ok(()), Ok((now, _))) if now >= wanted => {
+            log::info!("open-file limit raised from {soft} to {now}");
+        }
+        (_, now) => log::warn!(
+            "open-file limit is {}, below the {wanted} the NBD connection limits need: clients may be refused for want of descriptors",
+            now.map_or(soft, |(now, _)| now)
+        ),
+    }
 }
 
 /// Marks this node's whole log as flushed without applying it: the partner, which owns this

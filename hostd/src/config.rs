@@ -26,6 +26,9 @@
 //!
 //! [nbd]
 //! poll_us = 50              # after a reply, poll for the next request this long before blocking
+//! max_connections = 128     # per export; clients over it are refused and counted
+//! max_negotiating = 32      # connections that have not chosen an export yet
+//! idle_timeout_s = 0        # close a connection idle this long (0: never)
 //!
 //! [recovery]
 //! restart_limit = 5         # restarts of a fenced node when nothing live can serve (0: off)
@@ -212,11 +215,23 @@ pub struct NbdSettings {
     /// one before it blocks: a client at queue depth 1 is then answered without a wakeup
     /// of the server thread. 0 blocks at once (no CPU spent waiting).
     pub poll_us: u64,
+    /// Most connections one export serves at once; more are refused (and counted), so
+    /// idle clients cannot use up the agent's descriptors and threads.
+    pub max_connections: u32,
+    /// Most connections still negotiating at once (they have not chosen an export).
+    pub max_negotiating: u32,
+    /// Close a connection that sends no request for this long; 0 never does.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for NbdSettings {
     fn default() -> Self {
-        Self { poll_us: 50 }
+        Self {
+            poll_us: 50,
+            max_connections: 128,
+            max_negotiating: 32,
+            idle_timeout_s: 0,
+        }
     }
 }
 
@@ -475,6 +490,9 @@ impl Config {
         AgentOptions {
             heartbeat_ms: self.heartbeat.interval_ms,
             nbd_poll_us: self.nbd.poll_us,
+            nbd_max_connections: self.nbd.max_connections,
+            nbd_max_negotiating: self.nbd.max_negotiating,
+            nbd_idle_timeout_s: self.nbd.idle_timeout_s,
             flush_delay_ms: self.flusher.delay_ms,
             flush_paused: self.flusher.paused,
             release: self.flusher.release,
@@ -536,6 +554,7 @@ mod tests {
             ("[disks]\nsize_mib = \"big\"\n", "invalid type"),
             ("[flusher]\nsync_interval_ms = 0\n", "from 1 to 3600000"),
             ("[nbd]\npoll_us = 20000\n", "at most 10000"),
+            ("[nbd]\nmax_connections = 0\n", "--nbd-max-connections"),
             ("[flusher]\nrelease = \"disk\"\n", "unknown variant"),
             (
                 "[qemu]\nkernel_args = \"quiet ivha.flush_pasued\"\n",

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use shm::inspect::{ControlReport, NodeReport, Problem, RegionReport};
 
-use wire::control::{ClusterStatus, NodeState};
+use wire::control::{ClusterStatus, NodeState, NodeStatus};
 
 /// One line of boot progress: how long it has been, and each node's state.
 pub fn progress_line(status: &ClusterStatus) -> String {
@@ -49,9 +49,10 @@ pub fn status_table(status: &ClusterStatus) -> String {
         "HEARTBEAT",
         "LOG HEAD/FLUSHED",
         "SERVED BY",
+        "CLIENTS",
         "NBD",
     ];
-    let rows: Vec<[String; 9]> = status
+    let rows: Vec<[String; 10]> = status
         .nodes
         .iter()
         .map(|n| {
@@ -65,12 +66,9 @@ pub fn status_table(status: &ClusterStatus) -> String {
                     Some(age) => format!("#{} {:.1}s ago", n.heartbeat, age as f64 / 1000.0),
                     None => "none yet".into(),
                 },
-                format!(
-                    "{}/{}",
-                    n.head_seq.map_or("?".into(), |s| s.to_string()),
-                    n.flushed_seq.map_or("?".into(), |s| s.to_string())
-                ),
-                n.served_by.clone().unwrap_or_else(|| "nobody".into()),
+                log_cell(n),
+                served_by_cell(n),
+                clients_cell(n),
                 n.nbd.clone(),
             ]
         })
@@ -108,6 +106,50 @@ pub fn status_table(status: &ClusterStatus) -> String {
         );
     }
     out
+}
+
+/// Log cursors, and how long the log has been full when it is.
+fn log_cell(n: &NodeStatus) -> String {
+    let mut cell = format!(
+        "{}/{}",
+        n.head_seq.map_or("?".into(), |s| s.to_string()),
+        n.flushed_seq.map_or("?".into(), |s| s.to_string())
+    );
+    if let Some(full_ms) = n.log_full_ms {
+        let _ = write!(
+            cell,
+            " FULL {:.1}s, {} write{} waiting",
+            full_ms as f64 / 1000.0,
+            n.writes_waiting,
+            if n.writes_waiting == 1 { "" } else { "s" }
+        );
+    }
+    cell
+}
+
+/// The identity's owner, and its state when that means nobody serves the identity now.
+fn served_by_cell(n: &NodeStatus) -> String {
+    match (&n.served_by, n.served_by_state) {
+        (None, _) => "nobody".into(),
+        (Some(owner), None | Some(NodeState::Up)) => owner.clone(),
+        (Some(owner), Some(state)) => format!("{owner} ({}: not serving)", state.as_str()),
+    }
+}
+
+/// Open NBD connections, and refusals and idle closes when there were any.
+fn clients_cell(n: &NodeStatus) -> String {
+    let mut notes = Vec::new();
+    if n.nbd_refused > 0 {
+        notes.push(format!("{} refused", n.nbd_refused));
+    }
+    if n.nbd_idle_closed > 0 {
+        notes.push(format!("{} closed idle", n.nbd_idle_closed));
+    }
+    if notes.is_empty() {
+        n.nbd_connections.to_string()
+    } else {
+        format!("{} ({})", n.nbd_connections, notes.join(", "))
+    }
 }
 
 /// Renders any region report.
@@ -331,5 +373,69 @@ mod tests {
         assert_eq!(bytes(1000), "1000 B");
         assert_eq!(bytes(67104768), "64.0 MiB (67104768 B)");
         assert_eq!(bytes(33552352), "32.0 MiB (33552352 B)");
+    }
+
+    fn node(name: &str) -> NodeStatus {
+        NodeStatus {
+            name: name.into(),
+            partner: "b".into(),
+            state: NodeState::Up,
+            health: String::new(),
+            vm: "running".into(),
+            pid: Some(1),
+            heartbeat: 7,
+            heartbeat_age_ms: Some(50),
+            boot_id: 1,
+            peer_boot_id: 2,
+            peer_heartbeat: 3,
+            head_seq: Some(12),
+            last_ack_seq: 0,
+            flushed_seq: Some(10),
+            served_by: Some(name.into()),
+            served_by_state: Some(NodeState::Up),
+            nbd_connections: 0,
+            nbd_refused: 0,
+            nbd_idle_closed: 0,
+            log_full_ms: None,
+            writes_waiting: 0,
+            nbd: "nbd://127.0.0.1:1/a".into(),
+            takeover_possible: true,
+            takeover_reason: "partner b is up".into(),
+            console: "c".into(),
+        }
+    }
+
+    #[test]
+    fn status_says_who_does_not_serve_and_what_is_stuck() {
+        let healthy = node("a");
+        assert_eq!(served_by_cell(&healthy), "a");
+        assert_eq!(clients_cell(&healthy), "0");
+        assert_eq!(log_cell(&healthy), "12/10");
+
+        let troubled = NodeStatus {
+            served_by: Some("b".into()),
+            served_by_state: Some(NodeState::Fenced),
+            nbd_connections: 128,
+            nbd_refused: 4000,
+            nbd_idle_closed: 2,
+            log_full_ms: Some(2345),
+            writes_waiting: 5,
+            ..node("a")
+        };
+        assert_eq!(served_by_cell(&troubled), "b (fenced: not serving)");
+        assert_eq!(clients_cell(&troubled), "128 (4000 refused, 2 closed idle)");
+        assert_eq!(log_cell(&troubled), "12/10 FULL 2.3s, 5 writes waiting");
+        let table = status_table(&ClusterStatus {
+            epoch: 2,
+            state_dir: "/s".into(),
+            hostd_pid: 1,
+            accel: "tcg".into(),
+            accel_reason: String::new(),
+            uptime_s: 1.0,
+            adopted: false,
+            nodes: vec![troubled],
+        });
+        assert!(table.contains("CLIENTS"), "{table}");
+        assert!(table.contains("b (fenced: not serving)"), "{table}");
     }
 }

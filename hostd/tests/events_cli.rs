@@ -102,6 +102,14 @@ fn json_node_and_last() {
     let (code, stdout, _) = hostd(dir.path(), &["events", "--last", "2", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(stdout, format!("{B_UP}\n{TAKEOVER}\n"));
+
+    // A node the cluster does not have is an error, not an empty history.
+    let (code, stdout, stderr) = hostd(dir.path(), &["events", "--node", "zz"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stderr.contains("no node \"zz\" in this state directory (its nodes: a, b)"),
+        "{stderr}"
+    );
 }
 
 #[test]

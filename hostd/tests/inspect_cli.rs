@@ -126,11 +126,42 @@ fn missing_nodes_and_garbage_files_get_clear_messages() {
     assert_eq!(code, 3);
     assert!(stdout.contains("not an ivha region"), "{stdout}");
 
+    // Too short to be a region: a finding about the file (exit 3), not a failure to run.
     let tiny = dir.path().join("tiny");
     std::fs::write(&tiny, b"short").unwrap();
-    let (code, _, stderr) = hostd(dir.path(), &["inspect", tiny.to_str().unwrap()]);
-    assert_eq!(code, 1);
-    assert!(stderr.contains("at least 8192 bytes"), "{stderr}");
+    let (code, stdout, _) = hostd(dir.path(), &["inspect", tiny.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    assert!(stdout.contains("at least 8192 bytes"), "{stdout}");
+}
+
+#[test]
+fn truncated_regions_and_corrupt_cursors_are_findings_in_words() {
+    let (dir, _region) = cluster_with_log(1, 3);
+    let path = dir.path().join("regions/a.region");
+    let whole = std::fs::read(&path).unwrap();
+
+    // Cut to half: the header names the size it should have.
+    std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+    let (code, stdout, _) = hostd(dir.path(), &["inspect", "a"]);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(stdout.contains("bytes are mapped"), "{stdout}");
+    // Cut to a size no region has.
+    std::fs::write(&path, &whole[..10_000]).unwrap();
+    let (code, stdout, _) = hostd(dir.path(), &["inspect", "a"]);
+    assert_eq!(code, 3, "{stdout}");
+
+    // A head whose seq is 2^63: the cursors cannot both be right, and no count is made of them.
+    let mut bytes = whole.clone();
+    let head = shm::layout::node_live::HEAD.offset() as usize;
+    let generation = u64::from_le_bytes(bytes[head..head + 8].try_into().unwrap());
+    let seq_word = head + 8 + (generation & 1) as usize * 16;
+    bytes[seq_word..seq_word + 8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, stdout, _) = hostd(dir.path(), &["inspect", "a"]);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(stdout.contains("cannot fit in"), "{stdout}");
+    assert!(!stdout.contains("9223372036854775808 records"), "{stdout}");
+    assert!(!stdout.contains("Cursor {"), "{stdout}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ fn the_pair_boots_and_each_guest_reads_its_partner() {
     if !prerequisites() {
         return;
     }
+    let _one = common::one_pair();
     let pair = Pair::up("ivha.selftest=write-partner");
 
     // Both heartbeats advance, as hostd sees them.
@@ -97,6 +98,7 @@ fn down_leaves_no_qemu_behind() {
     if !prerequisites() {
         return;
     }
+    let _one = common::one_pair();
     let pair = Pair::up("");
     let pids = pair.pids.clone();
     assert!(pids.iter().all(|p| alive(*p)), "both QEMUs run before down");
@@ -139,4 +141,50 @@ fn down_leaves_no_qemu_behind() {
     let (code, _, stderr) = pair.hostd(&["status"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("no hostd is running"), "{stderr}");
+}
+
+/// Clients that connect and idle cannot cut a guest off (an adversarial pass found 340 of
+/// them exhausted the agent's descriptors). In a real guest, 400 idle clients of node a:
+/// the export's limit (128 by default) are served, the rest are refused with the reason
+/// and counted, node a stays up, and a's data and b's export stay reachable.
+#[test]
+fn idle_clients_cannot_cut_a_guest_off() {
+    if !prerequisites() {
+        return;
+    }
+    const CLIENTS: usize = 400;
+    const LIMIT: usize = 128;
+    let _one = common::one_pair();
+    let pair = Pair::up("");
+    let mut a = pair.connect(0, "a");
+    let blocks = common::blocks::random_blocks(8, 41, a.size());
+    common::blocks::write_blocks(&mut a, &blocks);
+    a.disconnect();
+
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for i in 0..CLIENTS {
+        match campaign::nbd_client::NbdClient::connect(pair.addr(0), "a", Duration::from_secs(20)) {
+            Ok(client) => idle.push(client),
+            Err(error) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains("its limit"),
+                    "client {i} failed otherwise: {text}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(idle.len(), LIMIT, "{refused} refused");
+    // The agent publishes its counters with each heartbeat.
+    pair.wait_for("a's refusals counted", Duration::from_secs(10), |status| {
+        Pair::node(status, "a")["nbd_refused"].as_u64() >= Some(refused as u64)
+    });
+    let status = pair.status();
+    assert_eq!(Pair::node(&status, "a")["state"], "up", "{status}");
+    pair.connect(1, "b").disconnect();
+    drop(idle);
+    // The served ones close; a new client gets in and reads what was written.
+    common::blocks::verify_blocks(&mut pair.connect(0, "a"), &blocks, "after 400 idle clients");
 }

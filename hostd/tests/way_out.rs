@@ -242,3 +242,109 @@ fn a_taken_port_fails_up_at_once() {
     assert_eq!(runs, 0, "a node process was recorded");
     drop(squatter);
 }
+
+/// Finding 3: clients that connect and idle cannot cut a node off. Over the per-export
+/// limit a client is refused with a reason (and counted); connections that never negotiate
+/// are closed past their own limit; the node's other export and a new client after the idle
+/// ones are closed are served; status shows the counts.
+#[test]
+fn idle_clients_are_bounded_refused_counted_and_closed() {
+    if !agent_prerequisite() {
+        return;
+    }
+    const LIMIT: usize = 16;
+    const NEGOTIATING: usize = 4;
+    let _one = one_pair();
+    let limits = format!(
+        "{PROCESS}[nbd]\nmax_connections = {LIMIT}\nmax_negotiating = {NEGOTIATING}\nidle_timeout_s = 8\n"
+    );
+    let pair = Pair::up_with(NODE_B, &limits);
+    let mut a = pair.connect(0, "a");
+    let blocks = random_blocks(16, 31, a.size());
+    write_blocks(&mut a, &blocks);
+    a.disconnect();
+
+    let connect =
+        || campaign::nbd_client::NbdClient::connect(pair.addr(0), "a", Duration::from_secs(5));
+    let idle: Vec<_> = (0..LIMIT)
+        .map(|i| connect().unwrap_or_else(|e| panic!("idle client {i}: {e}")))
+        .collect();
+    let mut refused = 0;
+    for _ in 0..3 * LIMIT {
+        match connect() {
+            Ok(_) => panic!("a client over the limit of {LIMIT} was served"),
+            Err(error) => {
+                let text = error.to_string();
+                assert!(
+                    text.contains("its limit"),
+                    "refused without the reason: {text}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    // Connections that never negotiate: past the limit they are closed at once.
+    let silent: Vec<_> = (0..3 * NEGOTIATING)
+        .map(|_| std::net::TcpStream::connect(pair.addr(0)).unwrap())
+        .collect();
+    let mut closed = 0;
+    for stream in &silent {
+        use std::io::Read;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut greeting = [0u8; 18];
+        // Admitted ones are greeted; refused ones read as closed.
+        match (&*stream).read(&mut greeting) {
+            Ok(0) => closed += 1,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(error) => panic!("reading the greeting: {error}"),
+        }
+    }
+    assert!(
+        closed >= 2 * NEGOTIATING,
+        "only {closed} of {} silent connections were closed",
+        silent.len()
+    );
+    drop(silent);
+
+    // The node's threads stay bounded by the limits (one per connection).
+    let pid = pair.pids[0];
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(
+        threads <= LIMIT + NEGOTIATING + 16,
+        "agent a runs {threads} threads"
+    );
+    // Another export of the cluster is unaffected.
+    pair.connect(1, "b").disconnect();
+
+    // The agent publishes its counters with each heartbeat.
+    let expected = (refused + 2 * NEGOTIATING) as u64;
+    pair.wait_for("a's refusals counted", Duration::from_secs(10), |status| {
+        Pair::node(status, "a")["nbd_refused"].as_u64() >= Some(expected)
+    });
+    let status = pair.status();
+    let node = Pair::node(&status, "a");
+    assert!(
+        node["nbd_connections"].as_u64().unwrap() >= LIMIT as u64,
+        "{node}"
+    );
+    let counted = node["nbd_refused"].as_u64().unwrap();
+    assert!(
+        counted >= (refused + 2 * NEGOTIATING) as u64,
+        "{refused} refused clients and {closed} closed silent ones, {counted} counted: {node}"
+    );
+    let (code, table, _) = pair.hostd(&["status"]);
+    assert_eq!(code, 0);
+    assert!(table.contains(&format!("{counted} refused")), "{table}");
+
+    // The idle clients are closed after the timeout, counted, and room is made.
+    pair.wait_for("idle clients closed", Duration::from_secs(20), |status| {
+        Pair::node(status, "a")["nbd_idle_closed"].as_u64() >= Some(LIMIT as u64)
+    });
+    drop(idle);
+    verify_blocks(&mut pair.connect(0, "a"), &blocks, "after the idle clients");
+}

@@ -211,6 +211,11 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
             return report;
         }
     };
+    // Counts from cursors that cannot both be right would only mislead.
+    if let Err(error) = crate::log::check_cursors(&region.geometry(), flushed, head) {
+        report.problem = Some(Problem::from_log(&error));
+        return report;
+    }
     report.unflushed_records = head.seq.saturating_sub(flushed.seq);
     report.unflushed_bytes = head.pos.saturating_sub(flushed.pos);
     let mut scanner = LogScanner::new(region.mapping(), region.geometry(), flushed, head);

@@ -62,6 +62,9 @@ pub mod node_live {
     pub const BACKPRESSURE_WAITS: u64 = 768;
     /// Total nanoseconds appends spent waiting for ring space.
     pub const BACKPRESSURE_WAIT_NS: u64 = 776;
+    /// Unix time (ns) at which the append waiting for ring space now began; 0 when none
+    /// waits. Written by the appender as the wait starts and ends.
+    pub const LOG_FULL_SINCE_NS: u64 = 784;
     /// What this node last read in its partner's region, through its read-only mapping:
     /// `(partner node id + 1, partner boot id, partner heartbeat counter)`.
     pub const PEER: Published<3> = Published::at(800);
@@ -74,14 +77,20 @@ pub mod node_live {
     /// `(seq, unix time ns)`: every record up to `seq` was on the disk's media (fdatasync
     /// returned) at that time. Zero in a region no agent synced yet.
     pub const SYNCED: Published<2> = Published::at(1152);
+    /// The agent's service counters, published with each heartbeat: `(NBD connections
+    /// open, NBD connections refused, NBD connections closed idle, writes waiting for the
+    /// log)`; the two totals count since the agent started.
+    pub const SERVICE: Published<4> = Published::at(1200);
 
     const _: () = assert!(HEARTBEAT.end() <= HEAD.offset());
     const _: () = assert!(HEAD.end() <= FLUSHED.offset());
     const _: () = assert!(FLUSHED.end() <= BACKPRESSURE_WAITS);
-    const _: () = assert!(BACKPRESSURE_WAIT_NS + 8 <= PEER.offset());
+    const _: () = assert!(BACKPRESSURE_WAIT_NS + 8 <= LOG_FULL_SINCE_NS);
+    const _: () = assert!(LOG_FULL_SINCE_NS + 8 <= PEER.offset());
     const _: () = assert!(PEER.end() <= ACK.offset());
     const _: () = assert!(ACK.end() <= SYNCED.offset());
-    const _: () = assert!(SYNCED.end() <= WRITE_PROBE);
+    const _: () = assert!(SYNCED.end() <= SERVICE.offset());
+    const _: () = assert!(SERVICE.end() <= WRITE_PROBE);
 }
 
 /// Static control header fields (byte offsets).

@@ -36,5 +36,6 @@ pub use log::{
 };
 pub use mapping::{Access, Mapping, MappingError};
 pub use node::{
-    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Synced, SyncedWriter,
+    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, ServiceCounters,
+    ServiceWriter, Synced, SyncedWriter,
 };

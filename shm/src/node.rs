@@ -107,8 +107,24 @@ pub struct PeerObservation {
 pub struct NodeStats {
     /// Appends that found the ring full and waited for the flusher.
     pub backpressure_waits: u64,
-    /// Nanoseconds spent in those waits.
+    /// Nanoseconds spent in those waits (added as each wait ends).
     pub backpressure_wait_ns: u64,
+    /// When the append waiting for ring space now began (ns since the Unix epoch, the
+    /// agent's clock); 0 while the log has room.
+    pub log_full_since_unix_ns: u64,
+}
+
+/// What the agent's services report, published with each heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceCounters {
+    /// NBD connections open now (negotiating or transmitting).
+    pub nbd_connections: u64,
+    /// NBD connections refused since the agent started (over a connection limit).
+    pub nbd_refused: u64,
+    /// NBD connections closed for idling since the agent started.
+    pub nbd_idle_closed: u64,
+    /// Writes waiting now to get into the log (while it is full, every new write waits).
+    pub writes_waiting: u64,
 }
 
 /// A mapped, validated node region (read side; works on read-only mappings).
@@ -239,7 +255,24 @@ impl NodeRegion {
         NodeStats {
             backpressure_waits: self.mapping.load(node_live::BACKPRESSURE_WAITS),
             backpressure_wait_ns: self.mapping.load(node_live::BACKPRESSURE_WAIT_NS),
+            log_full_since_unix_ns: self.mapping.load(node_live::LOG_FULL_SINCE_NS),
         }
+    }
+
+    /// The service counters the agent last published (zero before it first did).
+    pub fn service(&self) -> Option<ServiceCounters> {
+        let [
+            nbd_connections,
+            nbd_refused,
+            nbd_idle_closed,
+            writes_waiting,
+        ] = node_live::SERVICE.read(&self.mapping)?;
+        Some(ServiceCounters {
+            nbd_connections,
+            nbd_refused,
+            nbd_idle_closed,
+            writes_waiting,
+        })
     }
 
     /// The flushed and head cursors as they were at one instant.
@@ -325,6 +358,10 @@ impl NodeRegion {
             writer: PublishedWriter::new(node_live::SYNCED, &self.mapping),
             mapping: Arc::clone(&self.mapping),
         };
+        let service = ServiceWriter {
+            writer: PublishedWriter::new(node_live::SERVICE, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
         Ok(NodeWriter {
             appender,
             flushed,
@@ -332,6 +369,7 @@ impl NodeRegion {
             heartbeat,
             ack,
             peer,
+            service,
         })
     }
 }
@@ -345,6 +383,7 @@ pub struct NodeWriter {
     pub heartbeat: HeartbeatWriter,
     pub ack: AckWriter,
     pub peer: PeerWriter,
+    pub service: ServiceWriter,
 }
 
 /// Publishes heartbeats.
@@ -417,6 +456,27 @@ impl PeerWriter {
         let node = seen.node_id.map_or(0, |n| u64::from(n) + 1);
         self.writer
             .publish(&self.mapping, [node, seen.boot_id, seen.heartbeat]);
+    }
+}
+
+/// Publishes the agent's service counters.
+#[derive(Debug)]
+pub struct ServiceWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<4>,
+}
+
+impl ServiceWriter {
+    pub fn publish(&mut self, counters: ServiceCounters) {
+        self.writer.publish(
+            &self.mapping,
+            [
+                counters.nbd_connections,
+                counters.nbd_refused,
+                counters.nbd_idle_closed,
+                counters.writes_waiting,
+            ],
+        );
     }
 }
 
@@ -630,7 +690,16 @@ mod tests {
         let reader = r.clone();
         std::thread::scope(|s| {
             s.spawn(move || {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                // A wait in progress is counted, and the log reads as full, before it ends.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while reader.stats().log_full_since_unix_ns == 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the wait never showed"
+                    );
+                    std::thread::yield_now();
+                }
+                assert_eq!(reader.stats().backpressure_waits, 2);
                 let first = reader.unflushed().unwrap().next().unwrap().unwrap();
                 flushed.advance(first.end()).unwrap();
             });
@@ -638,5 +707,6 @@ mod tests {
         });
         assert_eq!(r.stats().backpressure_waits, 2);
         assert!(r.stats().backpressure_wait_ns > 0);
+        assert_eq!(r.stats().log_full_since_unix_ns, 0, "the wait is over");
     }
 }

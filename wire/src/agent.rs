@@ -47,6 +47,24 @@ pub struct AgentOptions {
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub nbd_poll_us: u64,
 
+    /// NBD: most connections one export serves at once; a client over the limit is
+    /// refused (`NBD_OPT_GO` answered with a policy error) and counted.
+    #[arg(long, default_value_t = 128, value_name = "CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub nbd_max_connections: u32,
+
+    /// NBD: most connections still negotiating (no export chosen yet) at once; more are
+    /// closed as soon as they are accepted, and counted.
+    #[arg(long, default_value_t = 32, value_name = "CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub nbd_max_negotiating: u32,
+
+    /// NBD: close a connection that sends no request for this long (0: never). Clients
+    /// that reconnect (QEMU's `reconnect-delay`) carry on; others see the connection end.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub nbd_idle_timeout_s: u64,
+
     /// Flusher: wait this long before each batch (keeps records unflushed for a while).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub flush_delay_ms: u64,
@@ -75,6 +93,9 @@ impl Default for AgentOptions {
         Self {
             heartbeat_ms: 100,
             nbd_poll_us: 0,
+            nbd_max_connections: 128,
+            nbd_max_negotiating: 32,
+            nbd_idle_timeout_s: 0,
             flush_delay_ms: 0,
             flush_paused: false,
             release: Release::Host,
@@ -104,6 +125,18 @@ impl AgentOptions {
         let mut flags = vec![
             ("heartbeat-ms", Some(self.heartbeat_ms.to_string())),
             ("nbd-poll-us", Some(self.nbd_poll_us.to_string())),
+            (
+                "nbd-max-connections",
+                Some(self.nbd_max_connections.to_string()),
+            ),
+            (
+                "nbd-max-negotiating",
+                Some(self.nbd_max_negotiating.to_string()),
+            ),
+            (
+                "nbd-idle-timeout-s",
+                Some(self.nbd_idle_timeout_s.to_string()),
+            ),
             ("flush-delay-ms", Some(self.flush_delay_ms.to_string())),
             ("release", Some(self.release.as_str().to_owned())),
             ("sync-interval-ms", Some(self.sync_interval_ms.to_string())),
@@ -175,6 +208,9 @@ mod tests {
         AgentOptions {
             heartbeat_ms: 37,
             nbd_poll_us: 5,
+            nbd_max_connections: 3,
+            nbd_max_negotiating: 2,
+            nbd_idle_timeout_s: 600,
             flush_delay_ms: 200,
             flush_paused: true,
             release: Release::Media,

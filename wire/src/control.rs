@@ -146,6 +146,26 @@ pub struct NodeStatus {
     pub flushed_seq: Option<u64>,
     /// Node serving this node's identity (from the control region).
     pub served_by: Option<String>,
+    /// The state of the node in `served_by`: anything but up means nobody serves the
+    /// identity now (a fenced owner is dead; hostd moves or restarts it).
+    #[serde(default)]
+    pub served_by_state: Option<NodeState>,
+    /// NBD connections open on this node now.
+    #[serde(default)]
+    pub nbd_connections: u64,
+    /// NBD connections this node's agent refused (over a connection limit) since it started.
+    #[serde(default)]
+    pub nbd_refused: u64,
+    /// NBD connections this node's agent closed for idling since it started.
+    #[serde(default)]
+    pub nbd_idle_closed: u64,
+    /// How long this node's log has been full, in milliseconds (writes wait for the
+    /// flusher); `None` while it has room.
+    #[serde(default)]
+    pub log_full_ms: Option<u64>,
+    /// Writes waiting now to get into this node's log.
+    #[serde(default)]
+    pub writes_waiting: u64,
     pub nbd: String,
     pub takeover_possible: bool,
     pub takeover_reason: String,

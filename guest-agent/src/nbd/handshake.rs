@@ -15,9 +15,9 @@ use super::protocol::{
     FLAG_HAS_FLAGS, FLAG_NO_ZEROES, FLAG_READ_ONLY, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM,
     FLAG_SEND_WRITE_ZEROES, IHAVEOPT, INFO_NAME, InfoRequest, KNOWN_CLIENT_FLAGS, MAX_OPTION_DATA,
     MAX_STRING_LEN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STRUCTURED_REPLY,
-    OPTION_HEADER_LEN, OptionHeader, REP_ACK, REP_ERR_INVALID, REP_ERR_TOO_BIG, REP_ERR_UNKNOWN,
-    REP_ERR_UNSUP, REP_INFO, REP_SERVER, decode_name, export_name_reply, greeting, info_block_size,
-    info_export, option_reply_header,
+    OPTION_HEADER_LEN, OptionHeader, REP_ACK, REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TOO_BIG,
+    REP_ERR_UNKNOWN, REP_ERR_UNSUP, REP_INFO, REP_SERVER, decode_name, export_name_reply, greeting,
+    info_block_size, info_export, option_reply_header,
 };
 use super::{ConnectionError, IoContext, MAX_PAYLOAD, discard, read_exact_or_eof};
 
@@ -65,7 +65,11 @@ pub fn block_sizes(export: &dyn Export) -> (u32, u32, u32) {
     (1, preferred, maximum)
 }
 
-/// Runs the negotiation on a fresh connection.
+/// Whether a connection may use the export it chose: `Err` carries the reason it may not,
+/// in words the client is told.
+pub type Admit<'a> = dyn FnMut(&Arc<dyn Export>) -> Result<(), String> + 'a;
+
+/// Runs the negotiation on a fresh connection, admitting every choice of export.
 ///
 /// `reader` must be the reader the transmission phase goes on with: requests the client sent
 /// right after `NBD_OPT_GO` may already sit in its buffer.
@@ -73,6 +77,19 @@ pub fn negotiate<R: Read, W: Write>(
     reader: &mut BufReader<R>,
     writer: &mut W,
     registry: &ExportRegistry,
+) -> Result<Negotiated, ConnectionError> {
+    negotiate_admitting(reader, writer, registry, &mut |_| Ok(()))
+}
+
+/// Runs the negotiation, asking `admit` before the connection enters transmission with the
+/// export it chose. A refused `NBD_OPT_GO` is answered with `NBD_REP_ERR_POLICY` and the
+/// reason, and the client may go on negotiating; a refused `NBD_OPT_EXPORT_NAME`, which has
+/// no error reply, ends the connection.
+pub fn negotiate_admitting<R: Read, W: Write>(
+    reader: &mut BufReader<R>,
+    writer: &mut W,
+    registry: &ExportRegistry,
+    admit: &mut Admit<'_>,
 ) -> Result<Negotiated, ConnectionError> {
     writer
         .write_all(&greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
@@ -99,7 +116,9 @@ pub fn negotiate<R: Read, W: Write>(
         if header.magic != IHAVEOPT {
             return Err(ConnectionError::OptionMagic(header.magic));
         }
-        let outcome = option(reader, writer, registry, header, no_zeroes, &mut data)?;
+        let outcome = option(
+            reader, writer, registry, admit, header, no_zeroes, &mut data,
+        )?;
         writer.flush().context("sending an option reply")?;
         match outcome {
             Some(negotiated) => return Ok(negotiated),
@@ -113,6 +132,7 @@ fn option<R: Read, W: Write>(
     reader: &mut BufReader<R>,
     writer: &mut W,
     registry: &ExportRegistry,
+    admit: &mut Admit<'_>,
     header: OptionHeader,
     no_zeroes: bool,
     data: &mut Vec<u8>,
@@ -157,6 +177,7 @@ fn option<R: Read, W: Write>(
             let Some(export) = registry.get(&name) else {
                 return Err(ConnectionError::UnknownExport(name));
             };
+            admit(&export).map_err(|reason| ConnectionError::Refused { name, reason })?;
             let flags = transmission_flags(export.as_ref());
             writer
                 .write_all(&export_name_reply(export.size(), flags))
@@ -191,7 +212,7 @@ fn option<R: Read, W: Write>(
             send_reply(writer, OPT_LIST, REP_ACK, &[])?;
             Ok(None)
         }
-        OPT_INFO | OPT_GO => info_or_go(writer, registry, header.option, data),
+        OPT_INFO | OPT_GO => info_or_go(writer, registry, admit, header.option, data),
         _ => {
             send_reply(writer, header.option, REP_ERR_UNSUP, &[])?;
             Ok(None)
@@ -203,6 +224,7 @@ fn option<R: Read, W: Write>(
 fn info_or_go<W: Write>(
     writer: &mut W,
     registry: &ExportRegistry,
+    admit: &mut Admit<'_>,
     option: u32,
     data: &[u8],
 ) -> Result<Option<Negotiated>, ConnectionError> {
@@ -221,6 +243,13 @@ fn info_or_go<W: Write>(
         send_reply(writer, option, REP_ERR_UNKNOWN, &[message.as_bytes()])?;
         return Ok(None);
     };
+    if option == OPT_GO
+        && let Err(reason) = admit(&export)
+    {
+        log::debug!("nbd: refusing export {:?}: {reason}", request.name);
+        send_reply(writer, option, REP_ERR_POLICY, &[reason.as_bytes()])?;
+        return Ok(None);
+    }
     let flags = transmission_flags(export.as_ref());
     send_reply(
         writer,
@@ -560,6 +589,55 @@ mod tests {
         client.extend_from_slice(&opt(OPT_GO, b"\0\0\0\0\0\0")[..18]);
         let err = run(&client).0.unwrap_err();
         assert!(err.is_hang_up(), "{err}");
+    }
+
+    #[test]
+    fn a_refused_choice_is_answered_and_negotiation_goes_on() {
+        let go = |name: &str| {
+            InfoRequest {
+                name: name.to_owned(),
+                items: vec![],
+            }
+            .encode()
+        };
+        let mut client = FIXED_NO_ZEROES.to_vec();
+        client.extend(opt(OPT_INFO, &go("a")));
+        client.extend(opt(OPT_GO, &go("a")));
+        client.extend(opt(OPT_GO, &go("ro")));
+        let mut reader = BufReader::new(Cursor::new(client));
+        let mut out = Vec::new();
+        let mut asked = Vec::new();
+        let mut admit = |export: &Arc<dyn Export>| {
+            asked.push(export.name().to_owned());
+            match export.name() {
+                "a" => Err("export \"a\" has 1 connections, its limit".to_owned()),
+                _ => Ok(()),
+            }
+        };
+        let result = negotiate_admitting(&mut reader, &mut out, &registry(), &mut admit);
+        let Ok(Negotiated::Transmission(export)) = result else {
+            panic!("{result:?}")
+        };
+        assert_eq!(export.name(), "ro");
+        // INFO is not a choice: only the two GOs were put to `admit`.
+        assert_eq!(asked, ["a", "ro"]);
+        let replies = replies(&out[GREETING_LEN..]);
+        let refusal = replies
+            .iter()
+            .find(|(option, reply, _)| *option == OPT_GO && *reply == REP_ERR_POLICY)
+            .expect("a policy error for the refused GO");
+        assert!(String::from_utf8_lossy(&refusal.2).contains("its limit"));
+
+        let mut client = FIXED.to_vec();
+        client.extend(opt(OPT_EXPORT_NAME, b"a"));
+        let mut reader = BufReader::new(Cursor::new(client));
+        let result = negotiate_admitting(&mut reader, &mut Vec::new(), &registry(), &mut |_| {
+            Err("full".to_owned())
+        });
+        assert!(
+            matches!(&result, Err(ConnectionError::Refused { name, reason }) if name == "a" && reason == "full"),
+            "{result:?}"
+        );
     }
 
     #[test]

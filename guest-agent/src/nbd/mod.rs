@@ -24,11 +24,12 @@ pub mod handshake;
 pub mod polling;
 pub mod protocol;
 pub mod server;
+pub mod throttled_log;
 pub mod transmission;
 
 use std::io;
 
-pub use server::{Server, ServerConfig};
+pub use server::{ConnectionCounters, Server, ServerConfig};
 
 use protocol::OptionDataError;
 
@@ -63,6 +64,15 @@ pub enum ConnectionError {
     /// otherwise).
     #[error("the client chose export {0:?} with NBD_OPT_EXPORT_NAME, which is not served here")]
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` chose an export this connection may not use now (it cannot be
+    /// refused otherwise).
+    #[error(
+        "the client chose export {name:?} with NBD_OPT_EXPORT_NAME, which refused it: {reason}"
+    )]
+    Refused { name: String, reason: String },
+    /// The client sent no request for the configured idle timeout.
+    #[error("the client sent no request for {} s", .0.as_secs())]
+    Idle(std::time::Duration),
     /// `NBD_OPT_EXPORT_NAME` carried a name that is too long or not a valid string.
     #[error("the client sent an unusable name with NBD_OPT_EXPORT_NAME")]
     ExportName(#[source] OptionDataError),
@@ -82,6 +92,12 @@ pub enum ConnectionError {
 }
 
 impl ConnectionError {
+    /// True when a read timed out (the socket's receive timeout expired).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Io { source, .. }
+            if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+
     /// True when the client simply went away (end of stream, reset, broken pipe): worth a
     /// debug line, not a warning.
     pub fn is_hang_up(&self) -> bool {

@@ -12,6 +12,7 @@
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -20,13 +21,14 @@ use nix::sys::socket::{MsgFlags, recv};
 /// Reads a TCP stream, polling up to `budget` before each blocking read.
 #[derive(Debug)]
 pub struct PollingReader {
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     budget: Duration,
 }
 
 impl PollingReader {
-    /// `budget` zero: a plain blocking reader.
-    pub fn new(stream: TcpStream, budget: Duration) -> Self {
+    /// `budget` zero: a plain blocking reader. The stream may be shared (its writer and
+    /// reader halves are the same socket).
+    pub fn new(stream: Arc<TcpStream>, budget: Duration) -> Self {
         Self { stream, budget }
     }
 }
@@ -47,7 +49,7 @@ impl Read for PollingReader {
                 std::hint::spin_loop();
             }
         }
-        self.stream.read(buf)
+        (&*self.stream).read(buf)
     }
 }
 
@@ -62,7 +64,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
-        (PollingReader::new(server, budget), client)
+        (PollingReader::new(Arc::new(server), budget), client)
     }
 
     #[test]

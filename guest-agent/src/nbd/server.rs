@@ -5,12 +5,19 @@
 //! connection gets `TCP_NODELAY`, a reader and a writer buffered with
 //! [`ServerConfig::buffer_size`] bytes, and its own thread: a client that misbehaves, stalls
 //! or disappears ends only its own connection.
+//!
+//! Connections are bounded, so that clients that connect and idle cannot use up the
+//! agent's descriptors and threads: at most [`ServerConfig::max_negotiating`] may be
+//! negotiating (more are closed as soon as they are accepted) and at most
+//! [`ServerConfig::max_connections_per_export`] may use one export (`NBD_OPT_GO` over it is
+//! answered with `NBD_REP_ERR_POLICY`). A connection holds one descriptor. Refusals and
+//! idle closes are counted in [`ConnectionCounters`], which the agent publishes.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -21,6 +28,7 @@ use crate::export::{Export, ExportRegistry};
 
 use super::handshake::{self, Negotiated};
 use super::polling::PollingReader;
+use super::throttled_log::ThrottledLog;
 use super::transmission::{self, End, Stats};
 use super::{ConnectionError, IoContext};
 
@@ -40,6 +48,15 @@ pub struct ServerConfig {
     /// How long a connection polls its socket for the next request before it blocks
     /// (see [`super::polling`]; zero: it blocks at once).
     pub poll: Duration,
+    /// Most connections that may use one export at once.
+    pub max_connections_per_export: usize,
+    /// Most connections that may be negotiating (no export chosen yet) at once.
+    pub max_negotiating: usize,
+    /// Close a connection in transmission that sends no request for this long (`None`:
+    /// clients may idle for ever).
+    pub idle_timeout: Option<Duration>,
+    /// Counters shared by every server started with this configuration or a clone of it.
+    pub counters: Arc<ConnectionCounters>,
 }
 
 impl Default for ServerConfig {
@@ -48,7 +65,36 @@ impl Default for ServerConfig {
             handshake_timeout: Some(Duration::from_secs(30)),
             buffer_size: 256 * 1024,
             poll: Duration::ZERO,
+            max_connections_per_export: 128,
+            max_negotiating: 32,
+            idle_timeout: None,
+            counters: Arc::default(),
         }
+    }
+}
+
+/// Connection counts of one or more servers.
+#[derive(Debug, Default)]
+pub struct ConnectionCounters {
+    open: AtomicU64,
+    refused: AtomicU64,
+    idle_closed: AtomicU64,
+}
+
+impl ConnectionCounters {
+    /// Connections open now (negotiating or transmitting).
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused so far because a limit was reached.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed so far because they idled past the timeout.
+    pub fn idle_closed(&self) -> u64 {
+        self.idle_closed.load(Ordering::Relaxed)
     }
 }
 
@@ -178,6 +224,9 @@ struct Shared {
     config: ServerConfig,
     stopping: AtomicBool,
     connections: Mutex<Connections>,
+    /// Warnings that would otherwise repeat for every client while their cause lasts.
+    refusal_log: ThrottledLog,
+    accept_log: ThrottledLog,
 }
 
 #[derive(Debug, Default)]
@@ -190,8 +239,38 @@ struct Connections {
 #[derive(Debug)]
 struct Connection {
     peer: SocketAddr,
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     export: Option<String>,
+}
+
+/// Why a connection is not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    /// The server is stopping.
+    Stopping,
+    /// Too many connections are negotiating.
+    Negotiating { limit: usize },
+    /// The export has as many connections as it may.
+    ExportFull { export: String, limit: usize },
+    /// The export left the registry while the client chose it.
+    Withdrawn { export: String },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Stopping => write!(f, "the server is stopping"),
+            Refusal::Negotiating { limit } => {
+                write!(f, "{limit} connections are negotiating already, the limit")
+            }
+            Refusal::ExportFull { export, limit } => {
+                write!(f, "export {export:?} has {limit} connections, its limit")
+            }
+            Refusal::Withdrawn { export } => {
+                write!(f, "export {export:?} is no longer served here")
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -201,7 +280,16 @@ impl Shared {
             config,
             stopping: AtomicBool::new(false),
             connections: Mutex::new(Connections::default()),
+            refusal_log: ThrottledLog::default(),
+            accept_log: ThrottledLog::default(),
         }
+    }
+
+    /// Counts a refusal over a limit and says so (at most once a second).
+    fn refused(&self, peer: SocketAddr, refusal: &Refusal) {
+        self.config.counters.refused.fetch_add(1, Ordering::Relaxed);
+        self.refusal_log
+            .warn(|| format!("nbd: refusing {peer}: {refusal}"));
     }
 
     fn connections(&self) -> MutexGuard<'_, Connections> {
@@ -212,11 +300,22 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a new connection; `None` if the server is stopping.
-    fn register(&self, peer: SocketAddr, stream: TcpStream) -> Option<u64> {
+    /// Records a new connection, unless the server is stopping or too many connections
+    /// are negotiating.
+    fn register(&self, peer: SocketAddr, stream: Arc<TcpStream>) -> Result<u64, Refusal> {
         let mut connections = self.connections();
         if self.stopping.load(Ordering::Acquire) {
-            return None;
+            return Err(Refusal::Stopping);
+        }
+        let negotiating = connections
+            .live
+            .values()
+            .filter(|c| c.export.is_none())
+            .count();
+        if negotiating >= self.config.max_negotiating {
+            return Err(Refusal::Negotiating {
+                limit: self.config.max_negotiating,
+            });
         }
         let id = connections.next_id;
         connections.next_id += 1;
@@ -228,23 +327,45 @@ impl Shared {
                 export: None,
             },
         );
-        Some(id)
+        self.config.counters.open.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
     }
 
-    /// Notes the export a connection chose; false if that export has left the registry
-    /// meanwhile (the connection must then close).
-    fn set_export(&self, id: u64, export: &Arc<dyn Export>) -> bool {
+    /// Lets a connection use the export it chose, if the export is still served and has
+    /// room. Counting and recording under one lock keeps the limit exact.
+    fn claim(&self, id: u64, export: &Arc<dyn Export>) -> Result<(), Refusal> {
         let mut connections = self.connections();
-        if let Some(connection) = connections.live.get_mut(&id) {
-            connection.export = Some(export.name().to_owned());
-        }
-        self.registry
-            .get(export.name())
+        let name = export.name();
+        if !self
+            .registry
+            .get(name)
             .is_some_and(|current| Arc::ptr_eq(&current, export))
+        {
+            return Err(Refusal::Withdrawn {
+                export: name.to_owned(),
+            });
+        }
+        let using = connections
+            .live
+            .values()
+            .filter(|c| c.export.as_deref() == Some(name))
+            .count();
+        if using >= self.config.max_connections_per_export {
+            return Err(Refusal::ExportFull {
+                export: name.to_owned(),
+                limit: self.config.max_connections_per_export,
+            });
+        }
+        if let Some(connection) = connections.live.get_mut(&id) {
+            connection.export = Some(name.to_owned());
+        }
+        Ok(())
     }
 
     fn deregister(&self, id: u64) {
-        self.connections().live.remove(&id);
+        if self.connections().live.remove(&id).is_some() {
+            self.config.counters.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -272,7 +393,9 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) -> io::Result<()> {
                 ) => {}
             Err(error) => {
                 // Out of file descriptors or memory, most likely: wait and retry.
-                log::warn!("nbd: accept failed: {error}; retrying");
+                shared
+                    .accept_log
+                    .warn(|| format!("nbd: accept failed: {error}; retrying"));
                 thread::sleep(ACCEPT_POLL);
             }
         }
@@ -280,15 +403,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) -> io::Result<()> {
 }
 
 fn start_connection(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
-    let handle = match stream.try_clone() {
-        Ok(handle) => handle,
-        Err(error) => {
-            log::warn!("nbd: dropping connection from {peer}: {error}");
-            return;
-        }
-    };
-    let Some(id) = shared.register(peer, handle) else {
-        return;
+    let stream = Arc::new(stream);
+    let id = match shared.register(peer, Arc::clone(&stream)) {
+        Ok(id) => id,
+        Err(Refusal::Stopping) => return,
+        // Closed at once: the client sees the connection end before any greeting.
+        Err(refusal) => return shared.refused(peer, &refusal),
     };
     let thread_shared = Arc::clone(shared);
     let spawned = thread::Builder::new()
@@ -312,7 +432,7 @@ impl Drop for Deregister<'_> {
     }
 }
 
-fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared) {
+fn run_connection(stream: Arc<TcpStream>, peer: SocketAddr, id: u64, shared: &Shared) {
     let _deregister = Deregister { shared, id };
     log::info!("nbd: connection from {peer}");
     let mut stats = Stats::default();
@@ -324,6 +444,17 @@ fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared)
                 End::HangUp => "hung up",
             };
             log::info!("nbd: {peer} {how} from export {export:?} ({stats})");
+        }
+        Err(ConnectionError::Idle(timeout)) => {
+            shared
+                .config
+                .counters
+                .idle_closed
+                .fetch_add(1, Ordering::Relaxed);
+            log::info!(
+                "nbd: closing connection from {peer}: no request for {} s ({stats})",
+                timeout.as_secs()
+            );
         }
         Err(error) if error.is_hang_up() => {
             log::info!(
@@ -342,7 +473,7 @@ fn run_connection(stream: TcpStream, peer: SocketAddr, id: u64, shared: &Shared)
 
 /// Negotiates and serves one connection; `None` if it ended during negotiation.
 fn connection(
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     peer: SocketAddr,
     id: u64,
     shared: &Shared,
@@ -356,25 +487,30 @@ fn connection(
     stream
         .set_read_timeout(shared.config.handshake_timeout)
         .context("configuring the socket")?;
-    let read_half = stream.try_clone().context("configuring the socket")?;
-    let read_half = PollingReader::new(read_half, shared.config.poll);
+    // Reader, writer and the server's table share the one descriptor.
+    let read_half = PollingReader::new(Arc::clone(&stream), shared.config.poll);
     let mut reader = BufReader::with_capacity(shared.config.buffer_size, read_half);
-    let mut writer = BufWriter::with_capacity(shared.config.buffer_size, stream);
+    let mut writer = BufWriter::with_capacity(shared.config.buffer_size, &*stream);
 
-    let export = match handshake::negotiate(&mut reader, &mut writer, &shared.registry)? {
+    let mut admit = |export: &Arc<dyn Export>| {
+        shared.claim(id, export).map_err(|refusal| {
+            if matches!(refusal, Refusal::ExportFull { .. }) {
+                shared.refused(peer, &refusal);
+            } else {
+                log::info!("nbd: refusing {peer}: {refusal}");
+            }
+            refusal.to_string()
+        })
+    };
+    let negotiated =
+        handshake::negotiate_admitting(&mut reader, &mut writer, &shared.registry, &mut admit)?;
+    let export = match negotiated {
         Negotiated::Transmission(export) => export,
         Negotiated::Ended => return Ok(None),
     };
-    if !shared.set_export(id, &export) {
-        log::info!(
-            "nbd: {peer} chose export {:?} as it was withdrawn; closing",
-            export.name()
-        );
-        return Ok(None);
-    }
-    writer
-        .get_ref()
-        .set_read_timeout(None)
+    let idle_timeout = shared.config.idle_timeout;
+    stream
+        .set_read_timeout(idle_timeout)
         .context("configuring the socket")?;
     log::info!(
         "nbd: {peer} uses export {:?} ({} bytes{})",
@@ -386,6 +522,12 @@ fn connection(
             ""
         }
     );
-    let end = transmission::serve(&mut reader, &mut writer, export.as_ref(), stats)?;
+    let end =
+        transmission::serve(&mut reader, &mut writer, export.as_ref(), stats).map_err(|error| {
+            match idle_timeout {
+                Some(timeout) if error.is_timeout() => ConnectionError::Idle(timeout),
+                _ => error,
+            }
+        })?;
     Ok(Some((export.name().to_owned(), end)))
 }

@@ -57,6 +57,9 @@ pub struct Nvram {
     /// Seq of the last record whose overlay segment is in place: the flusher applies and
     /// releases nothing past it (see [`Nvram::indexed`]).
     indexed: AtomicU64,
+    /// Writes between asking for the appender and getting their record in: while the log
+    /// is full, every write that arrives.
+    writes_waiting: AtomicU64,
 }
 
 /// Who may write what, from the control region: a write for an identity is logged only
@@ -138,6 +141,7 @@ impl Nvram {
             // Records logged before this agent started have no segments yet; `recover`
             // gives them theirs before the flusher starts.
             indexed: AtomicU64::new(initial_head),
+            writes_waiting: AtomicU64::new(0),
         })
     }
 
@@ -228,6 +232,11 @@ impl Nvram {
         Ok(count)
     }
 
+    /// Writes waiting now to get their record into the log (see [`shm::ServiceCounters`]).
+    pub fn writes_waiting(&self) -> u64 {
+        self.writes_waiting.load(Ordering::Relaxed)
+    }
+
     pub fn region(&self) -> &NodeRegion {
         &self.region
     }
@@ -292,6 +301,7 @@ impl Nvram {
     /// Appends `entry` (a change to `volume`) and updates the volume's overlay under the
     /// appender's lock.
     fn log(&self, volume: &Volume, entry: &Entry<'_>) -> std::io::Result<()> {
+        let waiting = WaitingWrite::new(&self.writes_waiting);
         let mut appender = self.appender.lock().map_err(|_| poisoned())?;
         let owned = self
             .ownership
@@ -314,6 +324,7 @@ impl Nvram {
                 }
                 other => std::io::Error::other(other.to_string()),
             })?;
+        drop(waiting);
         let updated = volume.overlay.write().map(|mut overlay| match *entry {
             Entry::Write { offset, data, .. } => {
                 overlay.write(offset, data.len() as u64, appended.data_pos, appended.seq);
@@ -328,6 +339,22 @@ impl Nvram {
         drop(appender);
         self.wake_flusher(appended.unflushed);
         updated.map_err(|_| poisoned())
+    }
+}
+
+/// Counts a write as waiting to get into the log for as long as it lives.
+struct WaitingWrite<'a>(&'a AtomicU64);
+
+impl<'a> WaitingWrite<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for WaitingWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

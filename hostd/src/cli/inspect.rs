@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use shm::{Access, InspectOptions, Mapping, RegionReport};
+use shm::inspect::Problem;
+use shm::{Access, InspectOptions, Mapping, MappingError, RegionReport};
 
 use super::{CommandResult, EXIT_PROBLEM_FOUND};
 use crate::render;
@@ -26,13 +27,27 @@ pub struct InspectArgs {
 pub fn run(state: &StateDir, args: &InspectArgs) -> CommandResult {
     let path = state.resolve_region(&args.node)?;
     // Read-only: inspecting must never disturb the region's writer.
-    let mapping = Mapping::open(&path, Access::ReadOnly)?;
-    let report = shm::inspect(
-        mapping,
-        InspectOptions {
-            max_records: args.limit,
-        },
-    );
+    let report = match Mapping::open(&path, Access::ReadOnly) {
+        Ok(mapping) => shm::inspect(
+            mapping,
+            InspectOptions {
+                max_records: args.limit,
+            },
+        ),
+        // A file that is there but too short (or oddly sized) to be a region is a finding
+        // about the region, like a corrupt header: reported, exit code 3.
+        Err(error @ (MappingError::TooSmall { .. } | MappingError::Unaligned { .. })) => {
+            RegionReport::Unknown {
+                source: path.display().to_string(),
+                size: std::fs::metadata(&path).map_or(0, |m| m.len()),
+                problem: Problem {
+                    seq: None,
+                    message: wire::error_chain::one_line(&error),
+                },
+            }
+        }
+        Err(error) => return Err(error.into()),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

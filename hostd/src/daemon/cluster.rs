@@ -560,6 +560,15 @@ impl Cluster {
                 let cursors = health.region.log_cursors().ok();
                 let owner = self.owner_of(identity);
                 let served_by = owner.and_then(|n| names.get(n.index()).cloned());
+                let served_by_state = owner
+                    .and_then(|n| self.nodes.get(n.index()))
+                    .map(NodeHealth::state);
+                let service = health.region.service().unwrap_or_default();
+                let full_since_ns = health.region.stats().log_full_since_unix_ns;
+                let log_full_ms = (full_since_ns != 0).then(|| {
+                    // The agent's clock; a guest's may differ a little from the host's.
+                    (wire::time::now_unix_us() * 1000).saturating_sub(full_since_ns) / 1_000_000
+                });
                 let (takeover_possible, takeover_reason) = match partner {
                     Some(partner) => takeover_readiness(
                         health,
@@ -586,6 +595,12 @@ impl Cluster {
                     last_ack_seq: health.region.ack().map_or(0, |a| a.command_seq),
                     flushed_seq: cursors.map(|(flushed, _)| flushed.seq),
                     served_by,
+                    served_by_state,
+                    nbd_connections: service.nbd_connections,
+                    nbd_refused: service.nbd_refused,
+                    nbd_idle_closed: service.nbd_idle_closed,
+                    log_full_ms,
+                    writes_waiting: service.writes_waiting,
                     nbd: format!("nbd://127.0.0.1:{}/{}", health.nbd_port, health.name),
                     takeover_possible,
                     takeover_reason,
@@ -762,18 +777,19 @@ fn takeover_readiness(
             format!("partner {} is {}", taker.name, taker_state.as_str()),
         );
     }
+    // The taker maps the region when its agent starts, so a takeover works whether or not
+    // it has read this boot of the node yet (right after `up` it may not have).
     let peer = taker.region.peer().unwrap_or_default();
-    if peer.boot_id == 0 || peer.boot_id != node.region.boot_id() {
-        return (
-            false,
-            format!(
-                "partner {} does not read {}'s region yet",
-                taker.name, node.name
-            ),
-        );
-    }
+    let reads = peer.boot_id != 0 && peer.boot_id == node.region.boot_id();
     (
         true,
-        format!("partner {} is up and reads its region", taker.name),
+        if reads {
+            format!("partner {} is up and reads its region", taker.name)
+        } else {
+            format!(
+                "partner {} is up; it has not read {}'s region since {} started",
+                taker.name, node.name, node.name
+            )
+        },
     )
 }

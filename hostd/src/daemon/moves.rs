@@ -333,14 +333,18 @@ impl Moves {
                         reason: "giveback (hostd giveback)".into(),
                     }
                 };
-                let result = move_identity(
-                    cluster,
-                    identity,
-                    node,
-                    how,
-                    (pending.started, pending.started_unix_ms),
-                    timeline,
-                );
+                let planned = matches!(how, Move::Planned { .. });
+                let started = (pending.started, pending.started_unix_ms);
+                let mut result =
+                    move_identity(cluster, identity, node, how, started, timeline.clone());
+                if let Err(error) = &result
+                    && planned
+                    && cluster.backend_mut().has_exited(holder)
+                {
+                    result = replay_from_dead_holder(
+                        cluster, identity, node, holder, error, started, timeline,
+                    );
+                }
                 match result {
                     Ok(report) => {
                         cluster.record(&Event::Giveback(report.clone()));
@@ -379,6 +383,40 @@ impl Moves {
         };
         send(pending.reply, response);
     }
+}
+
+/// The holder died while it released the identity: what it did not flush is in its log,
+/// so, once it is fenced, the returning node replays that log, as a takeover from a dead
+/// holder does. The giveback then ends as asked, and says how.
+fn replay_from_dead_holder(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    node: NodeId,
+    holder: NodeId,
+    release_error: &MoveError,
+    started: (Instant, u64),
+    timeline: Timeline,
+) -> Result<MoveReport, MoveError> {
+    let holder_name = cluster.topology().name(holder).to_owned();
+    log::warn!(
+        "giveback: {holder_name} died while releasing ({}); {} replays its log instead",
+        wire::error_chain::one_line(release_error),
+        cluster.topology().name(node)
+    );
+    cluster.fence(holder).map_err(|source| MoveError::Fence {
+        node: holder_name.clone(),
+        source,
+    })?;
+    move_identity(
+        cluster,
+        identity,
+        node,
+        Move::Unplanned {
+            reason: format!("giveback (hostd giveback): {holder_name} died while releasing"),
+        },
+        started,
+        timeline,
+    )
 }
 
 /// Starts a dead node again: whatever is left of its process is reaped, and it starts

@@ -338,6 +338,39 @@ fn restarts_stop_at_the_limit_and_giveback_still_works() {
     assert_eq!(h.owner(A), Some(A));
 }
 
+/// The holder dies as it is asked to release the identity during a giveback: the giveback
+/// still ends with the node serving its identity (its log replayed from the dead holder's),
+/// and says so, instead of reporting a failure while the cluster recovers on its own.
+#[test]
+fn a_giveback_whose_holder_dies_while_releasing_replays_and_succeeds() {
+    let mut h = Harness::pair();
+    h.up();
+    moves::planned_takeover(&mut h.cluster, "a").unwrap();
+    assert_eq!(h.owner(A), Some(B));
+    h.fake.set(B, |b| b.answer = Answer::Die);
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let response = loop {
+        if let Ok(response) = answer.try_recv() {
+            break response;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer");
+        h.moves.tick(&mut h.cluster);
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let Response::Moved(report) = response else {
+        panic!("the giveback failed: {response:?}");
+    };
+    assert!(!report.planned, "a replay from the dead holder: {report:?}");
+    assert!(
+        report.reason.contains("b died while releasing"),
+        "{report:?}"
+    );
+    assert_eq!(h.owner(A), Some(A));
+    assert!(h.cluster.node(node(B)).fenced);
+}
+
 /// A node restarted while its partner holds its identity does not take its address at
 /// start; the giveback releases the identity from the partner first, then hands it over.
 #[test]

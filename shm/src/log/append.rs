@@ -147,7 +147,8 @@ impl LogAppender {
     }
 
     /// Appends `entry`, waiting for the flusher to free ring space if needed. Every wait is
-    /// counted in the region (see [`crate::node::NodeStats`]).
+    /// counted in the region as it starts, and the time it started stays there until it
+    /// ends (see [`crate::node::NodeStats`]).
     pub fn append(
         &mut self,
         entry: &Entry<'_>,
@@ -159,6 +160,7 @@ impl LogAppender {
         };
         self.waits += 1;
         self.store_stat(node_live::BACKPRESSURE_WAITS, self.waits);
+        self.store_stat(node_live::LOG_FULL_SINCE_NS, crate::node::unix_ns().max(1));
         let mut pause = Duration::from_micros(1);
         let result = loop {
             match self.try_append(entry) {
@@ -180,6 +182,7 @@ impl LogAppender {
         };
         self.wait_ns += full.elapsed().as_nanos() as u64;
         self.store_stat(node_live::BACKPRESSURE_WAIT_NS, self.wait_ns);
+        self.store_stat(node_live::LOG_FULL_SINCE_NS, 0);
         result
     }
 
@@ -196,7 +199,7 @@ impl LogAppender {
             .filter(|used| *used <= self.geometry.ring_size)
             .ok_or_else(|| LogError::BadCursors {
                 detail: format!(
-                    "flushed {flushed:?} is not within the ring behind head {:?}",
+                    "flushed ({flushed}) is not within the ring behind head ({})",
                     self.head
                 ),
             })?;

@@ -61,11 +61,11 @@ impl FlushedWriter {
             .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
         if to.seq < published.seq || to.pos < published.pos {
             return refuse(format!(
-                "the region's flushed cursor is already at {published:?}: another flusher writes this region"
+                "the region's flushed cursor is already at {published}: another flusher writes this region"
             ));
         }
         if to.seq > head.seq || to.pos > head.pos {
-            return refuse(format!("it would pass the head {head:?}"));
+            return refuse(format!("it would pass the head ({head})"));
         }
         super::check_cursors(&self.geometry, to, head)?;
         if !self.writer.publish(&self.mapping, to.words()) {

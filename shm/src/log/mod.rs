@@ -36,6 +36,12 @@ pub struct Cursor {
     pub pos: u64,
 }
 
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "seq {} at position {}", self.seq, self.pos)
+    }
+}
+
 impl Cursor {
     pub(crate) fn from_words([seq, pos]: [u64; 2]) -> Self {
         Self { seq, pos }
@@ -118,7 +124,7 @@ pub enum LogError {
     CursorUnreadable { name: &'static str },
     #[error("log cursors are inconsistent: {detail}")]
     BadCursors { detail: String },
-    #[error("cannot advance the flushed cursor from {from:?} to {to:?}: {detail}")]
+    #[error("cannot advance the flushed cursor from {from} to {to}: {detail}")]
     BadFlushAdvance {
         from: Cursor,
         to: Cursor,
@@ -205,7 +211,7 @@ pub(crate) fn check_cursors(
         ));
     }
     if flushed.pos > head.pos || flushed.seq > head.seq {
-        return bad(format!("flushed {flushed:?} is past head {head:?}"));
+        return bad(format!("flushed ({flushed}) is past head ({head})"));
     }
     if head.pos - flushed.pos > geometry.ring_size {
         return bad(format!(

@@ -58,6 +58,8 @@ pub enum EventsError {
     },
     #[error("cannot write the events to standard output")]
     Write(#[source] io::Error),
+    #[error("no node {name:?} in this state directory (its nodes: {known})")]
+    UnknownNode { name: String, known: String },
 }
 
 /// How often `--follow` looks for new lines.
@@ -77,6 +79,9 @@ pub fn run(state: &StateDir, args: &EventsArgs) -> CommandResult {
         // Lines are written whole, so a last line without its newline is unusual (a writer
         // that died mid-line); show what can be shown of it.
         lines.extend(reader.take_partial_line());
+    }
+    if let Some(name) = &args.node {
+        check_node(state, name, &lines)?;
     }
     let mut shown: Vec<String> = lines
         .iter()
@@ -110,6 +115,38 @@ pub fn run(state: &StateDir, args: &EventsArgs) -> CommandResult {
             return Ok(ExitCode::SUCCESS);
         }
     }
+}
+
+/// A `--node` filter that names no node of this state directory would print nothing, as
+/// if nothing had happened to it: refuse it instead. Nodes are those with a region here and
+/// those the events name.
+fn check_node(state: &StateDir, name: &str, lines: &[(usize, Vec<u8>)]) -> Result<(), EventsError> {
+    let mut known = std::collections::BTreeSet::new();
+    if let Ok(entries) = std::fs::read_dir(state.regions_dir()) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(node) = file.strip_suffix(".region")
+                && node != "control"
+            {
+                known.insert(node.to_owned());
+            }
+        }
+    }
+    for (_, text) in lines {
+        if let Ok(text) = std::str::from_utf8(text)
+            && let Ok(line) = EventLine::parse(text)
+            && let Some(node) = line.event.node()
+        {
+            known.insert(node.to_owned());
+        }
+    }
+    if known.is_empty() || known.contains(name) {
+        return Ok(());
+    }
+    Err(EventsError::UnknownNode {
+        name: name.to_owned(),
+        known: known.into_iter().collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Writes `lines`; `Ok(false)` when the reader went away (`hostd events | head`).

@@ -211,9 +211,16 @@ fn takeover(report: &MoveReport, indent: &str) -> String {
     } else {
         format!("{how}: {}", report.reason)
     };
+    // An identity held away from home moves from its holder: name both, so that a node
+    // taking its own identity back reads "a (held by b) → a", not "a → a".
+    let identity = if report.from.is_empty() || report.from == report.node {
+        report.node.clone()
+    } else {
+        format!("{} (held by {})", report.node, report.from)
+    };
     let mut head = format!(
-        "takeover  {} → {} ({why}), epoch {}",
-        report.node, report.to, report.epoch
+        "takeover  {identity} → {} ({why}), epoch {}",
+        report.to, report.epoch
     );
     let mut steps = steps(report);
     attach_replay(report, &mut head, &mut steps);
@@ -305,6 +312,23 @@ mod tests {
              \x20               fenced    +12 ms\n\
              \x20               replayed  +80 ms   64 records (seq 10..=73)\n\
              \x20               serving   +95 ms"
+        );
+    }
+
+    #[test]
+    fn a_node_taking_its_identity_back_names_the_holder() {
+        let report = MoveReport {
+            from: "b".into(),
+            to: "a".into(),
+            reason: "no live node could serve it".into(),
+            ..takeover_report()
+        };
+        let text = at(NOON, Event::Takeover(report));
+        assert!(
+            text.starts_with(
+                "12:00:00.000  takeover  a (held by b) → a (unplanned: no live node could serve it)"
+            ),
+            "{text}"
         );
     }
 
