@@ -348,3 +348,59 @@ fn idle_clients_are_bounded_refused_counted_and_closed() {
     drop(idle);
     verify_blocks(&mut pair.connect(0, "a"), &blocks, "after the idle clients");
 }
+
+/// Finding 17: a write waiting for log space shows in `hostd status` while it waits (the
+/// log FULL, and how many writes wait), not only once its wait has ended. And the way out:
+/// a planned takeover of the node drains the paused log, letting the waiting write through,
+/// instead of waiting behind it for the back-pressure timeout (a minute).
+#[test]
+fn a_full_log_shows_in_status_and_a_takeover_drains_it() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let pair = Pair::up_with(NODE_B, &format!("{PROCESS}[flusher]\npaused = true\n"));
+    let addr = pair.addr(0);
+    // 16 MiB region, 1 MiB writes, nothing flushed: the log fills and a write waits.
+    let writer = std::thread::spawn(move || {
+        let mut client =
+            campaign::nbd_client::NbdClient::connect(addr, "a", Duration::from_secs(120)).unwrap();
+        let mut acknowledged = Vec::new();
+        for i in 0..32u64 {
+            let block = (i << 20, vec![i as u8 + 1; 1 << 20]);
+            if client.write(block.0, &block.1, false).is_err() {
+                break;
+            }
+            acknowledged.push(block);
+        }
+        acknowledged
+    });
+    pair.wait_for("a's log full", Duration::from_secs(30), |status| {
+        let a = Pair::node(status, "a");
+        a["log_full_ms"].is_u64() && a["writes_waiting"].as_u64() >= Some(1)
+    });
+    let (code, table, _) = pair.hostd(&["status"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("FULL"), "{table}");
+    assert!(table.contains("1 write waiting"), "{table}");
+    assert!(!writer.is_finished(), "the write should still be waiting");
+
+    let started = Instant::now();
+    let (code, out, err) = pair.hostd(&["takeover", "a"]);
+    assert_eq!(code, 0, "hostd takeover: {out}{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the takeover took {:?}",
+        started.elapsed()
+    );
+    let acknowledged = writer.join().unwrap();
+    assert!(acknowledged.len() > 10, "{} writes", acknowledged.len());
+    let mut a = pair.connect(0, "a");
+    for (offset, data) in &acknowledged {
+        let read = a.read(*offset, data.len() as u32).unwrap();
+        assert!(
+            read == *data,
+            "the write at {offset} differs after the takeover"
+        );
+    }
+}

@@ -148,10 +148,36 @@ impl Nvram {
     /// Allows or refuses writes to `volume`. Taken under the appender's lock: once this
     /// returns `false`-ed, no write for the volume is logged after it, so the head read
     /// next covers every write the volume will ever have from this node.
+    ///
+    /// A write may hold the lock while it waits for log space that a paused or delayed
+    /// flusher would free late or never: taking the lock then would wait out the
+    /// back-pressure timeout. So while the lock is busy, the flusher is asked to drain what
+    /// is logged (as [`Nvram::drain`] does), which lets waiting writes through.
     pub fn set_writable(&self, volume: &Volume, writable: bool) -> Result<(), NvramError> {
-        let _appender = self.appender.lock().map_err(|_| NvramError::Poisoned)?;
+        let _appender = loop {
+            match self.appender.try_lock() {
+                Ok(appender) => break appender,
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(NvramError::Poisoned),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    self.request_drain()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
         volume.store_writable(writable);
         Ok(())
+    }
+
+    /// Asks the flusher to write and release everything logged so far, even if it is
+    /// paused or delayed, without waiting for it; returns the head it must reach.
+    fn request_drain(&self) -> Result<Cursor, NvramError> {
+        let head = self
+            .region
+            .head()
+            .ok_or(NvramError::Log(LogError::CursorUnreadable { name: "head" }))?;
+        self.drain_target.fetch_max(head.seq, Ordering::AcqRel);
+        let _ = self.wake_flusher.try_send(());
+        Ok(head)
     }
 
     /// Has the flusher write and release everything logged so far, even if it is paused or
@@ -159,11 +185,7 @@ impl Nvram {
     /// means as durable on the disk as in the log: synced in a guest, in the host's page
     /// cache in process mode, which a partner on the same host reads as well.
     pub fn drain(&self, timeout: Duration) -> Result<Cursor, NvramError> {
-        let head = self
-            .region
-            .head()
-            .ok_or(NvramError::Log(LogError::CursorUnreadable { name: "head" }))?;
-        self.drain_target.fetch_max(head.seq, Ordering::AcqRel);
+        let head = self.request_drain()?;
         let started = Instant::now();
         loop {
             let _ = self.wake_flusher.try_send(());
