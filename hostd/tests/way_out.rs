@@ -404,3 +404,53 @@ fn a_full_log_shows_in_status_and_a_takeover_drains_it() {
         );
     }
 }
+
+/// Finding 8 (the rest): when the agents never come up, `up` ends with their own words
+/// (the end of each node's console and process output), not only a status table.
+#[test]
+fn up_shows_why_the_agents_did_not_come_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent.sh");
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\necho 'agent: cannot open the disk: a pretend failure' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("ivha.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{PROCESS}[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
+             [[node]]\nname = \"a\"\nnbd_port = {}\n[[node]]\nname = \"b\"\nnbd_port = {}\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let hostd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
+            .args(args)
+            .env("IVHA_STATE_DIR", &state)
+            .env("IVHA_AGENT_BINARY", &agent)
+            .output()
+            .unwrap()
+    };
+    let up = hostd(&[
+        "up",
+        "--detach",
+        "--timeout",
+        "3",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let _ = hostd(&["down", "--purge"]);
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert_eq!(up.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("agent: cannot open the disk: a pretend failure"),
+        "{stderr}"
+    );
+}

@@ -167,13 +167,31 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
             return Err(UpError::Timeout {
                 seconds: args.timeout,
                 status: last_status
-                    .map(|s| render::status_table(&s))
+                    .map(|s| render::status_table(&s) + &consoles_of_nodes_not_up(state, &s))
                     .unwrap_or_else(|| "(the daemon never answered)".into()),
             }
             .into());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The end of the console and process output of each node that is not up: an agent that
+/// exits at every start (a guest's init starts it again) says why there, and nowhere else.
+fn consoles_of_nodes_not_up(state: &StateDir, status: &ClusterStatus) -> String {
+    let mut out = String::new();
+    for node in &status.nodes {
+        if node.state == wire::control::NodeState::Up {
+            continue;
+        }
+        for path in [state.console_log(&node.name), state.qemu_log(&node.name)] {
+            let tail = crate::daemon::tail(&path, 15);
+            if !tail.trim().is_empty() {
+                out.push_str(&format!("the end of {}:\n{tail}\n", path.display()));
+            }
+        }
+    }
+    out
 }
 
 /// Stops a daemon this command started: `down` over the socket, SIGKILL if it lingers.
