@@ -201,9 +201,16 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             .then(|| Duration::from_secs(args.options.nbd_idle_timeout_s)),
         ..ServerConfig::default()
     };
-    // One descriptor per connection, for every export this node may serve.
-    let connections =
-        server_config.max_negotiating + server_config.max_connections_per_export * identities.len();
+    // One descriptor per connection, for every export this node may serve, on each
+    // listener (in process mode each identity has its own).
+    let listeners = if args.process_mode() {
+        identities.len()
+    } else {
+        1
+    };
+    let connections = (server_config.max_negotiating
+        + server_config.max_connections_per_export * identities.len())
+        * listeners;
     raise_descriptor_limit(connections as u64 + RESERVED_DESCRIPTORS);
     let counters = Arc::clone(&server_config.counters);
     let server = Server::spawn_with(listener, Arc::clone(&registry), server_config.clone())
@@ -319,8 +326,12 @@ const RESERVED_DESCRIPTORS: u64 = 64;
 /// before the descriptors run out.
 fn raise_descriptor_limit(wanted: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(errno) => {
+            log::warn!("cannot read the open-file limit ({errno}); leaving it as it is");
+            return;
+        }
     };
     if soft >= wanted {
         return;

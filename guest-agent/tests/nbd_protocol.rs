@@ -615,3 +615,108 @@ fn silent_clients_are_dropped_during_negotiation_only() {
     assert_eq!(idle.command(CMD_FLUSH, 0, 0, 0), 0);
     idle.disconnect();
 }
+
+/// A server with `config`'s limits over the fixture's exports.
+fn server_with(f: &Fixture, config: guest_agent::nbd::ServerConfig) -> Server {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    Server::spawn_with(listener, Arc::clone(&f.registry), config).unwrap()
+}
+
+#[test]
+fn negotiation_has_a_deadline_even_for_a_client_that_keeps_talking() {
+    let f = fixture();
+    let server = server_with(
+        &f,
+        guest_agent::nbd::ServerConfig {
+            handshake_timeout: Some(Duration::from_millis(1500)),
+            ..Default::default()
+        },
+    );
+    // One option every 300 ms: no single read waits long, but the whole takes too long.
+    let mut chatty = Client::new(server.local_addr());
+    let started = Instant::now();
+    let closed = loop {
+        chatty.option(OPT_LIST, b"");
+        let alive = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            chatty.option_replies();
+        }));
+        if alive.is_err() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        closed >= Duration::from_millis(1400),
+        "closed after {closed:?}"
+    );
+}
+
+#[test]
+fn export_and_negotiation_limits_refuse_and_count() {
+    let f = fixture();
+    let server = server_with(
+        &f,
+        guest_agent::nbd::ServerConfig {
+            max_connections_per_export: 2,
+            max_negotiating: 1,
+            ..Default::default()
+        },
+    );
+    let addr = server.local_addr();
+    let mut first = Client::connect(addr, "a");
+    let _second = Client::connect(addr, "a");
+    // A third GO for "a" is refused with the reason; the connection may choose again.
+    let mut third = Client::new(addr);
+    let mut go = Vec::new();
+    go.extend_from_slice(&1u32.to_be_bytes());
+    go.extend_from_slice(b"a");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    third.option(OPT_GO, &go);
+    let (option, reply, data) = third.option_reply();
+    assert_eq!((option, reply), (OPT_GO, REP_ERR_POLICY));
+    assert!(String::from_utf8_lossy(&data).contains("its limit"));
+    // The same connection goes on to another export.
+    third.go("b");
+    // A connection over the negotiating limit is closed as it is accepted.
+    let _negotiating = Client::new(addr);
+    let mut over = TcpStream::connect(addr).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(over.read(&mut byte), Ok(0) | Err(_)), "not closed");
+    wait_until("the refusals counted", || server.counters().refused() == 2);
+    assert_eq!(first.command(CMD_FLUSH, 0, 0, 0), 0);
+}
+
+#[test]
+fn only_a_client_silent_between_requests_is_idle() {
+    let f = fixture();
+    let server = server_with(
+        &f,
+        guest_agent::nbd::ServerConfig {
+            idle_timeout: Some(Duration::from_millis(400)),
+            ..Default::default()
+        },
+    );
+    let addr = server.local_addr();
+    let mut idle = Client::connect(addr, "a");
+    // Half a request, then silence: a stalled client, closed but not counted as idle.
+    let mut stalled = Client::connect(addr, "b");
+    stalled
+        .stream
+        .write_all(&REQUEST_MAGIC.to_be_bytes())
+        .unwrap();
+    assert!(idle.closed_by_server());
+    assert!(stalled.closed_by_server());
+    wait_until("one idle close counted", || {
+        server.counters().idle_closed() == 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.counters().idle_closed(), 1);
+    // A client that keeps asking is never idle.
+    let mut busy = Client::connect(addr, "a");
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(busy.command(CMD_FLUSH, 0, 0, 0), 0);
+    }
+}

@@ -431,6 +431,21 @@ impl Config {
                 self.nbd.poll_us
             ));
         }
+        let nbd = &self.nbd;
+        for (key, value) in [
+            ("max_connections", nbd.max_connections),
+            ("max_negotiating", nbd.max_negotiating),
+        ] {
+            if !(1..=4096).contains(&value) {
+                return invalid(format!("nbd.{key} {value} must be from 1 to 4096"));
+            }
+        }
+        if nbd.idle_timeout_s > 86_400 {
+            return invalid(format!(
+                "nbd.idle_timeout_s {} must be at most 86400 (a day; 0 never closes)",
+                nbd.idle_timeout_s
+            ));
+        }
         let sync = self.flusher.sync_interval_ms;
         if !(1..=3_600_000).contains(&sync) {
             return invalid(format!(
@@ -554,7 +569,11 @@ mod tests {
             ("[disks]\nsize_mib = \"big\"\n", "invalid type"),
             ("[flusher]\nsync_interval_ms = 0\n", "from 1 to 3600000"),
             ("[nbd]\npoll_us = 20000\n", "at most 10000"),
-            ("[nbd]\nmax_connections = 0\n", "--nbd-max-connections"),
+            (
+                "[nbd]\nmax_connections = 0\n",
+                "nbd.max_connections 0 must be from 1",
+            ),
+            ("[nbd]\nidle_timeout_s = 100000\n", "at most 86400"),
             ("[flusher]\nrelease = \"disk\"\n", "unknown variant"),
             (
                 "[qemu]\nkernel_args = \"quiet ivha.flush_pasued\"\n",

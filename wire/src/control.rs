@@ -153,14 +153,16 @@ pub struct NodeStatus {
     /// NBD connections open on this node now.
     #[serde(default)]
     pub nbd_connections: u64,
-    /// NBD connections this node's agent refused (over a connection limit) since it started.
+    /// Refusals over a connection limit since this node's agent started: connections closed
+    /// as they were accepted, and choices of an export that was full (a client may retry on
+    /// the same connection; each refusal counts).
     #[serde(default)]
     pub nbd_refused: u64,
     /// NBD connections this node's agent closed for idling since it started.
     #[serde(default)]
     pub nbd_idle_closed: u64,
-    /// How long this node's log has been full, in milliseconds (writes wait for the
-    /// flusher); `None` while it has room.
+    /// How long the write now waiting for space in this node's log has waited, in
+    /// milliseconds (by the agent's clock); `None` while none waits.
     #[serde(default)]
     pub log_full_ms: Option<u64>,
     /// Writes waiting now to get into this node's log.

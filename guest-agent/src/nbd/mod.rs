@@ -98,6 +98,13 @@ impl ConnectionError {
             if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
     }
 
+    /// True when the timeout expired before the first byte of a request: the client was
+    /// idle (not slow in the middle of a request).
+    pub fn is_idle(&self) -> bool {
+        matches!(self, Self::Io { context, .. } if *context == WAITING_FOR_REQUEST)
+            && self.is_timeout()
+    }
+
     /// True when the client simply went away (end of stream, reset, broken pipe): worth a
     /// debug line, not a warning.
     pub fn is_hang_up(&self) -> bool {
@@ -113,6 +120,9 @@ impl ConnectionError {
         }
     }
 }
+
+/// What a transmission connection does between requests (see [`ConnectionError::is_idle`]).
+pub(crate) const WAITING_FOR_REQUEST: &str = "waiting for a request";
 
 /// Adds what the server was doing to an I/O error.
 pub(crate) trait IoContext<T> {

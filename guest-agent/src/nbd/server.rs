@@ -10,8 +10,10 @@
 //! agent's descriptors and threads: at most [`ServerConfig::max_negotiating`] may be
 //! negotiating (more are closed as soon as they are accepted) and at most
 //! [`ServerConfig::max_connections_per_export`] may use one export (`NBD_OPT_GO` over it is
-//! answered with `NBD_REP_ERR_POLICY`). A connection holds one descriptor. Refusals and
-//! idle closes are counted in [`ConnectionCounters`], which the agent publishes.
+//! answered with `NBD_REP_ERR_POLICY`); negotiation has a deadline. A connection holds one
+//! descriptor. Refusals and idle closes are counted in [`ConnectionCounters`], which the
+//! agent publishes. The limits hold per server: in process mode each identity's listener is
+//! a server of its own.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter};
@@ -34,14 +36,16 @@ use super::{ConnectionError, IoContext};
 
 /// How often the accept loop looks at its stop flag while no client connects.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// How often the accept loop looks for negotiations past their deadline.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long [`Server::shutdown`] waits for connection threads to finish.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Longest the server waits for any one read during negotiation before dropping the
-    /// client (`None`: for ever). Transmission has no timeout: clients may idle.
+    /// Longest a client may take to negotiate, and to send any one part of it, before
+    /// it is dropped (`None`: for ever). Transmission has [`ServerConfig::idle_timeout`].
     pub handshake_timeout: Option<Duration>,
     /// Capacity of each connection's read buffer and of its write buffer.
     pub buffer_size: usize,
@@ -146,6 +150,11 @@ impl Server {
         self.local_addr
     }
 
+    /// The counters this server shares with every server started with its configuration.
+    pub fn counters(&self) -> &ConnectionCounters {
+        &self.shared.config.counters
+    }
+
     /// Number of connections open now (negotiating or transmitting).
     pub fn connection_count(&self) -> usize {
         self.shared.connections().live.len()
@@ -241,36 +250,20 @@ struct Connection {
     peer: SocketAddr,
     stream: Arc<TcpStream>,
     export: Option<String>,
+    accepted: Instant,
 }
 
 /// Why a connection is not served.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 enum Refusal {
-    /// The server is stopping.
+    #[error("the server is stopping")]
     Stopping,
-    /// Too many connections are negotiating.
+    #[error("{limit} connections are negotiating already, the limit")]
     Negotiating { limit: usize },
-    /// The export has as many connections as it may.
+    #[error("export {export:?} has {limit} connections, its limit")]
     ExportFull { export: String, limit: usize },
-    /// The export left the registry while the client chose it.
+    #[error("export {export:?} is no longer served here")]
     Withdrawn { export: String },
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::Stopping => write!(f, "the server is stopping"),
-            Refusal::Negotiating { limit } => {
-                write!(f, "{limit} connections are negotiating already, the limit")
-            }
-            Refusal::ExportFull { export, limit } => {
-                write!(f, "export {export:?} has {limit} connections, its limit")
-            }
-            Refusal::Withdrawn { export } => {
-                write!(f, "export {export:?} is no longer served here")
-            }
-        }
-    }
 }
 
 impl Shared {
@@ -325,6 +318,7 @@ impl Shared {
                 peer,
                 stream,
                 export: None,
+                accepted: Instant::now(),
             },
         );
         self.config.counters.open.fetch_add(1, Ordering::Relaxed);
@@ -362,6 +356,26 @@ impl Shared {
         Ok(())
     }
 
+    /// Closes connections still negotiating past the handshake timeout. The socket's
+    /// timeout bounds each read only; a client that sends an option now and then would
+    /// otherwise hold a negotiating slot for ever.
+    fn close_slow_negotiations(&self) {
+        let Some(timeout) = self.config.handshake_timeout else {
+            return;
+        };
+        let connections = self.connections();
+        for connection in connections.live.values() {
+            if connection.export.is_none() && connection.accepted.elapsed() > timeout {
+                log::info!(
+                    "nbd: closing {}: still negotiating after {} s",
+                    connection.peer,
+                    timeout.as_secs()
+                );
+                let _ = connection.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
     fn deregister(&self, id: u64) {
         if self.connections().live.remove(&id).is_some() {
             self.config.counters.open.fetch_sub(1, Ordering::Relaxed);
@@ -371,9 +385,14 @@ impl Shared {
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) -> io::Result<()> {
     let timeout = PollTimeout::try_from(ACCEPT_POLL).unwrap_or(PollTimeout::MAX);
+    let mut next_reap = Instant::now() + REAP_INTERVAL;
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if Instant::now() >= next_reap {
+            shared.close_slow_negotiations();
+            next_reap = Instant::now() + REAP_INTERVAL;
         }
         match listener.accept() {
             Ok((stream, peer)) => start_connection(stream, peer, shared),
@@ -456,6 +475,15 @@ fn run_connection(stream: Arc<TcpStream>, peer: SocketAddr, id: u64, shared: &Sh
                 timeout.as_secs()
             );
         }
+        Err(error @ ConnectionError::Refused { .. }) => {
+            log::info!("nbd: closing connection from {peer}: {error}");
+        }
+        Err(error) if error.is_timeout() => {
+            log::info!(
+                "nbd: closing connection from {peer}: {} ({stats})",
+                wire::error_chain::one_line(&error)
+            );
+        }
         Err(error) if error.is_hang_up() => {
             log::info!(
                 "nbd: {peer} went away: {} ({stats})",
@@ -525,7 +553,7 @@ fn connection(
     let end =
         transmission::serve(&mut reader, &mut writer, export.as_ref(), stats).map_err(|error| {
             match idle_timeout {
-                Some(timeout) if error.is_timeout() => ConnectionError::Idle(timeout),
+                Some(timeout) if error.is_idle() => ConnectionError::Idle(timeout),
                 _ => error,
             }
         })?;

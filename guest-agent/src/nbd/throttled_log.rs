@@ -49,7 +49,7 @@ impl ThrottledLog {
         drop(state);
         if suppressed > 0 {
             log::warn!(
-                "{} ({suppressed} more like it in the last second not shown)",
+                "{} ({suppressed} more like it since the last one shown)",
                 message()
             );
         } else {

@@ -34,7 +34,9 @@ use super::protocol::{
     CMD_WRITE_ZEROES, EINVAL, ENOSPC, EPERM, REQUEST_LEN, REQUEST_MAGIC, Request, SimpleReply,
     errno_for,
 };
-use super::{ConnectionError, IoContext, MAX_PAYLOAD, discard, read_exact_or_eof};
+use super::{
+    ConnectionError, IoContext, MAX_PAYLOAD, WAITING_FOR_REQUEST, discard, read_exact_or_eof,
+};
 
 /// How a transmission phase ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,12 @@ pub fn serve<R: Read, W: Write>(
     };
     let mut header = [0u8; REQUEST_LEN];
     loop {
+        // Waiting for the next request apart from reading it: a timeout here is an idle
+        // client, one later a client stalled in the middle of a request.
+        if !request_arrives(reader).context(WAITING_FOR_REQUEST)? {
+            writer.flush().context("sending replies")?;
+            return Ok(End::HangUp);
+        }
         if !read_exact_or_eof(reader, &mut header).context("reading a request header")? {
             writer.flush().context("sending replies")?;
             return Ok(End::HangUp);
@@ -108,6 +116,17 @@ pub fn serve<R: Read, W: Write>(
         // next request is not already complete in the buffer.
         if !next_request_buffered(reader.buffer()) {
             writer.flush().context("sending replies")?;
+        }
+    }
+}
+
+/// Waits until the client's next request has begun to arrive (`false`: it hung up).
+fn request_arrives<R: Read>(reader: &mut BufReader<R>) -> std::io::Result<bool> {
+    loop {
+        match reader.fill_buf() {
+            Ok(buffered) => return Ok(!buffered.is_empty()),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
         }
     }
 }

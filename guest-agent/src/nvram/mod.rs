@@ -145,25 +145,21 @@ impl Nvram {
         })
     }
 
-    /// Allows or refuses writes to `volume`. Taken under the appender's lock: once this
-    /// returns `false`-ed, no write for the volume is logged after it, so the head read
-    /// next covers every write the volume will ever have from this node.
+    /// Allows or refuses writes to `volume`. Returns once no write for the volume is being
+    /// logged: after a refusal, the head read next covers every write the volume will ever
+    /// have from this node.
     ///
-    /// A write may hold the lock while it waits for log space that a paused or delayed
-    /// flusher would free late or never: taking the lock then would wait out the
-    /// back-pressure timeout. So while the lock is busy, the flusher is asked to drain what
-    /// is logged (as [`Nvram::drain`] does), which lets waiting writes through.
+    /// A write checks the flag under the appender's lock, and may hold that lock while it
+    /// waits for log space that a paused or delayed flusher would free late or never. So a
+    /// refusal is stored first (no write takes the lock and logs after it), the flusher is
+    /// asked to drain what is logged (letting a waiting write through), and only then is the
+    /// lock taken, to wait out the write in progress.
     pub fn set_writable(&self, volume: &Volume, writable: bool) -> Result<(), NvramError> {
-        let _appender = loop {
-            match self.appender.try_lock() {
-                Ok(appender) => break appender,
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err(NvramError::Poisoned),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    self.request_drain()?;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        };
+        if !writable {
+            volume.store_writable(false);
+            self.request_drain()?;
+        }
+        let _appender = self.appender.lock().map_err(|_| NvramError::Poisoned)?;
         volume.store_writable(writable);
         Ok(())
     }

@@ -563,9 +563,14 @@ impl Cluster {
                 let served_by_state = owner
                     .and_then(|n| self.nodes.get(n.index()))
                     .map(NodeHealth::state);
-                let service = health.region.service().unwrap_or_default();
+                // What a dead agent last published is no longer true.
+                let live = health.state() == NodeState::Up;
+                let service = live
+                    .then(|| health.region.service())
+                    .flatten()
+                    .unwrap_or_default();
                 let full_since_ns = health.region.stats().log_full_since_unix_ns;
-                let log_full_ms = (full_since_ns != 0).then(|| {
+                let log_full_ms = (live && full_since_ns != 0).then(|| {
                     // The agent's clock; a guest's may differ a little from the host's.
                     (wire::time::now_unix_us() * 1000).saturating_sub(full_since_ns) / 1_000_000
                 });
@@ -778,8 +783,18 @@ fn takeover_readiness(
         );
     }
     // The taker maps the region when its agent starts, so a takeover works whether or not
-    // it has read this boot of the node yet (right after `up` it may not have).
+    // it has read this boot of the node yet (right after `up` it may not have); but it
+    // must have the region at all.
     let peer = taker.region.peer().unwrap_or_default();
+    if peer.node_id != Some(node.region.header().node_id) {
+        return (
+            false,
+            format!(
+                "partner {} has not read {}'s region yet",
+                taker.name, node.name
+            ),
+        );
+    }
     let reads = peer.boot_id != 0 && peer.boot_id == node.region.boot_id();
     (
         true,

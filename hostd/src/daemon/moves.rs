@@ -337,8 +337,11 @@ impl Moves {
                 let started = (pending.started, pending.started_unix_ms);
                 let mut result =
                     move_identity(cluster, identity, node, how, started, timeline.clone());
+                // Only a failed release: once the node owns the identity, its own failure
+                // is handled like any taker's.
                 if let Err(error) = &result
                     && planned
+                    && cluster.owner_of(identity) == Some(holder)
                     && cluster.backend_mut().has_exited(holder)
                 {
                     result = replay_from_dead_holder(

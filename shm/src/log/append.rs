@@ -65,14 +65,17 @@ impl LogAppender {
             .map(Cursor::from_words)
             .ok_or(LogError::CursorUnreadable { name: "flushed" })?;
         super::check_cursors(&geometry, flushed, head)?;
-        Ok(Self {
+        let appender = Self {
             head_writer: PublishedWriter::new(node_live::HEAD, &mapping),
             waits: mapping.load(node_live::BACKPRESSURE_WAITS),
             wait_ns: mapping.load(node_live::BACKPRESSURE_WAIT_NS),
             mapping,
             geometry,
             head,
-        })
+        };
+        // A wait of an earlier writer ended with it.
+        appender.store_stat(node_live::LOG_FULL_SINCE_NS, 0);
+        Ok(appender)
     }
 
     /// The head as this appender last published it.
