@@ -57,6 +57,7 @@ checks=(
     "xz-utils|xz --version"
     "python3|python3 --version"
     "build-essential|cc --version"
+    "build-essential|c++ --version" # libFuzzer's runtime, for scripts/fuzz.sh
 )
 
 apt_install() {

@@ -51,26 +51,27 @@ fn protocol_error(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-fn read_array<const N: usize>(stream: &mut TcpStream) -> io::Result<[u8; N]> {
+fn read_array<const N: usize>(stream: &mut impl Read) -> io::Result<[u8; N]> {
     let mut buf = [0u8; N];
     stream.read_exact(&mut buf)?;
     Ok(buf)
 }
 
-fn read_u16(s: &mut TcpStream) -> io::Result<u16> {
+fn read_u16(s: &mut impl Read) -> io::Result<u16> {
     read_array(s).map(u16::from_be_bytes)
 }
-fn read_u32(s: &mut TcpStream) -> io::Result<u32> {
+fn read_u32(s: &mut impl Read) -> io::Result<u32> {
     read_array(s).map(u32::from_be_bytes)
 }
-fn read_u64(s: &mut TcpStream) -> io::Result<u64> {
+fn read_u64(s: &mut impl Read) -> io::Result<u64> {
     read_array(s).map(u64::from_be_bytes)
 }
 
-/// One connection to one export, in transmission phase.
+/// One connection to one export, in transmission phase. `S` is the connection: a
+/// `TcpStream` but for tests and fuzzing ([`NbdClient::negotiate`]).
 #[derive(Debug)]
-pub struct NbdClient {
-    stream: TcpStream,
+pub struct NbdClient<S = TcpStream> {
+    stream: S,
     size: u64,
     transmission_flags: u16,
     next_cookie: u64,
@@ -82,11 +83,26 @@ impl NbdClient {
     /// Connects, negotiates `export` with `NBD_OPT_GO`, and enters transmission. `timeout`
     /// bounds the connect and every later read and write on the socket.
     pub fn connect(addr: SocketAddr, export: &str, timeout: Duration) -> io::Result<Self> {
-        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
+        NbdClient::negotiate(stream, export, &addr.to_string())
+    }
 
+    /// Sends `NBD_CMD_DISC` (which has no reply) and closes the connection; errors are ignored.
+    pub fn disconnect(mut self) {
+        if !self.broken {
+            let _ = self.send(CMD_DISC, 0, 0, 0, &[]);
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl<S: Read + Write> NbdClient<S> {
+    /// Negotiates `export` with `NBD_OPT_GO` on a fresh connection to the server `addr`
+    /// (named in errors only) and enters transmission.
+    pub fn negotiate(mut stream: S, export: &str, addr: &str) -> io::Result<Self> {
         let (magic, opt_magic) = (read_u64(&mut stream)?, read_u64(&mut stream)?);
         if magic != NBDMAGIC || opt_magic != IHAVEOPT {
             return Err(protocol_error(format!(
@@ -211,14 +227,6 @@ impl NbdClient {
             ));
         }
         self.request("flush", CMD_FLUSH, 0, 0, 0, &[])
-    }
-
-    /// Sends `NBD_CMD_DISC` (which has no reply) and closes the connection; errors are ignored.
-    pub fn disconnect(mut self) {
-        if !self.broken {
-            let _ = self.send(CMD_DISC, 0, 0, 0, &[]);
-        }
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// Sends a request and reads its simple reply header (a read's data is left to the caller).

@@ -482,6 +482,29 @@ enum ReadError {
     Malformed(String),
 }
 
+/// Runs the reader over `input` as if QEMU had sent it, to its end, without a thread: what
+/// the greeting, responses and events parse to and why the reader stopped. For the fuzz
+/// targets (`fuzz/`); not part of the API.
+#[doc(hidden)]
+pub fn read_all_for_fuzzing(input: &[u8]) -> (Vec<QmpEvent>, usize, String) {
+    let (incoming_tx, incoming) = crossbeam_channel::unbounded();
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    reader_loop(
+        Box::new(std::io::Cursor::new(input.to_vec())),
+        &incoming_tx,
+        &events_tx,
+    );
+    let mut messages = 0;
+    let mut ended = String::new();
+    for message in incoming.try_iter() {
+        match message {
+            Incoming::Failed(failure) => ended = format!("{failure:?}"),
+            Incoming::Greeting(_) | Incoming::Response { .. } => messages += 1,
+        }
+    }
+    (events.try_iter().collect(), messages, ended)
+}
+
 /// Reads one line, bounded by [`MAX_LINE`]; `None` at a clean EOF.
 fn read_line(reader: &mut dyn BufRead) -> Result<Option<String>, ReadError> {
     let mut buf = Vec::new();

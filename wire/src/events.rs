@@ -115,7 +115,8 @@ impl EventLine {
     /// When the event was recorded, in microseconds since the epoch.
     pub fn time_us(&self) -> u64 {
         if self.time_unix_us == 0 {
-            self.time_unix_ms * 1000
+            // A line's milliseconds are untrusted: far-future ones saturate, not overflow.
+            self.time_unix_ms.saturating_mul(1000)
         } else {
             self.time_unix_us
         }
@@ -276,6 +277,35 @@ mod tests {
         let numbers: Vec<usize> = bad.iter().map(|b| b.number).collect();
         assert_eq!(numbers, [2, 4, 5]);
         assert!(bad[0].error.contains("identity"), "{}", bad[0].error);
+    }
+
+    #[test]
+    fn time_us_of_huge_milliseconds_saturates_instead_of_overflowing() {
+        // Found by fuzzing (fuzz target events): an early-format line (no time_unix_us) whose
+        // milliseconds times 1000 overflow u64 panicked in time_us.
+        let line = br#"{"time_unix_ms":18446744073709552,"event":"pair_stopped","stopped":[]}"#;
+        let line = EventLine::parse(std::str::from_utf8(line).unwrap()).unwrap();
+        assert_eq!(line.time_us(), u64::MAX);
+    }
+
+    #[test]
+    fn timeline_floats_read_back_exactly() {
+        // Found by fuzzing (fuzz target events): a timeline value read from a line, written
+        // again with to_json and read back came out one unit in the last place off (serde_json
+        // parses floats exactly only with its float_roundtrip feature).
+        let line = concat!(
+            r#"{"time_unix_ms":1,"time_unix_us":1000,"event":"takeover","node":"a","from":"a","#,
+            r#""to":"b","planned":false,"reason":"r","epoch":2,"detected_unix_ms":1,"#,
+            r#""timeline_ms":{"fenced":1.66666666666666666666666666,"serving":20.25},"#,
+            r#""replayed_records":1,"replayed_first_seq":1,"replayed_last_seq":1,"replay_complete":true}"#
+        );
+        let first = EventLine::parse(line).unwrap();
+        let again = EventLine::parse(&first.to_json()).unwrap();
+        assert_eq!(again, first);
+        let Event::Takeover(report) = &again.event else {
+            panic!("{again:?}")
+        };
+        assert_eq!(report.timeline_ms.fenced, Some(5.0 / 3.0));
     }
 
     #[test]

@@ -263,8 +263,10 @@ impl Record {
 
     /// Decodes a payload whose crc was already checked, read as its fixed part (up to
     /// [`Record::fixed_len`] bytes) and the rest. `None` if its shape is wrong for its kind
-    /// (a bug in the writer, or a crc collision on garbage).
-    pub(crate) fn from_parts(
+    /// (a bug in the writer, or a crc collision on garbage). Public for the fuzz targets
+    /// (`fuzz/`) only.
+    #[doc(hidden)]
+    pub fn from_parts(
         seq: u64,
         pos: u64,
         kind: RecordKind,
@@ -273,6 +275,11 @@ impl Record {
     ) -> Option<Self> {
         let end_pos = pos + footprint((fixed.len() + rest.len()) as u64);
         let export = u32::from_le_bytes(fixed.get(0..4)?.try_into().ok()?);
+        // The word after the export is always written as zero: anything else is not a record
+        // this writer made (and would not re-encode to the bytes it came from).
+        if fixed.get(4..8)? != [0; 4] {
+            return None;
+        }
         let offset = u64::from_le_bytes(array8(fixed.get(8..16)?));
         let (len, data) = match kind {
             RecordKind::Write if fixed.len() == WRITE_PREFIX_LEN => (rest.len() as u64, rest),
@@ -297,8 +304,10 @@ impl Record {
     }
 
     /// Bytes of a payload of `len` bytes that come before a write's data: scanners read
-    /// them apart, so the data lands in its own buffer without being moved.
-    pub(crate) fn fixed_len(kind: RecordKind, len: usize) -> usize {
+    /// them apart, so the data lands in its own buffer without being moved. Public for the
+    /// fuzz targets (`fuzz/`) only.
+    #[doc(hidden)]
+    pub fn fixed_len(kind: RecordKind, len: usize) -> usize {
         match kind {
             RecordKind::Write => WRITE_PREFIX_LEN.min(len),
             _ => RANGE_PAYLOAD_LEN.min(len),
@@ -379,5 +388,21 @@ mod tests {
         let r = parts(RecordKind::Write, 16 + 4096).unwrap();
         assert_eq!((r.len, r.data.len()), (4096, 4096));
         assert_eq!(parts(RecordKind::Trim, 24).unwrap().len, 0);
+    }
+
+    #[test]
+    fn a_payload_whose_reserved_word_is_not_zero_does_not_decode() {
+        // Found by fuzzing (fuzz target log_record): a write whose payload's second word (after
+        // the export, always written as zero) was not zero decoded, and re-encoded to other
+        // bytes than the ones whose crc was checked.
+        let fixed = [
+            0, 0, 0, 40, 0, 0, 254, 255, 255, 255, 255, 255, 255, 255, 0, 0,
+        ];
+        assert!(Record::from_parts(1, 0, RecordKind::Write, &fixed, vec![0xca; 32]).is_none());
+        let mut range = [0u8; RANGE_PAYLOAD_LEN];
+        range[7] = 1;
+        assert!(Record::from_parts(1, 0, RecordKind::Trim, &range, Vec::new()).is_none());
+        range[7] = 0;
+        assert!(Record::from_parts(1, 0, RecordKind::Trim, &range, Vec::new()).is_some());
     }
 }
