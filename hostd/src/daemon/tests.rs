@@ -546,3 +546,26 @@ fn a_taker_that_dies_before_acknowledging_gives_the_identity_back() {
         "the next takeover came after the claim was taken back: {takeovers_of_a:#?}"
     );
 }
+
+/// Finding 16: once both agents are up, status calls a takeover of either possible (the
+/// taker has the node's region), and names who serves an identity whose owner is fenced.
+#[test]
+fn status_is_right_about_takeovers_and_serving() {
+    let mut h = Harness::pair();
+    h.up();
+    h.run_until(
+        "both partners have the other's region",
+        Duration::from_secs(5),
+        |c| c.status().nodes.iter().all(|n| n.takeover_possible),
+    );
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let status = h.cluster.status();
+    let a = &status.nodes[A];
+    assert_eq!(a.served_by.as_deref(), Some("b"));
+    assert_eq!(a.served_by_state, Some(NodeState::Up));
+    let b = &status.nodes[B];
+    assert!(!b.takeover_possible, "{}", b.takeover_reason);
+}
