@@ -324,4 +324,10 @@ fn events(dir: &Path) {
         log.push('\n');
     }
     put(dir, "events", "session", log.as_bytes());
+    // `hostd events` also shows events this version does not know, skips bad lines and
+    // reads a last line whose newline is missing.
+    log.push_str("{\"time_unix_ms\":1700000000000,\"event\":\"fence_failed\",\"node\":\"a\"}\n");
+    log.push_str("not json\n[1]\n\n");
+    log.push_str("{\"time_unix_ms\":1700000000000,\"event\":\"node_state\"");
+    put(dir, "event_log_cli", "session", log.as_bytes());
 }

@@ -3,6 +3,8 @@
 mod client;
 mod down;
 mod events;
+#[doc(hidden)]
+pub use events::{EventsError, render_log_for_fuzzing};
 mod failover;
 mod inspect;
 mod status;

@@ -149,6 +149,44 @@ fn check_node(state: &StateDir, name: &str, lines: &[(usize, Vec<u8>)]) -> Resul
     })
 }
 
+/// Reads the event log at `path` as `hostd events` does (whole lines, then the partial
+/// last one) and renders every line as text and as JSON, in UTC and in a zone with daylight
+/// saving time. For the fuzz targets (`fuzz/`); not part of the API.
+#[doc(hidden)]
+pub fn render_log_for_fuzzing(path: &Path) -> Result<Vec<String>, EventsError> {
+    let mut reader = LogReader::open(path)?;
+    let mut lines = reader
+        .read_complete_lines()
+        .map_err(|source| EventsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    lines.extend(reader.take_partial_line());
+    let mut zones = vec![Zone::Utc];
+    zones.extend(
+        jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3")
+            .ok()
+            .map(Zone::Local),
+    );
+    let mut shown = Vec::new();
+    for zone in &zones {
+        for json in [false, true] {
+            let args = EventsArgs {
+                follow: false,
+                json,
+                node: None,
+                last: None,
+            };
+            shown.extend(
+                lines
+                    .iter()
+                    .filter_map(|(number, text)| select(path, *number, text, &args, zone)),
+            );
+        }
+    }
+    Ok(shown)
+}
+
 /// Writes `lines`; `Ok(false)` when the reader went away (`hostd events | head`).
 fn emit(out: &mut impl Write, lines: &[String]) -> Result<bool, EventsError> {
     let written = lines
