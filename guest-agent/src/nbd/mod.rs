@@ -67,7 +67,7 @@ pub enum ConnectionError {
     /// `NBD_OPT_EXPORT_NAME` chose an export this connection may not use now (it cannot be
     /// refused otherwise).
     #[error(
-        "the client chose export {name:?} with NBD_OPT_EXPORT_NAME, which refused it: {reason}"
+        "the client chose export {name:?} with NBD_OPT_EXPORT_NAME and was refused: {reason}"
     )]
     Refused { name: String, reason: String },
     /// The client sent no request for the configured idle timeout.
