@@ -66,9 +66,7 @@ pub enum ConnectionError {
     UnknownExport(String),
     /// `NBD_OPT_EXPORT_NAME` chose an export this connection may not use now (it cannot be
     /// refused otherwise).
-    #[error(
-        "the client chose export {name:?} with NBD_OPT_EXPORT_NAME and was refused: {reason}"
-    )]
+    #[error("the client chose export {name:?} with NBD_OPT_EXPORT_NAME and was refused: {reason}")]
     Refused { name: String, reason: String },
     /// The client sent no request for the configured idle timeout.
     #[error("the client sent no request for {} s", .0.as_secs())]
