@@ -395,14 +395,11 @@ fn a_full_log_shows_in_status_and_a_takeover_drains_it() {
     );
     let acknowledged = writer.join().unwrap();
     assert!(acknowledged.len() > 10, "{} writes", acknowledged.len());
-    let mut a = pair.connect(0, "a");
-    for (offset, data) in &acknowledged {
-        let read = a.read(*offset, data.len() as u32).unwrap();
-        assert!(
-            read == *data,
-            "the write at {offset} differs after the takeover"
-        );
-    }
+    verify_blocks(
+        &mut pair.connect(0, "a"),
+        &acknowledged,
+        "after the takeover",
+    );
 }
 
 /// Finding 8 (the rest): when the agents never come up, `up` ends with their own words

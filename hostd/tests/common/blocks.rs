@@ -32,9 +32,10 @@ pub fn write_blocks(client: &mut NbdClient, blocks: &[(u64, Vec<u8>)]) {
     }
 }
 
+/// Reads each block back (its whole length) and compares.
 pub fn verify_blocks(client: &mut NbdClient, blocks: &[(u64, Vec<u8>)], what: &str) {
     for (index, (offset, data)) in blocks.iter().enumerate() {
-        let read = client.read(*offset, BLOCK as u32).unwrap();
+        let read = client.read(*offset, data.len() as u32).unwrap();
         assert!(
             read == *data,
             "{what}: block {index} at offset {offset} differs after the takeover"

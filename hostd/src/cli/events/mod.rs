@@ -9,6 +9,7 @@ mod reader;
 mod render;
 mod zone;
 
+use std::collections::BTreeSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::Value;
+use shm::{Access, ControlRegion, Mapping};
 use wire::events::EventLine;
 
 use self::reader::LogReader;
@@ -62,24 +64,20 @@ pub enum EventsError {
     UnknownNode { name: String, known: String },
 }
 
+/// A line of the log with its number (1-based), as the reader returns it.
+type NumberedLine = (usize, Vec<u8>);
+
 /// How often `--follow` looks for new lines.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 pub fn run(state: &StateDir, args: &EventsArgs) -> CommandResult {
     let path = state.event_log();
     let zone = Zone::local();
-    let mut reader = LogReader::open(&path)?;
+    let (mut reader, lines) = open_and_read(&path, args.follow)?;
     let read_error = |source| EventsError::Read {
         path: path.clone(),
         source,
     };
-
-    let mut lines = reader.read_complete_lines().map_err(read_error)?;
-    if !args.follow {
-        // Lines are written whole, so a last line without its newline is unusual (a writer
-        // that died mid-line); show what can be shown of it.
-        lines.extend(reader.take_partial_line());
-    }
     if let Some(name) = &args.node {
         check_node(state, name, &lines)?;
     }
@@ -117,21 +115,33 @@ pub fn run(state: &StateDir, args: &EventsArgs) -> CommandResult {
     }
 }
 
-/// A `--node` filter that names no node of this state directory would print nothing, as
-/// if nothing had happened to it: refuse it instead. Nodes are those with a region here and
-/// those the events name.
-fn check_node(state: &StateDir, name: &str, lines: &[(usize, Vec<u8>)]) -> Result<(), EventsError> {
-    let mut known = std::collections::BTreeSet::new();
-    if let Ok(entries) = std::fs::read_dir(state.regions_dir()) {
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(node) = file.strip_suffix(".region")
-                && node != "control"
-            {
-                known.insert(node.to_owned());
-            }
-        }
+/// Opens the log and reads the lines it holds; unless `follow`ing (when the writer may be
+/// mid-line), also a last line without its newline.
+fn open_and_read(path: &Path, follow: bool) -> Result<(LogReader, Vec<NumberedLine>), EventsError> {
+    let mut reader = LogReader::open(path)?;
+    let mut lines = reader
+        .read_complete_lines()
+        .map_err(|source| EventsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if !follow {
+        // Lines are written whole, so a last line without its newline is unusual (a writer
+        // that died mid-line); show what can be shown of it.
+        lines.extend(reader.take_partial_line());
     }
+    Ok((reader, lines))
+}
+
+/// A `--node` filter that names no node of this state directory would print nothing, as
+/// if nothing had happened to it: refuse it instead. The nodes are those the control region
+/// names, and those the events name.
+fn check_node(state: &StateDir, name: &str, lines: &[NumberedLine]) -> Result<(), EventsError> {
+    let mut known: BTreeSet<String> = Mapping::open(&state.control_region(), Access::ReadOnly)
+        .ok()
+        .and_then(|mapping| ControlRegion::open(mapping).ok())
+        .map(|control| control.header().nodes.iter().cloned().collect())
+        .unwrap_or_default();
     for (_, text) in lines {
         if let Ok(text) = std::str::from_utf8(text)
             && let Ok(line) = EventLine::parse(text)
@@ -154,14 +164,7 @@ fn check_node(state: &StateDir, name: &str, lines: &[(usize, Vec<u8>)]) -> Resul
 /// saving time. For the fuzz targets (`fuzz/`); not part of the API.
 #[doc(hidden)]
 pub fn render_log_for_fuzzing(path: &Path) -> Result<Vec<String>, EventsError> {
-    let mut reader = LogReader::open(path)?;
-    let mut lines = reader
-        .read_complete_lines()
-        .map_err(|source| EventsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    lines.extend(reader.take_partial_line());
+    let (_, lines) = open_and_read(path, false)?;
     let mut zones = vec![Zone::Utc];
     zones.extend(
         jiff::tz::TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3")
