@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Measures takeover time: starts a QEMU pair whose flushers are paused, then runs
-# `ivha-campaign measure-takeover`, which kills node a TRIALS times (SIGKILL) and HANG_TRIALS times
-# (SIGSTOP) with UNFLUSHED_MIB of unflushed writes in a's log each time, and prints
-# p50/p99/max of kill-to-first-successful-read through a's address and the takeover's
-# timeline. Always stops the pair and removes its state directory. See
-# docs/takeover-measurements.md.
+# `ivha-campaign measure-takeover`, which kills node a TRIALS times (SIGKILL) for each size in
+# UNFLUSHED_MIB (MiB of unflushed writes in a's log; the first is the baseline) and
+# HANG_TRIALS times (SIGSTOP), and prints p50/p99/max of kill-to-first-successful-read
+# through a's address, the takeover's timeline and each size's ratio to the first. Always
+# stops the pair and removes its state directory. See docs/takeover-measurements.md.
 #
-# Environment: TRIALS (default 20), HANG_TRIALS (3), UNFLUSHED_MIB (16),
+# Environment: TRIALS (default 10), HANG_TRIALS (3), UNFLUSHED_MIB (0,16,64),
 # TIMEOUT_MS (heartbeat timeout, default 3000), KEEP_LOGS=DIR (copy hostd.log, events.jsonl
 # and the consoles there before the state directory is removed).
 # Usage: [TRIALS=N] scripts/measure-takeover.sh [extra measure-takeover arguments]
@@ -15,9 +15,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
 . scripts/lib/target.sh
 
-trials=${TRIALS:-20}
+trials=${TRIALS:-10}
 hang_trials=${HANG_TRIALS:-3}
-unflushed_mib=${UNFLUSHED_MIB:-16}
+unflushed_mib=${UNFLUSHED_MIB:-0,16,64}
 timeout_ms=${TIMEOUT_MS:-3000}
 die() { echo "measure-takeover: error: $*" >&2; exit 1; }
 
@@ -32,38 +32,27 @@ state=$(mktemp -d /dev/shm/ivha-takeover.XXXXXX)
 export IVHA_STATE_DIR=$state
 cleanup() {
     local status=$?
-    end_pair "$status" "$hostd" "$state" 20
-    if [[ -n ${KEEP_LOGS:-} ]]; then
-        mkdir -p "$KEEP_LOGS"
-        cp -r "$state/hostd.log" "$state/events.jsonl" "$state/consoles" "$KEEP_LOGS/" 2>/dev/null || true
-        echo "logs kept in $KEEP_LOGS" >&2
-    fi
-    rm -rf "$state"
+    close_pair "$status" "$hostd" "$state"
 }
 trap cleanup EXIT
 
 # Two free ports next to each other, away from NBD's 10809.
 port=$(free_port_pair 22809) || die "no two free ports found"
 # The flushers are paused, so each trial's writes are all in a's log when a dies and b
-# must replay them. A 64 MiB region holds a ring of 64 MiB - 4 KiB with records of up to
-# half of it: 16 MiB of 1 MiB writes (plus their headers) fits with room to spare.
+# must replay them. A 128 MiB region holds a ring of 128 MiB - 4 KiB with records of up to
+# half of it: 64 MiB of 1 MiB writes (plus their headers) fits with room to spare.
 config=$state/ivha.toml
 cat >"$config" <<EOF
 [flusher]
 paused = true
 [regions]
-node_mib = 64
+node_mib = 128
 [disks]
 size_mib = 256
 [heartbeat]
 interval_ms = 100
 timeout_ms = $timeout_ms
-[[node]]
-name = "a"
-nbd_port = $port
-[[node]]
-name = "b"
-nbd_port = $((port + 1))
+$(pair_nodes "$port")
 EOF
 
 "$hostd" up --detach --config "$config" >/dev/null

@@ -4,7 +4,9 @@
 //! LE), then the ring's bytes (12 KiB ring at offset 4096 of a 16 KiB region).
 //! Properties: records come in seq order from the flushed cursor, inside [flushed, head),
 //! within the payload limit; each re-encodes (header with its crc, payload) to the bytes in
-//! the ring; a scan that ends without error ends at the head.
+//! the ring; a scan that ends without error ends at the head; the headers-only scan
+//! (`extents`) returns the same records' extents, up to where the full scan stopped (or
+//! further: it does not check crcs), and never past the head.
 #![no_main]
 
 use std::os::unix::fs::FileExt;
@@ -14,7 +16,7 @@ use ivha_fuzz::{REGION_SIZE, u64_at};
 use libfuzzer_sys::fuzz_target;
 use shm::layout::HEADER_PAGE;
 use shm::log::record::{RECORD_HEADER_LEN, RecordHeader};
-use shm::{Cursor, Geometry, LogScanner, Mapping};
+use shm::{Cursor, Geometry, LogScanner, Mapping, RecordKind};
 
 const PARAMS: usize = 36;
 const RING: u64 = REGION_SIZE - HEADER_PAGE;
@@ -54,11 +56,36 @@ fuzz_target!(|data: &[u8]| {
     let mut scan = LogScanner::new(mapping, geometry, from, to);
     let mut last = from;
     let mut clean = true;
+    let mut extents = LogScanner::new(mapping, geometry, from, to).extents();
     for item in scan.by_ref() {
         let Ok(record) = item else {
             clean = false;
             continue;
         };
+        let extent = extents
+            .next()
+            .and_then(Result::ok)
+            .expect("the headers-only scan returns every record the full scan does");
+        assert_eq!(
+            (
+                extent.seq,
+                extent.kind,
+                extent.export,
+                extent.offset,
+                extent.len,
+                extent.data_pos
+            ),
+            (
+                record.seq,
+                record.kind,
+                record.export,
+                record.offset,
+                record.len,
+                record.data_pos
+            ),
+            "extent of record {}",
+            record.seq
+        );
         assert_eq!(record.seq, last.seq + 1, "seq order");
         assert!(
             record.pos >= last.pos && record.end_pos <= to.pos,
@@ -93,5 +120,12 @@ fuzz_target!(|data: &[u8]| {
     }
     if clean {
         assert_eq!(scan.position(), to, "a clean scan ends at the head");
+        assert!(extents.next().is_none(), "nothing past a clean scan's end");
+    }
+    for extent in extents.flatten() {
+        assert!(
+            extent.kind != RecordKind::Write || extent.data_pos + extent.len <= to.pos,
+            "a write's data past the head: {extent:?}"
+        );
     }
 });

@@ -1,6 +1,6 @@
 //! The agent's main loop: own the node region, beat, watch the partner.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -15,6 +15,8 @@ use shm::{
 
 use crate::args::Args;
 use crate::export::ExportRegistry;
+use crate::failover::quarantine::{Quarantine, replay_confirmed};
+use crate::failover::replay::{self, ReplayBook, ReplayJob};
 use crate::failover::{FailoverMonitor, Identity};
 use crate::nbd::{Server, ServerConfig};
 use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
@@ -62,10 +64,8 @@ pub enum AgentError {
         #[source]
         source: shm::ControlError,
     },
-    #[error(
-        "this node's identity is owned by {owner} (epoch {epoch}), which has not acknowledged replaying this node's log: refusing to start rather than lose or reapply it"
-    )]
-    UnreplayedLog { owner: String, epoch: u64 },
+    #[error("cannot resume replaying the partner's log")]
+    Replay(#[source] crate::failover::replay::ReplayError),
     #[error("cannot discard this node's replayed log")]
     Discard(#[source] shm::LogError),
     #[error("region {path} cannot be used")]
@@ -108,18 +108,23 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         ack,
         peer: mut peer_writer,
         service: mut service_writer,
+        replays,
     } = writer;
+    let replay_book = ReplayBook::new(replays);
     let node_id = own.header().node_id;
     let ownership = control.as_ref().map(|control| Ownership {
         control: control.clone(),
         node: node_id,
     });
     let owns = |identity: u32| ownership.as_ref().is_none_or(|o| o.owns(identity));
-    if !owns(node_id) {
+    let old_log = if owns(node_id) {
+        OldLog::Ours
+    } else {
         // The partner took this node's identity over while it was down, replaying this
-        // log onto the disk and writing more since: what is left here is stale.
-        discard_replayed_log(&own, partner.as_ref(), control.as_ref(), &mut flushed)?;
-    }
+        // log onto the disk and writing more since: what is left here is stale once that
+        // replay has finished.
+        discard_replayed_log(&own, partner.as_ref(), control.as_ref(), &mut flushed)?
+    };
 
     // The node's own export: its disk, behind NVRAM write-back; and the partner's disk,
     // served only after a takeover.
@@ -168,6 +173,27 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let recovered = nvram.recover()?;
     if recovered > 0 {
         log::info!("recovered {recovered} unflushed records from the log");
+    }
+    let quarantine = match old_log {
+        OldLog::Ours => None,
+        OldLog::Quarantined {
+            flushed_seq,
+            through_seq,
+            owner_epoch,
+        } => Some(Quarantine {
+            hold: nvram.hold_flusher(flushed_seq),
+            through_seq,
+            owner_epoch,
+        }),
+    };
+    if let Some(partner) = &partner {
+        resume_replays(
+            &nvram,
+            partner,
+            &identities,
+            &replay_book,
+            flushed.flushed().seq,
+        )?;
     }
     let flusher_config = FlusherConfig {
         delay: Duration::from_millis(args.options.flush_delay_ms),
@@ -252,6 +278,10 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             ack,
             listen_ip: process_mode.then(|| args.listen.ip()),
             server_config,
+            replays: replay_book,
+            quarantine,
+            pending_replay: None,
+            pending_cache_drop: None,
         };
         std::thread::Builder::new()
             .name("failover".into())
@@ -350,17 +380,32 @@ fn raise_descriptor_limit(wanted: u64) {
     }
 }
 
+/// What becomes of the log a node finds when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OldLog {
+    /// Its records are this node's to apply (or there are none left).
+    Ours,
+    /// The node holding this node's identity may still be replaying them: kept, and not
+    /// applied, until it says it has finished (see [`Quarantine`]).
+    Quarantined {
+        flushed_seq: u64,
+        through_seq: u64,
+        owner_epoch: u64,
+    },
+}
+
 /// Marks this node's whole log as flushed without applying it: the partner, which owns this
 /// node's identity now, replayed it and has written the disk since. Only done once the
-/// partner's acknowledgement proves the replay (its ack carries the ownership's epoch).
+/// partner's region says that replay has finished (for the ownership's epoch or later);
+/// until then the log is quarantined.
 fn discard_replayed_log(
     own: &NodeRegion,
     partner: Option<&NodeRegion>,
     control: Option<&ControlRegion>,
     flushed: &mut shm::FlushedWriter,
-) -> Result<(), AgentError> {
+) -> Result<OldLog, AgentError> {
     let Some(owner) = control.and_then(|c| c.owner(own.header().node_id as usize)) else {
-        return Ok(());
+        return Ok(OldLog::Ours);
     };
     let owner_name = owner
         .node
@@ -372,18 +417,23 @@ fn discard_replayed_log(
             "identity held by {owner_name} (epoch {}); log empty",
             owner.epoch
         );
-        return Ok(());
+        return Ok(OldLog::Ours);
     }
+    let node_id = own.header().node_id;
     let replayed = partner.is_some_and(|p| {
-        Some(p.header().node_id) == owner.node
-            && p.ack().is_some_and(|a| {
-                a.epoch >= owner.epoch && a.status != shm::node::ack_status::FAILED
-            })
+        Some(p.header().node_id) == owner.node && replay_confirmed(p, node_id, owner.epoch)
     });
     if !replayed {
-        return Err(AgentError::UnreplayedLog {
-            owner: owner_name,
-            epoch: owner.epoch,
+        log::warn!(
+            "identity held by {owner_name} (epoch {}), which has not said it finished replaying this log: keeping seq {}..={} until it does",
+            owner.epoch,
+            flushed.flushed().seq + 1,
+            head.seq
+        );
+        return Ok(OldLog::Quarantined {
+            flushed_seq: flushed.flushed().seq,
+            through_seq: head.seq,
+            owner_epoch: owner.epoch,
         });
     }
     let from = flushed.flushed().seq;
@@ -393,6 +443,65 @@ fn discard_replayed_log(
         owner.epoch,
         head.seq
     );
+    Ok(OldLog::Ours)
+}
+
+/// Starts again the replays this node had not finished when it stopped: for each
+/// identity it holds whose dead holder's log it was still replaying, the layer is rebuilt
+/// from that log and the replay runs again (replaying twice is harmless). This node's own
+/// records for the identity are newer, so its flusher is held from its flushed cursor on.
+pub(crate) fn resume_replays(
+    nvram: &Arc<Nvram>,
+    partner: &NodeRegion,
+    identities: &BTreeMap<u32, Identity>,
+    book: &ReplayBook,
+    flushed_seq: u64,
+) -> Result<(), AgentError> {
+    let dead = partner.header().node_id;
+    let Some(mark) = nvram.region().replay_of(dead) else {
+        return Ok(());
+    };
+    if mark.status != shm::ReplayStatus::Replaying {
+        return Ok(());
+    }
+    // The flusher applies nothing of this node's log until the replays are done, so they
+    // may write the whole dead log again, served identities included.
+    let disks = replay::Disks {
+        volumes: identities
+            .iter()
+            .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
+            .collect(),
+        served: BTreeSet::new(),
+    };
+    let mut last_seq = None;
+    for identity in identities.values() {
+        let volume = identity.export.volume();
+        if !volume.writable() {
+            continue;
+        }
+        let hold = nvram.hold_flusher(flushed_seq);
+        let scanned = replay::scan(partner, volume.export_id, volume.disk.size())
+            .map_err(AgentError::Replay)?;
+        log::info!(
+            "resuming the replay of {}'s log for {}: {} records, seq {}..={}",
+            partner.header().name,
+            volume.name,
+            scanned.records,
+            scanned.first_seq,
+            scanned.last_seq
+        );
+        last_seq = Some(scanned.last_seq);
+        book.serve_layer(scanned, volume, mark.epoch, hold);
+    }
+    if let Some(last_seq) = last_seq {
+        ReplayJob {
+            region: partner.clone(),
+            disks,
+            last_seq,
+            book: book.clone(),
+        }
+        .start();
+    }
     Ok(())
 }
 
@@ -473,5 +582,87 @@ fn boot_id() -> u64 {
                 .map_or(0, |d| d.as_nanos() as u64);
             (now ^ u64::from(std::process::id()) << 32).max(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm::control::Owner;
+    use shm::{BackPressure, Entry, Replay, ReplayStatus};
+
+    /// A restarted node whose identity the partner holds forgets its log only once the
+    /// partner's region says its replay of it has finished, for that takeover or a later one;
+    /// until then it keeps the log aside, whole.
+    #[test]
+    fn a_restarted_node_keeps_its_log_until_the_replay_of_it_has_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let own_path = dir.path().join("a.region");
+        let own =
+            NodeRegion::format(Mapping::create_file(&own_path, 1 << 20).unwrap(), 0, "a").unwrap();
+        let partner = NodeRegion::format(
+            Mapping::create_file(&dir.path().join("b.region"), 1 << 20).unwrap(),
+            1,
+            "b",
+        )
+        .unwrap();
+        let control = ControlRegion::format(
+            Mapping::create_file(&dir.path().join("control"), 1 << 20).unwrap(),
+            &["a", "b"],
+            &["a", "b"],
+        )
+        .unwrap();
+        let mut writer = own.writer(1).unwrap();
+        for i in 0..3u64 {
+            let entry = Entry::Write {
+                export: 0,
+                offset: i * 512,
+                data: &[1; 512],
+            };
+            writer
+                .appender
+                .append(&entry, BackPressure::default())
+                .unwrap();
+        }
+        let mut control_writer = control.writer().unwrap();
+        control_writer
+            .set_owner(
+                0,
+                Owner {
+                    node: Some(1),
+                    epoch: 5,
+                },
+            )
+            .unwrap();
+        let mut replays = partner.writer(2).unwrap().replays;
+        let mut decide =
+            || discard_replayed_log(&own, Some(&partner), Some(&control), &mut writer.flushed);
+        let kept = OldLog::Quarantined {
+            flushed_seq: 0,
+            through_seq: 3,
+            owner_epoch: 5,
+        };
+
+        assert_eq!(decide().unwrap(), kept, "no replay said anything yet");
+        let mut replay = Replay {
+            epoch: 5,
+            status: ReplayStatus::Replaying,
+            first_seq: 1,
+            last_seq: 3,
+        };
+        replays.publish(0, replay);
+        assert_eq!(decide().unwrap(), kept, "the partner still reads the log");
+        replay.status = ReplayStatus::Replayed;
+        replay.epoch = 4;
+        replays.publish(0, replay);
+        assert_eq!(decide().unwrap(), kept, "a replay from an earlier takeover");
+        replay.epoch = 5;
+        replays.publish(0, replay);
+        assert_eq!(decide().unwrap(), OldLog::Ours);
+        assert_eq!(
+            own.flushed().unwrap(),
+            own.head().unwrap(),
+            "the replayed log is discarded"
+        );
     }
 }

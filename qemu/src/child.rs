@@ -488,6 +488,65 @@ pub fn thread_states(pid: u32) -> std::io::Result<Vec<char>> {
         .collect()
 }
 
+/// Whether every thread of process `pid` is stopped: `T` (by a signal such as SIGSTOP) or
+/// `t` (held by a tracer). Such a process does nothing until someone continues it, and
+/// SIGKILL still ends it. The main thread is read first and the others only when it is
+/// stopped, so a running process costs one read.
+pub fn all_threads_stopped(pid: u32) -> std::io::Result<bool> {
+    let stopped = |state: char| matches!(state, 'T' | 't');
+    if !stopped(process_state(pid)?) {
+        return Ok(false);
+    }
+    Ok(thread_states(pid)?.into_iter().all(stopped))
+}
+
+/// The ids of process `pid`'s threads whose name (`/proc/PID/task/TID/comm`) `wanted`
+/// accepts, e.g. QEMU's vCPU threads (`CPU 0/TCG`, `CPU 1/KVM`).
+pub fn threads_named(pid: u32, wanted: impl Fn(&str) -> bool) -> std::io::Result<Vec<u32>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread may end between the listing and the read.
+        match std::fs::read_to_string(task.path().join("comm")) {
+            Ok(name) if wanted(name.trim_end()) => found.push(tid),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// What the scheduler says about one thread since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedStat {
+    /// Time on a CPU.
+    pub ran: Duration,
+    /// Time runnable but waiting on a run queue for a CPU.
+    pub waited: Duration,
+}
+
+/// Thread `tid` of process `pid` as the scheduler accounts it (`/proc/PID/task/TID/schedstat`:
+/// nanoseconds run, nanoseconds waited, time slices).
+pub fn thread_schedstat(pid: u32, tid: u32) -> std::io::Result<SchedStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(ran)), Some(Ok(waited))) => Ok(SchedStat {
+            ran: Duration::from_nanos(ran),
+            waited: Duration::from_nanos(waited),
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("malformed schedstat line {text:?}"),
+        )),
+    }
+}
+
 impl Drop for QemuChild {
     fn drop(&mut self) {
         if self.status.is_some() || !self.kill_on_drop {
@@ -719,6 +778,46 @@ mod tests {
             !threads.is_empty() && threads.iter().all(|s| *s != 'Z'),
             "{threads:?}"
         );
+    }
+
+    #[test]
+    fn a_stopped_process_has_every_thread_stopped_and_a_running_one_not() {
+        let mut c = sleeper();
+        assert!(!all_threads_stopped(c.pid()).unwrap());
+        c.signal(Signal::Stop).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(c.pid()).unwrap() {
+            assert!(Instant::now() < deadline, "never seen stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c.kill_and_reap(Duration::from_secs(5)).unwrap();
+        assert!(all_threads_stopped(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn threads_are_found_by_name_and_their_cpu_time_read() {
+        let pid = std::process::id();
+        let (ready, spun) = std::sync::mpsc::channel::<()>();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("CPU 0/TCG".into())
+            .spawn(move || {
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_millis(30) {
+                    std::hint::spin_loop();
+                }
+                let _ = ready.send(());
+                let _ = stopped.recv();
+            })
+            .unwrap();
+        spun.recv().unwrap();
+        let found = threads_named(pid, |name| name.starts_with("CPU ")).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        let stat = thread_schedstat(pid, found[0]).unwrap();
+        assert!(stat.ran >= Duration::from_millis(20), "{stat:?}");
+        drop(stop);
+        thread.join().unwrap();
+        assert!(thread_schedstat(pid, u32::MAX).is_err());
     }
 
     #[test]

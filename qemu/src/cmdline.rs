@@ -258,7 +258,9 @@ impl QemuCommand {
         }
     }
 
-    /// Names the guest (`-name`); shows in QMP's `query-name` and in process listings.
+    /// Names the guest (`-name`); shows in QMP's `query-name` and in process listings. Its
+    /// threads get names too (`debug-threads=on`: `CPU 0/TCG`...), so a host can tell the
+    /// vCPUs' CPU time from the rest.
     pub fn name(mut self, name: &str) -> Self {
         self.name = Some(name.to_owned());
         self
@@ -425,7 +427,7 @@ impl QemuCommand {
         let mut args = Args::default();
         if let Some(name) = &self.name {
             args.push("-name");
-            args.push(escape_str(name));
+            args.push(format!("{},debug-threads=on", escape_str(name)));
         }
         args.push("-machine");
         args.push(&self.machine);
@@ -758,7 +760,7 @@ mod tests {
             .pvpanic()
             .panic_action(PanicAction::ExitFailure);
         let args = strings(&cmd);
-        assert_eq!(values(&args, "-name"), ["node-a"]);
+        assert_eq!(values(&args, "-name"), ["node-a,debug-threads=on"]);
         assert_eq!(values(&args, "-machine"), ["pc"]);
         assert_eq!(values(&args, "-accel"), ["kvm"]);
         assert_eq!(values(&args, "-m"), ["256M"]);
@@ -932,7 +934,7 @@ mod tests {
             .shared_region("r", "/dev/shm/x,y", 4096, false)
             .disk("d", "/d,1/a.img", "s", true);
         let args = strings(&cmd);
-        assert_eq!(values(&args, "-name"), ["a,,b"]);
+        assert_eq!(values(&args, "-name"), ["a,,b,debug-threads=on"]);
         assert_eq!(values(&args, "-kernel"), ["/k,1/vmlinuz"]);
         assert_eq!(values(&args, "-initrd"), ["/k,1/initrd"]);
         assert_eq!(

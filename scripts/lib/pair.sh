@@ -21,3 +21,22 @@ end_pair() {
     fi
     IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true
 }
+
+# close_pair STATUS HOSTD STATE: end_pair (20 lines of hostd's log after a failure), then,
+# if KEEP_LOGS names a directory, copies hostd.log, events.jsonl and the consoles there,
+# and removes the state directory.
+close_pair() {
+    local status=$1 hostd=$2 state=$3
+    end_pair "$status" "$hostd" "$state" 20
+    if [[ -n ${KEEP_LOGS:-} ]]; then
+        mkdir -p "$KEEP_LOGS"
+        cp -r "$state/hostd.log" "$state/events.jsonl" "$state/consoles" "$KEEP_LOGS/" 2>/dev/null || true
+        echo "logs kept in $KEEP_LOGS" >&2
+    fi
+    rm -rf "$state"
+}
+
+# pair_nodes PORT: the [[node]] sections of nodes a and b, serving on PORT and PORT + 1.
+pair_nodes() {
+    printf '[[node]]\nname = "a"\nnbd_port = %s\n[[node]]\nname = "b"\nnbd_port = %s\n' "$1" $(($1 + 1))
+}

@@ -81,6 +81,17 @@ pub mod node_live {
     /// open, NBD connections refused, NBD connections closed idle, writes waiting for the
     /// log)`; the two totals count since the agent started.
     pub const SERVICE: Published<4> = Published::at(1200);
+    /// What this node did with the logs of nodes whose identities it took over, one value
+    /// per node id (see [`replay`]).
+    pub const REPLAYS: u64 = 1280;
+    /// Distance between two replay values.
+    pub const REPLAY_STRIDE: u64 = 80;
+
+    /// This node's replay of node `node`'s log: `(epoch of the takeover, status, seq of
+    /// the first record to replay, seq of the last)`; see `crate::node::ReplayStatus`.
+    pub const fn replay(node: usize) -> Published<4> {
+        Published::at(REPLAYS + node as u64 * REPLAY_STRIDE)
+    }
 
     const _: () = assert!(HEARTBEAT.end() <= HEAD.offset());
     const _: () = assert!(HEAD.end() <= FLUSHED.offset());
@@ -90,7 +101,9 @@ pub mod node_live {
     const _: () = assert!(PEER.end() <= ACK.offset());
     const _: () = assert!(ACK.end() <= SYNCED.offset());
     const _: () = assert!(SYNCED.end() <= SERVICE.offset());
-    const _: () = assert!(SERVICE.end() <= WRITE_PROBE);
+    const _: () = assert!(SERVICE.end() <= REPLAYS);
+    const _: () = assert!(replay(0).end() <= REPLAYS + REPLAY_STRIDE);
+    const _: () = assert!(replay(MAX_NODES - 1).end() <= WRITE_PROBE);
 }
 
 /// Static control header fields (byte offsets).

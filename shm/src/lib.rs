@@ -31,11 +31,11 @@ pub use control::{
 };
 pub use inspect::{InspectOptions, RegionKind, RegionReport, identify, inspect};
 pub use log::{
-    Appended, BackPressure, Cursor, Entry, FlushedWriter, Geometry, LogAppender, LogError,
+    Appended, BackPressure, Cursor, Entry, Extent, FlushedWriter, Geometry, LogAppender, LogError,
     LogScanner, Record, RecordKind,
 };
 pub use mapping::{Access, Mapping, MappingError};
 pub use node::{
-    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, ServiceCounters,
-    ServiceWriter, Synced, SyncedWriter,
+    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Replay, ReplayStatus,
+    ReplayWriter, ServiceCounters, ServiceWriter, Synced, SyncedWriter,
 };

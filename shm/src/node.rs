@@ -275,6 +275,22 @@ impl NodeRegion {
         })
     }
 
+    /// What this node did with node `node`'s log after taking its identities over; `None`
+    /// if the value cannot be read (a node id out of range included).
+    pub fn replay_of(&self, node: u32) -> Option<Replay> {
+        if node as usize >= crate::layout::MAX_NODES {
+            return None;
+        }
+        let [epoch, status, first_seq, last_seq] =
+            node_live::replay(node as usize).read(&self.mapping)?;
+        Some(Replay {
+            epoch,
+            status: ReplayStatus::from_word(status),
+            first_seq,
+            last_seq,
+        })
+    }
+
     /// The flushed and head cursors as they were at one instant.
     ///
     /// They are published separately (by the flusher and the appender), so reading one and
@@ -362,7 +378,11 @@ impl NodeRegion {
             writer: PublishedWriter::new(node_live::SERVICE, &self.mapping),
             mapping: Arc::clone(&self.mapping),
         };
+        let replays = ReplayWriter {
+            mapping: Arc::clone(&self.mapping),
+        };
         Ok(NodeWriter {
+            replays,
             appender,
             flushed,
             synced,
@@ -384,6 +404,7 @@ pub struct NodeWriter {
     pub ack: AckWriter,
     pub peer: PeerWriter,
     pub service: ServiceWriter,
+    pub replays: ReplayWriter,
 }
 
 /// Publishes heartbeats.
@@ -456,6 +477,84 @@ impl PeerWriter {
         let node = seen.node_id.map_or(0, |n| u64::from(n) + 1);
         self.writer
             .publish(&self.mapping, [node, seen.boot_id, seen.heartbeat]);
+    }
+}
+
+/// Where a node's replay of another node's log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayStatus {
+    /// Never replayed (a fresh region).
+    None,
+    /// The taker serves the log's records from the dead node's region while it writes them
+    /// to the disks: the dead node's log must stay as it is.
+    Replaying,
+    /// Every record from `first_seq` to `last_seq` is on the disks and synced.
+    Replayed,
+    /// The replay stopped at a bad record: `last_seq` is the last one on the disks.
+    Stopped,
+    /// A value this build does not know.
+    Unknown(u64),
+}
+
+impl ReplayStatus {
+    pub fn from_word(word: u64) -> Self {
+        match word {
+            0 => Self::None,
+            1 => Self::Replaying,
+            2 => Self::Replayed,
+            3 => Self::Stopped,
+            other => Self::Unknown(other),
+        }
+    }
+
+    pub fn to_word(self) -> u64 {
+        match self {
+            Self::None => 0,
+            Self::Replaying => 1,
+            Self::Replayed => 2,
+            Self::Stopped => 3,
+            Self::Unknown(other) => other,
+        }
+    }
+
+    /// Whether the replay has ended: the dead node's log is no longer read.
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Replayed | Self::Stopped)
+    }
+}
+
+/// A node's replay of another node's log, at the epoch of the takeover that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replay {
+    pub epoch: u64,
+    pub status: ReplayStatus,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Publishes this node's replays of other nodes' logs.
+#[derive(Debug)]
+pub struct ReplayWriter {
+    mapping: Arc<Mapping>,
+}
+
+impl ReplayWriter {
+    /// Publishes where the replay of node `node`'s log stands; false for a node id out of
+    /// range.
+    pub fn publish(&mut self, node: u32, replay: Replay) -> bool {
+        if node as usize >= crate::layout::MAX_NODES {
+            return false;
+        }
+        let location = node_live::replay(node as usize);
+        PublishedWriter::new(location, &self.mapping).publish(
+            &self.mapping,
+            [
+                replay.epoch,
+                replay.status.to_word(),
+                replay.first_seq,
+                replay.last_seq,
+            ],
+        )
     }
 }
 

@@ -218,9 +218,14 @@ pub struct Timeline {
     /// Unplanned takeover: the failed node was killed and reaped.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub fenced: Option<f64>,
-    /// The new owner replayed the old owner's log and acknowledged.
+    /// The new owner replayed the old owner's log before it acknowledged (older versions;
+    /// a taker now serves first and replays in the background: see the `replayed` event).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub replayed: Option<f64>,
+    /// Unplanned takeover: the new owner scanned the old owner's log and acknowledged; it
+    /// serves the log's records from the old owner's region while it replays them.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scanned: Option<f64>,
     /// The identity's address leads to the new owner.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub serving: Option<f64>,
@@ -234,6 +239,7 @@ impl Timeline {
             ("released", self.released),
             ("fenced", self.fenced),
             ("replayed", self.replayed),
+            ("scanned", self.scanned),
             ("serving", self.serving),
         ]
         .into_iter()

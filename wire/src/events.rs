@@ -52,6 +52,24 @@ pub enum Event {
         node: String,
         reason: String,
     },
+    /// The replay that began with a takeover has finished: the dead holder's records are
+    /// on the disk and synced, and the taker no longer reads them from the dead node's
+    /// region (it served them from there since the takeover).
+    Replayed {
+        /// The identity taken over.
+        node: String,
+        /// The node that took it over and replayed.
+        by: String,
+        /// The dead node whose log was replayed.
+        from: String,
+        epoch: u64,
+        /// Milliseconds from the failure's detection (as in the takeover's timeline).
+        after_ms: f64,
+        first_seq: u64,
+        last_seq: u64,
+        /// False when the replay stopped at a bad record (see the taker's console).
+        complete: bool,
+    },
     /// hostd restarted a fenced node by itself: no live node could serve an identity.
     NodeRestarted {
         node: String,
@@ -81,7 +99,8 @@ impl Event {
             | Event::ServingStarted { node, .. }
             | Event::ServingEnded { node, .. }
             | Event::NodeRestarted { node, .. }
-            | Event::RestartsExhausted { node, .. } => Some(node),
+            | Event::RestartsExhausted { node, .. }
+            | Event::Replayed { node, .. } => Some(node),
             Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
             Event::PairStarting { .. } | Event::PairAdopted { .. } | Event::PairStopped { .. } => {
                 None

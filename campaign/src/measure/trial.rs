@@ -27,6 +27,9 @@ const PROBE_PAUSE: Duration = Duration::from_millis(2);
 const BULK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a trial may wait for the pair to be ready (a giveback boots a again).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the pair idles before each fault: more than the survivor's fast polling after
+/// a command (see the agent's failover monitor).
+const SETTLE: Duration = Duration::from_secs(3);
 /// How long the probe waits for a's address to work again after the fault was injected,
 /// beyond the heartbeat timeout for hangs.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,10 +43,12 @@ pub struct Trial {
     pub detection: Option<f64>,
     /// The fault_injected event, after t0 (the cost of the kill request itself).
     pub injected: Option<f64>,
-    /// The takeover's timeline, in ms after detection.
+    /// The takeover's timeline, in ms after detection: the taker scanned the log and
+    /// acknowledged, the address led to it, and (later) its background replay finished.
     pub fenced: Option<f64>,
-    pub replayed: Option<f64>,
+    pub scanned: Option<f64>,
     pub serving: Option<f64>,
+    pub replayed: Option<f64>,
     pub records: u64,
     /// Probe attempts until the first correct read.
     attempts: u64,
@@ -66,14 +71,15 @@ impl Trial {
     pub fn line(&self) -> String {
         let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
         let mut line = format!(
-            "kill→read {:>6.0} ms | detect {:>5} | fenced +{} replayed +{} serving +{} \
+            "kill→read {:>6.0} ms | detect {:>5} | fenced +{} scanned +{} serving +{} replayed +{} \
              | {} records replayed ({} unflushed) | probes: {} ({} refused, {} timed out, {} other) \
              | write {:.0} ms | giveback {:.1} s",
             self.first_read,
             opt(self.detection),
             opt(self.fenced),
-            opt(self.replayed),
+            opt(self.scanned),
             opt(self.serving),
+            opt(self.replayed),
             self.records,
             self.unflushed_records,
             self.attempts,
@@ -96,8 +102,6 @@ impl Trial {
 #[derive(Debug)]
 pub struct Probe {
     hostd: Hostd,
-    /// Bytes written per trial.
-    bytes: u64,
     write_len: usize,
     kill_via_cli: bool,
     timeout_ms: u64,
@@ -120,7 +124,6 @@ impl Probe {
                 binary: hostd,
                 state_dir: args.state_dir.clone(),
             },
-            bytes: args.unflushed_mib << 20,
             write_len: args.write_kib as usize * 1024,
             kill_via_cli: args.kill_via_cli,
             timeout_ms: args.timeout_ms,
@@ -174,7 +177,15 @@ impl Probe {
         self.ready_with_giveback().map(|(status, _)| status)
     }
 
-    pub fn trial(&self, index: usize, signal: KillSignal) -> Result<Trial, MeasureError> {
+    /// Writes `unflushed_mib` MiB (one block for 0: an empty log but for the probe's
+    /// block) to a's export, then kills a with `signal` and measures.
+    pub fn trial(
+        &self,
+        index: usize,
+        signal: KillSignal,
+        unflushed_mib: u64,
+    ) -> Result<Trial, MeasureError> {
+        let bytes = (unflushed_mib << 20).max(u64::from(PROBE_LEN));
         let mut trial = Trial::default();
         let status = self.ready()?;
         let victim = Hostd::node(&status, VICTIM)
@@ -186,17 +197,16 @@ impl Probe {
         let started = Instant::now();
         let mut client = NbdClient::connect(addr, VICTIM, BULK_TIMEOUT)
             .map_err(nbd(format!("connect to {addr} (export {VICTIM})")))?;
-        if client.size() < self.bytes {
+        if client.size() < bytes {
             return Err(failed(format!(
-                "export {VICTIM} has {} bytes, fewer than the {} to write",
+                "export {VICTIM} has {} bytes, fewer than the {bytes} to write",
                 client.size(),
-                self.bytes
             )));
         }
         let mut buf = vec![0u8; self.write_len];
         let mut offset = 0;
-        while offset < self.bytes {
-            let len = (self.bytes - offset).min(self.write_len as u64) as usize;
+        while offset < bytes {
+            let len = (bytes - offset).min(self.write_len as u64) as usize;
             pattern(seed, offset, &mut buf[..len]);
             client
                 .write(offset, &buf[..len], false)
@@ -221,10 +231,10 @@ impl Probe {
 
         // The block the probe reads: the last one written (the end of the replay), and a
         // few samples checked by checksum once a's address answers again.
-        let probe_offset = (self.bytes - u64::from(PROBE_LEN)) / 4096 * 4096;
+        let probe_offset = (bytes - u64::from(PROBE_LEN)) / 4096 * 4096;
         let mut expected = vec![0u8; PROBE_LEN as usize];
         pattern(seed, probe_offset, &mut expected);
-        let samples = sample_offsets(seed, self.bytes);
+        let samples = sample_offsets(seed, bytes);
         let sample_sums: Vec<u64> = samples
             .iter()
             .map(|&o| {
@@ -233,6 +243,11 @@ impl Probe {
                 fnv1a(&block)
             })
             .collect();
+
+        // An idle survivor polls its commands less often than one that just handled one (a
+        // giveback before this trial): let it settle, so every trial and size measures the
+        // same, usual case.
+        std::thread::sleep(SETTLE);
 
         // The fault, with an idle client connected, then the probe.
         let idle = NbdClient::connect(addr, VICTIM, Duration::from_secs(5))
@@ -298,12 +313,12 @@ impl Probe {
             .or(Some(seen.takeover.detected_unix_ms as f64))
             .map(|t| t - t0_unix_ms);
         let timeline = &seen.takeover.timeline_ms;
-        (trial.fenced, trial.replayed, trial.serving) =
-            (timeline.fenced, timeline.replayed, timeline.serving);
+        (trial.fenced, trial.scanned, trial.serving) =
+            (timeline.fenced, timeline.scanned, timeline.serving);
         trial.records = seen.takeover.replayed_records;
         if !seen.takeover.replay_complete {
             return Err(failed(
-                "the takeover's replay was incomplete (see the survivor's console)",
+                "the takeover's scan of a's log was incomplete (see the survivor's console)",
             ));
         }
 
@@ -321,8 +336,8 @@ impl Probe {
             }
         }
         let mut offset = 0;
-        while offset < self.bytes {
-            let len = (self.bytes - offset).min(self.write_len as u64) as usize;
+        while offset < bytes {
+            let len = (bytes - offset).min(self.write_len as u64) as usize;
             pattern(seed, offset, &mut buf[..len]);
             let data = client
                 .read(offset, len as u32)
@@ -336,6 +351,10 @@ impl Probe {
             offset += len as u64;
         }
         client.disconnect();
+        // The background replay's end, from hostd's events (the reads above may have run
+        // while it went on).
+        let replayed = self.wait_for_replay(t0_unix_ms)?;
+        trial.replayed = Some(replayed - seen.takeover.detected_unix_ms as f64);
 
         // a gets its identity back (hostd restarts its QEMU first).
         trial.giveback_ms = self.ready_with_giveback()?.1;
@@ -364,6 +383,34 @@ impl Probe {
             Response::Killed { .. } => Ok(()),
             Response::Error { message } => Err(MeasureError::KillRefused(message)),
             _ => Err(failed("hostd answered a kill request with something else")),
+        }
+    }
+
+    /// Reads the events after `t0_unix_ms` until the end of the replay of a's log is there;
+    /// returns its time (Unix ms).
+    fn wait_for_replay(&self, t0_unix_ms: f64) -> Result<f64, MeasureError> {
+        let deadline = Instant::now() + BULK_TIMEOUT;
+        loop {
+            for line in self.hostd.events()? {
+                let time = line.time_us() as f64 / 1000.0;
+                if time + 1.0 < t0_unix_ms || line.event.node() != Some(VICTIM) {
+                    continue;
+                }
+                if let Event::Replayed { complete, .. } = line.event {
+                    if !complete {
+                        return Err(failed(
+                            "the replay of a's log stopped at a bad record (see the survivor's console)",
+                        ));
+                    }
+                    return Ok(time);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "hostd's events have no end of the replay of a's log within {BULK_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -1,11 +1,14 @@
 //! The failover monitor: carries out hostd's commands from the control region.
 //!
 //! hostd writes one command slot per node in the control region; this node polls its slot
-//! every [`POLL`] and answers in its own region's ack slot:
+//! every [`POLL`] (every [`IDLE_POLL`] while nothing goes on) and answers in its own
+//! region's ack slot:
 //!
-//! - `TakeOver(identity)`: for the partner's identity, replay the partner's log (flushed to
-//!   head) onto the disks, sync, then serve the partner's export; for this node's own
-//!   identity (a giveback), serve it again. New writes go through this node's own log.
+//! - `TakeOver(identity)`: with the replay flag (the holder was fenced), scan the holder's
+//!   log and serve the identity at once over a layer that reads the holder's records in
+//!   place, while they are replayed onto the disks in the background ([`replay`]); without
+//!   it (a planned move or a giveback: the log was flushed), serve it. New writes go
+//!   through this node's own log.
 //! - `Release(identity)`: stop taking writes for it, disconnect its clients, have the
 //!   flusher write and sync everything logged, acknowledge with the flushed seq.
 //! - `StopWriting(identity)`: stop taking writes for it and disconnect its clients.
@@ -13,6 +16,7 @@
 //! Independently of commands, an identity whose owner in the control region is no longer
 //! this node is fenced at once (and every write checks the owner before it is logged).
 
+pub mod quarantine;
 pub mod replay;
 
 use std::collections::BTreeMap;
@@ -25,11 +29,27 @@ use shm::{Command, CommandKind, ControlRegion, NodeRegion, TakeOverArgument};
 
 use crate::export::ExportRegistry;
 use crate::nbd::{Server, ServerConfig};
+use crate::nvram::volume::Volume;
 use crate::nvram::{Nvram, NvramExport};
+use quarantine::{Quarantine, replay_confirmed};
+use replay::{ReplayBook, ReplayJob};
 
-/// How often the command slot is read. A read is two cache lines; polling keeps takeover
-/// latency independent of the heartbeat interval.
+/// How often the command slot is read while something is going on: for 2 s after a
+/// command, and while the partner's heartbeat stands still (a takeover may come). A read is
+/// two cache lines; polling keeps takeover latency independent of the heartbeat interval.
 pub const POLL: Duration = Duration::from_millis(2);
+/// How often it is read otherwise. Each wakeup of an idle TCG guest costs the host a
+/// quarter of a millisecond of CPU or more: polling every 2 ms took 12 % of a core per guest.
+pub const IDLE_POLL: Duration = Duration::from_millis(25);
+/// How long the monitor polls at [`POLL`] after a command.
+const BUSY_FOR: Duration = Duration::from_secs(2);
+/// A partner heartbeat that has not moved for this long (2.5 default intervals) makes the
+/// monitor poll at [`POLL`] until it moves again.
+const PARTNER_QUIET: Duration = Duration::from_millis(250);
+/// For how long a quiet partner keeps the monitor polling fast: a takeover follows within
+/// the heartbeat timeout, or not at all (a partner that stays dead must not cost this node
+/// the fast polling's CPU for good).
+const QUIET_WATCH: Duration = Duration::from_secs(30);
 /// How long a release may wait for the flusher to write the log.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -78,15 +98,36 @@ pub struct FailoverMonitor {
     pub listen_ip: Option<IpAddr>,
     /// How servers started for a taken-over identity run.
     pub server_config: ServerConfig,
+    /// This node's replays of other nodes' logs.
+    pub replays: ReplayBook,
+    /// This node's own old records, while another node may still be replaying them.
+    pub quarantine: Option<Quarantine>,
+    /// A replay to start once the command that needs it is acknowledged: the client waits
+    /// for the acknowledgement, not for the replay.
+    pub pending_replay: Option<ReplayJob>,
+    /// A released volume whose cached pages go once the release is acknowledged (see
+    /// [`FailoverMonitor::release`]).
+    pub pending_cache_drop: Option<Arc<Volume>>,
 }
 
 impl FailoverMonitor {
     /// Polls the command slot and the owners until the process ends.
     pub fn run(mut self) {
+        let mut busy_since = Instant::now();
+        let mut partner_beat = (None, Instant::now());
         loop {
+            let beat = self
+                .partner
+                .as_ref()
+                .and_then(|p| p.heartbeat())
+                .map(|h| h.counter);
+            if beat != partner_beat.0 {
+                partner_beat = (beat, Instant::now());
+            }
             if let Some(command) = self.control.command(self.node_id as usize)
                 && command.seq > self.handled
             {
+                busy_since = Instant::now();
                 let started = Instant::now();
                 log::info!("command {}: {:?}", command.seq, command.kind);
                 let ack = self.handle(&command);
@@ -100,9 +141,22 @@ impl FailoverMonitor {
                 );
                 self.ack.acknowledge(ack);
                 self.handled = command.seq;
+                // Whatever became of the command: the layers it put in place go only when
+                // their replay ends.
+                if let Some(job) = self.pending_replay.take() {
+                    job.start();
+                }
+                if let Some(volume) = self.pending_cache_drop.take() {
+                    drop_cache(&volume);
+                }
             }
             self.fence_lost_identities();
-            std::thread::sleep(POLL);
+            self.end_quarantine_if_replayed();
+            let quiet_for = partner_beat.1.elapsed();
+            let partner_quiet = partner_beat.0.is_some()
+                && (PARTNER_QUIET..PARTNER_QUIET + QUIET_WATCH).contains(&quiet_for);
+            let busy = busy_since.elapsed() < BUSY_FOR || partner_quiet;
+            std::thread::sleep(if busy { POLL } else { IDLE_POLL });
         }
     }
 
@@ -144,6 +198,7 @@ impl FailoverMonitor {
             CommandKind::TakeOver => self.take_over(
                 identity,
                 TakeOverArgument::from_word(command.argument),
+                command.epoch,
                 &mut ack,
             ),
             CommandKind::Release => self.release(identity, &mut ack),
@@ -168,10 +223,44 @@ impl FailoverMonitor {
         &mut self,
         identity: u32,
         argument: TakeOverArgument,
+        epoch: u64,
         ack: &mut Ack,
     ) -> Result<(), String> {
         let volume = Arc::clone(self.export(identity)?.volume());
-        // Pages cached while the other node owned this disk are stale.
+        // This node's old log, kept since it started, is settled first.
+        let mut drain_own_log = false;
+        if let Some(quarantine) = self.quarantine.take() {
+            if self.quarantine_replayed(&quarantine) {
+                quarantine.discard(&self.nvram);
+                drain_own_log = true;
+            } else if argument.replay_partner_log {
+                // The node that took this node's identity over died before it finished
+                // replaying this node's log: no one else will apply it, and it is older
+                // than anything in the dead holder's log, for every identity.
+                quarantine.keep();
+                drain_own_log = true;
+            } else {
+                self.quarantine = Some(quarantine);
+                return Err(format!(
+                    "this node's log up to seq {} waits for the node that took its identity over to finish replaying it",
+                    self.quarantine.as_ref().map_or(0, |q| q.through_seq)
+                ));
+            }
+        }
+        // This node's own unflushed records for the export are older than the dead
+        // holder's (it held the identity before): they go to the disk first.
+        drain_own_log |=
+            argument.replay_partner_log && !volume.overlay.read().map_or(true, |o| o.is_empty());
+        if drain_own_log {
+            // Also makes a discard durable (the flushed cursor passes the discarded
+            // records) before this node serves: else a crash of it would have the next
+            // taker replay them again.
+            self.nvram
+                .drain(DRAIN_TIMEOUT)
+                .map_err(|e| wire::error_chain::one_line(&e))?;
+        }
+        // Pages cached while the other node owned this disk are stale (few are left: a
+        // release drops them too).
         volume.disk.drop_cache().map_err(|e| {
             format!(
                 "cannot drop the cache of {}: {e}",
@@ -181,38 +270,14 @@ impl FailoverMonitor {
         if argument.replay_partner_log {
             let partner = self
                 .partner
-                .as_ref()
+                .clone()
                 .ok_or("there is no partner region to replay")?;
-            let volumes = self
-                .identities
-                .iter()
-                .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
-                .collect();
-            // What this node serves already must not get the partner's older records.
-            let served = self
-                .identities
-                .iter()
-                .filter(|(id, i)| **id != identity && i.export.volume().writable())
-                .map(|(id, _)| *id)
-                .collect();
-            let replayed = replay::replay(partner, &volumes, &served).map_err(|e| e.to_string())?;
-            log::info!(
-                "replayed {} records ({} bytes) of {}'s log, seq {}..={}",
-                replayed.records,
-                replayed.bytes,
-                partner.header().name,
-                replayed.first_seq,
-                replayed.last_seq
-            );
-            if let Some(why) = &replayed.stopped {
-                log::error!(
-                    "replay of {}'s log incomplete: {why}",
-                    partner.header().name
-                );
+            let scanned = self.serve_partner_log(&partner, &volume, epoch)?;
+            if scanned.stopped {
                 ack.status = ack_status::PARTIAL_REPLAY;
             }
-            ack.first_seq = replayed.first_seq;
-            ack.last_seq = replayed.last_seq;
+            ack.first_seq = scanned.first_seq;
+            ack.last_seq = scanned.last_seq;
         }
         if let (Some(ip), port @ 1..) = (self.listen_ip, argument.port) {
             let registry = Arc::clone(&self.registry);
@@ -231,6 +296,89 @@ impl FailoverMonitor {
         Ok(())
     }
 
+    /// Serves `dead`'s records for `volume` from its region at once and starts replaying
+    /// them onto the disk in the background (see [`replay`]).
+    fn serve_partner_log(
+        &mut self,
+        dead: &NodeRegion,
+        volume: &Arc<Volume>,
+        epoch: u64,
+    ) -> Result<ScanSummary, String> {
+        let head = self.nvram.region().head().map_or(0, |h| h.seq);
+        // Everything this node logs from now on is newer than the dead node's records.
+        let hold = self.nvram.hold_flusher(head);
+        let scanned =
+            replay::scan(dead, volume.export_id, volume.disk.size()).map_err(|e| e.to_string())?;
+        let dead_name = &dead.header().name;
+        log::info!(
+            "serving {} over {} records ({} bytes) of {dead_name}'s log, seq {}..={}, while they are replayed",
+            volume.name,
+            scanned.records,
+            scanned.bytes,
+            scanned.first_seq,
+            scanned.last_seq
+        );
+        if let Some(why) = &scanned.stopped {
+            log::error!("{dead_name}'s log is served and replayed only in part: {why}");
+        }
+        let summary = ScanSummary {
+            first_seq: scanned.first_seq,
+            last_seq: scanned.last_seq,
+            stopped: scanned.stopped.is_some(),
+        };
+        // The whole log is replayed, so the dead node may forget it once this has finished;
+        // but not onto what this node served before (see `replay::Disks`).
+        let disks = replay::Disks {
+            volumes: self
+                .identities
+                .iter()
+                .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
+                .collect(),
+            served: self
+                .identities
+                .iter()
+                .filter(|(id, i)| **id != volume.export_id && i.export.volume().writable())
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        let last_seq = scanned.last_seq;
+        if self.replays.serve_layer(scanned, volume, epoch, hold) {
+            self.pending_replay = Some(ReplayJob {
+                region: dead.clone(),
+                disks,
+                last_seq,
+                book: self.replays.clone(),
+            });
+        }
+        Ok(summary)
+    }
+
+    /// Ends the quarantine of this node's old records once the node holding its identity
+    /// says it has replayed them.
+    fn end_quarantine_if_replayed(&mut self) {
+        if let Some(quarantine) = self.quarantine.take() {
+            if self.quarantine_replayed(&quarantine) {
+                quarantine.discard(&self.nvram);
+                // Durable before anything else happens: the discarded records are only
+                // skipped, so this is quick.
+                if let Err(error) = self.nvram.drain(DRAIN_TIMEOUT) {
+                    log::error!(
+                        "cannot release the discarded log: {}",
+                        wire::error_chain::one_line(&error)
+                    );
+                }
+            } else {
+                self.quarantine = Some(quarantine);
+            }
+        }
+    }
+
+    fn quarantine_replayed(&self, quarantine: &Quarantine) -> bool {
+        self.partner
+            .as_ref()
+            .is_some_and(|p| replay_confirmed(p, self.node_id, quarantine.owner_epoch))
+    }
+
     fn release(&mut self, identity: u32, ack: &mut Ack) -> Result<(), String> {
         self.stop_writing(identity)?;
         let flushed = self
@@ -240,6 +388,11 @@ impl FailoverMonitor {
         // Its listener goes last: clients still connected were cut off above.
         self.entry(identity)?.listener = None;
         ack.last_seq = flushed.seq;
+        // A takeover drops the disk's cached pages before it serves, since the other node
+        // may have written the disk meanwhile; a node that served the disk for long has many
+        // (a TCG guest took about 100 ms for 64 MiB), so they go now, after the
+        // acknowledgement, and not when a client waits for a takeover.
+        self.pending_cache_drop = Some(Arc::clone(self.export(identity)?.volume()));
         log::info!(
             "released identity {identity}: log flushed to seq {}",
             flushed.seq
@@ -312,6 +465,24 @@ impl FailoverMonitor {
     }
 }
 
+/// Drops a released volume's cached pages; a failure only costs the next takeover the time.
+fn drop_cache(volume: &Volume) {
+    if let Err(error) = volume.disk.drop_cache() {
+        log::warn!(
+            "cannot drop the cache of {}: {error}",
+            volume.disk.path().display()
+        );
+    }
+}
+
+/// What a takeover's acknowledgement says of the scan.
+#[derive(Debug, Clone, Copy)]
+struct ScanSummary {
+    first_seq: u64,
+    last_seq: u64,
+    stopped: bool,
+}
+
 /// Listens on a port just released by a fenced process (process mode), retrying briefly
 /// while the kernel lets go of it.
 fn listen(
@@ -331,5 +502,308 @@ fn listen(
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use shm::control::Owner;
+    use shm::{Access, BackPressure, Entry, Mapping, NodeWriter, Replay, ReplayStatus};
+
+    use super::*;
+    use crate::export::Export;
+    use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
+    use crate::nvram::volume::Disk;
+
+    const DISK: usize = 64 << 10;
+    /// The identity taken over and given back: node a's.
+    const A: u32 = 0;
+
+    fn write(writer: &mut NodeWriter, offset: u64, byte: u8) {
+        let data = [byte; 4096];
+        let entry = Entry::Write {
+            export: A,
+            offset,
+            data: &data,
+        };
+        writer
+            .appender
+            .append(&entry, BackPressure::default())
+            .unwrap();
+    }
+
+    fn region(dir: &Path, id: u32, name: &str) -> NodeRegion {
+        let path = dir.join(format!("{name}.region"));
+        NodeRegion::format(Mapping::create_file(&path, 1 << 20).unwrap(), id, name).unwrap()
+    }
+
+    /// Node a restarted while b holds a's identity (epoch 5), with a's old records in its
+    /// log: blocks 0 and 1 hold 1s in a's log; b's log (b died, or still replays) holds
+    /// 2s for block 1 and 3s for block 2. Returns a's monitor (its flusher running) and b's
+    /// replay writer.
+    struct Restarted {
+        dir: tempfile::TempDir,
+        monitor: FailoverMonitor,
+        b_replays: shm::ReplayWriter,
+        _flusher: Flusher,
+    }
+
+    impl Restarted {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("a.img"), vec![0u8; DISK]).unwrap();
+            std::fs::write(dir.path().join("b.img"), vec![0u8; DISK]).unwrap();
+            let control = ControlRegion::format(
+                Mapping::create_file(&dir.path().join("control"), 1 << 20).unwrap(),
+                &["a", "b"],
+                &["a", "b"],
+            )
+            .unwrap();
+            let mut control_writer = control.writer().unwrap();
+            control_writer.set_epoch(5);
+            control_writer
+                .set_owner(
+                    A as usize,
+                    Owner {
+                        node: Some(1),
+                        epoch: 5,
+                    },
+                )
+                .unwrap();
+            let own = region(dir.path(), 0, "a");
+            let b = region(dir.path(), 1, "b");
+            let mut a_writer = own.writer(1).unwrap();
+            write(&mut a_writer, 0, 1);
+            write(&mut a_writer, 4096, 1);
+            let mut b_writer = b.writer(2).unwrap();
+            write(&mut b_writer, 4096, 2);
+            write(&mut b_writer, 8192, 3);
+            drop(a_writer);
+            // a's agent starts again on its region.
+            let own = NodeRegion::open(
+                Mapping::open(&dir.path().join("a.region"), Access::ReadWrite).unwrap(),
+            )
+            .unwrap();
+            let partner = NodeRegion::open(
+                Mapping::open(&dir.path().join("b.region"), Access::ReadOnly).unwrap(),
+            )
+            .unwrap();
+            let writer = own.writer(3).unwrap();
+            let nvram = Nvram::new(own.clone(), writer.appender, BackPressure::default());
+            let mut identities = BTreeMap::new();
+            for (id, name) in [(0, "a"), (1, "b")] {
+                let disk = Disk::open(&dir.path().join(format!("{name}.img"))).unwrap();
+                let export = nvram.add_volume(Volume::with_access(id, name, disk, false));
+                identities.insert(id, Identity::new(export));
+            }
+            nvram.recover().unwrap();
+            let (flushed, head) = own.log_cursors().unwrap();
+            let quarantine = Quarantine {
+                hold: nvram.hold_flusher(flushed.seq),
+                through_seq: head.seq,
+                owner_epoch: 5,
+            };
+            let flusher = Flusher::spawn(
+                Arc::clone(&nvram),
+                writer.flushed,
+                writer.synced,
+                FlusherConfig {
+                    release: Release::Written,
+                    ..FlusherConfig::default()
+                },
+            )
+            .unwrap();
+            let monitor = FailoverMonitor {
+                node_id: 0,
+                control,
+                partner: Some(partner),
+                nvram,
+                registry: Arc::new(ExportRegistry::new()),
+                server: None,
+                identities,
+                ack: writer.ack,
+                handled: 0,
+                listen_ip: None,
+                server_config: ServerConfig::default(),
+                replays: ReplayBook::new(writer.replays),
+                quarantine: Some(quarantine),
+                pending_replay: None,
+                pending_cache_drop: None,
+            };
+            Self {
+                dir,
+                monitor,
+                b_replays: b_writer.replays,
+                _flusher: flusher,
+            }
+        }
+
+        /// b says where its replay of a's log stands.
+        fn b_says(&mut self, status: ReplayStatus) {
+            self.b_replays.publish(
+                0,
+                Replay {
+                    epoch: 5,
+                    status,
+                    first_seq: 1,
+                    last_seq: 2,
+                },
+            );
+        }
+
+        /// hostd gives identity a to node a at epoch 6 and tells it to take it over.
+        fn take_over(&mut self, replay: bool) -> Ack {
+            let mut control_writer = self.monitor.control.writer().unwrap();
+            control_writer.set_epoch(6);
+            control_writer
+                .set_owner(
+                    A as usize,
+                    Owner {
+                        node: Some(0),
+                        epoch: 6,
+                    },
+                )
+                .unwrap();
+            let command = Command {
+                seq: 1,
+                kind: CommandKind::TakeOver,
+                identity: u64::from(A),
+                epoch: 6,
+                argument: TakeOverArgument {
+                    replay_partner_log: replay,
+                    port: 0,
+                }
+                .to_word(),
+            };
+            let ack = self.monitor.handle(&command);
+            if let Some(job) = self.monitor.pending_replay.take() {
+                job.start();
+            }
+            ack
+        }
+
+        /// Blocks 0, 1 and 2 of export a, as its clients read them.
+        fn blocks(&self) -> Vec<u8> {
+            let export = &self.monitor.identities[&A].export;
+            (0..3)
+                .map(|block| {
+                    let mut buf = [0u8; 4096];
+                    export.read(block * 4096, &mut buf).unwrap();
+                    assert!(buf.iter().all(|b| *b == buf[0]), "block {block} is torn");
+                    buf[0]
+                })
+                .collect()
+        }
+
+        fn disk_blocks(&self) -> Vec<u8> {
+            let disk = std::fs::read(self.dir.path().join("a.img")).unwrap();
+            (0..3).map(|block| disk[block * 4096]).collect()
+        }
+
+        fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done(self) {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// b finished replaying a's log (and may have written newer data over it since): a
+    /// forgets its old records, and never writes them.
+    #[test]
+    fn an_old_log_replayed_by_the_taker_is_discarded() {
+        let mut node = Restarted::start();
+        node.monitor.end_quarantine_if_replayed();
+        assert!(node.monitor.quarantine.is_some(), "b has said nothing yet");
+        node.b_says(ReplayStatus::Replaying);
+        node.monitor.end_quarantine_if_replayed();
+        assert!(node.monitor.quarantine.is_some(), "b still reads a's log");
+        node.b_says(ReplayStatus::Replayed);
+        node.monitor.end_quarantine_if_replayed();
+        assert!(node.monitor.quarantine.is_none());
+        let region = node.monitor.nvram.region();
+        assert_eq!(region.flushed(), region.head(), "the discard is durable");
+        assert_eq!(
+            node.disk_blocks(),
+            [0, 0, 0],
+            "a's old records never reach the disk"
+        );
+        // A giveback then serves what b left on the disk.
+        let ack = node.take_over(false);
+        assert_eq!(ack.status, ack_status::OK);
+        assert_eq!(node.blocks(), [0, 0, 0]);
+    }
+
+    /// A giveback that finds a's old log still waiting for b's replay fails, and changes
+    /// nothing.
+    #[test]
+    fn a_giveback_before_the_replay_has_finished_fails() {
+        let mut node = Restarted::start();
+        node.b_says(ReplayStatus::Replaying);
+        let ack = node.take_over(false);
+        assert_eq!(ack.status, ack_status::FAILED);
+        assert!(node.monitor.quarantine.is_some());
+        assert!(!node.monitor.identities[&A].export.volume().writable());
+    }
+
+    /// b died before it finished replaying a's log, and a takes its identity back from b
+    /// with a replay: a's old records go to the disk first, then b's newer ones on top.
+    #[test]
+    fn an_old_log_nobody_replayed_is_applied_before_the_dead_takers() {
+        for b_started in [false, true] {
+            let mut node = Restarted::start();
+            if b_started {
+                node.b_says(ReplayStatus::Replaying);
+            }
+            let ack = node.take_over(true);
+            assert_eq!(ack.status, ack_status::OK, "b started: {b_started}");
+            assert_eq!((ack.first_seq, ack.last_seq), (1, 2));
+            assert_eq!(
+                node.blocks(),
+                [1, 2, 3],
+                "served at once, b's records on top"
+            );
+            let region = node.monitor.nvram.region();
+            node.wait_until("the replay and the flush", |n| {
+                let replayed = n
+                    .monitor
+                    .nvram
+                    .region()
+                    .replay_of(1)
+                    .is_some_and(|r| r.status == ReplayStatus::Replayed);
+                replayed && region.flushed() == region.head()
+            });
+            assert_eq!(node.blocks(), [1, 2, 3]);
+            assert_eq!(node.disk_blocks(), [1, 2, 3], "b started: {b_started}");
+        }
+    }
+
+    /// b finished replaying a's log and flushed a newer write over it (4 in block 0), then
+    /// died before a's monitor saw the replay end: the takeover from b must discard a's old
+    /// records, not apply them over b's newer data.
+    #[test]
+    fn an_old_log_replayed_before_the_taker_died_is_not_applied_again() {
+        let mut node = Restarted::start();
+        let mut disk = std::fs::read(node.dir.path().join("a.img")).unwrap();
+        disk[..4096].fill(4);
+        disk[4096..8192].fill(1);
+        std::fs::write(node.dir.path().join("a.img"), disk).unwrap();
+        node.b_says(ReplayStatus::Replayed);
+        let ack = node.take_over(true);
+        assert_eq!(ack.status, ack_status::OK);
+        assert_eq!(node.blocks(), [4, 2, 3]);
+        let region = node.monitor.nvram.region();
+        node.wait_until("the replay and the flush", |n| {
+            n.monitor
+                .nvram
+                .region()
+                .replay_of(1)
+                .is_some_and(|r| r.status == ReplayStatus::Replayed)
+                && region.flushed() == region.head()
+        });
+        assert_eq!(node.disk_blocks(), [4, 2, 3]);
     }
 }

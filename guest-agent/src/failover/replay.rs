@@ -1,31 +1,64 @@
-//! Replaying a fenced partner's log onto the disks.
+//! Taking over a dead node's log: scan it (headers only) into a layer the taker serves at
+//! once, then replay it onto the disk in the background and drop the layer.
+//!
+//! The taker's own records for the export are newer than the dead node's, so its flusher
+//! is held back (a [`FlushHold`]) until the replay has written and synced them. Where the
+//! replay of each dead node's log stands is published in the taker's region
+//! ([`ReplayBook`]): the dead node, once restarted, may forget its log only when a replay
+//! of it has finished; until then the layer reads from it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use shm::{LogScanner, NodeRegion};
+use shm::{NodeRegion, Replay, ReplayStatus, ReplayWriter};
 
+use crate::nvram::FlushHold;
 use crate::nvram::flusher::apply;
+use crate::nvram::partner_layer::PartnerLayer;
 use crate::nvram::volume::Volume;
 
-/// What a replay did.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Replayed {
-    /// Seq of the first record to replay (just after the partner's flushed cursor).
+/// How long a replay that failed on the disk waits before it tries again (the layer goes on
+/// serving the records meanwhile).
+const RETRY_WAIT: Duration = Duration::from_secs(1);
+/// The replay thread's nice value: clients are served from the layer meanwhile, and a
+/// guest of one vCPU would otherwise split it between them and the replay's crc checks.
+const REPLAY_NICE: i32 = 10;
+
+/// What a scan of a dead node's log found for one export.
+#[derive(Debug)]
+pub struct Scanned {
+    pub layer: PartnerLayer,
+    /// Seq of the first record after the dead node's flushed cursor.
     pub first_seq: u64,
-    /// Seq of the last record replayed (`first_seq - 1` when there was none).
+    /// Seq of the last good record (`first_seq - 1` when there was none): the replay goes
+    /// no further.
     pub last_seq: u64,
+    /// The export's records among them, and the bytes they change.
     pub records: u64,
     pub bytes: u64,
-    /// Why the replay stopped before the head, if it did: a record that failed its checks
-    /// (everything before it was replayed) or a record for a disk this node does not have.
+    /// Why the scan stopped before the head, if it did: a record that failed its checks
+    /// (the layer holds everything before it).
     pub stopped: Option<String>,
 }
 
-/// Errors that leave a replay unusable.
+/// What a replay wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Replayed {
+    /// Seq of the last record gone through.
+    pub last_seq: u64,
+    /// The export's records written, and their bytes.
+    pub records: u64,
+    pub bytes: u64,
+    /// Why the replay stopped before the scan's end, if it did: a record whose data failed
+    /// its crc (everything before it is on the disk).
+    pub stopped: Option<String>,
+}
+
+/// Errors that leave a scan or a replay unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("cannot read the partner's log cursors")]
+    #[error("cannot read the dead node's log cursors")]
     Cursors(#[source] shm::LogError),
     #[error("cannot write log record {seq} to {disk}")]
     Apply {
@@ -42,60 +75,120 @@ pub enum ReplayError {
     },
 }
 
-/// Writes every record of `region` between its flushed cursor and its head to the disk of
-/// the record's export (in `volumes`, by export id), in log order, then syncs those disks.
-/// Records for an export in `served` are skipped: this node serves it already, after a
-/// replay of this same log, and has written newer data since, which a second replay
-/// would overwrite with older.
-///
-/// The region's writer must be fenced: nothing may append while this runs. The flushed
-/// cursor is left alone (the region is the dead partner's, mapped read-only); replaying
-/// the same records again onto disks nobody wrote since is harmless, since they are
-/// applied in order.
-pub fn replay(
-    region: &NodeRegion,
-    volumes: &BTreeMap<u32, Arc<Volume>>,
-    served: &BTreeSet<u32>,
-) -> Result<Replayed, ReplayError> {
+/// Reads the headers of `region`'s records between its flushed cursor and its head and
+/// puts those for `export` (a disk of `disk_size` bytes) into a layer over the region. The
+/// region's writer must be fenced: nothing may append while the layer exists.
+pub fn scan(region: &NodeRegion, export: u32, disk_size: u64) -> Result<Scanned, ReplayError> {
     let (flushed, head) = region.log_cursors().map_err(ReplayError::Cursors)?;
-    let mut replayed = Replayed {
+    let mut scanned = Scanned {
+        layer: PartnerLayer::new(region.header().node_id, region.clone()),
         first_seq: flushed.seq + 1,
         last_seq: flushed.seq,
-        ..Replayed::default()
+        records: 0,
+        bytes: 0,
+        stopped: None,
     };
-    let mut touched = BTreeMap::new();
-    let scanner = LogScanner::new(region.mapping(), region.geometry(), flushed, head);
-    for record in scanner {
-        let record = match record {
-            Ok(record) => record,
+    let scanner = shm::LogScanner::new(region.mapping(), region.geometry(), flushed, head);
+    for extent in scanner.extents() {
+        let extent = match extent {
+            Ok(extent) => extent,
             Err(error) => {
-                replayed.stopped = Some(format!(
+                scanned.stopped = Some(format!(
                     "stopped after seq {} of {}: {error}",
-                    replayed.last_seq, head.seq
+                    scanned.last_seq, head.seq
                 ));
                 break;
             }
         };
-        if served.contains(&record.export) {
-            replayed.last_seq = record.seq;
-            continue;
+        if extent.export == export {
+            // No crc has vouched for the range yet: a corrupt one ends the scan, as a bad
+            // record does (the replay would refuse to apply it).
+            if extent
+                .offset
+                .checked_add(extent.len)
+                .is_none_or(|end| end > disk_size)
+            {
+                scanned.stopped = Some(format!(
+                    "stopped after seq {}: record {} covers {}+{}, beyond the disk's {disk_size} bytes",
+                    scanned.last_seq, extent.seq, extent.offset, extent.len
+                ));
+                break;
+            }
+            scanned.layer.add(&extent);
+            scanned.records += 1;
+            scanned.bytes += extent.len;
         }
-        let Some(volume) = volumes.get(&record.export) else {
-            replayed.stopped = Some(format!(
-                "record {} is for export {}, which has no disk here",
-                record.seq, record.export
-            ));
-            break;
+        scanned.last_seq = extent.seq;
+    }
+    Ok(scanned)
+}
+
+/// The disks a replay writes: by export id, with the exports it must leave alone.
+#[derive(Debug, Clone, Default)]
+pub struct Disks {
+    pub volumes: BTreeMap<u32, Arc<Volume>>,
+    /// Exports this node served before the takeover began: it replayed the dead node's
+    /// records for them when it took them over and has written newer data since, which
+    /// those older records must not overwrite.
+    pub served: BTreeSet<u32>,
+}
+
+/// Writes `region`'s records from its flushed cursor up to seq `last_seq` to the disks of
+/// their exports in `disks` (all of them but the served ones: the whole log is replayed,
+/// so the dead node may forget it once the replay has finished), in log order, checking
+/// each record's crc, then syncs the disks written. Replaying the same records again onto
+/// disks nobody wrote since is harmless.
+pub fn replay(region: &NodeRegion, disks: &Disks, last_seq: u64) -> Result<Replayed, ReplayError> {
+    let (flushed, head) = region.log_cursors().map_err(ReplayError::Cursors)?;
+    let mut replayed = Replayed {
+        last_seq: flushed.seq,
+        ..Replayed::default()
+    };
+    let mut touched = BTreeMap::new();
+    let scanner = shm::LogScanner::new(region.mapping(), region.geometry(), flushed, head);
+    for record in scanner {
+        let record = match record {
+            Ok(record) if record.seq > last_seq => break,
+            Ok(record) => record,
+            Err(error) => {
+                replayed.stopped = Some(format!(
+                    "stopped after seq {} of {last_seq}: {error}",
+                    replayed.last_seq
+                ));
+                break;
+            }
         };
-        apply(volume, &record).map_err(|source| ReplayError::Apply {
-            seq: record.seq,
-            disk: volume.disk.path().display().to_string(),
-            source,
-        })?;
-        touched.insert(volume.export_id, Arc::clone(volume));
+        if !disks.served.contains(&record.export) {
+            let Some(volume) = disks.volumes.get(&record.export) else {
+                replayed.stopped = Some(format!(
+                    "record {} is for export {}, which has no disk here",
+                    record.seq, record.export
+                ));
+                break;
+            };
+            match apply(volume, &record) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => {
+                    // A range beyond the disk: no retry makes it fit.
+                    replayed.stopped = Some(format!(
+                        "stopped after seq {}: record {}: {error}",
+                        replayed.last_seq, record.seq
+                    ));
+                    break;
+                }
+                Err(source) => {
+                    return Err(ReplayError::Apply {
+                        seq: record.seq,
+                        disk: volume.disk.path().display().to_string(),
+                        source,
+                    });
+                }
+            }
+            touched.insert(record.export, Arc::clone(volume));
+            replayed.records += 1;
+            replayed.bytes += record.data.len() as u64;
+        }
         replayed.last_seq = record.seq;
-        replayed.records += 1;
-        replayed.bytes += record.data.len() as u64;
     }
     for volume in touched.values() {
         volume.disk.sync().map_err(|source| ReplayError::Sync {
@@ -106,111 +199,466 @@ pub fn replay(
     Ok(replayed)
 }
 
+/// Where this node's replays of other nodes' logs stand, published in its region, and the
+/// layers each replay keeps in place until it has finished.
+///
+/// One replay runs per dead node's log, whatever number of identities are taken over from
+/// it: it writes the records of every export it may (see [`Disks`]), so two replays of the
+/// same log running side by side would write the same older records over each other's
+/// newer ones, and a layer dropped by one could uncover a disk the other still rewrites.
+/// An identity taken over from a log whose replay runs already joins it.
+#[derive(Debug, Clone)]
+pub struct ReplayBook {
+    inner: Arc<Mutex<Book>>,
+}
+
+#[derive(Debug)]
+struct Book {
+    writer: ReplayWriter,
+    /// By the dead node's id.
+    logs: BTreeMap<u32, LogReplay>,
+}
+
+/// The replay of one dead node's log.
+#[derive(Debug, Default)]
+struct LogReplay {
+    running: bool,
+    epoch: u64,
+    first_seq: u64,
+    last_seq: u64,
+    /// The volumes serving a layer of this log, dropped when the replay ends.
+    layers: Vec<Arc<Volume>>,
+    /// Holds on this node's flusher, released when the replay ends.
+    holds: Vec<FlushHold>,
+}
+
+impl ReplayBook {
+    pub fn new(writer: ReplayWriter) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Book {
+                writer,
+                logs: BTreeMap::new(),
+            })),
+        }
+    }
+
+    /// Serves `scanned`'s layer on `volume` (taken over at `epoch`) until the replay of
+    /// its log has finished, holding this node's flusher with `hold` until then. Returns
+    /// whether a replay must be started: false when one of this log runs already, which
+    /// writes the volume's records too (the volume was not served when it started).
+    /// Published before the taker acknowledges, so the dead node keeps its log from then on.
+    pub fn serve_layer(
+        &self,
+        scanned: Scanned,
+        volume: &Arc<Volume>,
+        epoch: u64,
+        hold: FlushHold,
+    ) -> bool {
+        let mut book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let node = scanned.layer.node;
+        let log = book.logs.entry(node).or_default();
+        let start = !log.running;
+        if start {
+            *log = LogReplay {
+                running: true,
+                first_seq: scanned.first_seq,
+                ..LogReplay::default()
+            };
+        }
+        log.epoch = log.epoch.max(epoch);
+        log.first_seq = log.first_seq.min(scanned.first_seq);
+        log.last_seq = log.last_seq.max(scanned.last_seq);
+        volume.set_partner_layer(scanned.layer);
+        log.layers.push(Arc::clone(volume));
+        log.holds.push(hold);
+        let replay = Replay {
+            epoch: log.epoch,
+            status: ReplayStatus::Replaying,
+            first_seq: log.first_seq,
+            last_seq: log.last_seq,
+        };
+        book.writer.publish(node, replay);
+        start
+    }
+
+    /// The replay of node `node`'s log has put it on the disks (up to where it stopped, if
+    /// `stopped`): drops its layers, says so in the region, and lets the flusher go on, in
+    /// that order: the dead node may reuse its log only once no layer reads it, and a
+    /// release (which waits for the flusher) is acknowledged only after the region says so.
+    fn finish(&self, node: u32, stopped: bool) {
+        let mut book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(log) = book.logs.get_mut(&node) else {
+            return;
+        };
+        for volume in log.layers.drain(..) {
+            volume.drop_partner_layer();
+        }
+        log.running = false;
+        let replay = Replay {
+            epoch: log.epoch,
+            status: if stopped {
+                ReplayStatus::Stopped
+            } else {
+                ReplayStatus::Replayed
+            },
+            first_seq: log.first_seq,
+            last_seq: log.last_seq,
+        };
+        let holds = std::mem::take(&mut log.holds);
+        book.writer.publish(node, replay);
+        drop(holds);
+    }
+}
+
+/// The replay of a dead node's log, to run in the background while its layers serve it.
+#[derive(Debug, Clone)]
+pub struct ReplayJob {
+    pub region: NodeRegion,
+    pub disks: Disks,
+    pub last_seq: u64,
+    pub book: ReplayBook,
+}
+
+impl ReplayJob {
+    /// Runs the replay on its own thread, or on this one if no thread can be started (the
+    /// layers and holds must not outlive it). A disk error is retried (the layers serve the
+    /// records meanwhile); a bad record ends it where it is, as the scan would have.
+    pub fn start(self) {
+        let name = format!("replay-{}", self.region.header().name);
+        let job = self.clone();
+        if let Err(error) = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || job.run())
+        {
+            log::error!("cannot start a replay thread ({error}): replaying before serving");
+            self.run();
+        }
+    }
+
+    fn run(self) {
+        let node = self.region.header().node_id;
+        let dead = self.region.header().name.clone();
+        // Linux keeps a nice value per thread: this one only.
+        if let Err(error) = rustix::process::setpriority_process(None, REPLAY_NICE) {
+            log::warn!("cannot lower the replay thread's priority: {error}");
+        }
+        let started = std::time::Instant::now();
+        let replayed = loop {
+            match replay(&self.region, &self.disks, self.last_seq) {
+                Ok(replayed) => break replayed,
+                Err(error) => {
+                    log::error!(
+                        "replay of {dead}'s log: {}; retrying in {RETRY_WAIT:?} (reads are served from {dead}'s region meanwhile)",
+                        wire::error_chain::one_line(&error)
+                    );
+                    std::thread::sleep(RETRY_WAIT);
+                }
+            }
+        };
+        if let Some(why) = &replayed.stopped {
+            log::error!("replay of {dead}'s log incomplete: {why}");
+        }
+        self.book.finish(node, replayed.stopped.is_some());
+        log::info!(
+            "replayed {} records ({} bytes) of {dead}'s log in {:?}, up to seq {}",
+            replayed.records,
+            replayed.bytes,
+            started.elapsed(),
+            replayed.last_seq
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::nvram::volume::Disk;
-    use shm::{Access, BackPressure, Entry, Mapping};
+    use std::path::{Path, PathBuf};
+    use std::time::Instant;
 
-    fn disk(dir: &std::path::Path, name: &str) -> Disk {
-        let path = dir.join(name);
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        Disk::open(&path).unwrap()
+    use proptest::prelude::*;
+    use shm::{Access, BackPressure, Entry, Mapping, ReplayStatus};
+
+    use super::*;
+    use crate::agent::resume_replays;
+    use crate::export::Export;
+    use crate::failover::Identity;
+    use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
+    use crate::nvram::volume::Disk;
+    use crate::nvram::{Nvram, NvramExport};
+
+    const DISK_SIZE: usize = 16 << 10;
+    const DEAD: u32 = 0;
+
+    /// One change to the export: `(offset, len, byte)`, zeroes when `byte` is `None`.
+    type Change = (u64, u64, Option<u8>);
+
+    fn apply_to_model(model: &mut [u8], (offset, len, byte): Change) {
+        model[offset as usize..(offset + len) as usize].fill(byte.unwrap_or(0));
     }
 
-    #[test]
-    fn replays_unflushed_records_in_order_onto_their_disks() {
-        let dir = tempfile::tempdir().unwrap();
-        let region_path = dir.path().join("a.region");
-        let mapping = Mapping::create_file(&region_path, 1 << 20).unwrap();
-        let region = NodeRegion::format(mapping, 0, "a").unwrap();
-        let mut writer = region.writer(7).unwrap();
-        let backpressure = BackPressure::default();
-        for (export, offset, byte) in [(0, 0, 1u8), (1, 4096, 2), (0, 0, 3), (0, 8192, 4)] {
-            writer
+    /// The dead node's region: `changes` logged by node 0 for export 0, the first
+    /// `flushed` of them also on the disk and released, as its flusher would have left them.
+    fn dead_node(dir: &Path, disk: &Path, changes: &[Change], flushed: usize) -> NodeRegion {
+        let path = dir.join("a.region");
+        let region =
+            NodeRegion::format(Mapping::create_file(&path, 1 << 20).unwrap(), DEAD, "a").unwrap();
+        let mut writer = region.writer(1).unwrap();
+        let mut on_disk = std::fs::read(disk).unwrap();
+        for (i, &(offset, len, byte)) in changes.iter().enumerate() {
+            let data = vec![byte.unwrap_or(0); len as usize];
+            let entry = match byte {
+                Some(_) => Entry::Write {
+                    export: 0,
+                    offset,
+                    data: &data,
+                },
+                None => Entry::WriteZeroes {
+                    export: 0,
+                    offset,
+                    len,
+                },
+            };
+            let appended = writer
                 .appender
-                .append(
-                    &Entry::Write {
-                        export,
-                        offset,
-                        data: &[byte; 4096],
+                .append(&entry, BackPressure::default())
+                .unwrap();
+            if i < flushed {
+                apply_to_model(&mut on_disk, (offset, len, byte));
+                writer.flushed.advance(appended.head).unwrap();
+            }
+        }
+        std::fs::write(disk, on_disk).unwrap();
+        NodeRegion::open(Mapping::open(&path, Access::ReadOnly).unwrap()).unwrap()
+    }
+
+    /// The node that took export 0 over: its own region, the export, a flusher.
+    struct Survivor {
+        region: NodeRegion,
+        export: Arc<NvramExport>,
+        _flusher: Flusher,
+    }
+
+    impl Survivor {
+        /// Starts (or restarts, after a crash) node 1 over its region, with the dead node's
+        /// disk as export 0. A restart resumes an unfinished replay as the agent does.
+        fn start(path: &Path, disk: &Path, dead: &NodeRegion) -> (Self, Option<ReplayJob>) {
+            let fresh = !path.exists();
+            let mapping = if fresh {
+                Mapping::create_file(path, 1 << 20).unwrap()
+            } else {
+                Mapping::open(path, Access::ReadWrite).unwrap()
+            };
+            let region = if fresh {
+                NodeRegion::format(mapping, 1, "b").unwrap()
+            } else {
+                NodeRegion::open(mapping).unwrap()
+            };
+            let writer = region.writer(2).unwrap();
+            let nvram = Nvram::new(region.clone(), writer.appender, BackPressure::default());
+            let export = nvram.add_volume(Volume::new(0, "a", Disk::open(disk).unwrap()));
+            nvram.recover().unwrap();
+            let book = ReplayBook::new(writer.replays);
+            let mut job = None;
+            if fresh {
+                // A takeover, as the failover monitor serves it.
+                let head = region.head().unwrap().seq;
+                let hold = nvram.hold_flusher(head);
+                let scanned = scan(dead, 0, DISK_SIZE as u64).unwrap();
+                let last_seq = scanned.last_seq;
+                assert!(book.serve_layer(scanned, export.volume(), 1, hold));
+                job = Some(ReplayJob {
+                    region: dead.clone(),
+                    disks: Disks {
+                        volumes: [(0, Arc::clone(export.volume()))].into(),
+                        served: BTreeSet::new(),
                     },
-                    backpressure,
+                    last_seq,
+                    book: book.clone(),
+                });
+            } else {
+                let identities = [(0, Identity::new(Arc::clone(&export)))].into();
+                resume_replays(
+                    &nvram,
+                    dead,
+                    &identities,
+                    &book,
+                    writer.flushed.flushed().seq,
                 )
                 .unwrap();
-        }
-        writer
-            .appender
-            .append(
-                &Entry::WriteZeroes {
-                    export: 0,
-                    offset: 8192,
-                    len: 100,
+            }
+            let flusher = Flusher::spawn(
+                Arc::clone(&nvram),
+                writer.flushed,
+                writer.synced,
+                FlusherConfig {
+                    release: Release::Written,
+                    sync_interval: Duration::from_millis(5),
+                    ..FlusherConfig::default()
                 },
-                backpressure,
             )
             .unwrap();
-        let mut volumes = BTreeMap::new();
-        volumes.insert(0, Volume::new(0, "a", disk(dir.path(), "a.img")));
-        volumes.insert(1, Volume::new(1, "b", disk(dir.path(), "b.img")));
+            let survivor = Self {
+                region,
+                export,
+                _flusher: flusher,
+            };
+            (survivor, job)
+        }
 
-        let reader =
-            NodeRegion::open(Mapping::open(&region_path, Access::ReadOnly).unwrap()).unwrap();
-        // A second replay for another identity, while export 0 is served here with a newer
-        // write: export 0 keeps it.
-        let newer = vec![7u8; 4096];
-        let replayed = replay(&reader, &volumes, &BTreeSet::new()).unwrap();
-        volumes[&0].disk.write_at(0, &newer).unwrap();
-        let again = replay(&reader, &volumes, &BTreeSet::from([0])).unwrap();
-        assert_eq!(again.last_seq, 5, "the whole log was gone through");
-        let mut buf = vec![0u8; 4096];
-        volumes[&0].disk.read_at(0, &mut buf).unwrap();
-        assert_eq!(
-            buf, newer,
-            "a served export must not get the older records again"
-        );
-        volumes[&0].disk.write_at(0, &[3u8; 4096]).unwrap();
-        assert_eq!(replayed.records, 5);
-        assert_eq!((replayed.first_seq, replayed.last_seq), (1, 5));
-        assert_eq!(replayed.stopped, None);
-        let read = |export: u32, offset: u64| {
-            let mut buf = vec![0u8; 4096];
-            volumes[&export].disk.read_at(offset, &mut buf).unwrap();
+        fn read_all(&self) -> Vec<u8> {
+            let mut buf = vec![0u8; DISK_SIZE];
+            self.export.read(0, &mut buf).unwrap();
             buf
-        };
-        assert_eq!(read(0, 0), vec![3u8; 4096], "the later write wins");
-        assert_eq!(read(1, 4096), vec![2u8; 4096]);
-        let third = read(0, 8192);
-        assert!(third[..100].iter().all(|b| *b == 0));
-        assert!(third[100..].iter().all(|b| *b == 4));
+        }
+
+        fn replay_finished(&self) -> bool {
+            self.region
+                .replay_of(DEAD)
+                .is_some_and(|r| r.status.finished())
+        }
+
+        fn wait(&self, what: &str, done: impl Fn(&Self) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done(self) {
+                assert!(Instant::now() < deadline, "{what} did not happen");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
-    #[test]
-    fn a_record_for_an_unknown_disk_stops_the_replay_there() {
-        let dir = tempfile::tempdir().unwrap();
-        let mapping = Mapping::create_file(&dir.path().join("a.region"), 1 << 20).unwrap();
-        let region = NodeRegion::format(mapping, 0, "a").unwrap();
-        let mut writer = region.writer(7).unwrap();
-        for export in [0, 5, 0] {
-            writer
-                .appender
-                .append(
-                    &Entry::Write {
-                        export,
-                        offset: 0,
-                        data: &[9; 512],
-                    },
-                    BackPressure::default(),
-                )
-                .unwrap();
+    /// The first offset at which `read` differs from `model`, and both bytes there.
+    fn first_difference(read: &[u8], model: &[u8]) -> Option<(usize, u8, u8)> {
+        read.iter()
+            .zip(model)
+            .position(|(r, m)| r != m)
+            .map(|i| (i, read[i], model[i]))
+    }
+
+    /// What happens after the takeover, in order.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A client writes through the survivor.
+        Write(Change),
+        /// The replay writes this many more of the dead node's records to the disk (what a
+        /// replay in progress leaves behind when the survivor crashes).
+        ReplaySome(usize),
+        /// The replay runs to its end in the background.
+        StartReplay,
+        /// The survivor's agent dies and starts again on its region.
+        Crash,
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        (
+            0..DISK_SIZE as u64 - 1,
+            1u64..3000,
+            proptest::option::weighted(0.8, 1u8..=255),
+        )
+            .prop_map(|(offset, len, byte)| (offset, len.min(DISK_SIZE as u64 - offset), byte))
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => change().prop_map(Step::Write),
+            2 => (1usize..8).prop_map(Step::ReplaySome),
+            1 => Just(Step::StartReplay),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    /// Applies the dead node's records after its flushed cursor, from the `done`-th on,
+    /// `count` of them, to the disk directly; returns how many it applied.
+    fn replay_some(dead: &NodeRegion, volume: &Volume, done: usize, count: usize) -> usize {
+        let mut applied = 0;
+        for record in dead.unflushed().unwrap().skip(done).take(count) {
+            apply(volume, &record.unwrap()).unwrap();
+            applied += 1;
         }
-        let mut volumes = BTreeMap::new();
-        volumes.insert(0, Volume::new(0, "a", disk(dir.path(), "a.img")));
-        let replayed = replay(&region, &volumes, &BTreeSet::new()).unwrap();
-        assert_eq!(replayed.records, 1);
-        assert!(
-            replayed.stopped.as_deref().unwrap().contains("export 5"),
-            "{replayed:?}"
-        );
+        applied
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A read never returns data older than an acknowledged write: at every step after
+        /// a takeover (the dead node's records served from its region, the survivor's own
+        /// writes above them, the replay anywhere between not started and done, the
+        /// survivor crashing and its successor replaying both logs), reads through the
+        /// survivor equal a flat byte array that took every write in order; at the end
+        /// the disk alone holds it all.
+        #[test]
+        fn serving_before_the_replay_matches_a_flat_model(
+            dead_changes in proptest::collection::vec(change(), 0..24),
+            flushed_fraction in 0.0f64..1.0,
+            steps in proptest::collection::vec(step(), 0..30),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let disk: PathBuf = dir.path().join("a.img");
+            let initial: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&disk, &initial).unwrap();
+            let mut model = initial;
+            for &c in &dead_changes {
+                apply_to_model(&mut model, c);
+            }
+            let flushed = (dead_changes.len() as f64 * flushed_fraction) as usize;
+            let dead = dead_node(dir.path(), &disk, &dead_changes, flushed);
+            let survivor_path = dir.path().join("b.region");
+
+            let (mut survivor, mut job) = Survivor::start(&survivor_path, &disk, &dead);
+            let mut replayed_by_hand = 0;
+            prop_assert_eq!(first_difference(&survivor.read_all(), &model), None, "right after the takeover");
+            for step in steps {
+                match step {
+                    Step::Write((offset, len, byte)) => {
+                        match byte {
+                            Some(b) => survivor.export.write(offset, &vec![b; len as usize], false),
+                            None => survivor.export.write_zeroes(offset, len, false, false),
+                        }.unwrap();
+                        apply_to_model(&mut model, (offset, len, byte));
+                    }
+                    Step::ReplaySome(count) => {
+                        if job.is_some() {
+                            replayed_by_hand +=
+                                replay_some(&dead, survivor.export.volume(), replayed_by_hand, count);
+                        }
+                    }
+                    Step::StartReplay => {
+                        if let Some(job) = job.take() {
+                            job.start();
+                        }
+                    }
+                    Step::Crash => {
+                        if job.is_none() && !survivor.replay_finished() {
+                            // A running replay cannot be stopped halfway here: the crash
+                            // comes once it is done (the cases with `job` unstarted cover
+                            // a crash halfway).
+                            survivor.wait("the replay", Survivor::replay_finished);
+                        }
+                        // The agent dies: its flusher stops, then the unstarted job goes (in
+                        // that order, or the flusher would run once the job's hold is gone).
+                        drop(survivor);
+                        drop(job.take());
+                        (survivor, job) = Survivor::start(&survivor_path, &disk, &dead);
+                        replayed_by_hand = 0;
+                    }
+                }
+                prop_assert_eq!(first_difference(&survivor.read_all(), &model), None);
+            }
+            if let Some(job) = job.take() {
+                job.start();
+            }
+            survivor.wait("the replay", Survivor::replay_finished);
+            prop_assert_eq!(
+                survivor.region.replay_of(DEAD).unwrap().status,
+                ReplayStatus::Replayed
+            );
+            survivor.wait("the flush", |s| s.region.flushed() == s.region.head());
+            prop_assert_eq!(first_difference(&survivor.read_all(), &model), None);
+            drop(survivor);
+            prop_assert_eq!(
+                first_difference(&std::fs::read(&disk).unwrap(), &model),
+                None,
+                "the disk alone"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::overlay::{LogBytes, Overlay};
+use super::partner_layer::PartnerLayer;
 use crate::export_file::{file_size, write_zeroes_at};
 
 /// Errors opening a disk.
@@ -110,6 +111,22 @@ impl Disk {
         )
         .map_err(std::io::Error::from)
     }
+
+    /// Asks the kernel to read a range into the page cache in the background
+    /// (`POSIX_FADV_WILLNEED`): a write that covers part of a page not cached must read the
+    /// page first, one synchronous read per write, unless the page is already coming.
+    pub fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        nix::fcntl::posix_fadvise(
+            &self.file,
+            offset,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .map_err(std::io::Error::from)
+    }
 }
 
 /// An export's disk with its unflushed writes on top.
@@ -119,6 +136,9 @@ pub struct Volume {
     pub name: String,
     pub disk: Disk,
     pub overlay: RwLock<Overlay>,
+    /// A dead node's records for this export, while this node replays them (see
+    /// [`PartnerLayer`]). Lock order: `overlay`, then this.
+    partner: RwLock<Option<PartnerLayer>>,
     /// Whether this node may log writes for the volume: false once it is fenced or released
     /// (changed only under the log's appender lock, see [`super::Nvram::set_writable`]).
     writable: AtomicBool,
@@ -137,6 +157,7 @@ impl Volume {
             name: name.to_owned(),
             disk,
             overlay: RwLock::new(Overlay::new()),
+            partner: RwLock::new(None),
             writable: AtomicBool::new(writable),
         })
     }
@@ -149,12 +170,22 @@ impl Volume {
         self.writable.store(writable, Ordering::Release);
     }
 
-    /// Reads what clients see: the disk, with every unflushed write applied from `log`.
-    /// The overlay's read lock is held across the disk read, so the flusher cannot prune a
-    /// segment between the two (it prunes under the write lock, after writing the disk).
+    /// Reads what clients see: the disk, then a dead node's records being replayed, then
+    /// this node's unflushed writes from `log`, each newer than the one before. The locks
+    /// are held across the disk read, so neither the flusher's pruning nor the end of a
+    /// replay can fall between reading the disk and applying what it did not hold yet.
     pub fn read(&self, offset: u64, buf: &mut [u8], log: &impl LogBytes) -> std::io::Result<()> {
         let overlay = self.overlay.read().map_err(|_| poisoned())?;
+        let partner = self.partner.read().map_err(|_| poisoned())?;
         self.disk.read_at(offset, buf)?;
+        if let Some(layer) = partner.as_ref()
+            && !layer.apply(offset, buf)
+        {
+            return Err(std::io::Error::other(format!(
+                "export {}: data at {offset} cannot be read from node {}'s log",
+                self.name, layer.node
+            )));
+        }
         if !overlay.apply(offset, buf, log) {
             return Err(std::io::Error::other(format!(
                 "export {}: unflushed data at {offset} cannot be read from the log",
@@ -162,6 +193,36 @@ impl Volume {
             )));
         }
         Ok(())
+    }
+}
+
+impl Volume {
+    /// Serves a dead node's records over the disk until [`Volume::drop_partner_layer`].
+    pub fn set_partner_layer(&self, layer: PartnerLayer) {
+        // A reader that panicked leaves nothing half-changed here: the slot is replaced whole.
+        *self
+            .partner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(layer);
+    }
+
+    /// Drops the dead node's layer once its records are on the disk. It waits for the
+    /// reads in progress: one that read the disk before the replay wrote it still applies
+    /// the layer.
+    pub fn drop_partner_layer(&self) {
+        let _ = self
+            .partner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+
+    /// Whether a dead node's records are served over the disk now.
+    pub fn has_partner_layer(&self) -> bool {
+        self.partner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 }
 

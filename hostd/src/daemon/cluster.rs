@@ -95,6 +95,19 @@ pub struct Cluster {
     /// Identities held away from home when this hostd launched the nodes: their owner
     /// started without their address, which must be re-established once it is up.
     addresses_pending: BTreeSet<IdentityId>,
+    /// Takeovers whose taker serves the dead holder's log while it replays it.
+    replays_pending: Vec<PendingReplay>,
+}
+
+/// A takeover whose background replay hostd waits to see finish (to record it).
+#[derive(Debug, Clone, Copy)]
+pub struct PendingReplay {
+    pub identity: IdentityId,
+    pub taker: NodeId,
+    pub dead: NodeId,
+    pub epoch: u64,
+    /// When the failure was detected.
+    pub detected: Instant,
 }
 
 /// The files of each node's process, from the state directory.
@@ -141,10 +154,7 @@ impl Cluster {
             .filter_map(|i| control.command(i).map(|c| c.seq))
             .max()
             .unwrap_or(0);
-        let monitor = heartbeat::Monitor::new(heartbeat::Config::new(
-            Duration::from_millis(config.heartbeat.interval_ms),
-            Duration::from_millis(config.heartbeat.timeout_ms),
-        ));
+        let monitor = heartbeat::Monitor::new(config.heartbeat.monitor_config());
         let topology = Topology::new(config.nodes.iter().map(|n| n.name.clone()));
         let mut nodes = Vec::new();
         for (node, node_config) in topology.nodes().zip(&config.nodes) {
@@ -180,6 +190,7 @@ impl Cluster {
             last_states: vec![NodeState::Booting; config.nodes.len()],
             adopted: false,
             addresses_pending: BTreeSet::new(),
+            replays_pending: Vec::new(),
         })
     }
 
@@ -478,6 +489,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// Watches for the end of a takeover's background replay (see `finished_replays`).
+    pub fn expect_replay(&mut self, pending: PendingReplay) {
+        self.replays_pending.push(pending);
+    }
+
+    /// The pending replays that have finished, with what the taker published; forgets
+    /// them, and those whose taker was fenced meanwhile (its successor replays again).
+    pub fn finished_replays(&mut self) -> Vec<(PendingReplay, shm::Replay)> {
+        let mut finished = Vec::new();
+        let nodes = &self.nodes;
+        self.replays_pending.retain(|pending| {
+            let taker = &nodes[pending.taker.index()];
+            if taker.fenced {
+                return false;
+            }
+            match taker.region.replay_of(pending.dead.index() as u32) {
+                Some(replay) if replay.status.finished() && replay.epoch >= pending.epoch => {
+                    finished.push((*pending, replay));
+                    false
+                }
+                _ => true,
+            }
+        });
+        finished
+    }
+
     /// Gives up re-establishing `identity`'s address (the attempt failed and was reported).
     pub fn forget_pending_address(&mut self, identity: IdentityId) {
         self.addresses_pending.remove(&identity);
@@ -513,7 +550,7 @@ impl Cluster {
         for node in self.topology.nodes() {
             let health = &mut self.nodes[node.index()];
             if !health.fenced && health.started {
-                let polled = self.backend.poll(node);
+                let polled = self.backend.sample(node);
                 if health.sample(polled, now, clock) {
                     down.push(node);
                 }

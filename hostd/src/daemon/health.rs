@@ -1,14 +1,18 @@
 //! One node's health as hostd judges it: its heartbeat in its region, what its backend
-//! reports (exit, QMP events), and the liveness monitor fed by both.
+//! reports (exit, QMP events, a stopped process, the CPU its guest gets), and the liveness
+//! monitor fed by both. Once a minute it logs each node's heartbeat figures.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use heartbeat::{DownReason, Evidence, Health, Monitor, SuspectReason, Transition};
+use heartbeat::{
+    DownReason, Evidence, Health, Monitor, Silence, SilenceCause, SuspectReason, Transition,
+};
 use shm::NodeRegion;
 use wire::control::NodeState;
 
 use super::backend::{Polled, VmEvent};
+use super::heartbeat_figures::HeartbeatFigures;
 
 /// A node of the cluster, apart from its process (which its backend owns).
 #[derive(Debug)]
@@ -42,6 +46,8 @@ pub struct NodeHealth {
     pub orphan_reported: bool,
     heartbeat: u64,
     heartbeat_moved: Option<Instant>,
+    /// The heartbeat's figures since they were last logged.
+    figures: HeartbeatFigures,
 }
 
 impl NodeHealth {
@@ -72,6 +78,7 @@ impl NodeHealth {
             orphan_reported: false,
             heartbeat,
             heartbeat_moved: None,
+            figures: HeartbeatFigures::new(Instant::now()),
         }
     }
 
@@ -95,6 +102,7 @@ impl NodeHealth {
         self.fenced_ms = None;
         self.orphan_reported = false;
         self.heartbeat_moved = None;
+        self.figures = HeartbeatFigures::new(Instant::now());
     }
 
     /// Takes over a node process an earlier hostd started; `before` is the region's boot
@@ -187,11 +195,28 @@ impl NodeHealth {
             self.exit = Some(format!("exited: {status}"));
             evidence.push(Evidence::ProcessExited { status });
         }
+        if let Some(scheduling) = polled.scheduling {
+            if scheduling.all_stopped {
+                evidence.push(Evidence::ThreadsStopped);
+            }
+            // Before the heartbeat: a beat seen in this sample takes this reading as the
+            // start of the next silence.
+            if let Some(cpu) = scheduling.cpu {
+                self.figures.cpu(now, cpu);
+                evidence.push(Evidence::Cpu {
+                    ran: cpu.ran,
+                    waited: cpu.waited,
+                });
+            }
+        }
         // Only this boot's agent counts, and only once it beats: a new agent takes the
         // region (new boot id) before it has recovered its log and serves, and its counter
         // resumes from the previous boot's last value.
         let counter = heartbeat_counter(&self.region);
         if self.region.boot_id() != self.boot_id_before_launch && counter != self.heartbeat {
+            if let Some(before) = self.heartbeat_moved {
+                self.figures.interval(now.saturating_duration_since(before));
+            }
             self.heartbeat = counter;
             self.heartbeat_moved = Some(now);
         }
@@ -208,11 +233,43 @@ impl NodeHealth {
             .filter_map(|e| self.monitor.observe(e, clock))
             .collect();
         transitions.extend(self.monitor.tick(clock));
+        for transition in &transitions {
+            // These do not change the node's state (Suspect either way), so no event
+            // says them: the log does.
+            if let Health::Suspect(
+                reason @ (SuspectReason::Starved | SuspectReason::LateButActive),
+            ) = transition.to
+            {
+                self.figures.extended(reason);
+                log::info!(
+                    "node {}: {}: judged Down no sooner than {} ms of silence",
+                    self.name,
+                    health_reason(&transition.to, self.process),
+                    match reason {
+                        SuspectReason::Starved => self.monitor.config().timeout,
+                        _ => self.monitor.config().hard_limit,
+                    }
+                    .as_millis()
+                );
+            }
+        }
         let went_down = transitions
             .iter()
             .any(|transition| matches!(transition.to, Health::Down(_)));
         if went_down && self.down_at.is_none() {
             self.down_at = Some(now);
+        }
+        if !matches!(self.monitor.health(), Health::Down(_)) {
+            if let Some(phi) = self.monitor.phi(clock) {
+                self.figures.phi(phi);
+            }
+        }
+        if self.figures.due(now) {
+            log::info!(
+                "node {}: {}",
+                self.name,
+                self.figures.take(now, &self.monitor)
+            );
         }
         went_down
     }
@@ -272,12 +329,37 @@ fn health_reason(health: &Health, process: &str) -> String {
         Health::Suspect(SuspectReason::LateButActive) => {
             "heartbeat late, but its log still moves".into()
         }
+        Health::Suspect(SuspectReason::Starved) => {
+            format!("heartbeat late, but its {process} is waiting for a host CPU")
+        }
         Health::Suspect(SuspectReason::Paused) => "VM paused".into(),
         Health::Down(DownReason::HeartbeatTimeout) => "heartbeat timed out".into(),
+        Health::Down(DownReason::HeartbeatSilent(silence)) => silence_reason(silence, process),
         Health::Down(DownReason::ProcessExited { status }) => {
             format!("{process} exited ({status})")
         }
+        Health::Down(DownReason::ProcessStopped) => {
+            format!("every thread of its {process} is stopped (SIGSTOP or a debugger)")
+        }
         Health::Down(DownReason::GuestPanicked) => "guest kernel panicked".into(),
         Health::Down(DownReason::Shutdown) => "guest shut down".into(),
+    }
+}
+
+/// A heartbeat silence judged a failure, in words.
+fn silence_reason(silence: &Silence, process: &str) -> String {
+    let silent = silence.silent.as_millis();
+    match (silence.cause, silence.busy_percent) {
+        (SilenceCause::Busy, busy) => format!(
+            "heartbeat silent for {silent} ms while its {process} ran its guest {}% of the time: hung, not slow",
+            busy.unwrap_or(100)
+        ),
+        (SilenceCause::Phi, busy) => format!(
+            "heartbeat silent for {silent} ms, past what its intervals allow (mean {} ms, sd {} ms){}",
+            silence.mean.as_millis(),
+            silence.std_dev.as_millis(),
+            busy.map(|b| format!("; its guest ran {b}% of the silence"))
+                .unwrap_or_default()
+        ),
     }
 }

@@ -15,6 +15,7 @@ mod adopt;
 pub mod backend;
 mod cluster;
 mod health;
+mod heartbeat_figures;
 mod inject;
 mod moves;
 pub mod prepare;

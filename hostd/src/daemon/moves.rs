@@ -17,7 +17,7 @@ use wire::control::{MoveReport, NodeState, Response, Timeline};
 use wire::events::Event;
 
 use super::backend::BackendError;
-use super::cluster::{Cluster, CommandError, LaunchError};
+use super::cluster::{Cluster, CommandError, LaunchError, PendingReplay};
 use super::topology::{IdentityId, NodeId};
 
 /// How long an agent may take to acknowledge a takeover (a replay of a full log included).
@@ -126,6 +126,7 @@ impl Moves {
         adopt_orphans(cluster);
         restore_addresses(cluster);
         self.restart_for_orphans(cluster);
+        report_finished_replays(cluster);
     }
 
     /// Restarts a fenced node when an identity has no live node that could serve it
@@ -712,12 +713,21 @@ fn move_identity(
             return Err(error.into());
         }
     };
-    timeline.replayed = Some(ms_since(started));
+    let replayed = argument.replay_partner_log;
+    if replayed {
+        timeline.scanned = Some(ms_since(started));
+        cluster.expect_replay(PendingReplay {
+            identity,
+            taker: to,
+            dead: from,
+            epoch,
+            detected: started,
+        });
+    }
     cluster
         .forward(to, identity)
         .map_err(|source| address_error(cluster, to, source))?;
     timeline.serving = Some(ms_since(started));
-    let replayed = argument.replay_partner_log;
     let report = MoveReport {
         node: identity_name,
         from: cluster.topology().name(from).to_owned(),
@@ -746,6 +756,33 @@ fn move_identity(
         report.timeline_ms.serving.unwrap_or_default()
     );
     Ok(report)
+}
+
+/// Records a `replayed` event for each takeover whose taker says its background replay
+/// of the dead holder's log has finished.
+fn report_finished_replays(cluster: &mut Cluster) {
+    for pending in cluster.finished_replays() {
+        let (pending, replay) = pending;
+        let topology = cluster.topology();
+        let event = Event::Replayed {
+            node: topology.identity_name(pending.identity).to_owned(),
+            by: topology.name(pending.taker).to_owned(),
+            from: topology.name(pending.dead).to_owned(),
+            epoch: pending.epoch,
+            after_ms: ms_since(pending.detected),
+            first_seq: replay.first_seq,
+            last_seq: replay.last_seq,
+            complete: replay.status == shm::ReplayStatus::Replayed,
+        };
+        log::info!(
+            "identity {}: {} finished replaying {}'s log {:.1} ms after detection",
+            topology.identity_name(pending.identity),
+            topology.name(pending.taker),
+            topology.name(pending.dead),
+            ms_since(pending.detected)
+        );
+        cluster.record(&event);
+    }
 }
 
 /// Answers a client, if it still waits.

@@ -569,3 +569,67 @@ fn status_is_right_about_takeovers_and_serving() {
     let b = &status.nodes[B];
     assert!(!b.takeover_possible, "{}", b.takeover_reason);
 }
+
+/// A node whose process is stopped (SIGSTOP) is Down at once, long before its heartbeat
+/// could time out, and the reason says so.
+#[test]
+fn a_stopped_node_is_taken_over_without_waiting_for_its_heartbeat() {
+    let mut h = Harness::pair_configured(
+        |_| {},
+        |config| {
+            config.heartbeat.timeout_ms = 20_000;
+            config.heartbeat.min_timeout_ms = Some(10_000);
+        },
+    );
+    h.up();
+    let name = h.cluster.topology().name(node(A)).to_owned();
+    let started = Instant::now();
+    super::inject::inject(&mut h.cluster, &name, wire::control::KillSignal::Stop).unwrap();
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let reason = h
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::NodeState {
+                node, to, detail, ..
+            } if node == "a" && to == NodeState::Down => Some(detail),
+            _ => None,
+        })
+        .unwrap();
+    assert!(reason.contains("is stopped"), "{reason}");
+}
+
+/// A node that stops beating while its process runs is Down at the phi detector's floor,
+/// not at the (here much longer) timeout.
+#[test]
+fn a_silent_node_is_down_at_the_floor_not_the_timeout() {
+    let mut h = Harness::pair_configured(
+        |_| {},
+        |config| {
+            config.heartbeat.timeout_ms = 20_000;
+            config.heartbeat.min_timeout_ms = Some(300);
+        },
+    );
+    h.up();
+    // Enough beats for the detector to know the node.
+    h.run_for(Duration::from_millis(300), |_| true);
+    h.fake.set(A, |a| a.beats = false);
+    let started = Instant::now();
+    h.run_until("b holds a", Duration::from_secs(10), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    let reason = h.cluster.node(node(A)).health_reason();
+    assert!(reason.contains("past what its intervals allow"), "{reason}");
+}

@@ -21,7 +21,7 @@ mod scan;
 pub use append::{Appended, BackPressure, LogAppender};
 pub use flushed::FlushedWriter;
 pub use record::{Entry, Record, RecordKind};
-pub use scan::LogScanner;
+pub use scan::{Extent, LogScanner};
 
 use serde::Serialize;
 
@@ -175,6 +175,10 @@ pub enum LogError {
     Overwritten { seq: u64, pos: u64 },
     #[error("log ends at seq {last} but its head says {head}")]
     HeadMismatch { last: u64, head: u64 },
+    #[error(
+        "log position {pos}: the writer's jump to the ring's start (to {to}) passes the head at {head}"
+    )]
+    WrapPastHead { pos: u64, to: u64, head: u64 },
 }
 
 impl LogError {

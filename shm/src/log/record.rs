@@ -303,6 +303,28 @@ impl Record {
         })
     }
 
+    /// Like [`Record::from_parts`] for a payload of `payload_len` bytes whose data was not
+    /// read: `data` stays empty while `len` and the positions are those of the whole record.
+    /// Only for [`super::scan::Extent`]s, which carry no data.
+    pub(crate) fn from_parts_without_data(
+        seq: u64,
+        pos: u64,
+        kind: RecordKind,
+        fixed: &[u8],
+        payload_len: usize,
+    ) -> Option<Self> {
+        let data_len = payload_len.checked_sub(fixed.len())?;
+        let mut record = match kind {
+            // The shape checks of a write do not depend on its data.
+            RecordKind::Write => Self::from_parts(seq, pos, kind, fixed, Vec::new())?,
+            _ if data_len == 0 => return Self::from_parts(seq, pos, kind, fixed, Vec::new()),
+            _ => return None,
+        };
+        record.len = data_len as u64;
+        record.end_pos = pos + footprint(payload_len as u64);
+        Some(record)
+    }
+
     /// Bytes of a payload of `len` bytes that come before a write's data: scanners read
     /// them apart, so the data lands in its own buffer without being moved. Public for the
     /// fuzz targets (`fuzz/`) only.

@@ -65,6 +65,24 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
             format!("node {node} restarted by hostd (attempt {attempt})"),
             reason,
         ),
+        Event::Replayed {
+            node,
+            by,
+            from,
+            epoch,
+            after_ms,
+            first_seq,
+            last_seq,
+            complete,
+        } => format!(
+            "replayed  {node}: {by} put {from}'s log (seq {first_seq}..={last_seq}) on the disk, {} after detection (epoch {epoch}){}",
+            milliseconds(*after_ms).trim_start_matches('+'),
+            if *complete {
+                ""
+            } else {
+                "; stopped at a bad record"
+            }
+        ),
         Event::RestartsExhausted { node, restarts } => format!(
             "node {node}: {restarts} restarts, no more by hostd (`hostd giveback {node}` restarts it)"
         ),

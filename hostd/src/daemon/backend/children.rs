@@ -7,8 +7,29 @@ use std::time::{Duration, Instant};
 use qemu::QemuChild;
 use wire::records::RunRecord;
 
-use super::{BackendError, NodePaths, Signal, Stopped};
+use super::{BackendError, NodePaths, Scheduling, Signal, Stopped};
 use crate::daemon::topology::NodeId;
+
+/// How often a QEMU whose vCPU threads were not found is searched again (they appear
+/// after it starts; one started by an older hostd has no thread names at all).
+const VCPU_SEARCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which threads of a node's process run the node, for their CPU time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestThreads {
+    /// QEMU's vCPU threads (named `CPU 0/TCG`, `CPU 1/KVM`...).
+    Vcpus,
+    /// The main thread (an agent process: it beats).
+    Main,
+}
+
+/// The threads of one process whose CPU time is read, found once per process.
+#[derive(Debug, Default)]
+struct WatchedThreads {
+    pid: u32,
+    tids: Vec<u32>,
+    next_search: Option<Instant>,
+}
 
 /// One child process per node.
 #[derive(Debug)]
@@ -17,6 +38,7 @@ pub struct Children {
     children: Vec<Option<QemuChild>>,
     /// How each node's current process ended, once seen.
     exits: Vec<Option<String>>,
+    threads: Vec<WatchedThreads>,
 }
 
 impl Children {
@@ -26,6 +48,7 @@ impl Children {
             paths,
             children: (0..n).map(|_| None).collect(),
             exits: vec![None; n],
+            threads: (0..n).map(|_| WatchedThreads::default()).collect(),
         }
     }
 
@@ -114,6 +137,67 @@ impl Children {
             return None;
         }
         self.children[node.index()].as_ref().map(QemuChild::pid)
+    }
+
+    /// How the node's process runs: whether all its threads are stopped (one read of its
+    /// stat file while it runs) and the CPU time of `which` threads. None once the process
+    /// is gone.
+    pub fn scheduling(&mut self, node: NodeId, which: GuestThreads) -> Option<Scheduling> {
+        let pid = self.pid(node)?;
+        // An error means the process has just gone: its exit is reported by `poll_exit`.
+        if qemu::child::all_threads_stopped(pid).ok()? {
+            return Some(Scheduling {
+                all_stopped: true,
+                cpu: None,
+            });
+        }
+        Some(Scheduling {
+            all_stopped: false,
+            cpu: self.cpu(node, pid, which),
+        })
+    }
+
+    /// The summed CPU time of process `pid`'s `which` threads.
+    fn cpu(
+        &mut self,
+        node: NodeId,
+        pid: u32,
+        which: GuestThreads,
+    ) -> Option<qemu::child::SchedStat> {
+        if which == GuestThreads::Main {
+            return qemu::child::thread_schedstat(pid, pid).ok();
+        }
+        let watched = &mut self.threads[node.index()];
+        if watched.pid != pid {
+            *watched = WatchedThreads {
+                pid,
+                ..WatchedThreads::default()
+            };
+        }
+        if watched.tids.is_empty() {
+            let now = Instant::now();
+            if watched.next_search.is_some_and(|next| now < next) {
+                return None;
+            }
+            watched.next_search = Some(now + VCPU_SEARCH_INTERVAL);
+            watched.tids = qemu::child::threads_named(pid, is_vcpu_thread).unwrap_or_default();
+        }
+        let mut total = qemu::child::SchedStat::default();
+        for &tid in &watched.tids {
+            match qemu::child::thread_schedstat(pid, tid) {
+                Ok(stat) => {
+                    total.ran += stat.ran;
+                    total.waited += stat.waited;
+                }
+                Err(_) => {
+                    // A vCPU thread went (a hot-unplug, or the process is ending): search
+                    // again, and give no reading that would mix two sets of threads.
+                    watched.tids.clear();
+                    return None;
+                }
+            }
+        }
+        (!watched.tids.is_empty()).then_some(total)
     }
 
     pub fn signal(&mut self, node: NodeId, signal: Signal) -> Result<(), BackendError> {
@@ -220,5 +304,60 @@ impl Children {
                 child.disown();
             }
         }
+    }
+}
+
+/// Whether a thread name is a QEMU vCPU's: `CPU <n>/<accelerator>` (with `debug-threads=on`).
+fn is_vcpu_thread(name: &str) -> bool {
+    name.strip_prefix("CPU ")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(index, _)| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_threads_are_told_by_name() {
+        assert!(is_vcpu_thread("CPU 0/TCG"));
+        assert!(is_vcpu_thread("CPU 12/KVM"));
+        assert!(!is_vcpu_thread("qemu-system-x86"));
+        assert!(!is_vcpu_thread("CPU /TCG"));
+        assert!(!is_vcpu_thread("CPU 0"));
+        assert!(!is_vcpu_thread("worker"));
+    }
+
+    #[test]
+    fn a_stopped_child_is_seen_stopped_and_a_running_one_has_cpu_time() {
+        let paths = vec![NodePaths {
+            name: "a".into(),
+            log: std::env::temp_dir().join(format!("ivha-children-{}.log", std::process::id())),
+            qmp_socket: "/nonexistent/qmp".into(),
+            shell_socket: "/nonexistent/shell".into(),
+        }];
+        let mut children = Children::new(paths.clone());
+        let node = NodeId::from_index(0);
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        children.spawn(node, command).unwrap();
+        let running = children.scheduling(node, GuestThreads::Main).unwrap();
+        assert!(!running.all_stopped);
+        assert!(running.cpu.is_some());
+        // No thread of `sleep` is a vCPU: no reading, and no second search at once.
+        let vcpus = children.scheduling(node, GuestThreads::Vcpus).unwrap();
+        assert_eq!(vcpus.cpu, None);
+        children.signal(node, Signal::Stop).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !children
+            .scheduling(node, GuestThreads::Vcpus)
+            .is_some_and(|s| s.all_stopped)
+        {
+            assert!(Instant::now() < deadline, "never seen stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        children.fence(node, Duration::from_secs(5)).unwrap();
+        assert_eq!(children.scheduling(node, GuestThreads::Main), None);
+        let _ = std::fs::remove_file(&paths[0].log);
     }
 }

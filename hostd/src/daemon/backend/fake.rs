@@ -14,7 +14,7 @@ use shm::node::{Ack, PeerObservation, ack_status};
 use shm::{Access, CommandKind, ControlRegion, Mapping, NodeRegion};
 use wire::records::RunRecord;
 
-use super::{Adopted, BackendError, NodeBackend, Polled, Signal, SpawnPlan, Stopped};
+use super::{Adopted, BackendError, NodeBackend, Polled, Scheduling, Signal, SpawnPlan, Stopped};
 use crate::daemon::topology::NodeId;
 
 /// How a fake agent answers hostd's commands.
@@ -255,7 +255,20 @@ impl NodeBackend for FakeBackend {
         Polled {
             exited,
             events: Vec::new(),
+            scheduling: None,
         }
+    }
+
+    fn scheduling(&mut self, node: NodeId) -> Option<Scheduling> {
+        // A SIGSTOP freezes the fake agent's thread: its "process" is all stopped.
+        if !self.running(node) {
+            return None;
+        }
+        let agent = self.nodes[node.index()].agent.as_ref()?;
+        Some(Scheduling {
+            all_stopped: agent.frozen.load(Ordering::SeqCst),
+            cpu: None,
+        })
     }
 
     fn has_exited(&mut self, node: NodeId) -> bool {

@@ -68,6 +68,21 @@ pub struct Polled {
     pub exited: Option<String>,
     /// What the hypervisor said, in order.
     pub events: Vec<VmEvent>,
+    /// How the node's process runs on the host now, where the backend can tell (set by
+    /// [`NodeBackend::sample`]).
+    pub scheduling: Option<Scheduling>,
+}
+
+/// How a node's process runs on the host, as the kernel's scheduler sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Every thread of the process is stopped (SIGSTOP, or held by a debugger): it does
+    /// nothing until continued.
+    pub all_stopped: bool,
+    /// CPU time of the threads that run the node (a QEMU's vCPUs; an agent process's main
+    /// thread, which beats) and their wait for a CPU, since they started; None when those
+    /// threads cannot be told apart (a QEMU started without thread names).
+    pub cpu: Option<::qemu::child::SchedStat>,
 }
 
 /// What a hypervisor reports about its guest.
@@ -190,6 +205,22 @@ pub trait NodeBackend: std::fmt::Debug + Send {
 
     /// Whether the node's process ended and what its hypervisor said, since the last poll.
     fn poll(&mut self, node: NodeId) -> Polled;
+
+    /// How the node's process runs on the host now; None where the backend cannot tell or
+    /// the process is gone. Called on every tick: it must be cheap.
+    fn scheduling(&mut self, _node: NodeId) -> Option<Scheduling> {
+        None
+    }
+
+    /// What hostd samples on every tick: [`poll`](Self::poll), and while the process has
+    /// not exited, its [`scheduling`](Self::scheduling).
+    fn sample(&mut self, node: NodeId) -> Polled {
+        let mut polled = self.poll(node);
+        if polled.exited.is_none() {
+            polled.scheduling = self.scheduling(node);
+        }
+        polled
+    }
 
     /// The pid of the node's process while it runs.
     fn pid(&self, node: NodeId) -> Option<u32>;

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use wire::records::RunRecord;
 
-use super::children::Children;
-use super::{Adopted, BackendError, NodeBackend, NodePaths, Polled, Signal, SpawnPlan, Stopped};
+use super::children::{Children, GuestThreads};
+use super::{
+    Adopted, BackendError, NodeBackend, NodePaths, Polled, Scheduling, Signal, SpawnPlan, Stopped,
+};
 use crate::daemon::topology::NodeId;
 
 /// How long a killed agent may take to be reaped.
@@ -107,7 +109,21 @@ impl NodeBackend for ProcessBackend {
         Polled {
             exited: self.children.poll_exit(node),
             events: Vec::new(),
+            scheduling: None,
         }
+    }
+
+    fn scheduling(&mut self, node: NodeId) -> Option<Scheduling> {
+        // Only whether the agent is stopped: its main thread, which beats, sleeps between
+        // beats whether it is well or blocked (a loaded host was seen to keep it silent for
+        // over a second), so its CPU time says nothing about a silence, and the heartbeat's
+        // ceiling decides.
+        self.children
+            .scheduling(node, GuestThreads::Main)
+            .map(|scheduling| Scheduling {
+                cpu: None,
+                ..scheduling
+            })
     }
 
     fn pid(&self, node: NodeId) -> Option<u32> {

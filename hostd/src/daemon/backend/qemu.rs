@@ -8,10 +8,11 @@ use crossbeam_channel::Receiver;
 use qemu::{Accel, AccelChoice, HostForward, QemuCommand, QmpClient, QmpEvent};
 use wire::records::RunRecord;
 
-use super::children::Children;
+use super::children::{Children, GuestThreads};
 use super::shell::run_in_shell;
 use super::{
-    Adopted, BackendError, NodeBackend, NodePaths, Polled, Signal, SpawnPlan, Stopped, VmEvent,
+    Adopted, BackendError, NodeBackend, NodePaths, Polled, Scheduling, Signal, SpawnPlan, Stopped,
+    VmEvent,
 };
 use crate::config::{AccelSetting, Config, GUEST_NBD_PORT};
 use crate::daemon::topology::NodeId;
@@ -307,7 +308,17 @@ impl NodeBackend for QemuBackend {
                 }
             }
         }
-        Polled { exited, events }
+        Polled {
+            exited,
+            events,
+            scheduling: None,
+        }
+    }
+
+    fn scheduling(&mut self, node: NodeId) -> Option<Scheduling> {
+        // The vCPUs run the guest: the QEMU's other threads (I/O, QMP) may run while the
+        // guest itself is stuck.
+        self.children.scheduling(node, GuestThreads::Vcpus)
     }
 
     fn pid(&self, node: NodeId) -> Option<u32> {
