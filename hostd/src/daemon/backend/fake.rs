@@ -265,9 +265,14 @@ impl NodeBackend for FakeBackend {
             return None;
         }
         let agent = self.nodes[node.index()].agent.as_ref()?;
+        // Its "vCPUs" neither run nor wait: an idle guest, as a guest whose agent stopped
+        // beating looks, so the phi detector decides between its floor and the ceiling.
         Some(Scheduling {
             all_stopped: agent.frozen.load(Ordering::SeqCst),
-            cpu: None,
+            cpu: Some(::qemu::child::SchedStat {
+                ran: Duration::ZERO,
+                waited: Duration::ZERO,
+            }),
         })
     }
 
