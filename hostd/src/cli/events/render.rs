@@ -197,9 +197,13 @@ fn replay_note(report: &MoveReport, has_step: bool) -> Option<String> {
     Some(note)
 }
 
-/// Puts the replay note on the `replayed` step, or on the first line if there is none.
+/// Puts the replay note on the `scanned` step (the taker serves the records from then on
+/// and replays them in the background), on the `replayed` step of older logs, or on the
+/// first line if there is neither.
 fn attach_replay(report: &MoveReport, head: &mut String, steps: &mut [Step]) {
-    let step = steps.iter_mut().find(|(name, ..)| *name == "replayed");
+    let step = steps
+        .iter_mut()
+        .find(|(name, ..)| *name == "scanned" || *name == "replayed");
     if let Some(note) = replay_note(report, step.is_some()) {
         match step {
             Some(step) => step.2 = note,
@@ -330,6 +334,36 @@ mod tests {
              \x20               fenced    +12 ms\n\
              \x20               replayed  +80 ms   64 records (seq 10..=73)\n\
              \x20               serving   +95 ms"
+        );
+    }
+
+    #[test]
+    fn a_takeover_that_serves_before_its_replay_notes_the_scan() {
+        let mut report = takeover_report();
+        report.timeline_ms.replayed = None;
+        report.timeline_ms.scanned = Some(20.0);
+        report.timeline_ms.serving = Some(21.5);
+        assert_eq!(
+            at(NOON, Event::Takeover(report)),
+            "12:00:00.000  takeover  a → b (unplanned: QEMU exited (signal 9)), epoch 2\n\
+             \x20               detected  +0 ms\n\
+             \x20               fenced    +12 ms\n\
+             \x20               scanned   +20 ms     64 records (seq 10..=73)\n\
+             \x20               serving   +21.5 ms"
+        );
+        let replayed = Event::Replayed {
+            node: "a".into(),
+            by: "b".into(),
+            from: "a".into(),
+            epoch: 2,
+            after_ms: 850.0,
+            first_seq: 10,
+            last_seq: 73,
+            complete: true,
+        };
+        assert_eq!(
+            at(NOON, replayed),
+            "12:00:00.000  replayed  a: b put a's log (seq 10..=73) on the disk, 850 ms after detection (epoch 2)"
         );
     }
 
