@@ -91,19 +91,28 @@ pub fn connect_qmp(
             return Err(exited(child, status));
         }
     }
-    let left = deadline.saturating_duration_since(Instant::now());
-    match QmpClient::connect(sock, left) {
-        Ok(qmp) => Ok(qmp),
-        Err(e) => {
-            // A QEMU that fails after binding the socket closes it while exiting:
-            // its own message is the better error.
-            if let Some(status) = child.wait_timeout(EXIT_GRACE)? {
-                return Err(exited(child, status));
+    // In slices: a QEMU that fails after binding the socket leaves the file behind, and a
+    // connect would be refused until the deadline; between slices its exit is noticed.
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match QmpClient::connect(sock, left.min(CONNECT_SLICE)) {
+            Ok(qmp) => return Ok(qmp),
+            Err(e) => {
+                // Its own message is the better error.
+                if let Some(status) = child.wait_timeout(EXIT_GRACE)? {
+                    return Err(exited(child, status));
+                }
+                if Instant::now() >= deadline {
+                    return Err(e.into());
+                }
             }
-            Err(e.into())
         }
     }
 }
+
+/// The longest a single connect (and greeting) attempt to QMP takes before the child's exit
+/// is checked again.
+const CONNECT_SLICE: Duration = Duration::from_secs(1);
 
 fn exited(child: &QemuChild, status: Exit) -> LaunchError {
     let output = match child.log_path() {
