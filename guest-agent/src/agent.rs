@@ -466,13 +466,7 @@ pub(crate) fn resume_replays(
     }
     // The flusher applies nothing of this node's log until the replays are done, so they
     // may write the whole dead log again, served identities included.
-    let disks = replay::Disks {
-        volumes: identities
-            .iter()
-            .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
-            .collect(),
-        served: BTreeSet::new(),
-    };
+    let disks = replay::Disks::of(identities, BTreeSet::new());
     let mut last_seq = None;
     for identity in identities.values() {
         let volume = identity.export.volume();

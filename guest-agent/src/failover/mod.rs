@@ -328,19 +328,13 @@ impl FailoverMonitor {
         };
         // The whole log is replayed, so the dead node may forget it once this has finished;
         // but not onto what this node served before (see `replay::Disks`).
-        let disks = replay::Disks {
-            volumes: self
-                .identities
-                .iter()
-                .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
-                .collect(),
-            served: self
-                .identities
-                .iter()
-                .filter(|(id, i)| **id != volume.export_id && i.export.volume().writable())
-                .map(|(id, _)| *id)
-                .collect(),
-        };
+        let served = self
+            .identities
+            .iter()
+            .filter(|(id, i)| **id != volume.export_id && i.export.volume().writable())
+            .map(|(id, _)| *id)
+            .collect();
+        let disks = replay::Disks::of(&self.identities, served);
         let last_seq = scanned.last_seq;
         if self.replays.serve_layer(scanned, volume, epoch, hold) {
             self.pending_replay = Some(ReplayJob {

@@ -133,6 +133,19 @@ pub struct Disks {
     pub served: BTreeSet<u32>,
 }
 
+impl Disks {
+    /// Every disk of `identities`, leaving alone those in `served`.
+    pub fn of(identities: &BTreeMap<u32, super::Identity>, served: BTreeSet<u32>) -> Self {
+        Self {
+            volumes: identities
+                .iter()
+                .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
+                .collect(),
+            served,
+        }
+    }
+}
+
 /// Writes `region`'s records from its flushed cursor up to seq `last_seq` to the disks of
 /// their exports in `disks` (all of them but the served ones: the whole log is replayed,
 /// so the dead node may forget it once the replay has finished), in log order, checking

@@ -53,9 +53,4 @@ impl PartnerLayer {
     pub fn apply(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.overlay.apply(offset, buf, &self.log)
     }
-
-    /// Bytes the layer covers.
-    pub fn bytes(&self) -> u64 {
-        self.overlay.bytes()
-    }
 }

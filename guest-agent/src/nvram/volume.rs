@@ -216,14 +216,6 @@ impl Volume {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
     }
-
-    /// Whether a dead node's records are served over the disk now.
-    pub fn has_partner_layer(&self) -> bool {
-        self.partner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
-    }
 }
 
 pub(crate) fn poisoned() -> std::io::Error {

@@ -140,9 +140,9 @@ impl Children {
     }
 
     /// How the node's process runs: whether all its threads are stopped (one read of its
-    /// stat file while it runs) and the CPU time of `which` threads. None once the process
-    /// is gone.
-    pub fn scheduling(&mut self, node: NodeId, which: GuestThreads) -> Option<Scheduling> {
+    /// stat file while it runs) and, if asked, the CPU time of `which` threads. None once
+    /// the process is gone.
+    pub fn scheduling(&mut self, node: NodeId, which: Option<GuestThreads>) -> Option<Scheduling> {
         let pid = self.pid(node)?;
         // An error means the process has just gone: its exit is reported by `poll_exit`.
         if qemu::child::all_threads_stopped(pid).ok()? {
@@ -153,7 +153,7 @@ impl Children {
         }
         Some(Scheduling {
             all_stopped: false,
-            cpu: self.cpu(node, pid, which),
+            cpu: which.and_then(|which| self.cpu(node, pid, which)),
         })
     }
 
@@ -341,23 +341,25 @@ mod tests {
         let mut command = Command::new("sleep");
         command.arg("30");
         children.spawn(node, command).unwrap();
-        let running = children.scheduling(node, GuestThreads::Main).unwrap();
+        let running = children.scheduling(node, Some(GuestThreads::Main)).unwrap();
         assert!(!running.all_stopped);
         assert!(running.cpu.is_some());
         // No thread of `sleep` is a vCPU: no reading, and no second search at once.
-        let vcpus = children.scheduling(node, GuestThreads::Vcpus).unwrap();
+        let vcpus = children
+            .scheduling(node, Some(GuestThreads::Vcpus))
+            .unwrap();
         assert_eq!(vcpus.cpu, None);
         children.signal(node, Signal::Stop).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !children
-            .scheduling(node, GuestThreads::Vcpus)
+            .scheduling(node, Some(GuestThreads::Vcpus))
             .is_some_and(|s| s.all_stopped)
         {
             assert!(Instant::now() < deadline, "never seen stopped");
             std::thread::sleep(Duration::from_millis(5));
         }
         children.fence(node, Duration::from_secs(5)).unwrap();
-        assert_eq!(children.scheduling(node, GuestThreads::Main), None);
+        assert_eq!(children.scheduling(node, Some(GuestThreads::Main)), None);
         let _ = std::fs::remove_file(&paths[0].log);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use wire::records::RunRecord;
 
-use super::children::{Children, GuestThreads};
+use super::children::Children;
 use super::{
     Adopted, BackendError, NodeBackend, NodePaths, Polled, Scheduling, Signal, SpawnPlan, Stopped,
 };
@@ -118,12 +118,7 @@ impl NodeBackend for ProcessBackend {
         // beats whether it is well or blocked (a loaded host was seen to keep it silent for
         // over a second), so its CPU time says nothing about a silence, and the heartbeat's
         // ceiling decides.
-        self.children
-            .scheduling(node, GuestThreads::Main)
-            .map(|scheduling| Scheduling {
-                cpu: None,
-                ..scheduling
-            })
+        self.children.scheduling(node, None)
     }
 
     fn pid(&self, node: NodeId) -> Option<u32> {

@@ -318,7 +318,7 @@ impl NodeBackend for QemuBackend {
     fn scheduling(&mut self, node: NodeId) -> Option<Scheduling> {
         // The vCPUs run the guest: the QEMU's other threads (I/O, QMP) may run while the
         // guest itself is stuck.
-        self.children.scheduling(node, GuestThreads::Vcpus)
+        self.children.scheduling(node, Some(GuestThreads::Vcpus))
     }
 
     fn pid(&self, node: NodeId) -> Option<u32> {
