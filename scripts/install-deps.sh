@@ -37,7 +37,7 @@ die() {
 # The QEMU set: installed together at the version of qemu-system-x86 that apt offers.
 qemu_set=(qemu-system-x86 qemu-utils qemu-block-extra)
 # Everything else (command -> package in the table below).
-other_packages=(build-essential busybox-static cpio kmod xz-utils libnbd-bin nbdkit fio python3)
+other_packages=(build-essential busybox-static cpio kmod xz-utils libnbd-bin nbdkit fio python3 python3-prometheus-client e2fsprogs)
 
 # Each tool the project runs: "package|command that must succeed".
 checks=(
@@ -54,8 +54,15 @@ checks=(
     "busybox-static|/bin/busybox true"
     "cpio|cpio --version"
     "kmod|depmod --version"
+    "e2fsprogs|mke2fs -V" # the client VM's filesystem (scripts/client-vm.sh, docs/clients.md)
+    "e2fsprogs|e2fsck -V"
+    "e2fsprogs|debugfs -V"
+    "e2fsprogs|dumpe2fs -V"
     "xz-utils|xz --version"
     "python3|python3 --version"
+    # Debian's module serves Debian's python3, whatever python3 comes first in PATH.
+    "python3-prometheus-client|/usr/bin/python3 -m prometheus_client.parser" # hostd/tests/metrics.rs
+    "python3-prometheus-client|/usr/bin/python3 -m prometheus_client.openmetrics.parser"
     "build-essential|cc --version"
     "build-essential|c++ --version" # libFuzzer's runtime, for scripts/fuzz.sh
 )
@@ -147,7 +154,7 @@ for tool in cargo rustc "cargo fmt" "cargo clippy"; do
 done
 if ((show_versions)); then
     printf '  %-22s %s\n' rustc "$(rustc --version)"
-    for p in "${qemu_set[@]}" busybox-static libnbd-bin nbdkit fio; do
+    for p in "${qemu_set[@]}" busybox-static libnbd-bin nbdkit fio python3-prometheus-client; do
         printf '  %-22s %s\n' "$p" "$(installed_version "$p")"
     done
 fi

@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
 . scripts/lib/target.sh
+. scripts/lib/eta.sh
 
 trials=${TRIALS:-5}
 settle=${SETTLE_S:-20}
@@ -43,6 +44,7 @@ EOF
 echo "machine: $(nproc) CPUs, default [heartbeat] settings; times from the guest shell's stop of a's agent"
 
 results=()
+eta_start measure-agent-stop trials "$trials"
 for ((trial = 1; trial <= trials; trial++)); do
     sleep "$settle"
     line=$(python3 - "$state" "$port" <<'PY'
@@ -82,6 +84,7 @@ PY
     echo "trial $trial: first good read +${line%% *} ms after the stop; ${line#* }"
     results+=("${line%% *}")
     "$hostd" giveback a >/dev/null
+    eta_step "$trial"
 done
 printf '%s\n' "${results[@]}" | grep -v '^-$' | sort -n | awk '
     { v[NR] = $1 } END { if (NR) printf "p50 of %d: %s ms (target: under 1500 ms)\n", NR, v[int((NR + 1) / 2)] }'

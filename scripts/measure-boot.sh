@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/target.sh
+. scripts/lib/eta.sh
 
 runs=${1:-5}
 cargo build --release --quiet -p hostd --bin hostd
@@ -15,6 +16,7 @@ trap 'IVHA_STATE_DIR=$state "$hostd" down --purge >/dev/null 2>&1 || true; rm -r
 printf '[regions]\nnode_mib = 64\n[[node]]\nname = "a"\nnbd_port = 20809\n[[node]]\nname = "b"\nnbd_port = 20810\n' >"$config"
 
 times=()
+eta_start measure-boot runs "$runs"
 for i in $(seq 1 "$runs"); do
     start=$(date +%s.%N)
     IVHA_STATE_DIR=$state "$hostd" up --detach --config "$config" >/dev/null
@@ -23,5 +25,6 @@ for i in $(seq 1 "$runs"); do
     times+=("$t")
     printf 'run %d: %.2f s from `hostd up` to both agents up\n' "$i" "$t"
     IVHA_STATE_DIR=$state "$hostd" down >/dev/null
+    eta_step "$i"
 done
 printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "median of %d: %.2f s (min %.2f, max %.2f)\n", NR, (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR]}'

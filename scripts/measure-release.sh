@@ -18,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
 . scripts/lib/target.sh
+. scripts/lib/eta.sh
 
 log_mib=${LOG_MIB:-64}
 write_bytes=${WRITE_BYTES:-65536}
@@ -122,6 +123,8 @@ trial() {
     "$hostd" giveback a >/dev/null || die "hostd giveback a failed"
 }
 
+eta_start measure-release trials "$trials"
 for ((t = 0; t < trials; t++)); do
     trial $((0x41 + t))
+    eta_step $((t + 1))
 done

@@ -8,7 +8,9 @@
 #
 # Environment: TRIALS (default 10), HANG_TRIALS (3), UNFLUSHED_MIB (0,16,64),
 # TIMEOUT_MS (heartbeat timeout, default 3000), KEEP_LOGS=DIR (copy hostd.log, events.jsonl
-# and the consoles there before the state directory is removed).
+# and the consoles there before the state directory is removed), FIGURES=DIR (where the SVG
+# figures go: a timeline per trial and every trial's kill → first read; default
+# $CARGO_TARGET_DIR/measure-takeover). Progress (a bar on a terminal) goes to stderr.
 # Usage: [TRIALS=N] scripts/measure-takeover.sh [extra measure-takeover arguments]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,6 +21,7 @@ trials=${TRIALS:-10}
 hang_trials=${HANG_TRIALS:-3}
 unflushed_mib=${UNFLUSHED_MIB:-0,16,64}
 timeout_ms=${TIMEOUT_MS:-3000}
+figures=${FIGURES:-$target_dir/measure-takeover}
 die() { echo "measure-takeover: error: $*" >&2; exit 1; }
 
 cargo build --quiet -p hostd -p guest-agent -p campaign --bins
@@ -60,4 +63,4 @@ accel=$("$hostd" status --json | sed -n 's/^  "accel": "\(.*\)",$/\1/p')
 echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), accel ${accel:-unknown}"
 
 "$campaign" measure-takeover --hostd "$hostd" --timeout-ms "$timeout_ms" --trials "$trials" \
-    --hang-trials "$hang_trials" --unflushed-mib "$unflushed_mib" "$@"
+    --hang-trials "$hang_trials" --unflushed-mib "$unflushed_mib" --figures "$figures" "$@"

@@ -3,11 +3,14 @@
 
 pub mod block;
 pub mod checker;
+pub mod client_vm;
 pub mod history;
 pub mod hostd;
 pub mod measure;
 pub mod nbd_client;
 pub mod nemesis;
+pub mod plots;
+pub mod progress;
 pub mod report;
 pub mod rng;
 pub mod run;

@@ -33,6 +33,21 @@ enum Command {
     /// Measure takeover time against a running pair whose flushers are paused (see
     /// scripts/measure-takeover.sh, which sets one up).
     MeasureTakeover(campaign::measure::MeasureArgs),
+    /// Boot a client VM with an ext4 filesystem on export a (through QEMU's NBD driver) and
+    /// kill, hang, take over and give back the node serving it while it writes; check its
+    /// files and kernel log, and report its stalls (see docs/clients.md). Exits 0 (passed),
+    /// 1 (violations) or 3.
+    ClientVm(campaign::client_vm::ClientVmArgs),
+    /// Draw the figures of a finished run again (into RUN_DIR/figures), from its
+    /// history.jsonl and logs/events.jsonl.
+    Figures(FiguresArgs),
+}
+
+#[derive(Debug, Args)]
+struct FiguresArgs {
+    /// The run's directory (the --out of `run`).
+    #[arg(value_name = "RUN_DIR")]
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +118,10 @@ enum CommandError {
     Measure(#[from] campaign::measure::MeasureError),
     #[error("cannot find a free port")]
     Port(#[source] std::io::Error),
+    #[error("the client VM run failed")]
+    ClientVm(#[from] campaign::client_vm::ClientVmError),
+    #[error("cannot draw the run's figures")]
+    Figures(#[from] campaign::plots::FiguresError),
     #[error("cannot write the report to {path}")]
     WriteReport {
         path: PathBuf,
@@ -111,7 +130,7 @@ enum CommandError {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    campaign::progress::init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -123,6 +142,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => check(&args),
         Command::Run(args) => run(&args),
+        Command::Figures(args) => figures(&args),
+        Command::ClientVm(args) => {
+            campaign::client_vm::main(&args, hostd_binary(args.hostd.as_ref()))
+                .map(|passed| {
+                    if passed {
+                        Verdict::Valid
+                    } else {
+                        Verdict::Invalid
+                    }
+                })
+                .map_err(CommandError::from)
+        }
         Command::MeasureTakeover(args) => {
             campaign::measure::run(&args, hostd_binary(args.hostd.as_ref()))
                 .map(|()| Verdict::Valid)
@@ -208,6 +239,14 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
         eprintln!("error: the run stopped early: {why}");
     }
     Ok(finished.outcome.verdict)
+}
+
+fn figures(args: &FiguresArgs) -> Result<Verdict, CommandError> {
+    for path in campaign::plots::redraw_run_figures(&args.run_dir)? {
+        println!("{}", path.display());
+    }
+    // Not a verdict: exit 0 when the figures are drawn.
+    Ok(Verdict::Valid)
 }
 
 /// `--ports A,B`: the host ports of identities a and b.

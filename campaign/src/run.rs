@@ -3,7 +3,8 @@
 //! and write the report.
 //!
 //! Files of a run (in `out_dir`): `history.jsonl`, `final/IDENTITY.img`, `report.json`,
-//! `schedule.json`, and hostd's `events.jsonl`, `hostd.log` and the guest consoles.
+//! `schedule.json`, `figures/` (see [`plots`]), and in `logs/` hostd's `events.jsonl`,
+//! `hostd.log` and the guest consoles.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use crate::history::{
 use crate::hostd::Hostd;
 use crate::nbd_client::NbdClient;
 use crate::nemesis::{self, FaultKind, PlannedFault};
+use crate::plots;
+use crate::progress::Progress;
 use crate::report::Report;
 use crate::rng::Rng;
 use crate::torn_tail::TornWrite;
@@ -156,7 +159,7 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     collect_logs(&hostd, out);
     stop_pair(&hostd);
     let finals = finals?;
-    events.map_err(RunError::Events)?;
+    let events = events.map_err(RunError::Events)?;
 
     let history = History::read(&history_path)?;
     let outcome = checker::check(&history, &finals)?;
@@ -164,6 +167,11 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     let report_path = out.join("report.json");
     let json = report.to_json().unwrap_or_default();
     std::fs::write(&report_path, json).map_err(io_err(&report_path))?;
+    // Pictures help to read a run; without them the verdict stands.
+    match plots::write_run_figures(out, &history, &events) {
+        Ok(paths) => log::info!("figures: {}", display_paths(&paths)),
+        Err(error) => log::warn!("no figures: {}", error_chain(&error)),
+    }
     Ok(RunOutcome {
         report,
         outcome,
@@ -204,6 +212,7 @@ fn drive(
     };
     let mut aborted = None;
     let mut fault_times = Vec::new();
+    let mut progress = Progress::new("campaign", "cycles", plan.len() as u64);
     for fault in plan {
         std::thread::sleep(Duration::from_millis(fault.warmup_ms));
         let torn = torn_target(run_id, writers, &fault.node);
@@ -251,11 +260,22 @@ fn drive(
             ));
             break;
         }
+        progress.step();
     }
+    drop(progress);
     // A last stretch of writes against the healthy pair.
     std::thread::sleep(Duration::from_millis(500));
     workload.stop();
     (aborted, fault_times)
+}
+
+/// `a, b` for a list of files.
+fn display_paths(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect();
+    shown.join(", ")
 }
 
 fn address(config: &RunConfig, identity: &str) -> SocketAddr {
@@ -398,7 +418,7 @@ fn hostd_entry(line: &EventLine, faults: &[(u64, u64)]) -> Option<Entry> {
 
 /// Stops the pair and removes its state directory. If no hostd answers (one that failed to
 /// restart), the node processes it recorded are killed, so no QEMU outlives the run.
-fn stop_pair(hostd: &Hostd) {
+pub(crate) fn stop_pair(hostd: &Hostd) {
     if let Err(error) = hostd.run(&["down", "--purge"]) {
         log::warn!("hostd down: {error}; killing the recorded node processes");
         let records = std::fs::read_dir(hostd.state_dir.join("run"))
@@ -429,7 +449,7 @@ fn stop_pair(hostd: &Hostd) {
 }
 
 /// Copies what explains a run into its directory: hostd's events and log, the consoles.
-fn collect_logs(hostd: &Hostd, out: &Path) {
+pub(crate) fn collect_logs(hostd: &Hostd, out: &Path) {
     let logs = out.join("logs");
     let _ = std::fs::create_dir_all(&logs);
     for name in ["events.jsonl", "hostd.log"] {

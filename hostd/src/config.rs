@@ -45,6 +45,10 @@
 //! delay_ms = 0              # > 0 keeps records unflushed for a while (demos, tests)
 //! paused = false            # true: nothing is flushed (replay tests)
 //!
+//! [metrics]
+//! enabled = true            # serve Prometheus metrics (docs/metrics.md)
+//! listen = "127.0.0.1:9187" # IP address and port of http://ADDRESS/metrics
+//!
 //! [[node]]
 //! name = "a"
 //! nbd_port = 10809
@@ -351,6 +355,30 @@ impl Default for FlusherSettings {
     }
 }
 
+/// hostd's Prometheus endpoint (docs/metrics.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// Where: an IP address and a port. Loopback by default, since the metrics name the
+    /// cluster's nodes and addresses. An address taken by another program is logged and
+    /// shown by `hostd status`; the pair runs without metrics then.
+    pub listen: std::net::SocketAddr,
+}
+
+/// Where hostd serves its metrics unless configured: loopback only.
+pub const DEFAULT_METRICS_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 9187);
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: std::net::SocketAddr::from(DEFAULT_METRICS_LISTEN),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -374,6 +402,7 @@ pub struct Config {
     pub nbd: NbdSettings,
     pub recovery: RecoverySettings,
     pub flusher: FlusherSettings,
+    pub metrics: MetricsSettings,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
@@ -389,6 +418,7 @@ impl Default for Config {
             nbd: NbdSettings::default(),
             recovery: RecoverySettings::default(),
             flusher: FlusherSettings::default(),
+            metrics: MetricsSettings::default(),
             nodes: vec![
                 NodeConfig {
                     name: "a".into(),
@@ -535,6 +565,23 @@ impl Config {
                 "flusher.sync_interval_ms {sync} must be from 1 to 3600000 (an hour)"
             ));
         }
+        if self.metrics.enabled && self.metrics.listen.port() == 0 {
+            return invalid(format!(
+                "metrics.listen {}: name a port (scrapers must know where to look)",
+                self.metrics.listen
+            ));
+        }
+        if self.metrics.enabled
+            && let Some(node) = self
+                .nodes
+                .iter()
+                .find(|n| n.nbd_port == self.metrics.listen.port())
+        {
+            return invalid(format!(
+                "metrics.listen {} uses node {}'s nbd_port",
+                self.metrics.listen, node.name
+            ));
+        }
         let all_args = self
             .nodes
             .iter()
@@ -667,6 +714,20 @@ mod tests {
             ("[nbd]\nidle_timeout_s = 100000\n", "at most 86400"),
             ("[flusher]\nrelease = \"disk\"\n", "unknown variant"),
             (
+                "[metrics]\nlisten = \"localhost:9187\"\n",
+                "invalid socket address syntax",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1\"\n",
+                "invalid socket address",
+            ),
+            ("[metrics]\nlisten = \"127.0.0.1:0\"\n", "name a port"),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:10810\"\n",
+                "uses node b's nbd_port",
+            ),
+            ("[metrics]\nport = 9187\n", "unknown field"),
+            (
                 "[qemu]\nkernel_args = \"quiet ivha.flush_pasued\"\n",
                 "flush-pasued",
             ),
@@ -716,6 +777,20 @@ mod tests {
     fn a_node_may_override_hostd_s_agent_settings() {
         let text = "[flusher]\npaused = true\n[[node]]\nname = \"a\"\nnbd_port = 1\nkernel_args = \"ivha.heartbeat_ms=50 ivha.flush_paused=1\"\n[[node]]\nname = \"b\"\nnbd_port = 2\n";
         Config::parse(text).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn metrics_are_served_on_loopback_unless_configured() {
+        let config = Config::parse("").unwrap();
+        assert!(config.metrics.enabled);
+        assert!(config.metrics.listen.ip().is_loopback());
+        let config = Config::parse("[metrics]\nlisten = \"[::1]:9300\"\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.metrics.listen.to_string(), "[::1]:9300");
+        // Off, the address is not checked.
+        let config =
+            Config::parse("[metrics]\nenabled = false\nlisten = \"127.0.0.1:0\"\n").unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

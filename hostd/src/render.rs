@@ -40,6 +40,9 @@ pub fn status_table(status: &ClusterStatus) -> String {
         status.accel_reason,
         status.state_dir
     );
+    if !status.metrics.is_empty() {
+        let _ = writeln!(out, "metrics  {}", status.metrics);
+    }
     let header = [
         "NODE",
         "PARTNER",
@@ -433,9 +436,14 @@ mod tests {
             accel_reason: String::new(),
             uptime_s: 1.0,
             adopted: false,
+            metrics: "http://127.0.0.1:9187/metrics".into(),
             nodes: vec![troubled],
         });
         assert!(table.contains("CLIENTS"), "{table}");
+        assert!(
+            table.contains("metrics  http://127.0.0.1:9187/metrics\n"),
+            "{table}"
+        );
         assert!(table.contains("b (fenced: not serving)"), "{table}");
     }
 }

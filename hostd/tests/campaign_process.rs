@@ -79,4 +79,9 @@ fn process_campaign_of_every_kind_is_valid() {
     }
     assert!(finished.report.takeovers.count >= 4, "{}", finished.report);
     assert!(out.path().join("report.json").exists());
+    // The figures: the clients over time, and the takeovers' timeline (there were some).
+    for figure in ["clients.svg", "takeovers.svg"] {
+        let svg = std::fs::read_to_string(out.path().join("figures").join(figure)).unwrap();
+        assert!(svg.trim_end().ends_with("</svg>"), "{figure}");
+    }
 }

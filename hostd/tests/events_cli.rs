@@ -196,3 +196,58 @@ fn follow_prints_appended_lines() {
     assert_eq!(lines.recv_timeout(timeout).unwrap(), TAKEOVER);
     assert!(child.0.try_wait().unwrap().is_none(), "still following");
 }
+
+#[test]
+fn svg_draws_the_selected_takeovers() {
+    const KILL_A: &str = r#"{"time_unix_ms":1700000001880,"time_unix_us":1700000001880000,"event":"fault_injected","node":"a","signal":"kill"}"#;
+    let dir = state_dir_with(&[PAIR_STARTING, A_UP, B_UP, KILL_A, TAKEOVER]);
+    let file = dir.path().join("timeline.svg");
+    let file_arg = file.to_str().unwrap();
+    let (code, stdout, stderr) = hostd(dir.path(), &["events", "--node", "a", "--svg", file_arg]);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert_eq!(stdout, format!("{file_arg}: the timeline of 1 takeover\n"));
+    let svg = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    for text in [
+        "Takeovers of a: phases in ms after detection",
+        "22:13:21.900  takeover a → b",
+        "detect",
+        "fence",
+        "replay",
+        "served +95 ms",
+    ] {
+        assert!(
+            svg.contains(&format!(">\n{text}\n<")) || svg.contains(&format!(">{text}<")),
+            "{text:?} not in {svg}"
+        );
+    }
+
+    // Nothing to draw: a clear error, and no file.
+    let empty = dir.path().join("empty.svg");
+    let (code, _, stderr) = hostd(
+        dir.path(),
+        &["events", "--node", "b", "--svg", empty.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("no takeover among the selected events"),
+        "{stderr}"
+    );
+    assert!(!empty.exists());
+
+    // An unwritable place names the file.
+    let (code, _, stderr) = hostd(dir.path(), &["events", "--svg", "/nonexistent/dir/t.svg"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot write the timeline to /nonexistent/dir/t.svg"),
+        "{stderr}"
+    );
+
+    // A picture is not a stream.
+    let (code, _, stderr) = hostd(dir.path(), &["events", "--follow", "--svg", file_arg]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}

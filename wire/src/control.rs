@@ -80,6 +80,9 @@ pub struct ClusterStatus {
     /// Whether this daemon adopted a pair an earlier hostd left running.
     #[serde(default)]
     pub adopted: bool,
+    /// Where hostd serves its Prometheus metrics (`http://ADDRESS/metrics`), or why not.
+    #[serde(default)]
+    pub metrics: String,
     pub nodes: Vec<NodeStatus>,
 }
 

@@ -14,6 +14,7 @@
 //! take the detection time and the takeover's timeline from `events.jsonl`; verify every
 //! written byte through a's address; give a its identity back.
 
+mod plots;
 mod trial;
 
 use std::path::PathBuf;
@@ -21,7 +22,9 @@ use std::path::PathBuf;
 use clap::Args;
 use wire::control::KillSignal;
 
+use crate::progress::Progress;
 use crate::report::Percentiles;
+use plots::TrialSeries;
 use trial::{Probe, Trial};
 
 /// Targets of the takeover-speed work (this machine, TCG): kill → first good read, p50,
@@ -61,6 +64,10 @@ pub struct MeasureArgs {
     /// socket (t0 before sending the request).
     #[arg(long)]
     pub kill_via_cli: bool,
+    /// Write the figures (a timeline per trial, every trial's kill → first read) into
+    /// this directory.
+    #[arg(long, value_name = "DIR")]
+    pub figures: Option<PathBuf>,
 }
 
 /// Why a measurement stopped.
@@ -80,6 +87,14 @@ pub enum MeasureError {
     Socket(#[source] std::io::Error),
     #[error("{0}")]
     Failed(String),
+    #[error("cannot draw the measurement's figures")]
+    DrawFigure(#[source] figures::DrawError),
+    #[error("cannot write {path}")]
+    WriteFigure {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the trials and prints each, then the summary against the targets.
@@ -96,6 +111,8 @@ pub fn run(args: &MeasureArgs, hostd: PathBuf) -> Result<(), MeasureError> {
         args.timeout_ms
     );
 
+    let total = args.unflushed_mib.len() * args.trials + args.hang_trials;
+    let mut progress = Progress::new("measure-takeover", "trials", total as u64);
     let mut series: Vec<(u64, Vec<Trial>)> = Vec::new();
     let mut index = 0;
     for &mib in &args.unflushed_mib {
@@ -103,11 +120,14 @@ pub fn run(args: &MeasureArgs, hostd: PathBuf) -> Result<(), MeasureError> {
         for trial_number in 0..args.trials {
             let trial = probe.trial(index, KillSignal::Kill, mib)?;
             index += 1;
-            println!(
-                "kill {mib:>3} MiB {:>2}: {}",
-                trial_number + 1,
-                trial.line()
-            );
+            progress.suspend(|| {
+                println!(
+                    "kill {mib:>3} MiB {:>2}: {}",
+                    trial_number + 1,
+                    trial.line()
+                );
+            });
+            progress.step();
             kills.push(trial);
         }
         series.push((mib, kills));
@@ -117,13 +137,17 @@ pub fn run(args: &MeasureArgs, hostd: PathBuf) -> Result<(), MeasureError> {
     for trial_number in 0..args.hang_trials {
         let trial = probe.trial(index, KillSignal::Stop, hang_mib)?;
         index += 1;
-        println!(
-            "hang {hang_mib:>3} MiB {:>2}: {}",
-            trial_number + 1,
-            trial.line()
-        );
+        progress.suspend(|| {
+            println!(
+                "hang {hang_mib:>3} MiB {:>2}: {}",
+                trial_number + 1,
+                trial.line()
+            );
+        });
+        progress.step();
         hangs.push(trial);
     }
+    drop(progress);
 
     let p50 = |trials: &[Trial]| {
         let first: Vec<f64> = trials.iter().map(|t| t.first_read).collect();
@@ -184,6 +208,26 @@ pub fn run(args: &MeasureArgs, hostd: PathBuf) -> Result<(), MeasureError> {
     println!("for context, quoted, not measured here: keepalived (VRRP) moves an address in");
     println!("  3.05-3.6 s with default 1 s adverts, 0.28-0.34 s tuned to 100 ms adverts");
     println!("  (address only: no log replay, no data check)");
+    if let Some(dir) = &args.figures {
+        let mut all: Vec<TrialSeries<'_>> = series
+            .iter()
+            .map(|(mib, kills)| TrialSeries {
+                fault: "kill",
+                unflushed_mib: *mib,
+                trials: kills,
+            })
+            .collect();
+        all.push(TrialSeries {
+            fault: "hang",
+            unflushed_mib: hang_mib,
+            trials: &hangs,
+        });
+        let written = plots::write_figures(dir, &all)?;
+        println!();
+        for path in written {
+            println!("figure: {}", path.display());
+        }
+    }
     Ok(())
 }
 

@@ -51,19 +51,23 @@ pub struct Trial {
     pub replayed: Option<f64>,
     pub records: u64,
     /// Probe attempts until the first correct read.
-    attempts: u64,
+    pub(super) attempts: u64,
     /// Failed attempts: refused, timed out (connect, handshake or read), other errors.
-    refused: u64,
-    timed_out: u64,
-    other_errors: u64,
+    pub(super) refused: u64,
+    pub(super) timed_out: u64,
+    pub(super) other_errors: u64,
     /// The first other error, with its time after t0.
-    first_other: Option<(f64, String)>,
+    pub(super) first_other: Option<(f64, String)>,
     /// Time to write the unflushed data.
-    write_ms: f64,
+    pub(super) write_ms: f64,
     /// Records in a's log that were not flushed when it was killed.
-    unflushed_records: u64,
+    pub(super) unflushed_records: u64,
     /// Time `hostd giveback a` took.
-    giveback_ms: f64,
+    pub(super) giveback_ms: f64,
+    /// t0 on the host clock (µs since the epoch), for the timeline figure.
+    pub t0_unix_us: u64,
+    /// hostd's report of the takeover.
+    pub takeover: Option<MoveReport>,
 }
 
 impl Trial {
@@ -252,7 +256,8 @@ impl Probe {
         // The fault, with an idle client connected, then the probe.
         let idle = NbdClient::connect(addr, VICTIM, Duration::from_secs(5))
             .map_err(nbd("connect the idle client"))?;
-        let t0_unix_ms = wire::time::now_unix_us() as f64 / 1000.0;
+        trial.t0_unix_us = wire::time::now_unix_us();
+        let t0_unix_ms = trial.t0_unix_us as f64 / 1000.0;
         let t0 = Instant::now();
         self.kill(signal)?;
         let limit = TAKEOVER_TIMEOUT
@@ -356,6 +361,7 @@ impl Probe {
         let replayed = self.wait_for_replay(t0_unix_ms)?;
         trial.replayed = Some(replayed - seen.takeover.detected_unix_ms as f64);
 
+        trial.takeover = Some(seen.takeover);
         // a gets its identity back (hostd restarts its QEMU first).
         trial.giveback_ms = self.ready_with_giveback()?.1;
         Ok(trial)

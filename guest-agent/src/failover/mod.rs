@@ -397,9 +397,9 @@ impl FailoverMonitor {
     fn stop_writing(&mut self, identity: u32) -> Result<(), String> {
         let export = Arc::clone(self.export(identity)?);
         let volume = export.volume();
-        self.nvram
-            .set_writable(volume, false)
-            .map_err(|e| e.to_string())?;
+        // Clients are cut off before writes are refused: a write refused now has no
+        // connection to answer on, so the client sends it again to the new owner instead of
+        // seeing an error (QEMU's NBD driver retries lost connections, not error replies).
         self.registry.remove(&volume.name);
         let mut cut = self
             .server
@@ -410,6 +410,9 @@ impl FailoverMonitor {
                 cut += listener.disconnect_export(&volume.name);
             }
         }
+        self.nvram
+            .set_writable(volume, false)
+            .map_err(|e| e.to_string())?;
         log::info!(
             "stopped writing for {}: {cut} client connection(s) closed",
             volume.name

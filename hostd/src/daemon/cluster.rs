@@ -15,6 +15,7 @@ use wire::state_dir::StateDir;
 
 use super::backend::{BackendError, NodeBackend, NodePaths, SpawnPlan, WatchedNode};
 use super::health::NodeHealth;
+use super::metrics::{self, Metrics};
 use super::prepare::{NodeFiles, RegionError};
 use super::records::{self, RecordError};
 use super::topology::{IdentityId, NodeId, Topology};
@@ -97,6 +98,8 @@ pub struct Cluster {
     addresses_pending: BTreeSet<IdentityId>,
     /// Takeovers whose taker serves the dead holder's log while it replays it.
     replays_pending: Vec<PendingReplay>,
+    /// Counts what `record` and `fence` see; the daemon serves them.
+    metrics: Metrics,
 }
 
 /// A takeover whose background replay hostd waits to see finish (to record it).
@@ -191,7 +194,18 @@ impl Cluster {
             adopted: false,
             addresses_pending: BTreeSet::new(),
             replays_pending: Vec::new(),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// The cluster counting into `metrics` (which the daemon serves).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Boots every node. On any failure, whatever was started is killed before returning.
@@ -472,7 +486,10 @@ impl Cluster {
 
     /// Kills and reaps `node`; only a confirmed death counts.
     pub fn fence(&mut self, node: NodeId) -> Result<(), BackendError> {
-        let how = self.backend.fence(node, FENCE_TIMEOUT)?;
+        let fenced = self.backend.fence(node, FENCE_TIMEOUT);
+        self.metrics
+            .fenced(self.topology.name(node), fenced.is_ok());
+        let how = fenced?;
         self.nodes[node.index()].fenced(&how);
         log::info!("node {} fenced: {how}", self.topology.name(node));
         self.record_serving_ended_all(node, "fenced");
@@ -659,6 +676,7 @@ impl Cluster {
             accel_reason,
             uptime_s: self.started.elapsed().as_secs_f64(),
             adopted: self.adopted,
+            metrics: self.metrics.endpoint().to_owned(),
             nodes,
         }
     }
@@ -734,6 +752,8 @@ impl Cluster {
 
     pub fn record(&self, event: &Event) {
         self.events.record(event);
+        self.metrics
+            .observe(event, &metrics::move_facts(self, event));
     }
 
     /// Node `node` may serve `identity` from now on: recorded before it is told to.

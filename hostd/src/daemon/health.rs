@@ -300,6 +300,11 @@ impl NodeHealth {
         }
     }
 
+    /// The monitor's verdict (kept after a fence, until the node starts again).
+    pub fn verdict(&self) -> &Health {
+        self.monitor.health()
+    }
+
     /// Why the node is not Up, in words ("" when it is).
     pub fn health_reason(&self) -> String {
         health_reason(self.monitor.health(), self.process)

@@ -9,7 +9,8 @@
 //! - `cluster`: the nodes, the control region (owners, commands), sampling and status;
 //! - `moves`: takeover, planned takeover and giveback; `inject`: `hostd kill`;
 //! - `records` and `adopt`: what a restarted hostd finds and how it adopts the nodes;
-//! - [`prepare`]: regions and disks; `socket`: the control socket.
+//! - [`prepare`]: regions and disks; `socket`: the control socket;
+//! - `metrics`: Prometheus metrics, served from a thread of their own.
 
 mod adopt;
 pub mod backend;
@@ -17,6 +18,7 @@ mod cluster;
 mod health;
 mod heartbeat_figures;
 mod inject;
+mod metrics;
 mod moves;
 pub mod prepare;
 mod records;
@@ -144,12 +146,16 @@ pub fn run(
             source,
         })?;
 
+    // Before the nodes start, so that a scrape sees them boot.
+    let mut cluster_metrics = metrics::Metrics::default();
+    let metrics_server = metrics::server::start(&config.metrics, &mut cluster_metrics);
     let paths = cluster::node_paths(config, state);
     let backend: Box<dyn backend::NodeBackend> = match config.backend {
         Backend::Qemu => Box::new(backend::qemu::QemuBackend::new(config, paths)?),
         Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
     };
-    let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?;
+    let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?
+        .with_metrics(cluster_metrics);
     let mut cluster = if running.is_empty() {
         cluster.launch()?
     } else {
@@ -161,8 +167,10 @@ pub fn run(
     };
     let result = main_loop(&mut cluster, &requests, &mut on_progress);
     // Children (reaped), then the lock, then the socket: `hostd down` takes a gone socket
-    // to mean the state directory is free for the next `hostd up`.
+    // to mean the state directory is free for the next `hostd up`. The metrics address
+    // too must be free by then.
     drop(cluster);
+    drop(metrics_server);
     drop(lock);
     drop(listener);
     let _ = std::fs::remove_file(state.control_socket());
@@ -215,6 +223,7 @@ fn main_loop(
             recv(timeout) -> _ => {
                 next_tick += tick;
                 moves.tick(cluster);
+                metrics::publish(cluster);
                 if booting && last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();
                     let status = cluster.status();

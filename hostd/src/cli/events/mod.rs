@@ -1,4 +1,5 @@
-//! `hostd events`: the event history from `STATE_DIR/events.jsonl`, optionally followed.
+//! `hostd events`: the event history from `STATE_DIR/events.jsonl`, optionally followed, or
+//! its takeovers drawn as a timeline (`--svg`, in `svg.rs`).
 //!
 //! The file is read directly, so this works with or without a running daemon. Each line
 //! is read as a typed [`EventLine`]; known events get a readable line (takeovers and
@@ -7,6 +8,7 @@
 
 mod reader;
 mod render;
+mod svg;
 mod zone;
 
 use std::collections::BTreeSet;
@@ -43,6 +45,11 @@ pub struct EventsArgs {
     /// Only the last N matching events (before following).
     #[arg(long, value_name = "N")]
     pub last: Option<usize>,
+
+    /// Draw the takeovers among the selected events (with --node and --last) as a timeline
+    /// into FILE, an SVG picture, instead of printing the events. Givebacks are left out.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["follow", "json"])]
+    pub svg: Option<PathBuf>,
 }
 
 /// Errors of `hostd events`.
@@ -62,6 +69,16 @@ pub enum EventsError {
     Write(#[source] io::Error),
     #[error("no node {name:?} in this state directory (its nodes: {known})")]
     UnknownNode { name: String, known: String },
+    #[error("no takeover among the selected events of {path}: there is nothing to draw")]
+    NothingToDraw { path: PathBuf },
+    #[error("cannot draw the takeover timeline")]
+    Draw(#[source] figures::DrawError),
+    #[error("cannot write the timeline to {path}")]
+    WriteSvg {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A line of the log with its number (1-based), as the reader returns it.
@@ -80,6 +97,15 @@ pub fn run(state: &StateDir, args: &EventsArgs) -> CommandResult {
     };
     if let Some(name) = &args.node {
         check_node(state, name, &lines)?;
+    }
+    if let Some(file) = &args.svg {
+        let drawn = svg::write_timeline(&path, &lines, args, &zone, file)?;
+        let plural = if drawn == 1 { "" } else { "s" };
+        println!(
+            "{}: the timeline of {drawn} takeover{plural}",
+            file.display()
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let mut shown: Vec<String> = lines
         .iter()
@@ -179,6 +205,7 @@ pub fn render_log_for_fuzzing(path: &Path) -> Result<Vec<String>, EventsError> {
                 json,
                 node: None,
                 last: None,
+                svg: None,
             };
             shown.extend(
                 lines
@@ -268,6 +295,7 @@ mod tests {
             json,
             node: node.map(str::to_owned),
             last: None,
+            svg: None,
         };
         let path = Path::new("events.jsonl");
         let zone = utc_unlabelled();
