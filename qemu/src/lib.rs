@@ -9,6 +9,7 @@
 pub mod accel;
 pub mod child;
 pub mod cmdline;
+pub mod image;
 pub mod launch;
 pub mod qmp;
 #[cfg(test)]

@@ -157,7 +157,7 @@ pub fn main(args: &ClientVmArgs, hostd: PathBuf) -> Result<bool, ClientVmError> 
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(target).join(format!("client-vm/seed-{seed}")));
-    let image = default_image_dir();
+    let image = qemu::image::default_image_dir();
     let config = ClientVmConfig {
         seed,
         rounds: args.events,
@@ -586,22 +586,4 @@ fn free_port() -> Result<u16, ClientVmError> {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .map_err(ClientVmError::Port)
-}
-
-/// Where the guest image is, as hostd looks for it: `IVHA_GUEST_DIR`, then `guest` in the
-/// target directory of this binary, then `$CARGO_TARGET_DIR/guest`, then `target/guest`.
-pub fn default_image_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("IVHA_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let beside_binary = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("guest")));
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(|dir| PathBuf::from(dir).join("guest"));
-    [beside_binary, target_dir]
-        .into_iter()
-        .flatten()
-        .find(|dir| dir.join("vmlinuz").exists())
-        .unwrap_or_else(|| PathBuf::from("target/guest"))
 }

@@ -186,6 +186,7 @@ fn main_loop(
     let mut moves = moves::Moves::default();
     let mut booting = true;
     let mut last_progress = Instant::now() - PROGRESS_INTERVAL;
+    let mut last_metrics = Instant::now() - METRICS_INTERVAL;
     let mut next_tick = Instant::now();
     loop {
         let timeout = crossbeam_channel::after(next_tick.saturating_duration_since(Instant::now()));
@@ -223,7 +224,10 @@ fn main_loop(
             recv(timeout) -> _ => {
                 next_tick += tick;
                 moves.tick(cluster);
-                metrics::publish(cluster);
+                if last_metrics.elapsed() >= METRICS_INTERVAL {
+                    last_metrics = Instant::now();
+                    metrics::publish(cluster);
+                }
                 if booting && last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();
                     let status = cluster.status();
@@ -312,3 +316,6 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 /// How often boot progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the metrics' node figures are refreshed: scrapes come seconds apart, so the
+/// 10 ms tick need not rebuild them each time.
+const METRICS_INTERVAL: Duration = Duration::from_millis(100);

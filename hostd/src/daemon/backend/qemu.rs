@@ -437,27 +437,8 @@ impl NodeBackend for QemuBackend {
     }
 }
 
-/// Where the guest image is looked for when the config names none: `IVHA_GUEST_DIR`, then
-/// `guest` in the cargo target directory of the running binary (`<target>/{debug,release}/hostd`),
-/// then `$CARGO_TARGET_DIR/guest`, then `target/guest` under the current directory.
-pub fn default_image_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("IVHA_GUEST_DIR") {
-        return PathBuf::from(dir);
-    }
-    let beside_binary = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("guest")));
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(|dir| PathBuf::from(dir).join("guest"));
-    [beside_binary, target_dir]
-        .into_iter()
-        .flatten()
-        .find(|dir| dir.join("vmlinuz").exists())
-        .unwrap_or_else(|| PathBuf::from("target/guest"))
-}
-
 fn image(config: &Config) -> Result<(PathBuf, PathBuf), QemuSetupError> {
-    let dir = default_image_dir();
+    let dir = qemu::image::default_image_dir();
     let kernel = config
         .qemu
         .kernel

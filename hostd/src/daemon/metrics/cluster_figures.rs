@@ -1,4 +1,4 @@
-//! The figures hostd reads from its nodes and their regions on every tick (state,
+//! The figures hostd reads from its nodes and their regions every 100 ms (state,
 //! heartbeat, log cursors, the agents' counters, who serves each identity), kept as one
 //! snapshot that a scrape encodes.
 //!
