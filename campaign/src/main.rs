@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a pair, run NBD writers and one seeded fault per cycle, then check the history.
+    /// Start a cluster (a pair by default), run NBD writers and one seeded fault per cycle,
+    /// then check the history.
     Run(RunArgs),
     /// Check a recorded history against the final contents of the exports.
     Check(CheckArgs),
@@ -59,13 +60,17 @@ struct RunArgs {
     #[arg(long, default_value_t = 12)]
     cycles: u64,
     /// Fault kinds to draw from (comma-separated): kill, stop, panic, agent_kill,
-    /// hostd_restart, torn_tail, double_kill. `panic` needs QEMU guests.
+    /// hostd_restart, torn_tail, double_kill, kill_taker, kill_two. `panic` needs QEMU
+    /// guests; kill_taker and kill_two need 3 nodes or more (left out of a pair's run).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill"
+        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill,kill_taker,kill_two"
     )]
     faults: Vec<FaultKind>,
+    /// Nodes in the cluster, named a, b, c, ...: 2 (a pair) to 8.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
+    nodes: u8,
     /// Where the nodes run: QEMU guests, or agents as host processes.
     #[arg(long, default_value = "qemu", value_parser = ["qemu", "process"])]
     backend: String,
@@ -82,9 +87,9 @@ struct RunArgs {
     /// Blocks (4 KiB) each writer owns.
     #[arg(long, default_value_t = 32)]
     blocks: u64,
-    /// Host ports of the identities a and b (default: two free ports).
-    #[arg(long, value_name = "PORT,PORT", value_parser = parse_ports)]
-    ports: Option<[u16; 2]>,
+    /// Host ports of the identities a, b, ..., one per node (default: free ports).
+    #[arg(long, value_name = "PORT,PORT,...", value_parser = parse_ports)]
+    ports: Option<Ports>,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +123,12 @@ enum CommandError {
     Measure(#[from] campaign::measure::MeasureError),
     #[error("cannot find a free port")]
     Port(#[source] std::io::Error),
+    #[error("--ports gives {given} ports, but --nodes {nodes} needs one per node: {nodes}")]
+    PortCount { given: usize, nodes: usize },
+    #[error(
+        "no fault kind of --faults can run on {nodes} nodes (kill_taker and kill_two need 3 or more)"
+    )]
+    NoFaults { nodes: usize },
     #[error("the client VM run failed")]
     ClientVm(#[from] campaign::client_vm::ClientVmError),
     #[error("cannot draw the run's figures")]
@@ -200,13 +211,31 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
         PathBuf::from(target).join(format!("campaign/seed-{seed}"))
     });
     let hostd = hostd_binary(args.hostd.as_ref());
+    let nodes = usize::from(args.nodes);
     let ports = match &args.ports {
-        Some(ports) => *ports,
-        None => [free_port()?, free_port()?],
+        Some(Ports(ports)) if ports.len() == nodes => ports.clone(),
+        Some(Ports(ports)) => {
+            return Err(CommandError::PortCount {
+                given: ports.len(),
+                nodes,
+            });
+        }
+        None => free_ports(nodes)?,
     };
-    let fault_names: Vec<&str> = args.faults.iter().map(|k| k.name()).collect();
+    // The double faults need a third node: a pair's run leaves them out (its schedule is
+    // the same as without them).
+    let kinds = FaultKind::fitting(&args.faults, nodes);
+    if kinds.is_empty() {
+        return Err(CommandError::NoFaults { nodes });
+    }
+    let fault_names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    let cluster = if nodes == 2 {
+        String::new()
+    } else {
+        format!(" with {nodes} nodes")
+    };
     println!(
-        "campaign seed {seed}: {} cycles of {} on the {} backend; files in {}",
+        "campaign seed {seed}: {} cycles of {} on the {} backend{cluster}; files in {}",
         args.cycles,
         fault_names.join(", "),
         args.backend,
@@ -215,7 +244,7 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     let config = campaign::run::RunConfig {
         seed,
         cycles: args.cycles,
-        kinds: args.faults.clone(),
+        kinds,
         backend: args.backend.clone(),
         out_dir: out.clone(),
         hostd,
@@ -225,8 +254,13 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     };
     let finished = campaign::run::run(&config)?;
     print!("{}\n{}", finished.outcome, finished.report);
+    let nodes_arg = if nodes == 2 {
+        String::new()
+    } else {
+        format!(" --nodes {nodes}")
+    };
     println!(
-        "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}",
+        "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}{nodes_arg}",
         args.cycles,
         fault_names.join(","),
         args.backend
@@ -249,8 +283,13 @@ fn figures(args: &FiguresArgs) -> Result<Verdict, CommandError> {
     Ok(Verdict::Valid)
 }
 
-/// `--ports A,B`: the host ports of identities a and b.
-fn parse_ports(text: &str) -> Result<[u16; 2], String> {
+/// The `--ports` of `run`: distinct, nonzero, one per node (the count is checked against
+/// `--nodes` once both are known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ports(Vec<u16>);
+
+/// `--ports A,B,...`: the host ports of identities a, b, ...
+fn parse_ports(text: &str) -> Result<Ports, String> {
     let ports: Vec<u16> = text
         .split(',')
         .map(|port| {
@@ -259,15 +298,35 @@ fn parse_ports(text: &str) -> Result<[u16; 2], String> {
                 .map_err(|e| format!("{port:?} is not a port: {e}"))
         })
         .collect::<Result<_, _>>()?;
-    match ports.as_slice() {
-        [a, b] if a != b && *a != 0 && *b != 0 => Ok([*a, *b]),
-        [a, b] if a == b => Err(format!("the two ports must differ, both are {a}")),
-        [_, _] => Err("port 0 is not a port".into()),
-        _ => Err(format!(
-            "two ports are needed (PORT,PORT), {} given",
-            ports.len()
-        )),
+    if ports.contains(&0) {
+        return Err("port 0 is not a port".into());
     }
+    for (i, port) in ports.iter().enumerate() {
+        if ports[..i].contains(port) {
+            return Err(format!("the ports must differ, {port} is given twice"));
+        }
+    }
+    let max = campaign::run::MAX_NODES;
+    if !(2..=max).contains(&ports.len()) {
+        return Err(format!(
+            "one port per node is needed (2 to {max}: PORT,PORT,...), {} given",
+            ports.len()
+        ));
+    }
+    Ok(Ports(ports))
+}
+
+/// `count` distinct free ports: each listener is held until all are found.
+fn free_ports(count: usize) -> Result<Vec<u16>, CommandError> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CommandError::Port)?;
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().map(|addr| addr.port()))
+        .collect::<Result<_, _>>()
+        .map_err(CommandError::Port)
 }
 
 /// The hostd binary: as given, else beside this one, else `hostd` in PATH.
@@ -280,13 +339,6 @@ fn hostd_binary(given: Option<&PathBuf>) -> PathBuf {
         .and_then(|exe| Some(exe.parent()?.join("hostd")))
         .filter(|path| path.is_file())
         .unwrap_or_else(|| PathBuf::from("hostd"))
-}
-
-fn free_port() -> Result<u16, CommandError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(CommandError::Port)
 }
 
 fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
@@ -303,15 +355,53 @@ fn write_report(path: &Path, report: &Report) -> Result<(), CommandError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ports_take_the_form_the_usage_shows() {
-        let cli = Cli::try_parse_from(["ivha-campaign", "run", "--ports", "31001,31002"]).unwrap();
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["ivha-campaign", "run"].iter().chain(args))?;
         let Command::Run(args) = cli.command else {
             panic!("not a run");
         };
-        assert_eq!(args.ports, Some([31001, 31002]));
-        for bad in ["31001", "31001,31001", "1,2,3", "x,2", "0,5"] {
+        Ok(args)
+    }
+
+    #[test]
+    fn ports_take_the_form_the_usage_shows() {
+        let args = run_args(&["--ports", "31001,31002"]).unwrap();
+        assert_eq!(args.ports, Some(Ports(vec![31001, 31002])));
+        assert_eq!(args.nodes, 2);
+        for bad in ["31001", "31001,31001", "x,2", "0,5", "1,2,3,4,5,6,7,8,9"] {
             assert!(parse_ports(bad).is_err(), "{bad}");
         }
+        // A pair takes two ports, no more.
+        let three = run_args(&["--ports", "1,2,3"]).unwrap();
+        let error = run(&three).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "--ports gives 3 ports, but --nodes 2 needs one per node: 2"
+        );
+    }
+
+    #[test]
+    fn nodes_go_from_two_to_eight() {
+        let args = run_args(&["--nodes", "4", "--ports", "1,2,3,4"]).unwrap();
+        assert_eq!(args.nodes, 4);
+        assert_eq!(args.ports, Some(Ports(vec![1, 2, 3, 4])));
+        for bad in ["1", "9", "x"] {
+            assert!(run_args(&["--nodes", bad]).is_err(), "{bad}");
+        }
+        let error = run(&run_args(&["--nodes", "3", "--ports", "1,2"]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            "--ports gives 2 ports, but --nodes 3 needs one per node: 3"
+        );
+        // Only double faults on a pair: nothing to run.
+        let error = run(&run_args(&["--faults", "kill_taker,kill_two"]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("need 3 or more"), "{error}");
+        let ports = free_ports(8).unwrap();
+        assert_eq!(ports.len(), 8);
+        assert!(ports.iter().all(|p| *p != 0));
     }
 }

@@ -1,8 +1,12 @@
 //! The nemesis: one fault per cycle, chosen from a seed, then recovery (giveback or restart)
-//! so the next cycle starts from a healthy pair.
+//! so the next cycle starts from a healthy cluster (every node up, serving its own identity).
 //!
 //! The whole schedule is drawn before the run starts, so a seed names one schedule: a
 //! failing seed replays the same faults in the same order on the same nodes.
+//!
+//! The campaign's cluster uses hostd's default takeover order: the nodes that may take over
+//! a node's identity are the other nodes in ring order after it (a → b → c → a). In a pair
+//! the taker is simply the other node.
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,19 +33,27 @@ pub enum FaultKind {
     Panic,
     /// Kill only the guest agent inside the guest.
     AgentKill,
-    /// SIGKILL hostd and start it again: it must adopt the running pair.
+    /// SIGKILL hostd and start it again: it must adopt the running cluster.
     HostdRestart,
     /// Freeze the node, leave a record half written past its log head (as if the agent
     /// died mid-append), then SIGKILL it.
     TornTail,
-    /// SIGKILL the node, then the node holding its identity: at once (before any
-    /// takeover), or after the takeover. No live node is left; hostd must restart one.
+    /// SIGKILL the node, then the node holding its identity (its first taker): at once
+    /// (before any takeover), or after the takeover. In a pair no live node is left and
+    /// hostd must restart one; in a larger cluster the next candidate takes both over.
     DoubleKill,
+    /// SIGKILL the node, wait until hostd reports its identity taken over, then SIGKILL the
+    /// taker: every identity the taker held (its own and the one it just took) must move to
+    /// the next candidate. Needs 3 nodes or more.
+    KillTaker,
+    /// SIGKILL two unrelated nodes (neither holds the other's identity) in quick
+    /// succession: each identity moves to a live taker. Needs 3 nodes or more.
+    KillTwo,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Panic,
@@ -49,6 +61,8 @@ impl FaultKind {
         FaultKind::HostdRestart,
         FaultKind::TornTail,
         FaultKind::DoubleKill,
+        FaultKind::KillTaker,
+        FaultKind::KillTwo,
     ];
 
     /// The name used in the history and on the command line.
@@ -61,7 +75,27 @@ impl FaultKind {
             FaultKind::HostdRestart => "hostd_restart",
             FaultKind::TornTail => "torn_tail",
             FaultKind::DoubleKill => "double_kill",
+            FaultKind::KillTaker => "kill_taker",
+            FaultKind::KillTwo => "kill_two",
         }
+    }
+
+    /// The fewest nodes the fault can run on: the double faults that leave a live node
+    /// need a third one.
+    pub fn min_nodes(self) -> usize {
+        match self {
+            FaultKind::KillTaker | FaultKind::KillTwo => 3,
+            _ => 2,
+        }
+    }
+
+    /// The kinds of `kinds` that can run on a cluster of `nodes`, in the same order.
+    pub fn fitting(kinds: &[FaultKind], nodes: usize) -> Vec<FaultKind> {
+        kinds
+            .iter()
+            .copied()
+            .filter(|kind| kind.min_nodes() <= nodes)
+            .collect()
     }
 
     /// Whether the fault needs real QEMU guests (a kernel to panic).
@@ -98,23 +132,32 @@ pub struct PlannedFault {
     pub kind: FaultKind,
     /// The node it hits.
     pub node: String,
-    /// How long the node stays stopped (`stop`) or hostd stays dead (`hostd_restart`).
+    /// How long the node stays stopped (`stop`) or hostd stays dead (`hostd_restart`); how
+    /// long after the takeover the taker dies (`double_kill`, `kill_taker`); how long after
+    /// the first node the second dies (`kill_two`).
     pub pause_ms: u64,
     /// `torn_tail`: whether the record past the head is complete (crc right, head never
     /// published) rather than cut short.
     pub complete_record: bool,
     /// How long the writers run before the fault.
     pub warmup_ms: u64,
+    /// `kill_two`: the second node it kills.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second: Option<String>,
 }
 
-/// Draws `cycles` faults from `seed`. Kinds come in shuffled rounds of all of `kinds`, so
-/// a short campaign still has each kind a few times.
+/// Draws `cycles` faults from `seed` for a cluster of `nodes` (in configuration order).
+/// Kinds come in shuffled rounds of all of `kinds`, so a short campaign still has each kind
+/// a few times. Kinds that need more nodes than there are ([`FaultKind::min_nodes`]) are
+/// left out; the generator is drawn from exactly as before the double faults existed for
+/// the other kinds, so a pair's schedule for a seed has not changed.
 pub fn schedule(
     seed: u64,
     cycles: u64,
     kinds: &[FaultKind],
     nodes: &[String],
 ) -> Vec<PlannedFault> {
+    let kinds = FaultKind::fitting(kinds, nodes.len());
     let mut rng = Rng::new(seed, 1);
     let mut round: Vec<FaultKind> = Vec::new();
     (0..cycles)
@@ -127,7 +170,8 @@ pub fn schedule(
                 }
             }
             let kind = round.pop().unwrap_or(FaultKind::Kill);
-            let node = nodes[rng.below(nodes.len() as u64) as usize].clone();
+            let index = rng.below(nodes.len() as u64) as usize;
+            let node = nodes[index].clone();
             let pause_ms = match kind {
                 // Half below the heartbeat timeout (3 s), half well past it.
                 FaultKind::Stop if rng.percent(50) => rng.between(300, 2000),
@@ -136,8 +180,15 @@ pub fn schedule(
                 // 0: both at once; else the taker dies this long after the takeover.
                 FaultKind::DoubleKill if rng.percent(50) => 0,
                 FaultKind::DoubleKill => rng.between(100, 2000),
+                // 0 ms: the taker dies the moment it serves (its replay still running).
+                FaultKind::KillTaker => rng.between(0, 2000),
+                // Quick succession: the second dies before or just after the first's
+                // takeover.
+                FaultKind::KillTwo => rng.between(0, 300),
                 _ => 0,
             };
+            // Drawn only for the kind (never in a pair), so the other kinds' draws stay.
+            let second = (kind == FaultKind::KillTwo).then(|| unrelated(&mut rng, nodes, index));
             PlannedFault {
                 cycle,
                 kind,
@@ -145,9 +196,27 @@ pub fn schedule(
                 pause_ms,
                 complete_record: rng.percent(50),
                 warmup_ms: rng.between(300, 1200),
+                second,
             }
         })
         .collect()
+}
+
+/// `kill_two`'s second node for `nodes[first]`: one that is not next to it in the ring (in
+/// the default takeover order neither is then the other's first taker) where there is one
+/// (4 nodes or more), else any other node.
+fn unrelated(rng: &mut Rng, nodes: &[String], first: usize) -> String {
+    let n = nodes.len();
+    let others: Vec<usize> = (0..n).filter(|&i| i != first).collect();
+    let far: Vec<usize> = others
+        .iter()
+        .copied()
+        .filter(|&i| i != (first + 1) % n && (i + 1) % n != first)
+        .collect();
+    let pool = if far.is_empty() { others } else { far };
+    let pick = rng.below(pool.len() as u64) as usize;
+    pool.get(pick)
+        .map_or_else(|| nodes[first].clone(), |&i| nodes[i].clone())
 }
 
 /// Errors running a fault or recovering from it.
@@ -171,6 +240,14 @@ pub enum NemesisError {
     },
     #[error("the fault did not fire: {0}")]
     DidNotFire(String),
+    #[error(
+        "identity {identity} moved to {got}, but the next candidate in the takeover order is {expected}"
+    )]
+    UnexpectedTaker {
+        identity: String,
+        expected: String,
+        got: String,
+    },
 }
 
 /// What a fault did, for the history.
@@ -181,6 +258,39 @@ pub struct FaultOutcome {
     pub detail: String,
     /// The cluster epoch just before the fault.
     pub epoch_before: u64,
+    /// The nodes the fault killed whose identities must move to a live node other than
+    /// them (the double faults in a cluster of 3 or more); empty for the others.
+    pub killed: Vec<String>,
+}
+
+/// The other nodes of `status` in ring order after `node` (status order is configuration
+/// order): the default takeover order of `node`'s identity.
+fn ring_after<'a>(status: &'a ClusterStatus, node: &str) -> Vec<&'a str> {
+    let names: Vec<&str> = status.nodes.iter().map(|n| n.name.as_str()).collect();
+    ring_order(&names, node)
+}
+
+/// The names of `names` other than `node`, in ring order after it.
+fn ring_order<'a>(names: &[&'a str], node: &str) -> Vec<&'a str> {
+    let at = names.iter().position(|name| *name == node).unwrap_or(0);
+    (1..names.len())
+        .map(|step| names[(at + step) % names.len()])
+        .collect()
+}
+
+/// The node serving `identity`, if it is up.
+fn served_by_live<'a>(status: &'a ClusterStatus, identity: &str) -> Option<&'a str> {
+    let holder = Hostd::node(status, identity)?.served_by.as_deref()?;
+    Hostd::node(status, holder)
+        .is_some_and(|h| h.state == NodeState::Up)
+        .then_some(holder)
+}
+
+/// Whether every identity in `identities` is served by a live node outside `dead`.
+fn moved_to_live(status: &ClusterStatus, identities: &[String], dead: &[String]) -> bool {
+    identities.iter().all(|identity| {
+        served_by_live(status, identity).is_some_and(|holder| !dead.iter().any(|d| d == holder))
+    })
 }
 
 fn pid_of(status: &ClusterStatus, node: &str) -> Result<u32, NemesisError> {
@@ -209,7 +319,8 @@ fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<(), NemesisError
 }
 
 /// Injects `fault`; returns once it has hit (a stopped node is continued again, a killed
-/// hostd restarted), without waiting for the pair to recover.
+/// hostd restarted; `kill_taker`: the taker's identities moved on), without waiting for the
+/// cluster to recover.
 /// `torn` is the record a `torn_tail` fault leaves (a block of the node's own export).
 pub fn inject(
     hostd: &Hostd,
@@ -221,6 +332,7 @@ pub fn inject(
     let status = hostd.status()?;
     let boot_id = Hostd::node(&status, node).map(|n| n.boot_id);
     let t = wire::time::now_unix_us();
+    let mut killed = Vec::new();
     let detail = match fault.kind {
         FaultKind::Kill | FaultKind::Panic => {
             let said = hostd.run(&["kill", node, "--signal", fault.kind.name()])?;
@@ -262,13 +374,16 @@ pub fn inject(
         }
         FaultKind::DoubleKill => {
             hostd.run(&["kill", node])?;
-            // The other node: the one holding (or about to hold) this node's identity.
-            let other = status
-                .nodes
-                .iter()
-                .map(|n| n.name.clone())
-                .find(|name| name != node)
+            // The other node: the one holding (or about to hold) this node's identity, its
+            // first taker (in a pair, the other node).
+            let other = ring_after(&status, node)
+                .first()
+                .map(|name| (*name).to_owned())
                 .ok_or_else(|| NemesisError::DidNotFire("no second node".into()))?;
+            if status.nodes.len() >= 3 {
+                // A live node is left: it must take both identities over.
+                killed = vec![node.to_owned(), other.clone()];
+            }
             if fault.pause_ms > 0 {
                 hostd
                     .wait_for(
@@ -294,6 +409,78 @@ pub fn inject(
                 )
             }
         }
+        FaultKind::KillTaker => {
+            hostd.run(&["kill", node])?;
+            let taken = hostd
+                .wait_for(
+                    &format!("{node}'s identity to be taken over"),
+                    Duration::from_secs(60),
+                    |s| served_by_live(s, node).is_some_and(|holder| holder != node),
+                )
+                .map_err(|_| NemesisError::DidNotFire(format!("no node took {node} over")))?;
+            let taker = served_by_live(&taken, node).unwrap_or_default().to_owned();
+            std::thread::sleep(Duration::from_millis(fault.pause_ms));
+            hostd.run(&["kill", &taker])?;
+            killed = vec![node.to_owned(), taker.clone()];
+            // The taker's identities go to its first live candidate (in the default order:
+            // the nodes after it in the ring), never back to the dead first node.
+            let expected = ring_after(&status, &taker)
+                .into_iter()
+                .find(|name| *name != node)
+                .unwrap_or_default()
+                .to_owned();
+            let moved = hostd
+                .wait_for(
+                    &format!("{node}'s and {taker}'s identities to move to a live node"),
+                    Duration::from_secs(60),
+                    |s| moved_to_live(s, &killed, &killed),
+                )
+                .map_err(|_| {
+                    NemesisError::DidNotFire(format!(
+                        "no live node took {node}'s and {taker}'s identities over"
+                    ))
+                })?;
+            for identity in &killed {
+                let got = served_by_live(&moved, identity).unwrap_or_default();
+                if got != expected {
+                    return Err(NemesisError::UnexpectedTaker {
+                        identity: identity.clone(),
+                        expected,
+                        got: got.to_owned(),
+                    });
+                }
+            }
+            format!(
+                "SIGKILL {node}; {taker} took it over; SIGKILL {taker} {} ms later; \
+                 {expected} took {node} and {taker} over",
+                fault.pause_ms
+            )
+        }
+        FaultKind::KillTwo => {
+            let second = fault
+                .second
+                .clone()
+                .filter(|second| second != node)
+                .ok_or_else(|| {
+                    NemesisError::DidNotFire(format!("kill_two on {node} has no second node"))
+                })?;
+            // Unrelated: neither holds the other's identity now.
+            let holds = |holder: &str, identity: &str| {
+                Hostd::node(&status, identity)
+                    .is_some_and(|n| n.served_by.as_deref() == Some(holder))
+            };
+            if holds(node, &second) || holds(&second, node) {
+                return Err(NemesisError::DidNotFire(format!(
+                    "{node} and {second} are not unrelated (one holds the other's identity): {}",
+                    summary(&status)
+                )));
+            }
+            hostd.run(&["kill", node])?;
+            std::thread::sleep(Duration::from_millis(fault.pause_ms));
+            hostd.run(&["kill", &second])?;
+            killed = vec![node.to_owned(), second.clone()];
+            format!("SIGKILL {node}, then {second} {} ms later", fault.pause_ms)
+        }
         FaultKind::HostdRestart => {
             let hostd_pid = status.hostd_pid;
             if hostd_pid == 0 {
@@ -313,7 +500,7 @@ pub fn inject(
             let adopted = hostd.status()?;
             if !adopted.adopted {
                 return Err(NemesisError::DidNotFire(format!(
-                    "the restarted hostd did not adopt the pair: {}",
+                    "the restarted hostd did not adopt the cluster: {}",
                     summary(&adopted)
                 )));
             }
@@ -333,6 +520,7 @@ pub fn inject(
         t,
         detail,
         epoch_before: status.epoch,
+        killed,
     })
 }
 
@@ -354,23 +542,42 @@ fn process_alive(pid: u32) -> bool {
     qemu::process_state(pid).is_ok_and(|state| !matches!(state, 'Z' | 'X'))
 }
 
-/// Brings the pair back to health after a fault: waits for an identity move where one
-/// must happen, lets the writers work for `dwell`, then until the pair is healthy gives back
-/// any identity that moved (also one that moved late, after a slow recovery).
+/// Brings the cluster back to health after a fault (`outcome` is what [`inject`] said):
+/// waits for an identity move where one must happen, lets the writers work for `dwell`,
+/// then until the cluster is healthy gives back any identity that moved (also one that
+/// moved late, after a slow recovery).
 pub fn recover(
     hostd: &Hostd,
     fault: &PlannedFault,
-    epoch_before: u64,
+    outcome: &FaultOutcome,
     dwell: Duration,
 ) -> Result<(), NemesisError> {
     let node = fault.node.as_str();
+    let epoch_before = outcome.epoch_before;
     let expects_takeover = match fault.kind {
         FaultKind::Kill | FaultKind::Panic | FaultKind::TornTail => true,
         FaultKind::Stop => fault.pause_ms > HEARTBEAT_TIMEOUT_MS,
-        FaultKind::AgentKill | FaultKind::HostdRestart | FaultKind::DoubleKill => false,
+        FaultKind::AgentKill
+        | FaultKind::HostdRestart
+        | FaultKind::DoubleKill
+        | FaultKind::KillTaker
+        | FaultKind::KillTwo => false,
     };
+    if !outcome.killed.is_empty() {
+        // Two nodes died and a live one is left: it (or they) took both identities over.
+        let killed = &outcome.killed;
+        hostd.wait_for(
+            &format!(
+                "the identities of {} to be served by a live node",
+                killed.join(" and ")
+            ),
+            Duration::from_secs(60),
+            |s| moved_to_live(s, killed, killed),
+        )?;
+    }
     if fault.kind == FaultKind::DoubleKill {
-        // No live node was left: hostd restarts one, which takes every identity over.
+        // In a pair no live node was left: hostd restarts one, which takes every identity
+        // over. (In a larger cluster the live node left took both over.)
         hostd.wait_for(
             "every identity served by a live node after the double kill",
             Duration::from_secs(120),
@@ -385,7 +592,7 @@ pub fn recover(
     }
     if expects_takeover {
         hostd.wait_for(
-            &format!("{node}'s identity to move to its partner"),
+            &format!("{node}'s identity to move to its taker"),
             Duration::from_secs(60),
             |s| Hostd::node(s, node).is_some_and(|n| n.served_by.as_deref() != Some(node)),
         )?;
@@ -402,7 +609,9 @@ pub fn recover(
             )));
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // Two dead nodes boot again one after the other.
+    let limit = Duration::from_secs(120) * outcome.killed.len().max(1) as u32;
+    let deadline = Instant::now() + limit;
     loop {
         let status = hostd.status()?;
         if Hostd::healthy(&status) {
@@ -424,8 +633,8 @@ pub fn recover(
         }
         if Instant::now() >= deadline {
             return Err(NemesisError::Hostd(HostdError::Timeout {
-                what: "a healthy pair".into(),
-                timeout: Duration::from_secs(120),
+                what: "a healthy cluster".into(),
+                timeout: limit,
                 status: summary(&status),
             }));
         }
@@ -433,7 +642,7 @@ pub fn recover(
     }
 }
 
-/// hostd's default heartbeat timeout, which the campaign's pair uses.
+/// hostd's default heartbeat timeout, which the campaign's cluster uses.
 const HEARTBEAT_TIMEOUT_MS: u64 = 3000;
 
 #[cfg(test)]
@@ -441,8 +650,23 @@ mod tests {
     use super::*;
 
     fn nodes() -> Vec<String> {
-        vec!["a".into(), "b".into()]
+        cluster(2)
     }
+
+    fn cluster(n: u8) -> Vec<String> {
+        (0..n).map(|i| char::from(b'a' + i).to_string()).collect()
+    }
+
+    /// The kinds there were before the double faults of larger clusters.
+    const PAIR_KINDS: [FaultKind; 7] = [
+        FaultKind::Kill,
+        FaultKind::Stop,
+        FaultKind::Panic,
+        FaultKind::AgentKill,
+        FaultKind::HostdRestart,
+        FaultKind::TornTail,
+        FaultKind::DoubleKill,
+    ];
 
     #[test]
     fn a_seed_names_one_schedule() {
@@ -453,13 +677,16 @@ mod tests {
 
     #[test]
     fn every_kind_comes_in_each_round() {
-        let kinds = FaultKind::ALL.len();
-        let plan = schedule(7, 2 * kinds as u64, &FaultKind::ALL, &nodes());
-        for round in plan.chunks(kinds) {
-            for kind in FaultKind::ALL {
-                assert_eq!(round.iter().filter(|f| f.kind == kind).count(), 1);
+        for n in [2, 3, 4] {
+            let kinds = FaultKind::fitting(&FaultKind::ALL, n as usize);
+            let plan = schedule(7, 2 * kinds.len() as u64, &FaultKind::ALL, &cluster(n));
+            for round in plan.chunks(kinds.len()) {
+                for &kind in &kinds {
+                    assert_eq!(round.iter().filter(|f| f.kind == kind).count(), 1);
+                }
             }
         }
+        let plan = schedule(7, 200, &FaultKind::ALL, &nodes());
         assert!(plan.iter().any(|f| f.node == "a") && plan.iter().any(|f| f.node == "b"));
         let stops: Vec<u64> = schedule(9, 120, &[FaultKind::Stop], &nodes())
             .iter()
@@ -468,17 +695,123 @@ mod tests {
         assert!(stops.iter().any(|&ms| ms < 3000) && stops.iter().any(|&ms| ms > 3000));
     }
 
+    /// A pair's schedule is the one it was before the double faults of larger clusters:
+    /// checksums of `schedule.json` as the code before them wrote it.
+    #[test]
+    fn a_pair_schedule_has_not_changed() {
+        let digest = |plan: &[PlannedFault]| {
+            let json = serde_json::to_vec(plan).unwrap_or_default();
+            (crc32c::crc32c(&json), json.len())
+        };
+        for kinds in [&PAIR_KINDS[..], &FaultKind::ALL[..]] {
+            assert_eq!(
+                digest(&schedule(42, 30, kinds, &nodes())),
+                (0xab27_ee93, 2852)
+            );
+        }
+        let process_kinds = [
+            FaultKind::Kill,
+            FaultKind::Stop,
+            FaultKind::AgentKill,
+            FaultKind::HostdRestart,
+            FaultKind::TornTail,
+            FaultKind::DoubleKill,
+        ];
+        assert_eq!(
+            digest(&schedule(7, 12, &process_kinds, &nodes())),
+            (0xab52_9fb3, 1144)
+        );
+        // Double faults asked for a pair are left out: the same schedule as without them.
+        let mut asked = process_kinds.to_vec();
+        asked.extend([FaultKind::KillTaker, FaultKind::KillTwo]);
+        assert_eq!(
+            schedule(7, 12, &asked, &nodes()),
+            schedule(7, 12, &process_kinds, &nodes())
+        );
+        assert!(
+            schedule(5, 50, &FaultKind::ALL, &nodes())
+                .iter()
+                .all(|f| f.kind.min_nodes() <= 2 && f.second.is_none())
+        );
+    }
+
+    #[test]
+    fn larger_clusters_have_deterministic_schedules_with_double_faults() {
+        for n in [3, 4] {
+            let nodes = cluster(n);
+            let one = schedule(42, 60, &FaultKind::ALL, &nodes);
+            assert_eq!(one, schedule(42, 60, &FaultKind::ALL, &nodes));
+            assert_ne!(one, schedule(43, 60, &FaultKind::ALL, &nodes));
+            for kind in [FaultKind::KillTaker, FaultKind::KillTwo] {
+                assert!(one.iter().any(|f| f.kind == kind), "{n} nodes: no {kind}");
+            }
+            // Faults hit every node.
+            for node in &nodes {
+                assert!(
+                    one.iter().any(|f| &f.node == node),
+                    "{n} nodes: none on {node}"
+                );
+            }
+            for fault in &one {
+                assert!(nodes.contains(&fault.node));
+                match fault.kind {
+                    FaultKind::KillTwo => {
+                        let second = fault.second.as_ref().expect("kill_two has a second node");
+                        assert_ne!(second, &fault.node);
+                        assert!(nodes.contains(second));
+                        assert!(fault.pause_ms <= 300);
+                    }
+                    FaultKind::KillTaker => {
+                        assert!(fault.pause_ms <= 2000);
+                        assert_eq!(fault.second, None);
+                    }
+                    _ => assert_eq!(fault.second, None),
+                }
+            }
+            // schedule.json names the second node only where there is one.
+            let json = serde_json::to_string(&one).unwrap_or_default();
+            assert_eq!(
+                json.matches("\"second\"").count(),
+                one.iter().filter(|f| f.kind == FaultKind::KillTwo).count()
+            );
+        }
+        // With 4 nodes, kill_two's nodes are not neighbours in the ring (neither is the
+        // other's first taker).
+        let nodes = cluster(4);
+        for fault in schedule(11, 90, &[FaultKind::KillTwo], &nodes) {
+            let at = |name: &str| nodes.iter().position(|n| n == name).unwrap_or(9);
+            let (first, second) = (at(&fault.node), at(fault.second.as_deref().unwrap_or("")));
+            assert_eq!((first + 2) % 4, second, "{fault:?}");
+        }
+        // With 3 every other node is a neighbour: both are drawn.
+        let seconds: std::collections::BTreeSet<String> =
+            schedule(11, 90, &[FaultKind::KillTwo], &cluster(3))
+                .into_iter()
+                .filter(|f| f.node == "a")
+                .filter_map(|f| f.second)
+                .collect();
+        assert_eq!(seconds.into_iter().collect::<Vec<_>>(), ["b", "c"]);
+    }
+
     #[test]
     fn kinds_parse_by_name() {
         for kind in FaultKind::ALL {
             assert_eq!(kind.name().parse::<FaultKind>(), Ok(kind));
         }
         assert_eq!("agent-kill".parse::<FaultKind>(), Ok(FaultKind::AgentKill));
+        assert_eq!("kill-taker".parse::<FaultKind>(), Ok(FaultKind::KillTaker));
         assert!(
             "meteor"
                 .parse::<FaultKind>()
                 .unwrap_err()
                 .contains("torn_tail")
         );
+    }
+
+    #[test]
+    fn the_ring_orders_takers() {
+        assert_eq!(ring_order(&["a", "b", "c", "d"], "c"), ["d", "a", "b"]);
+        assert_eq!(ring_order(&["a", "b", "c"], "a"), ["b", "c"]);
+        assert_eq!(ring_order(&["a", "b"], "b"), ["a"]);
     }
 }

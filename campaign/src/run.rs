@@ -1,6 +1,6 @@
-//! One campaign run: start a pair, run the workload, inject the seeded faults one per cycle
-//! with recovery after each, read the final contents, stop the pair, then check the history
-//! and write the report.
+//! One campaign run: start a cluster of 2 to 8 nodes (a pair by default), run the workload,
+//! inject the seeded faults one per cycle with recovery after each, read the final contents,
+//! stop the cluster, then check the history and write the report.
 //!
 //! Files of a run (in `out_dir`): `history.jsonl`, `final/IDENTITY.img`, `report.json`,
 //! `schedule.json`, `figures/` (see [`plots`]), and in `logs/` hostd's `events.jsonl`,
@@ -30,8 +30,8 @@ use crate::rng::Rng;
 use crate::torn_tail::TornWrite;
 use crate::workload::{Workload, WriterConfig};
 
-/// The identities (node names) of the pair the campaign starts.
-const NODES: [&str; 2] = ["a", "b"];
+/// The most nodes a cluster may have (hostd's limit).
+pub const MAX_NODES: usize = 8;
 /// How long the writers work against the survivor before the giveback.
 const DWELL: Duration = Duration::from_millis(800);
 
@@ -47,8 +47,24 @@ pub struct RunConfig {
     pub hostd: PathBuf,
     pub writers_per_identity: u32,
     pub blocks_per_writer: u64,
-    /// Host ports of the two identities.
-    pub ports: [u16; 2],
+    /// Host ports of the identities, one per node: their number is the cluster's size (2 to
+    /// [`MAX_NODES`]; the nodes are named a, b, c, ... in this order).
+    pub ports: Vec<u16>,
+}
+
+impl RunConfig {
+    /// The nodes (and identities) of the cluster, in configuration order: a, b, c, ...
+    pub fn nodes(&self) -> Vec<String> {
+        node_names(self.ports.len())
+    }
+}
+
+/// The names of a cluster of `count` nodes: a, b, c, ... (at most 26).
+pub fn node_names(count: usize) -> Vec<String> {
+    (b'a'..=b'z')
+        .take(count)
+        .map(|letter| char::from(letter).to_string())
+        .collect()
 }
 
 /// Errors that stop a run before it could be checked.
@@ -62,7 +78,9 @@ pub enum RunError {
     },
     #[error(transparent)]
     History(#[from] crate::history::HistoryError),
-    #[error("cannot start the pair")]
+    #[error("a cluster has 2 to {MAX_NODES} nodes, not {0} (one port per node)")]
+    Nodes(usize),
+    #[error("cannot start the cluster")]
     Up(#[source] crate::hostd::HostdError),
     #[error("cannot start the workload")]
     Workload(#[source] std::io::Error),
@@ -83,7 +101,7 @@ pub enum RunError {
 pub struct RunOutcome {
     pub report: Report,
     pub outcome: CheckOutcome,
-    /// Why the run stopped before its last cycle, if it did (the pair did not recover, or
+    /// Why the run stopped before its last cycle, if it did (the cluster did not recover, or
     /// a fault could not be injected): a failure of the run even if the history is valid.
     pub aborted: Option<String>,
 }
@@ -97,6 +115,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 
 /// Runs the campaign.
 pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
+    if !(2..=MAX_NODES).contains(&config.ports.len()) {
+        return Err(RunError::Nodes(config.ports.len()));
+    }
     let out = &config.out_dir;
     std::fs::create_dir_all(out.join("final")).map_err(io_err(out))?;
     // Regions on tmpfs, as in production; removed at the end.
@@ -110,8 +131,8 @@ pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
         state_dir: state_dir.clone(),
     };
     let config_path = out.join("ivha.toml");
-    std::fs::write(&config_path, pair_config(config)).map_err(io_err(&config_path))?;
-    let nodes: Vec<String> = NODES.iter().map(|n| (*n).to_owned()).collect();
+    std::fs::write(&config_path, cluster_config(config)).map_err(io_err(&config_path))?;
+    let nodes = config.nodes();
     let kinds: Vec<FaultKind> = config
         .kinds
         .iter()
@@ -189,8 +210,12 @@ fn drive(
     run_id: u64,
     writers: &[WriterSpec],
 ) -> (Option<String>, Vec<(u64, u64)>) {
-    if let Err(error) = hostd.wait_for("a healthy pair", Duration::from_secs(120), Hostd::healthy) {
-        let why = format!("the pair never became healthy: {error}");
+    if let Err(error) = hostd.wait_for(
+        "a healthy cluster",
+        Duration::from_secs(120),
+        Hostd::healthy,
+    ) {
+        let why = format!("the cluster never became healthy: {error}");
         return (Some(why), Vec::new());
     }
     let configs = writers
@@ -215,7 +240,7 @@ fn drive(
     let mut progress = Progress::new("campaign", "cycles", plan.len() as u64);
     for fault in plan {
         std::thread::sleep(Duration::from_millis(fault.warmup_ms));
-        let torn = torn_target(run_id, writers, &fault.node);
+        let torn = torn_target(run_id, writers, &config.nodes(), &fault.node);
         log::info!(
             "cycle {}: {} on {} ({} acknowledged so far)",
             fault.cycle,
@@ -238,21 +263,20 @@ fn drive(
         };
         log::info!("cycle {}: {}", fault.cycle, outcome.detail);
         fault_times.push((fault.cycle, outcome.t));
-        let outcome_epoch = outcome.epoch_before;
         let recorded = history.append(&Entry::Fault(Fault {
             t: outcome.t,
             cycle: fault.cycle,
             fault: fault.kind.name().to_owned(),
             node: fault.node.clone(),
-            detail: outcome.detail,
+            detail: outcome.detail.clone(),
         }));
         if let Err(error) = recorded {
             aborted = Some(format!("cannot record the fault: {error}"));
             break;
         }
-        if let Err(error) = nemesis::recover(hostd, fault, outcome_epoch, DWELL) {
+        if let Err(error) = nemesis::recover(hostd, fault, &outcome, DWELL) {
             aborted = Some(format!(
-                "cycle {}: the pair did not recover from {} on {}: {}",
+                "cycle {}: the cluster did not recover from {} on {}: {}",
                 fault.cycle,
                 fault.kind,
                 fault.node,
@@ -263,7 +287,7 @@ fn drive(
         progress.step();
     }
     drop(progress);
-    // A last stretch of writes against the healthy pair.
+    // A last stretch of writes against the healthy cluster.
     std::thread::sleep(Duration::from_millis(500));
     workload.stop();
     (aborted, fault_times)
@@ -278,30 +302,44 @@ fn display_paths(paths: &[PathBuf]) -> String {
     shown.join(", ")
 }
 
-fn address(config: &RunConfig, identity: &str) -> SocketAddr {
-    let index = NODES.iter().position(|n| *n == identity).unwrap_or(0);
-    SocketAddr::from(([127, 0, 0, 1], config.ports[index]))
+/// The position of `identity` in the configuration (its export id); 0 if unknown.
+fn identity_index(config: &RunConfig, identity: &str) -> usize {
+    config
+        .nodes()
+        .iter()
+        .position(|n| n == identity)
+        .unwrap_or(0)
 }
 
-fn pair_config(config: &RunConfig) -> String {
-    format!(
+fn address(config: &RunConfig, identity: &str) -> SocketAddr {
+    let port = config.ports[identity_index(config, identity)];
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// hostd's configuration: one `[[node]]` per port. No `takeover_by`: hostd's default, the
+/// other nodes in ring order after each node, is the order the nemesis expects.
+fn cluster_config(config: &RunConfig) -> String {
+    let mut text = format!(
         "# written by ivha-campaign\nbackend = \"{}\"\n\
          [flusher]\n# Writes stay unflushed for a while, so faults find them in the log.\ndelay_ms = 200\n\
-         [regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
-         [[node]]\nname = \"{}\"\nnbd_port = {}\n[[node]]\nname = \"{}\"\nnbd_port = {}\n",
-        config.backend, NODES[0], config.ports[0], NODES[1], config.ports[1]
-    )
+         [regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n",
+        config.backend
+    );
+    for (name, port) in config.nodes().iter().zip(&config.ports) {
+        text.push_str(&format!("[[node]]\nname = \"{name}\"\nnbd_port = {port}\n"));
+    }
+    text
 }
 
-/// Writers 0.. on identity a, then on b; each owns `blocks_per_writer` blocks of its
-/// identity's export.
+/// Writers 0.. on identity a, then on b, c, ...; each owns `blocks_per_writer` blocks of
+/// its identity's export.
 fn writer_specs(config: &RunConfig) -> Vec<WriterSpec> {
     let mut specs = Vec::new();
-    for identity in NODES {
+    for identity in config.nodes() {
         for index in 0..config.writers_per_identity {
             specs.push(WriterSpec {
                 writer: specs.len() as u32,
-                identity: identity.to_owned(),
+                identity: identity.clone(),
                 first_block: u64::from(index) * config.blocks_per_writer,
                 blocks: config.blocks_per_writer,
             });
@@ -311,12 +349,12 @@ fn writer_specs(config: &RunConfig) -> Vec<WriterSpec> {
 }
 
 /// The record a torn-tail fault on `node` leaves: a block of the first writer of its own
-/// identity.
-fn torn_target(run_id: u64, writers: &[WriterSpec], node: &str) -> TornWrite {
+/// identity (its export id is its position among `nodes`).
+fn torn_target(run_id: u64, writers: &[WriterSpec], nodes: &[String], node: &str) -> TornWrite {
     let writer = writers.iter().find(|w| w.identity == node);
     TornWrite {
         run_id,
-        export: NODES.iter().position(|n| *n == node).unwrap_or(0) as u32,
+        export: nodes.iter().position(|n| n == node).unwrap_or(0) as u32,
         writer: writer.map_or(0, |w| w.writer),
         block: writer.map_or(0, |w| w.first_block),
     }
@@ -330,7 +368,8 @@ fn read_finals(
     out: &Path,
 ) -> Result<FinalContents, RunError> {
     let mut finals = FinalContents::new();
-    for identity in NODES {
+    for identity in config.nodes() {
+        let identity = identity.as_str();
         let end = checker::writers_needed_bytes(writers, identity);
         let final_err = |source| RunError::Final {
             identity: identity.to_owned(),
@@ -416,7 +455,7 @@ fn hostd_entry(line: &EventLine, faults: &[(u64, u64)]) -> Option<Entry> {
     }
 }
 
-/// Stops the pair and removes its state directory. If no hostd answers (one that failed to
+/// Stops the cluster and removes its state directory. If no hostd answers (one that failed to
 /// restart), the node processes it recorded are killed, so no QEMU outlives the run.
 pub(crate) fn stop_pair(hostd: &Hostd) {
     if let Err(error) = hostd.run(&["down", "--purge"]) {
@@ -497,15 +536,8 @@ mod tests {
     #[test]
     fn writers_own_disjoint_blocks_per_identity() {
         let config = RunConfig {
-            seed: 1,
-            cycles: 1,
-            kinds: FaultKind::ALL.to_vec(),
-            backend: "process".into(),
-            out_dir: PathBuf::from("/nonexistent"),
-            hostd: PathBuf::from("hostd"),
             writers_per_identity: 3,
-            blocks_per_writer: 8,
-            ports: [1, 2],
+            ..config_of(vec![1, 2])
         };
         let specs = writer_specs(&config);
         assert_eq!(specs.len(), 6);
@@ -517,7 +549,66 @@ mod tests {
                 assert!(!overlap, "{a:?} {b:?}");
             }
         }
-        let torn = torn_target(9, &specs, "b");
+        let torn = torn_target(9, &specs, &config.nodes(), "b");
         assert_eq!((torn.export, torn.writer, torn.block), (1, 3, 0));
+    }
+
+    fn config_of(ports: Vec<u16>) -> RunConfig {
+        RunConfig {
+            seed: 1,
+            cycles: 1,
+            kinds: FaultKind::ALL.to_vec(),
+            backend: "process".into(),
+            out_dir: PathBuf::from("/nonexistent"),
+            hostd: PathBuf::from("hostd"),
+            writers_per_identity: 2,
+            blocks_per_writer: 8,
+            ports,
+        }
+    }
+
+    #[test]
+    fn a_pair_config_is_as_it_was() {
+        assert_eq!(
+            cluster_config(&config_of(vec![31001, 31002])),
+            "# written by ivha-campaign\nbackend = \"process\"\n[flusher]\n\
+             # Writes stay unflushed for a while, so faults find them in the log.\n\
+             delay_ms = 200\n[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
+             [[node]]\nname = \"a\"\nnbd_port = 31001\n[[node]]\nname = \"b\"\nnbd_port = 31002\n"
+        );
+    }
+
+    #[test]
+    fn a_larger_cluster_has_a_node_writers_and_an_address_per_port() {
+        let config = config_of(vec![31001, 31002, 31003, 31004]);
+        assert_eq!(config.nodes(), ["a", "b", "c", "d"]);
+        let text = cluster_config(&config);
+        assert_eq!(text.matches("[[node]]").count(), 4);
+        assert!(
+            text.ends_with("[[node]]\nname = \"d\"\nnbd_port = 31004\n"),
+            "{text}"
+        );
+        let specs = writer_specs(&config);
+        assert_eq!(specs.len(), 8);
+        for (index, identity) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            let on: Vec<u32> = specs
+                .iter()
+                .filter(|s| s.identity == identity)
+                .map(|s| s.writer)
+                .collect();
+            assert_eq!(on, [2 * index as u32, 2 * index as u32 + 1]);
+            assert_eq!(address(&config, identity).port(), 31001 + index as u16);
+        }
+        let torn = torn_target(9, &specs, &config.nodes(), "c");
+        assert_eq!((torn.export, torn.writer, torn.block), (2, 4, 0));
+        assert_eq!(node_names(8).concat(), "abcdefgh");
+    }
+
+    #[test]
+    fn a_cluster_needs_two_to_eight_ports() {
+        for ports in [vec![31001], (31001..31010).collect()] {
+            let count = ports.len();
+            assert!(matches!(run(&config_of(ports)), Err(RunError::Nodes(n)) if n == count));
+        }
     }
 }

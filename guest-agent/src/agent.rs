@@ -1,6 +1,6 @@
-//! The agent's main loop: own the node region, beat, watch the partner.
+//! The agent's main loop: own the node region, beat, watch the peers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -64,7 +64,7 @@ pub enum AgentError {
         #[source]
         source: shm::ControlError,
     },
-    #[error("cannot resume replaying the partner's log")]
+    #[error("cannot resume replaying a dead node's log")]
     Replay(#[source] crate::failover::replay::ReplayError),
     #[error("cannot discard this node's replayed log")]
     Discard(#[source] shm::LogError),
@@ -81,10 +81,11 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let candidates = regions::candidates(&args.pci_root, args.region_dir.as_deref())?;
     let found = regions::classify(&args.node, &candidates)?;
     let own = open_node(&found.own, Access::ReadWrite)?;
-    let partner = match &found.partner {
-        Some((_, path)) => Some(open_node(path, Access::ReadOnly)?),
-        None => None,
-    };
+    let peers = found
+        .peers
+        .iter()
+        .map(|(_, path)| open_node(path, Access::ReadOnly))
+        .collect::<Result<Vec<_>, _>>()?;
     let control = match &found.control {
         Some(path) => Some(open_control(path)?),
         None => None,
@@ -120,13 +121,13 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let old_log = if owns(node_id) {
         OldLog::Ours
     } else {
-        // The partner took this node's identity over while it was down, replaying this
+        // Another node took this node's identity over while it was down, replaying this
         // log onto the disk and writing more since: what is left here is stale once that
         // replay has finished.
-        discard_replayed_log(&own, partner.as_ref(), control.as_ref(), &mut flushed)?
+        discard_replayed_log(&own, &peers, control.as_ref(), &mut flushed)?
     };
 
-    // The node's own export: its disk, behind NVRAM write-back; and the partner's disk,
+    // The node's own export: its disk, behind NVRAM write-back; and each peer's disk,
     // served only after a takeover.
     let disk_path = match &args.disk {
         Some(path) => path.clone(),
@@ -146,24 +147,26 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         owns(node_id),
     ));
     identities.insert(node_id, Identity::new(Arc::clone(&export)));
-    if let Some(partner) = &partner {
-        let partner_id = partner.header().node_id;
-        let name = &partner.header().name;
-        let partner_disk = match &args.partner_disk {
+    for peer in &peers {
+        let peer_id = peer.header().node_id;
+        let name = &peer.header().name;
+        let peer_disk = match args.peer_disk(name) {
             Some(path) => Ok(path.clone()),
+            // In process mode hostd names the disk of every node this one may take over.
+            None if args.process_mode() => continue,
             None => regions::disk_by_serial(&args.sys_block, &format!("ivha-{name}")),
         };
-        match partner_disk
+        match peer_disk
             .map_err(AgentError::from)
             .and_then(|path| Ok(Disk::open(&path)?))
         {
             Ok(disk) => {
-                let writable = ownership.as_ref().is_some_and(|o| o.owns(partner_id));
-                let volume = Volume::with_access(partner_id, name, disk, writable);
-                identities.insert(partner_id, Identity::new(nvram.add_volume(volume)));
+                let writable = ownership.as_ref().is_some_and(|o| o.owns(peer_id));
+                let volume = Volume::with_access(peer_id, name, disk, writable);
+                identities.insert(peer_id, Identity::new(nvram.add_volume(volume)));
             }
             Err(error) => log::warn!(
-                "partner {name}'s disk is not usable, so this node cannot take it over: {}",
+                "{name}'s disk is not usable, so this node cannot take {name}'s identity over: {}",
                 wire::error_chain::one_line(&error)
             ),
         }
@@ -180,16 +183,18 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             flushed_seq,
             through_seq,
             owner_epoch,
+            holder,
         } => Some(Quarantine {
             hold: nvram.hold_flusher(flushed_seq),
             through_seq,
             owner_epoch,
+            holder,
         }),
     };
-    if let Some(partner) = &partner {
+    for peer in &peers {
         resume_replays(
             &nvram,
-            partner,
+            peer,
             &identities,
             &replay_book,
             flushed.flushed().seq,
@@ -262,14 +267,17 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         if export.volume().writable() {
             "serving"
         } else {
-            "held by the partner"
+            "held by another node"
         }
     );
     if let Some(control) = &control {
         let monitor = FailoverMonitor {
             node_id,
             control: control.clone(),
-            partner: partner.clone(),
+            peers: peers
+                .iter()
+                .map(|peer| (peer.header().node_id, peer.clone()))
+                .collect(),
             nvram: Arc::clone(&nvram),
             registry: Arc::clone(&registry),
             server: server.clone(),
@@ -290,16 +298,19 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     }
     heartbeat.beat();
     log::info!(
-        "node {} up: own region {}, partner {}, control {} (epoch {}), boot id {:#018x}",
+        "node {} up: own region {}, peers {}, control {} (epoch {}), boot id {:#018x}",
         args.node,
         found.own.display(),
-        found
-            .partner
-            .as_ref()
-            .map_or("none".to_owned(), |(name, path)| format!(
-                "{name} at {}",
-                path.display()
-            )),
+        if found.peers.is_empty() {
+            "none".to_owned()
+        } else {
+            found
+                .peers
+                .iter()
+                .map(|(name, path)| format!("{name} at {}", path.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
         found
             .control
             .as_ref()
@@ -313,29 +324,29 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
 
     let interval = args.heartbeat_interval();
     let mut next = Instant::now() + interval;
-    let mut last_seen = PeerObservation::default();
+    let mut last_seen = vec![PeerObservation::default(); peers.len()];
     let mut beats = 1;
     while args.beats.is_none_or(|max| beats < max) {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next += interval;
         heartbeat.beat();
         beats += 1;
-        if let Some(partner) = &partner {
+        for (peer, last_seen) in peers.iter().zip(last_seen.iter_mut()) {
             let seen = PeerObservation {
-                node_id: Some(partner.header().node_id),
-                boot_id: partner.boot_id(),
-                heartbeat: partner.heartbeat().map_or(0, |h| h.counter),
+                node_id: Some(peer.header().node_id),
+                boot_id: peer.boot_id(),
+                heartbeat: peer.heartbeat().map_or(0, |h| h.counter),
             };
             if seen.boot_id != last_seen.boot_id {
                 log::info!(
-                    "partner {} boot id {:#018x}, heartbeat {}",
-                    partner.header().name,
+                    "peer {} boot id {:#018x}, heartbeat {}",
+                    peer.header().name,
                     seen.boot_id,
                     seen.heartbeat
                 );
             }
             peer_writer.observe(seen);
-            last_seen = seen;
+            *last_seen = seen;
         }
         service_writer.publish(ServiceCounters {
             nbd_connections: counters.open(),
@@ -391,16 +402,17 @@ enum OldLog {
         flushed_seq: u64,
         through_seq: u64,
         owner_epoch: u64,
+        holder: Option<u32>,
     },
 }
 
-/// Marks this node's whole log as flushed without applying it: the partner, which owns this
-/// node's identity now, replayed it and has written the disk since. Only done once the
-/// partner's region says that replay has finished (for the ownership's epoch or later);
+/// Marks this node's whole log as flushed without applying it: the node that owns this
+/// node's identity now replayed it and has written the disk since. Only done once a peer's
+/// region says a replay of this log has finished (for the ownership's epoch or later);
 /// until then the log is quarantined.
 fn discard_replayed_log(
     own: &NodeRegion,
-    partner: Option<&NodeRegion>,
+    peers: &[NodeRegion],
     control: Option<&ControlRegion>,
     flushed: &mut shm::FlushedWriter,
 ) -> Result<OldLog, AgentError> {
@@ -420,9 +432,11 @@ fn discard_replayed_log(
         return Ok(OldLog::Ours);
     }
     let node_id = own.header().node_id;
-    let replayed = partner.is_some_and(|p| {
-        Some(p.header().node_id) == owner.node && replay_confirmed(p, node_id, owner.epoch)
-    });
+    // The holder replayed it, or, after the holder died too, the node that took over from
+    // it applied it first (see the failover monitor's chained takeover).
+    let replayed = peers
+        .iter()
+        .any(|p| replay_confirmed(p, node_id, owner.epoch, head.seq));
     if !replayed {
         log::warn!(
             "identity held by {owner_name} (epoch {}), which has not said it finished replaying this log: keeping seq {}..={} until it does",
@@ -434,6 +448,7 @@ fn discard_replayed_log(
             flushed_seq: flushed.flushed().seq,
             through_seq: head.seq,
             owner_epoch: owner.epoch,
+            holder: owner.node,
         });
     }
     let from = flushed.flushed().seq;
@@ -447,54 +462,58 @@ fn discard_replayed_log(
 }
 
 /// Starts again the replays this node had not finished when it stopped: for each
-/// identity it holds whose dead holder's log it was still replaying, the layer is rebuilt
-/// from that log and the replay runs again (replaying twice is harmless). This node's own
-/// records for the identity are newer, so its flusher is held from its flushed cursor on.
+/// identity it holds with records in the dead holder's log it was still replaying, the
+/// layer is rebuilt from that log and the replay runs again (replaying twice is harmless).
+/// This node's own records for the identity are newer, so its flusher is held from its
+/// flushed cursor on.
 pub(crate) fn resume_replays(
     nvram: &Arc<Nvram>,
-    partner: &NodeRegion,
+    dead: &NodeRegion,
     identities: &BTreeMap<u32, Identity>,
     book: &ReplayBook,
     flushed_seq: u64,
 ) -> Result<(), AgentError> {
-    let dead = partner.header().node_id;
-    let Some(mark) = nvram.region().replay_of(dead) else {
+    let dead_id = dead.header().node_id;
+    let Some(mark) = nvram.region().replay_of(dead_id) else {
         return Ok(());
     };
     if mark.status != shm::ReplayStatus::Replaying {
         return Ok(());
     }
-    // The flusher applies nothing of this node's log until the replays are done, so they
-    // may write the whole dead log again, served identities included.
-    let disks = replay::Disks::of(identities, BTreeSet::new());
     let mut last_seq = None;
     for identity in identities.values() {
         let volume = identity.export.volume();
         if !volume.writable() {
             continue;
         }
-        let hold = nvram.hold_flusher(flushed_seq);
-        let scanned = replay::scan(partner, volume.export_id, volume.disk.size())
-            .map_err(AgentError::Replay)?;
+        let scanned =
+            replay::scan(dead, volume.export_id, volume.disk.size()).map_err(AgentError::Replay)?;
+        // Only the identities taken over from this log have records in it (the dead node
+        // flushed everything else it released).
+        if scanned.records == 0 && scanned.stopped.is_none() {
+            continue;
+        }
         log::info!(
             "resuming the replay of {}'s log for {}: {} records, seq {}..={}",
-            partner.header().name,
+            dead.header().name,
             volume.name,
             scanned.records,
             scanned.first_seq,
             scanned.last_seq
         );
         last_seq = Some(scanned.last_seq);
+        let hold = nvram.hold_flusher(flushed_seq);
         book.serve_layer(scanned, volume, mark.epoch, hold);
     }
-    if let Some(last_seq) = last_seq {
-        ReplayJob {
-            region: partner.clone(),
-            disks,
+    match last_seq {
+        Some(last_seq) => ReplayJob {
+            region: dead.clone(),
             last_seq,
             book: book.clone(),
         }
-        .start();
+        .start(),
+        // Nothing of it is served here any more: the replay finished in all but its mark.
+        None => book.record_replayed(dead_id, mark),
     }
     Ok(())
 }
@@ -540,14 +559,14 @@ fn open_node(path: &std::path::Path, access: Access) -> Result<NodeRegion, Agent
     })
 }
 
-/// Tries to write where the partner must not be able to. The verdict is the host's: it
+/// Tries to write where a peer must not be able to. The verdict is the host's: it
 /// reads both region files and finds the marker in ours only.
 fn selftest_write_partner(node: &str, found: &regions::Found) {
-    let Some((partner_name, partner)) = &found.partner else {
-        log::warn!("selftest: no partner region to try");
+    let Some((peer_name, peer)) = found.peers.first() else {
+        log::warn!("selftest: no peer region to try");
         return;
     };
-    for (name, path) in [(node, &found.own), (partner_name.as_str(), partner)] {
+    for (name, path) in [(node, &found.own), (peer_name.as_str(), peer)] {
         let result = Mapping::open(path, Access::ReadWrite)
             .map_err(|e| wire::error_chain::one_line(&e))
             .and_then(|m| {
@@ -629,12 +648,19 @@ mod tests {
             )
             .unwrap();
         let mut replays = partner.writer(2).unwrap().replays;
-        let mut decide =
-            || discard_replayed_log(&own, Some(&partner), Some(&control), &mut writer.flushed);
+        let mut decide = || {
+            discard_replayed_log(
+                &own,
+                std::slice::from_ref(&partner),
+                Some(&control),
+                &mut writer.flushed,
+            )
+        };
         let kept = OldLog::Quarantined {
             flushed_seq: 0,
             through_seq: 3,
             owner_epoch: 5,
+            holder: Some(1),
         };
 
         assert_eq!(decide().unwrap(), kept, "no replay said anything yet");
@@ -648,9 +674,16 @@ mod tests {
         assert_eq!(decide().unwrap(), kept, "the partner still reads the log");
         replay.status = ReplayStatus::Replayed;
         replay.epoch = 4;
+        replay.last_seq = 2;
         replays.publish(0, replay);
-        assert_eq!(decide().unwrap(), kept, "a replay from an earlier takeover");
-        replay.epoch = 5;
+        assert_eq!(
+            decide().unwrap(),
+            kept,
+            "a replay from an earlier takeover, of an earlier part of the log"
+        );
+        // A replay at an earlier epoch that reached every old record: the identity moved on
+        // from the node that replayed it (a chained takeover).
+        replay.last_seq = 3;
         replays.publish(0, replay);
         assert_eq!(decide().unwrap(), OldLog::Ours);
         assert_eq!(

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     pub region_dir: Option<PathBuf>,
 
-    /// Self-test: try to store a marker into the partner's region (which must be
+    /// Self-test: try to store a marker into a peer's region (which must be
     /// write-protected) and, as a control, into this node's own region.
     #[arg(long)]
     pub selftest_write_partner: bool,
@@ -40,10 +40,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
 
-    /// The partner's disk, written only after taking the partner over. Default: the block
-    /// device whose virtio serial is `ivha-PARTNER`.
-    #[arg(long, value_name = "PATH")]
-    pub partner_disk: Option<PathBuf>,
+    /// A peer's disk, written only after taking the peer's identity over (repeat for each
+    /// peer). Default: the block device whose virtio serial is `ivha-PEER`.
+    #[arg(long, value_name = "PEER=PATH", value_parser = parse_peer_disk)]
+    pub peer_disk: Vec<(String, PathBuf)>,
 
     /// Where block devices are listed (to find disks by serial).
     #[arg(long, default_value = "/sys/block", hide = true)]
@@ -65,6 +65,15 @@ pub struct Args {
     /// The settings hostd gives every agent.
     #[command(flatten)]
     pub options: AgentOptions,
+}
+
+fn parse_peer_disk(text: &str) -> Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((peer, path)) if !peer.is_empty() && !path.is_empty() => {
+            Ok((peer.to_owned(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{text:?} is not PEER=PATH")),
+    }
 }
 
 /// Errors reading the settings from a kernel command line.
@@ -100,6 +109,14 @@ impl Args {
                 source,
             })?;
         Ok(())
+    }
+
+    /// The disk given for `peer` with `--peer-disk`, if any.
+    pub fn peer_disk(&self, peer: &str) -> Option<&PathBuf> {
+        self.peer_disk
+            .iter()
+            .find(|(name, _)| name == peer)
+            .map(|(_, path)| path)
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -169,8 +186,14 @@ mod tests {
         };
         let mut argv = vec!["guest-agent".to_owned(), "--node".into(), "b".into()];
         argv.extend(options.to_args());
+        argv.extend(["--peer-disk".into(), "a=/d/a.img".into()]);
+        argv.extend(["--peer-disk".into(), "c=/d/c.img".into()]);
         let args = Args::try_parse_from(argv).unwrap();
         assert_eq!(args.options, options);
         assert_eq!(args.release(), Release::Synced);
+        assert_eq!(args.peer_disk("c"), Some(&PathBuf::from("/d/c.img")));
+        assert_eq!(args.peer_disk("d"), None);
+        let bad = Args::try_parse_from(["guest-agent", "--node", "b", "--peer-disk", "a.img"]);
+        assert!(bad.unwrap_err().to_string().contains("PEER=PATH"));
     }
 }

@@ -38,8 +38,8 @@ pub enum RegionsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub own: PathBuf,
-    /// The partner's node region (the first other node region found).
-    pub partner: Option<(String, PathBuf)>,
+    /// The other nodes' regions (those whose identities this node may take over), by name.
+    pub peers: Vec<(String, PathBuf)>,
     pub control: Option<PathBuf>,
 }
 
@@ -97,7 +97,7 @@ pub fn candidates(
 /// Identifies each candidate by its header and picks this node's regions.
 pub fn classify(node: &str, candidates: &[PathBuf]) -> Result<Found, RegionsError> {
     let mut own: Option<PathBuf> = None;
-    let mut partner = None;
+    let mut peers: Vec<(String, PathBuf)> = Vec::new();
     let mut control = None;
     for path in candidates {
         let kind = match Mapping::open(path, Access::ReadOnly) {
@@ -118,9 +118,14 @@ pub fn classify(node: &str, candidates: &[PathBuf]) -> Result<Found, RegionsErro
                 }
             }
             RegionKind::Node { name, .. } => {
-                if partner.is_none() {
-                    partner = Some((name, path.clone()));
+                if let Some((_, first)) = peers.iter().find(|(n, _)| *n == name) {
+                    return Err(RegionsError::Duplicate {
+                        node: name,
+                        first: first.clone(),
+                        second: path.clone(),
+                    });
                 }
+                peers.push((name, path.clone()));
             }
             RegionKind::Control => control = control.or(Some(path.clone())),
             RegionKind::Unknown => log::warn!("{} holds no ivha region", path.display()),
@@ -136,7 +141,7 @@ pub fn classify(node: &str, candidates: &[PathBuf]) -> Result<Found, RegionsErro
     })?;
     Ok(Found {
         own,
-        partner,
+        peers,
         control,
     })
 }
@@ -150,16 +155,24 @@ mod tests {
     fn regions_are_told_apart_by_header_not_by_name_or_order() {
         let dir = tempfile::tempdir().unwrap();
         // File names deliberately mislead: identification must read headers.
-        let paths = ["1.region", "2.region", "3.region", "junk.region"].map(|n| dir.path().join(n));
+        let paths = [
+            "1.region",
+            "2.region",
+            "3.region",
+            "junk.region",
+            "4.region",
+        ]
+        .map(|n| dir.path().join(n));
         NodeRegion::format(Mapping::create_file(&paths[0], 65536).unwrap(), 1, "b").unwrap();
         ControlRegion::format(
             Mapping::create_file(&paths[1], 65536).unwrap(),
-            &["a", "b"],
-            &["a", "b"],
+            &["a", "b", "c"],
+            &["a", "b", "c"],
         )
         .unwrap();
         NodeRegion::format(Mapping::create_file(&paths[2], 65536).unwrap(), 0, "a").unwrap();
         std::fs::write(&paths[3], vec![0u8; 65536]).unwrap();
+        NodeRegion::format(Mapping::create_file(&paths[4], 65536).unwrap(), 2, "c").unwrap();
 
         let found = classify(
             "a",
@@ -167,11 +180,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(found.own, paths[2]);
-        assert_eq!(found.partner, Some(("b".to_owned(), paths[0].clone())));
+        assert_eq!(
+            found.peers,
+            [
+                ("b".to_owned(), paths[0].clone()),
+                ("c".to_owned(), paths[4].clone())
+            ]
+        );
         assert_eq!(found.control, Some(paths[1].clone()));
 
-        let missing = classify("c", &candidates(Path::new("/x"), Some(dir.path())).unwrap());
+        let missing = classify("d", &candidates(Path::new("/x"), Some(dir.path())).unwrap());
         assert!(matches!(missing, Err(RegionsError::OwnMissing { .. })));
+
+        // Two regions for one peer: refused, not one picked at random.
+        std::fs::copy(&paths[4], dir.path().join("5.region")).unwrap();
+        let twice = classify("a", &candidates(Path::new("/x"), Some(dir.path())).unwrap());
+        assert!(
+            matches!(twice, Err(RegionsError::Duplicate { .. })),
+            "{twice:?}"
+        );
     }
 
     #[test]

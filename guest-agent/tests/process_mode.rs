@@ -174,8 +174,8 @@ fn a_takeover_the_control_region_does_not_back_is_refused() {
         .arg(dir.path())
         .arg("--disk")
         .arg(dir.path().join("a.img"))
-        .arg("--partner-disk")
-        .arg(dir.path().join("b.img"))
+        .arg("--peer-disk")
+        .arg(format!("b={}", dir.path().join("b.img").display()))
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -201,7 +201,7 @@ fn a_takeover_the_control_region_does_not_back_is_refused() {
         identity: 1,
         epoch,
         argument: TakeOverArgument {
-            replay_partner_log: true,
+            replay_from: Some(1),
             port: 0,
         }
         .to_word(),

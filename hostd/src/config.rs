@@ -58,6 +58,17 @@
 //! nbd_port = 10810
 //! ```
 //!
+//! A cluster has 2 to 8 nodes. Each node's `takeover_by` lists the nodes that may take its
+//! identity over, most preferred first; by default all the other nodes in ring order
+//! after it (with nodes a, b, c: a's is `["b", "c"]`, b's `["c", "a"]`, c's `["a", "b"]`):
+//!
+//! ```toml
+//! [[node]]
+//! name = "a"
+//! nbd_port = 10809
+//! takeover_by = ["b"]       # only b may take a's identity over
+//! ```
+//!
 //! `flusher.release`: a logged write may leave the log (its ring space reused) once the disk
 //! holds it as durably as the log does. With `"host"` and the process backend that is as
 //! soon as it is written to the disk image (the host's page cache survives whatever the
@@ -388,6 +399,10 @@ pub struct NodeConfig {
     /// Appended to this node's guest kernel command line (after `qemu.kernel_args`).
     #[serde(default)]
     pub kernel_args: String,
+    /// The nodes that may take this node's identity over, most preferred first; unset: all
+    /// the other nodes in ring order after this one (for a, b, c: a's is b, c; b's is c, a).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover_by: Option<Vec<String>>,
 }
 
 /// A whole cluster configuration.
@@ -424,11 +439,13 @@ impl Default for Config {
                     name: "a".into(),
                     nbd_port: 10809,
                     kernel_args: String::new(),
+                    takeover_by: None,
                 },
                 NodeConfig {
                     name: "b".into(),
                     nbd_port: 10810,
                     kernel_args: String::new(),
+                    takeover_by: None,
                 },
             ],
         }
@@ -437,6 +454,12 @@ impl Default for Config {
 
 /// Largest disk image: 16 TiB.
 const MAX_DISK_MIB: u64 = 16 << 20;
+
+/// The fewest nodes a cluster has: one alone could not be taken over.
+pub const MIN_NODES: usize = 2;
+/// The most nodes a cluster has: the control region has a slot for each, and each node
+/// maps the regions of the nodes whose identities it may come to hold.
+pub const MAX_NODES: usize = shm::layout::MAX_NODES;
 
 /// Node names the state directory uses for other things (`regions/control.region`).
 const RESERVED_NAMES: [&str; 1] = ["control"];
@@ -478,10 +501,15 @@ impl Config {
     /// Checks everything a launch depends on that can be checked without launching.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.nodes.len() != 2 {
+        let count = self.nodes.len();
+        if count < MIN_NODES {
             return invalid(format!(
-                "a cluster is a pair: 2 [[node]] entries are needed, {} given",
-                self.nodes.len()
+                "a cluster needs {MIN_NODES} to {MAX_NODES} [[node]] entries, {count} given (a node alone has no one to take its identity over)"
+            ));
+        }
+        if count > MAX_NODES {
+            return invalid(format!(
+                "a cluster has at most {MAX_NODES} nodes, {count} [[node]] entries given"
             ));
         }
         for node in &self.nodes {
@@ -507,15 +535,23 @@ impl Config {
                 return invalid(format!("node {}: nbd_port 0 is not a port", node.name));
             }
         }
-        if self.nodes[0].name == self.nodes[1].name {
-            return invalid(format!("both nodes are named {:?}", self.nodes[0].name));
+        for (i, node) in self.nodes.iter().enumerate() {
+            for earlier in &self.nodes[..i] {
+                if earlier.name == node.name {
+                    return invalid(format!(
+                        "two nodes are named {:?}: node names must be unique",
+                        node.name
+                    ));
+                }
+                if earlier.nbd_port == node.nbd_port {
+                    return invalid(format!(
+                        "nodes {} and {} both use nbd_port {}",
+                        earlier.name, node.name, node.nbd_port
+                    ));
+                }
+            }
         }
-        if self.nodes[0].nbd_port == self.nodes[1].nbd_port {
-            return invalid(format!(
-                "both nodes use nbd_port {}",
-                self.nodes[0].nbd_port
-            ));
-        }
+        self.validate_takeover_by()?;
         let mib = self.regions.node_mib;
         if !(1..=4096).contains(&mib) || !mib.is_power_of_two() {
             return invalid(format!(
@@ -615,6 +651,63 @@ impl Config {
         Ok(())
     }
 
+    /// Checks each node's `takeover_by` list against the node names (which must be unique
+    /// already).
+    fn validate_takeover_by(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for node in &self.nodes {
+            let Some(list) = &node.takeover_by else {
+                continue;
+            };
+            if list.is_empty() {
+                return invalid(format!(
+                    "node {}: takeover_by is empty, so no node could take its identity over (leave it out for all the other nodes)",
+                    node.name
+                ));
+            }
+            for (i, taker) in list.iter().enumerate() {
+                if *taker == node.name {
+                    return invalid(format!(
+                        "node {}: takeover_by names {} itself (a node cannot take its own identity over)",
+                        node.name, node.name
+                    ));
+                }
+                if !self.nodes.iter().any(|n| n.name == *taker) {
+                    return invalid(format!(
+                        "node {}: takeover_by names {taker:?}, which is not a node of this cluster",
+                        node.name
+                    ));
+                }
+                if list[..i].contains(taker) {
+                    return invalid(format!(
+                        "node {}: takeover_by names {taker} twice",
+                        node.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Per node in configuration order, the positions of the nodes that may take its
+    /// identity over, most preferred first: its `takeover_by` list, or all the other nodes
+    /// in ring order after it. Names the configuration does not know are left out (a
+    /// validated configuration has none).
+    pub fn takeover_order(&self) -> Vec<Vec<usize>> {
+        let count = self.nodes.len();
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| match &node.takeover_by {
+                Some(list) => list
+                    .iter()
+                    .filter_map(|taker| self.nodes.iter().position(|n| n.name == *taker))
+                    .collect(),
+                None => crate::daemon::topology::ring_after(index, count),
+            })
+            .collect()
+    }
+
     /// Checks the agents' settings against the agent's own limits (it would refuse them and
     /// exit at every start).
     fn validate_agent_options(&self) -> Result<(), ConfigError> {
@@ -678,11 +771,11 @@ mod tests {
             ("[regions]\nnode_mib = 48\n", "power of two"),
             (
                 "[[node]]\nname = \"a\"\nnbd_port = 1\n",
-                "2 [[node]] entries",
+                "a cluster needs 2 to 8 [[node]] entries, 1 given",
             ),
             (
                 "[[node]]\nname = \"a\"\nnbd_port = 1\n[[node]]\nname = \"a\"\nnbd_port = 2\n",
-                "both nodes are named",
+                "two nodes are named \"a\"",
             ),
             (
                 "[[node]]\nname = \"a/b\"\nnbd_port = 1\n[[node]]\nname = \"c\"\nnbd_port = 2\n",
@@ -791,6 +884,125 @@ mod tests {
         let config =
             Config::parse("[metrics]\nenabled = false\nlisten = \"127.0.0.1:0\"\n").unwrap();
         config.validate().unwrap();
+    }
+
+    /// `count` nodes n0, n1, ... on ports 2000, 2001, ..., with `extra` TOML lines per node.
+    fn nodes(count: usize, extra: impl Fn(usize) -> String) -> String {
+        (0..count)
+            .map(|i| {
+                format!(
+                    "[[node]]\nname = \"n{i}\"\nnbd_port = {}\n{}",
+                    2000 + i,
+                    extra(i)
+                )
+            })
+            .collect()
+    }
+
+    fn error_of(text: &str) -> String {
+        let error = Config::parse(text).and_then(|c| c.validate()).unwrap_err();
+        wire::error_chain::one_line(&error)
+    }
+
+    #[test]
+    fn a_cluster_has_2_to_8_nodes() {
+        for count in 2..=8 {
+            let config = Config::parse(&nodes(count, |_| String::new())).unwrap();
+            config.validate().unwrap();
+            assert_eq!(config.nodes.len(), count);
+        }
+        assert!(
+            error_of(&nodes(9, |_| String::new()))
+                .contains("a cluster has at most 8 nodes, 9 [[node]] entries given"),
+        );
+        assert!(
+            error_of(&nodes(1, |_| String::new()))
+                .contains("a cluster needs 2 to 8 [[node]] entries, 1 given"),
+        );
+        // An empty list of nodes is an explicit `node = []`.
+        assert!(error_of("node = []\n").contains("0 given"));
+    }
+
+    #[test]
+    fn node_names_and_ports_are_unique() {
+        let text = nodes(3, |_| String::new()).replace("nbd_port = 2002", "nbd_port = 2000");
+        let message = error_of(&text);
+        assert!(
+            message.contains("nodes n0 and n2 both use nbd_port 2000"),
+            "{message}"
+        );
+        let text = nodes(3, |_| String::new()).replace("name = \"n2\"", "name = \"n1\"");
+        let message = error_of(&text);
+        assert!(
+            message.contains("two nodes are named \"n1\": node names must be unique"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn takeover_by_defaults_to_the_ring_after_each_node() {
+        let config = Config::parse(&nodes(3, |_| String::new())).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.takeover_order(),
+            [vec![1, 2], vec![2, 0], vec![0, 1]]
+        );
+        // The pair: each takes the other over.
+        assert_eq!(Config::default().takeover_order(), [vec![1], vec![0]]);
+        // A list given for one node leaves the others' defaults.
+        let config = Config::parse(&nodes(4, |i| match i {
+            0 => "takeover_by = [\"n2\", \"n1\"]\n".into(),
+            _ => String::new(),
+        }))
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.takeover_order(),
+            [vec![2, 1], vec![2, 3, 0], vec![3, 0, 1], vec![0, 1, 2]]
+        );
+        // Saved and loaded again (records::save_config), an unset list stays unset.
+        let json = serde_json::to_string(&config).unwrap();
+        let back: Config = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, config);
+        assert!(
+            !serde_json::to_string(&Config::default())
+                .unwrap()
+                .contains("takeover_by")
+        );
+    }
+
+    #[test]
+    fn takeover_by_mistakes_get_clear_errors() {
+        let with = |list: &str| {
+            nodes(3, move |i| match i {
+                0 => format!("takeover_by = {list}\n"),
+                _ => String::new(),
+            })
+        };
+        let cases = [
+            (
+                "[\"n1\", \"x\"]",
+                "node n0: takeover_by names \"x\", which is not a node of this cluster",
+            ),
+            ("[\"n0\"]", "node n0: takeover_by names n0 itself"),
+            (
+                "[\"n1\", \"n2\", \"n1\"]",
+                "node n0: takeover_by names n1 twice",
+            ),
+            (
+                "[]",
+                "node n0: takeover_by is empty, so no node could take its identity over",
+            ),
+            ("\"n1\"", "invalid type"),
+        ];
+        for (list, expected) in cases {
+            let message = error_of(&with(list));
+            assert!(message.contains(expected), "{list}: {message}");
+        }
+        Config::parse(&with("[\"n2\"]"))
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

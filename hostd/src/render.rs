@@ -32,7 +32,7 @@ pub fn status_table(status: &ClusterStatus) -> String {
         status.epoch,
         status.hostd_pid,
         if status.adopted {
-            " (adopted the running pair)"
+            " (adopted the running cluster)"
         } else {
             ""
         },
@@ -45,7 +45,7 @@ pub fn status_table(status: &ClusterStatus) -> String {
     }
     let header = [
         "NODE",
-        "PARTNER",
+        "NEXT TAKER",
         "STATE",
         "VM",
         "PID",
@@ -61,7 +61,7 @@ pub fn status_table(status: &ClusterStatus) -> String {
         .map(|n| {
             [
                 n.name.clone(),
-                n.partner.clone(),
+                n.next_taker.clone(),
                 n.state.as_str().to_owned(),
                 n.vm.clone(),
                 n.pid.map_or("-".into(), |p| p.to_string()),
@@ -209,10 +209,10 @@ pub fn node_report(r: &NodeReport) -> String {
         Some(_) => out.push_str("  heartbeat   never beat\n"),
         None => out.push_str("  heartbeat   unreadable\n"),
     }
-    if let Some(peer) = r.peer.filter(|p| p.node_id.is_some()) {
+    for peer in &r.peers {
         let _ = writeln!(
             out,
-            "  partner     last read node {} with boot id {:#018x} at heartbeat #{}",
+            "  peer        last read node {} with boot id {:#018x} at heartbeat #{}",
             peer.node_id.unwrap_or_default(),
             peer.boot_id,
             peer.heartbeat
@@ -381,7 +381,7 @@ mod tests {
     fn node(name: &str) -> NodeStatus {
         NodeStatus {
             name: name.into(),
-            partner: "b".into(),
+            next_taker: "b".into(),
             state: NodeState::Up,
             health: String::new(),
             vm: "running".into(),
@@ -403,7 +403,7 @@ mod tests {
             writes_waiting: 0,
             nbd: "nbd://127.0.0.1:1/a".into(),
             takeover_possible: true,
-            takeover_reason: "partner b is up".into(),
+            takeover_reason: "taker b is up".into(),
             console: "c".into(),
         }
     }
@@ -445,5 +445,64 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("b (fenced: not serving)"), "{table}");
+    }
+
+    #[test]
+    fn status_lists_every_node_of_a_cluster_and_its_next_taker() {
+        // b died and c took its identity over; c's list is a, b.
+        let a = NodeStatus {
+            next_taker: "c".into(),
+            takeover_reason: "taker c is up and reads its region".into(),
+            ..node("a")
+        };
+        let b = NodeStatus {
+            state: NodeState::Fenced,
+            served_by: Some("c".into()),
+            next_taker: "a".into(),
+            takeover_possible: false,
+            takeover_reason: "b does not hold its identity now (c does)".into(),
+            nbd: "nbd://127.0.0.1:2/b".into(),
+            ..node("b")
+        };
+        let c = NodeStatus {
+            next_taker: "a".into(),
+            takeover_reason: "taker a is up and reads its region".into(),
+            nbd: "nbd://127.0.0.1:3/c".into(),
+            ..node("c")
+        };
+        let table = status_table(&ClusterStatus {
+            epoch: 1,
+            state_dir: "/s".into(),
+            hostd_pid: 1,
+            accel: "tcg".into(),
+            accel_reason: String::new(),
+            uptime_s: 1.0,
+            adopted: false,
+            metrics: String::new(),
+            nodes: vec![a, b, c],
+        });
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].starts_with("NODE  NEXT TAKER  STATE"), "{table}");
+        let row = |name: &str| {
+            let row = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no row for {name}: {table}"));
+            row.split_whitespace().take(3).collect::<Vec<_>>()
+        };
+        assert_eq!(row("a"), ["a", "c", "up"]);
+        assert_eq!(row("b"), ["b", "a", "fenced"]);
+        assert_eq!(row("c"), ["c", "a", "up"]);
+        assert!(table.contains("nbd://127.0.0.1:3/c"), "{table}");
+        assert!(
+            table.contains(
+                "takeover of b: not possible (b does not hold its identity now (c does)); console c"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("takeover of a: possible (taker c is up and reads its region)"),
+            "{table}"
+        );
     }
 }

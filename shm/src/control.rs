@@ -98,29 +98,35 @@ pub struct Command {
 /// The argument word of a `TakeOver` command.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TakeOverArgument {
-    /// The identity's old owner is fenced: replay its log before serving.
-    pub replay_partner_log: bool,
+    /// The identity's old owner, fenced: the taker replays this node's log before serving
+    /// (`None`: a planned move or a giveback, whose old owner flushed its log).
+    pub replay_from: Option<u32>,
     /// Process mode: the port to listen on for the identity (0: none).
     pub port: u16,
 }
 
 impl TakeOverArgument {
-    const REPLAY_PARTNER_LOG: u64 = 1 << 32;
+    const REPLAY: u64 = 1 << 32;
+    const REPLAY_FROM_SHIFT: u32 = 40;
 
     pub fn to_word(self) -> u64 {
-        let replay = if self.replay_partner_log {
-            Self::REPLAY_PARTNER_LOG
-        } else {
-            0
-        };
+        let replay = self.replay_from.map_or(0, |node| {
+            Self::REPLAY | (u64::from(node & 0xff) << Self::REPLAY_FROM_SHIFT)
+        });
         replay | u64::from(self.port)
     }
 
     pub fn from_word(word: u64) -> Self {
         Self {
-            replay_partner_log: word & Self::REPLAY_PARTNER_LOG != 0,
+            replay_from: (word & Self::REPLAY != 0)
+                .then_some(((word >> Self::REPLAY_FROM_SHIFT) & 0xff) as u32),
             port: (word & 0xffff) as u16,
         }
+    }
+
+    /// Whether the taker replays the old owner's log.
+    pub fn replays(self) -> bool {
+        self.replay_from.is_some()
     }
 }
 
@@ -504,12 +510,9 @@ mod takeover_argument_tests {
 
     #[test]
     fn round_trips() {
-        for replay_partner_log in [false, true] {
+        for replay_from in [None, Some(0), Some(3), Some(7)] {
             for port in [0, 1, 10809, u16::MAX] {
-                let argument = TakeOverArgument {
-                    replay_partner_log,
-                    port,
-                };
+                let argument = TakeOverArgument { replay_from, port };
                 assert_eq!(TakeOverArgument::from_word(argument.to_word()), argument);
             }
         }

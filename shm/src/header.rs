@@ -14,7 +14,9 @@ pub enum HeaderError {
     Crc { stored: u32, computed: u32 },
     #[error("name table checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     NameTableCrc { stored: u32, computed: u32 },
-    #[error("format version {found} is not supported (this build reads version {supported})")]
+    #[error(
+        "format version {found} is not supported (this build reads version {supported}); a state directory made by another ivha release is refused rather than misread: flush and remove it with that release's `hostd down --purge`, or use another --state-dir"
+    )]
     Version { found: u32, supported: u32 },
     #[error("header says the region is {recorded} bytes, but {mapped} bytes are mapped")]
     Size { recorded: u64, mapped: u64 },

@@ -99,7 +99,8 @@ pub struct NodeReport {
     pub unflushed_bytes: u64,
     pub stats: NodeStats,
     pub ack: Option<Ack>,
-    pub peer: Option<PeerObservation>,
+    /// What the agent last read in each peer's region, by node id.
+    pub peers: Vec<PeerObservation>,
     pub records: Vec<RecordSummary>,
     /// True when `max_records` cut the list short.
     pub records_truncated: bool,
@@ -201,7 +202,9 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         synced: region.synced(),
         stats: region.stats(),
         ack: region.ack(),
-        peer: region.peer(),
+        peers: (0..crate::layout::MAX_NODES as u32)
+            .filter_map(|node| region.peer_of(node))
+            .collect(),
         ..NodeReport::default()
     };
     let (flushed, head) = match cursors {

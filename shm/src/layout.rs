@@ -15,8 +15,9 @@ pub const HEADER_PAGE: u64 = 4096;
 pub const STATIC_HEADER_CRC_OFFSET: usize = 120;
 /// Length of the static header, crc included.
 pub const STATIC_HEADER_LEN: usize = 128;
-/// Region format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Region format version this build reads and writes. Version 2 (n-way clusters): one peer
+/// observation per node in node regions, and the dead holder's node in a takeover command.
+pub const FORMAT_VERSION: u32 = 2;
 /// Longest node or identity name, in bytes.
 pub const NAME_LEN: usize = 16;
 
@@ -65,8 +66,8 @@ pub mod node_live {
     /// Unix time (ns) at which the append waiting for ring space now began; 0 when none
     /// waits. Written by the appender as the wait starts and ends.
     pub const LOG_FULL_SINCE_NS: u64 = 784;
-    /// What this node last read in its partner's region, through its read-only mapping:
-    /// `(partner node id + 1, partner boot id, partner heartbeat counter)`.
+    /// What this node last read in its first peer's region, through its read-only mapping:
+    /// `(peer node id + 1, peer boot id, peer heartbeat counter)`; [`peer`] has every peer.
     pub const PEER: Published<3> = Published::at(800);
     /// Never written by anyone in a healthy cluster: the target of the self-test in which
     /// a partner tries to write into this region through its read-only mapping.
@@ -87,6 +88,16 @@ pub mod node_live {
     /// Distance between two replay values.
     pub const REPLAY_STRIDE: u64 = 80;
 
+    /// What this node last read in each peer's region, one value per node id, as [`PEER`].
+    pub const PEERS: u64 = 2048;
+    /// Distance between two peer observations.
+    pub const PEER_STRIDE: u64 = 64;
+
+    /// What this node last read in node `node`'s region.
+    pub const fn peer(node: usize) -> Published<3> {
+        Published::at(PEERS + node as u64 * PEER_STRIDE)
+    }
+
     /// This node's replay of node `node`'s log: `(epoch of the takeover, status, seq of
     /// the first record to replay, seq of the last)`; see `crate::node::ReplayStatus`.
     pub const fn replay(node: usize) -> Published<4> {
@@ -103,7 +114,9 @@ pub mod node_live {
     const _: () = assert!(SYNCED.end() <= SERVICE.offset());
     const _: () = assert!(SERVICE.end() <= REPLAYS);
     const _: () = assert!(replay(0).end() <= REPLAYS + REPLAY_STRIDE);
-    const _: () = assert!(replay(MAX_NODES - 1).end() <= WRITE_PROBE);
+    const _: () = assert!(replay(MAX_NODES - 1).end() <= PEERS);
+    const _: () = assert!(published_size(3) <= PEER_STRIDE);
+    const _: () = assert!(peer(MAX_NODES - 1).end() <= WRITE_PROBE);
 }
 
 /// Static control header fields (byte offsets).

@@ -93,10 +93,10 @@ pub struct Ack {
     pub last_seq: u64,
 }
 
-/// What a node last read in its partner's region.
+/// What a node last read in a peer's region.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PeerObservation {
-    /// The partner's node id, or `None` if nothing was observed yet.
+    /// The peer's node id, or `None` if nothing was observed yet.
     pub node_id: Option<u32>,
     pub boot_id: u64,
     pub heartbeat: u64,
@@ -236,13 +236,19 @@ impl NodeRegion {
         })
     }
 
+    /// What this node last read in its first peer's region.
     pub fn peer(&self) -> Option<PeerObservation> {
-        let [node, boot_id, heartbeat] = node_live::PEER.read(&self.mapping)?;
-        Some(PeerObservation {
-            node_id: node.checked_sub(1).map(|n| n as u32),
-            boot_id,
-            heartbeat,
-        })
+        read_peer(&self.mapping, node_live::PEER)
+    }
+
+    /// What this node last read in node `node`'s region (`None` for a node id out of range,
+    /// or a peer it never read).
+    pub fn peer_of(&self, node: u32) -> Option<PeerObservation> {
+        if node as usize >= crate::layout::MAX_NODES {
+            return None;
+        }
+        read_peer(&self.mapping, node_live::peer(node as usize))
+            .filter(|seen| seen.node_id == Some(node))
     }
 
     /// The write-probe word: 0 unless someone wrote where nobody may (see
@@ -369,6 +375,7 @@ impl NodeRegion {
         let peer = PeerWriter {
             writer: PublishedWriter::new(node_live::PEER, &self.mapping),
             mapping: Arc::clone(&self.mapping),
+            peers: Vec::new(),
         };
         let synced = SyncedWriter {
             writer: PublishedWriter::new(node_live::SYNCED, &self.mapping),
@@ -465,18 +472,51 @@ impl SyncedWriter {
     }
 }
 
-/// Publishes what this node read in its partner's region.
+fn read_peer(mapping: &Mapping, at: crate::published::Published<3>) -> Option<PeerObservation> {
+    let [node, boot_id, heartbeat] = at.read(mapping)?;
+    Some(PeerObservation {
+        node_id: node.checked_sub(1).map(|n| n as u32),
+        boot_id,
+        heartbeat,
+    })
+}
+
+/// Publishes what this node read in its peers' regions.
 #[derive(Debug)]
 pub struct PeerWriter {
     mapping: Arc<Mapping>,
     writer: PublishedWriter<3>,
+    /// One per node id, made on first use.
+    peers: Vec<Option<PublishedWriter<3>>>,
 }
 
 impl PeerWriter {
+    /// Publishes an observation of one peer, in its own slot and, for the first peer (the
+    /// lowest node id this node watches), in the summary slot too.
     pub fn observe(&mut self, seen: PeerObservation) {
         let node = seen.node_id.map_or(0, |n| u64::from(n) + 1);
-        self.writer
-            .publish(&self.mapping, [node, seen.boot_id, seen.heartbeat]);
+        let words = [node, seen.boot_id, seen.heartbeat];
+        if let Some(index) = seen
+            .node_id
+            .map(|n| n as usize)
+            .filter(|&n| n < crate::layout::MAX_NODES)
+        {
+            if self.peers.len() < crate::layout::MAX_NODES {
+                self.peers.resize_with(crate::layout::MAX_NODES, || None);
+            }
+            let first = self
+                .peers
+                .iter()
+                .position(Option::is_some)
+                .is_none_or(|f| index <= f);
+            let slot = self.peers[index]
+                .get_or_insert_with(|| PublishedWriter::new(node_live::peer(index), &self.mapping));
+            slot.publish(&self.mapping, words);
+            if !first {
+                return;
+            }
+        }
+        self.writer.publish(&self.mapping, words);
     }
 }
 
@@ -729,6 +769,18 @@ mod tests {
         };
         w.peer.observe(seen);
         assert_eq!(r.peer(), Some(seen));
+        // Each peer has its slot; the summary slot keeps the lowest node id.
+        let third = PeerObservation {
+            node_id: Some(3),
+            boot_id: 78,
+            heartbeat: 9,
+        };
+        w.peer.observe(third);
+        assert_eq!(r.peer(), Some(seen));
+        assert_eq!(r.peer_of(1), Some(seen));
+        assert_eq!(r.peer_of(3), Some(third));
+        assert_eq!(r.peer_of(2), None, "never observed");
+        assert_eq!(r.peer_of(99), None);
         assert_eq!(r.write_probe(), 0);
         // A restarted agent continues the heartbeat counter.
         drop(w);

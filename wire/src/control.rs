@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    /// Stop both guests; with `purge`, also delete regions and disks.
+    /// Stop every node; with `purge`, also delete regions and disks.
     Down {
         purge: bool,
     },
@@ -24,9 +24,13 @@ pub enum Request {
         node: String,
         signal: KillSignal,
     },
-    /// Planned takeover: the partner takes the node's identity over; nothing is killed.
+    /// Planned takeover: another node takes the node's identity over; nothing is killed.
     Takeover {
         node: String,
+        /// The node to take it over, which must be in the node's `takeover_by` list;
+        /// unset (and in requests of older clients): the first of that list that is up.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
     },
     /// The node takes its identity back (its QEMU is restarted first if it is not running).
     Giveback {
@@ -107,7 +111,7 @@ pub enum NodeState {
     Paused,
     /// Dead: QEMU exited, the guest panicked or shut down, or the heartbeat timed out.
     Down,
-    /// Killed and reaped by hostd; its identity is served by its partner.
+    /// Killed and reaped by hostd; its identities are served by a taker.
     Fenced,
 }
 
@@ -128,7 +132,11 @@ impl NodeState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub name: String,
-    pub partner: String,
+    /// Who would take this node's identity over next: the first node of its current
+    /// holder's `takeover_by` list that is not down or fenced (the list's first when all
+    /// are). Older hostds called it `partner`.
+    #[serde(alias = "partner")]
+    pub next_taker: String,
     pub state: NodeState,
     /// Why the node is not up, in words (empty when it is).
     pub health: String,
@@ -139,8 +147,8 @@ pub struct NodeStatus {
     /// Milliseconds since hostd last saw the heartbeat counter move.
     pub heartbeat_age_ms: Option<u64>,
     pub boot_id: u64,
-    /// The partner's boot id and heartbeat as this node last read them in the partner's
-    /// region (proof that it can read it).
+    /// The boot id and heartbeat of the first node this node watches, as it last read
+    /// them in that node's region (proof that it can read it).
     pub peer_boot_id: u64,
     pub peer_heartbeat: u64,
     pub head_seq: Option<u64>,
@@ -266,4 +274,71 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> std::io::Resul
             format!("malformed answer from hostd: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_takeover_request_names_its_taker_only_when_chosen() {
+        // An older client's request.
+        let old: Request = serde_json::from_str(r#"{"request":"takeover","node":"a"}"#).unwrap();
+        assert_eq!(
+            old,
+            Request::Takeover {
+                node: "a".into(),
+                to: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"request":"takeover","node":"a"}"#
+        );
+        let chosen: Request =
+            serde_json::from_str(r#"{"request":"takeover","node":"a","to":"c"}"#).unwrap();
+        assert_eq!(
+            chosen,
+            Request::Takeover {
+                node: "a".into(),
+                to: Some("c".into())
+            }
+        );
+    }
+
+    #[test]
+    fn node_status_reads_the_older_partner_field() {
+        let status = NodeStatus {
+            name: "a".into(),
+            next_taker: "b".into(),
+            state: NodeState::Up,
+            health: String::new(),
+            vm: "running".into(),
+            pid: None,
+            heartbeat: 0,
+            heartbeat_age_ms: None,
+            boot_id: 0,
+            peer_boot_id: 0,
+            peer_heartbeat: 0,
+            head_seq: None,
+            last_ack_seq: 0,
+            flushed_seq: None,
+            served_by: None,
+            served_by_state: None,
+            nbd_connections: 0,
+            nbd_refused: 0,
+            nbd_idle_closed: 0,
+            log_full_ms: None,
+            writes_waiting: 0,
+            nbd: String::new(),
+            takeover_possible: false,
+            takeover_reason: String::new(),
+            console: String::new(),
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(json.contains(r#""next_taker":"b""#), "{json}");
+        let old = json.replace("next_taker", "partner");
+        let read: NodeStatus = serde_json::from_str(&old).unwrap();
+        assert_eq!(read.next_taker, "b");
+    }
 }

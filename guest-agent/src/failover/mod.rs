@@ -35,7 +35,7 @@ use quarantine::{Quarantine, replay_confirmed};
 use replay::{ReplayBook, ReplayJob};
 
 /// How often the command slot is read while something is going on: for 2 s after a
-/// command, and while the partner's heartbeat stands still (a takeover may come). A read is
+/// command, and while a peer's heartbeat stands still (a takeover may come). A read is
 /// two cache lines; polling keeps takeover latency independent of the heartbeat interval.
 pub const POLL: Duration = Duration::from_millis(2);
 /// How often it is read otherwise. Each wakeup of an idle TCG guest costs the host a
@@ -43,17 +43,17 @@ pub const POLL: Duration = Duration::from_millis(2);
 pub const IDLE_POLL: Duration = Duration::from_millis(25);
 /// How long the monitor polls at [`POLL`] after a command.
 const BUSY_FOR: Duration = Duration::from_secs(2);
-/// A partner heartbeat that has not moved for this long (2.5 default intervals) makes the
+/// A peer heartbeat that has not moved for this long (2.5 default intervals) makes the
 /// monitor poll at [`POLL`] until it moves again.
-const PARTNER_QUIET: Duration = Duration::from_millis(250);
-/// For how long a quiet partner keeps the monitor polling fast: a takeover follows within
-/// the heartbeat timeout, or not at all (a partner that stays dead must not cost this node
+const PEER_QUIET: Duration = Duration::from_millis(250);
+/// For how long a quiet peer keeps the monitor polling fast: a takeover follows within
+/// the heartbeat timeout, or not at all (a peer that stays dead must not cost this node
 /// the fast polling's CPU for good).
 const QUIET_WATCH: Duration = Duration::from_secs(30);
 /// How long a release may wait for the flusher to write the log.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// An identity this node can serve: its own, or its partner's.
+/// An identity this node can serve: its own, or a peer's.
 #[derive(Debug)]
 pub struct Identity {
     pub export: Arc<NvramExport>,
@@ -83,7 +83,8 @@ impl Identity {
 pub struct FailoverMonitor {
     pub node_id: u32,
     pub control: ControlRegion,
-    pub partner: Option<NodeRegion>,
+    /// The regions of the nodes whose identities this node may take over, by node id.
+    pub peers: BTreeMap<u32, NodeRegion>,
     pub nvram: Arc<Nvram>,
     pub registry: Arc<ExportRegistry>,
     /// The server on the guest's NBD port, which serves whatever the registry holds
@@ -114,15 +115,15 @@ impl FailoverMonitor {
     /// Polls the command slot and the owners until the process ends.
     pub fn run(mut self) {
         let mut busy_since = Instant::now();
-        let mut partner_beat = (None, Instant::now());
+        // Per peer: its last heartbeat counter and since when it has stood there.
+        let mut peer_beats: BTreeMap<u32, (Option<u64>, Instant)> = BTreeMap::new();
         loop {
-            let beat = self
-                .partner
-                .as_ref()
-                .and_then(|p| p.heartbeat())
-                .map(|h| h.counter);
-            if beat != partner_beat.0 {
-                partner_beat = (beat, Instant::now());
+            for (id, peer) in &self.peers {
+                let beat = peer.heartbeat().map(|h| h.counter);
+                let seen = peer_beats.entry(*id).or_insert((beat, Instant::now()));
+                if beat != seen.0 {
+                    *seen = (beat, Instant::now());
+                }
             }
             if let Some(command) = self.control.command(self.node_id as usize)
                 && command.seq > self.handled
@@ -152,10 +153,10 @@ impl FailoverMonitor {
             }
             self.fence_lost_identities();
             self.end_quarantine_if_replayed();
-            let quiet_for = partner_beat.1.elapsed();
-            let partner_quiet = partner_beat.0.is_some()
-                && (PARTNER_QUIET..PARTNER_QUIET + QUIET_WATCH).contains(&quiet_for);
-            let busy = busy_since.elapsed() < BUSY_FOR || partner_quiet;
+            let peer_quiet = peer_beats.values().any(|(beat, since)| {
+                beat.is_some() && (PEER_QUIET..PEER_QUIET + QUIET_WATCH).contains(&since.elapsed())
+            });
+            let busy = busy_since.elapsed() < BUSY_FOR || peer_quiet;
             std::thread::sleep(if busy { POLL } else { IDLE_POLL });
         }
     }
@@ -227,13 +228,19 @@ impl FailoverMonitor {
         ack: &mut Ack,
     ) -> Result<(), String> {
         let volume = Arc::clone(self.export(identity)?.volume());
+        let dead = match argument.replay_from {
+            Some(node) => Some(self.peers.get(&node).cloned().ok_or_else(|| {
+                format!("node {node}'s region is not mapped here, so its log cannot be replayed")
+            })?),
+            None => None,
+        };
         // This node's old log, kept since it started, is settled first.
         let mut drain_own_log = false;
         if let Some(quarantine) = self.quarantine.take() {
             if self.quarantine_replayed(&quarantine) {
                 quarantine.discard(&self.nvram);
                 drain_own_log = true;
-            } else if argument.replay_partner_log {
+            } else if argument.replay_from.is_some() && argument.replay_from == quarantine.holder {
                 // The node that took this node's identity over died before it finished
                 // replaying this node's log: no one else will apply it, and it is older
                 // than anything in the dead holder's log, for every identity.
@@ -249,8 +256,7 @@ impl FailoverMonitor {
         }
         // This node's own unflushed records for the export are older than the dead
         // holder's (it held the identity before): they go to the disk first.
-        drain_own_log |=
-            argument.replay_partner_log && !volume.overlay.read().map_or(true, |o| o.is_empty());
+        drain_own_log |= dead.is_some() && !volume.overlay.read().map_or(true, |o| o.is_empty());
         if drain_own_log {
             // Also makes a discard durable (the flushed cursor passes the discarded
             // records) before this node serves: else a crash of it would have the next
@@ -267,12 +273,9 @@ impl FailoverMonitor {
                 volume.disk.path().display()
             )
         })?;
-        if argument.replay_partner_log {
-            let partner = self
-                .partner
-                .clone()
-                .ok_or("there is no partner region to replay")?;
-            let scanned = self.serve_partner_log(&partner, &volume, epoch)?;
+        if let Some(dead) = &dead {
+            self.apply_older_logs(dead, epoch)?;
+            let scanned = self.serve_dead_log(dead, &volume, epoch)?;
             if scanned.stopped {
                 ack.status = ack_status::PARTIAL_REPLAY;
             }
@@ -296,9 +299,76 @@ impl FailoverMonitor {
         Ok(())
     }
 
+    /// A chained takeover: `dead` had taken identities over from other nodes and died
+    /// before its replay of their logs had finished (its region's replay mark for such a
+    /// log is not `replayed`). Those logs are older than `dead`'s own records, so they go
+    /// to the disks first, here and now, for every identity `dead` held (those this node
+    /// takes over next, too: nobody serves them meanwhile); `dead`'s records are then
+    /// served on top. This node then says in its region that it replayed those logs, so
+    /// their nodes, once restarted, may forget them.
+    fn apply_older_logs(&mut self, dead: &NodeRegion, epoch: u64) -> Result<(), String> {
+        let dead_id = dead.header().node_id;
+        let older: Vec<(NodeRegion, shm::Replay)> = self
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != dead_id)
+            .filter_map(|(id, region)| {
+                let mark = dead.replay_of(*id)?;
+                (mark.status == shm::ReplayStatus::Replaying).then(|| (region.clone(), mark))
+            })
+            .collect();
+        for (region, mark) in older {
+            let volumes: Vec<Arc<Volume>> = self
+                .identities
+                .iter()
+                .filter(|(id, entry)| {
+                    !entry.export.volume().writable()
+                        && self.control.owner(**id as usize).is_some_and(|o| {
+                            o.node == Some(dead_id) || o.node == Some(self.node_id)
+                        })
+                })
+                .map(|(_, entry)| Arc::clone(entry.export.volume()))
+                .collect();
+            let name = &region.header().name;
+            let replayed = replay::replay(&region, &replay::Disks::of(&volumes), mark.last_seq)
+                .map_err(|e| {
+                    format!(
+                        "cannot apply {name}'s log, which {} had not finished replaying: {}",
+                        dead.header().name,
+                        wire::error_chain::one_line(&e)
+                    )
+                })?;
+            log::warn!(
+                "{} died before it finished replaying {name}'s log: applied {} records ({} bytes) of it up to seq {} first{}",
+                dead.header().name,
+                replayed.records,
+                replayed.bytes,
+                replayed.last_seq,
+                replayed
+                    .stopped
+                    .as_ref()
+                    .map_or(String::new(), |why| format!(" ({why})"))
+            );
+            let status = if replayed.stopped.is_some() {
+                shm::ReplayStatus::Stopped
+            } else {
+                shm::ReplayStatus::Replayed
+            };
+            self.replays.record_replayed(
+                region.header().node_id,
+                shm::Replay {
+                    epoch,
+                    status,
+                    ..mark
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Serves `dead`'s records for `volume` from its region at once and starts replaying
     /// them onto the disk in the background (see [`replay`]).
-    fn serve_partner_log(
+    fn serve_dead_log(
         &mut self,
         dead: &NodeRegion,
         volume: &Arc<Volume>,
@@ -326,20 +396,10 @@ impl FailoverMonitor {
             last_seq: scanned.last_seq,
             stopped: scanned.stopped.is_some(),
         };
-        // The whole log is replayed, so the dead node may forget it once this has finished;
-        // but not onto what this node served before (see `replay::Disks`).
-        let served = self
-            .identities
-            .iter()
-            .filter(|(id, i)| **id != volume.export_id && i.export.volume().writable())
-            .map(|(id, _)| *id)
-            .collect();
-        let disks = replay::Disks::of(&self.identities, served);
         let last_seq = scanned.last_seq;
         if self.replays.serve_layer(scanned, volume, epoch, hold) {
             self.pending_replay = Some(ReplayJob {
                 region: dead.clone(),
-                disks,
                 last_seq,
                 book: self.replays.clone(),
             });
@@ -367,10 +427,17 @@ impl FailoverMonitor {
         }
     }
 
+    /// Whether a peer says it replayed this node's old log: the holder of its identity, or
+    /// the node that applied the log after the holder died (a chained takeover).
     fn quarantine_replayed(&self, quarantine: &Quarantine) -> bool {
-        self.partner
-            .as_ref()
-            .is_some_and(|p| replay_confirmed(p, self.node_id, quarantine.owner_epoch))
+        self.peers.values().any(|p| {
+            replay_confirmed(
+                p,
+                self.node_id,
+                quarantine.owner_epoch,
+                quarantine.through_seq,
+            )
+        })
     }
 
     fn release(&mut self, identity: u32, ack: &mut Ack) -> Result<(), String> {
@@ -601,6 +668,7 @@ mod tests {
                 hold: nvram.hold_flusher(flushed.seq),
                 through_seq: head.seq,
                 owner_epoch: 5,
+                holder: Some(1),
             };
             let flusher = Flusher::spawn(
                 Arc::clone(&nvram),
@@ -615,7 +683,7 @@ mod tests {
             let monitor = FailoverMonitor {
                 node_id: 0,
                 control,
-                partner: Some(partner),
+                peers: [(1, partner)].into(),
                 nvram,
                 registry: Arc::new(ExportRegistry::new()),
                 server: None,
@@ -669,7 +737,7 @@ mod tests {
                 identity: u64::from(A),
                 epoch: 6,
                 argument: TakeOverArgument {
-                    replay_partner_log: replay,
+                    replay_from: replay.then_some(1),
                     port: 0,
                 }
                 .to_word(),
@@ -804,3 +872,6 @@ mod tests {
         assert_eq!(node.disk_blocks(), [4, 2, 3]);
     }
 }
+
+#[cfg(test)]
+mod chained_tests;

@@ -22,14 +22,19 @@ pub struct Quarantine {
     /// The epoch at which the identity's owner held it when this node started: a replay
     /// from that takeover or later covers the old records.
     pub owner_epoch: u64,
+    /// The node that held this node's identity when it started: if it dies before it has
+    /// replayed the old records, they are this node's to apply.
+    pub holder: Option<u32>,
 }
 
-/// Whether `taker`'s region says it has finished replaying node `node`'s log for a
-/// takeover at `epoch` or later.
-pub fn replay_confirmed(taker: &NodeRegion, node: u32, epoch: u64) -> bool {
-    taker
-        .replay_of(node)
-        .is_some_and(|r| r.status.finished() && r.epoch >= epoch)
+/// Whether `peer`'s region says it has finished a replay of node `node`'s log that covers
+/// the old records, up to seq `through_seq`: one for a takeover at `epoch` (the current
+/// ownership's) or later, or one whose records reach `through_seq` (after a chained
+/// takeover the holder is a later node than the one that replayed this log). Seqs only
+/// grow in a log, so a replay from an earlier life of the log cannot reach them.
+pub fn replay_confirmed(peer: &NodeRegion, node: u32, epoch: u64, through_seq: u64) -> bool {
+    peer.replay_of(node)
+        .is_some_and(|r| r.status.finished() && (r.epoch >= epoch || r.last_seq >= through_seq))
 }
 
 impl Quarantine {

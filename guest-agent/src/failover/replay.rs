@@ -7,7 +7,7 @@
 //! ([`ReplayBook`]): the dead node, once restarted, may forget its log only when a replay
 //! of it has finished; until then the layer reads from it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -123,34 +123,29 @@ pub fn scan(region: &NodeRegion, export: u32, disk_size: u64) -> Result<Scanned,
     Ok(scanned)
 }
 
-/// The disks a replay writes: by export id, with the exports it must leave alone.
+/// The disks a replay writes, by export id: those of the identities taken over from the
+/// dead node. Its records for any other export are left alone: another node replays them
+/// for the identities it took, or, released before the death, they were flushed already.
 #[derive(Debug, Clone, Default)]
 pub struct Disks {
     pub volumes: BTreeMap<u32, Arc<Volume>>,
-    /// Exports this node served before the takeover began: it replayed the dead node's
-    /// records for them when it took them over and has written newer data since, which
-    /// those older records must not overwrite.
-    pub served: BTreeSet<u32>,
 }
 
 impl Disks {
-    /// Every disk of `identities`, leaving alone those in `served`.
-    pub fn of(identities: &BTreeMap<u32, super::Identity>, served: BTreeSet<u32>) -> Self {
+    pub fn of(volumes: &[Arc<Volume>]) -> Self {
         Self {
-            volumes: identities
+            volumes: volumes
                 .iter()
-                .map(|(id, i)| (*id, Arc::clone(i.export.volume())))
+                .map(|v| (v.export_id, Arc::clone(v)))
                 .collect(),
-            served,
         }
     }
 }
 
-/// Writes `region`'s records from its flushed cursor up to seq `last_seq` to the disks of
-/// their exports in `disks` (all of them but the served ones: the whole log is replayed,
-/// so the dead node may forget it once the replay has finished), in log order, checking
-/// each record's crc, then syncs the disks written. Replaying the same records again onto
-/// disks nobody wrote since is harmless.
+/// Writes `region`'s records for the exports in `disks` from its flushed cursor up to seq
+/// `last_seq` to their disks, in log order, checking each record's crc, then syncs the
+/// disks written. Replaying the same records again onto disks nobody wrote since is
+/// harmless.
 pub fn replay(region: &NodeRegion, disks: &Disks, last_seq: u64) -> Result<Replayed, ReplayError> {
     let (flushed, head) = region.log_cursors().map_err(ReplayError::Cursors)?;
     let mut replayed = Replayed {
@@ -171,14 +166,7 @@ pub fn replay(region: &NodeRegion, disks: &Disks, last_seq: u64) -> Result<Repla
                 break;
             }
         };
-        if !disks.served.contains(&record.export) {
-            let Some(volume) = disks.volumes.get(&record.export) else {
-                replayed.stopped = Some(format!(
-                    "record {} is for export {}, which has no disk here",
-                    record.seq, record.export
-                ));
-                break;
-            };
+        if let Some(volume) = disks.volumes.get(&record.export) {
             match apply(volume, &record) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::InvalidInput => {
@@ -216,10 +204,11 @@ pub fn replay(region: &NodeRegion, disks: &Disks, last_seq: u64) -> Result<Repla
 /// layers each replay keeps in place until it has finished.
 ///
 /// One replay runs per dead node's log, whatever number of identities are taken over from
-/// it: it writes the records of every export it may (see [`Disks`]), so two replays of the
-/// same log running side by side would write the same older records over each other's
-/// newer ones, and a layer dropped by one could uncover a disk the other still rewrites.
-/// An identity taken over from a log whose replay runs already joins it.
+/// it: two replays of the same log side by side could write the same older records over
+/// each other's newer ones, and a layer dropped by one could uncover a disk the other still
+/// rewrites. An identity taken over from a log whose replay runs already joins it: the
+/// replay makes another pass for the identities that joined during the last one, and ends
+/// (drops every layer, publishes `Replayed`) only after a pass nobody joined.
 #[derive(Debug, Clone)]
 pub struct ReplayBook {
     inner: Arc<Mutex<Book>>,
@@ -241,6 +230,10 @@ struct LogReplay {
     last_seq: u64,
     /// The volumes serving a layer of this log, dropped when the replay ends.
     layers: Vec<Arc<Volume>>,
+    /// The volumes no pass of the replay has written yet.
+    uncovered: Vec<Arc<Volume>>,
+    /// A pass stopped at a bad record.
+    stopped: bool,
     /// Holds on this node's flusher, released when the replay ends.
     holds: Vec<FlushHold>,
 }
@@ -283,6 +276,7 @@ impl ReplayBook {
         log.last_seq = log.last_seq.max(scanned.last_seq);
         volume.set_partner_layer(scanned.layer);
         log.layers.push(Arc::clone(volume));
+        log.uncovered.push(Arc::clone(volume));
         log.holds.push(hold);
         let replay = Replay {
             epoch: log.epoch,
@@ -294,22 +288,25 @@ impl ReplayBook {
         start
     }
 
-    /// The replay of node `node`'s log has put it on the disks (up to where it stopped, if
-    /// `stopped`): drops its layers, says so in the region, and lets the flusher go on, in
-    /// that order: the dead node may reuse its log only once no layer reads it, and a
-    /// release (which waits for the flusher) is acknowledged only after the region says so.
-    fn finish(&self, node: u32, stopped: bool) {
+    /// The volumes the replay of node `node`'s log writes in its next pass; `None` once
+    /// every volume was covered, after which the replay has ended: its layers are dropped,
+    /// the region says so, and the flusher may go on, in that order: the dead node may reuse
+    /// its log only once no layer reads it, and a release (which waits for the flusher) is
+    /// acknowledged only after the region says so.
+    fn next_pass(&self, node: u32, stopped: bool) -> Option<Vec<Arc<Volume>>> {
         let mut book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(log) = book.logs.get_mut(&node) else {
-            return;
-        };
+        let log = book.logs.get_mut(&node)?;
+        log.stopped |= stopped;
+        if !log.uncovered.is_empty() {
+            return Some(std::mem::take(&mut log.uncovered));
+        }
         for volume in log.layers.drain(..) {
             volume.drop_partner_layer();
         }
         log.running = false;
         let replay = Replay {
             epoch: log.epoch,
-            status: if stopped {
+            status: if log.stopped {
                 ReplayStatus::Stopped
             } else {
                 ReplayStatus::Replayed
@@ -317,9 +314,33 @@ impl ReplayBook {
             first_seq: log.first_seq,
             last_seq: log.last_seq,
         };
+        log.stopped = false;
         let holds = std::mem::take(&mut log.holds);
         book.writer.publish(node, replay);
         drop(holds);
+        None
+    }
+
+    /// Says that node `node`'s log, marked `mark`, has been replayed here (in a replay done
+    /// before serving, or one with nothing left to serve), unless a replay of it runs.
+    pub fn record_replayed(&self, node: u32, mark: Replay) {
+        let mut book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if book.logs.get(&node).is_some_and(|log| log.running) {
+            return;
+        }
+        book.writer.publish(
+            node,
+            Replay {
+                status: ReplayStatus::Replayed,
+                ..mark
+            },
+        );
+    }
+
+    /// The last seq any layer of node `node`'s log reaches.
+    fn last_seq(&self, node: u32) -> Option<u64> {
+        let book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        book.logs.get(&node).map(|log| log.last_seq)
     }
 }
 
@@ -327,7 +348,6 @@ impl ReplayBook {
 #[derive(Debug, Clone)]
 pub struct ReplayJob {
     pub region: NodeRegion,
-    pub disks: Disks,
     pub last_seq: u64,
     pub book: ReplayBook,
 }
@@ -356,28 +376,37 @@ impl ReplayJob {
             log::warn!("cannot lower the replay thread's priority: {error}");
         }
         let started = std::time::Instant::now();
-        let replayed = loop {
-            match replay(&self.region, &self.disks, self.last_seq) {
-                Ok(replayed) => break replayed,
-                Err(error) => {
-                    log::error!(
-                        "replay of {dead}'s log: {}; retrying in {RETRY_WAIT:?} (reads are served from {dead}'s region meanwhile)",
-                        wire::error_chain::one_line(&error)
-                    );
-                    std::thread::sleep(RETRY_WAIT);
+        let (mut records, mut bytes, mut stopped) = (0, 0, false);
+        while let Some(volumes) = self.book.next_pass(node, stopped) {
+            let disks = Disks::of(&volumes);
+            let last_seq = self.book.last_seq(node).unwrap_or(self.last_seq);
+            let replayed = loop {
+                match replay(&self.region, &disks, last_seq) {
+                    Ok(replayed) => break replayed,
+                    Err(error) => {
+                        log::error!(
+                            "replay of {dead}'s log: {}; retrying in {RETRY_WAIT:?} (reads are served from {dead}'s region meanwhile)",
+                            wire::error_chain::one_line(&error)
+                        );
+                        std::thread::sleep(RETRY_WAIT);
+                    }
                 }
+            };
+            if let Some(why) = &replayed.stopped {
+                log::error!("replay of {dead}'s log incomplete: {why}");
             }
-        };
-        if let Some(why) = &replayed.stopped {
-            log::error!("replay of {dead}'s log incomplete: {why}");
+            stopped = replayed.stopped.is_some();
+            records += replayed.records;
+            bytes += replayed.bytes;
         }
-        self.book.finish(node, replayed.stopped.is_some());
         log::info!(
-            "replayed {} records ({} bytes) of {dead}'s log in {:?}, up to seq {}",
-            replayed.records,
-            replayed.bytes,
+            "replayed {records} records ({bytes} bytes) of {dead}'s log in {:?}{}",
             started.elapsed(),
-            replayed.last_seq
+            if stopped {
+                ", stopping at a bad record"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -480,10 +509,6 @@ mod tests {
                 assert!(book.serve_layer(scanned, export.volume(), 1, hold));
                 job = Some(ReplayJob {
                     region: dead.clone(),
-                    disks: Disks {
-                        volumes: [(0, Arc::clone(export.volume()))].into(),
-                        served: BTreeSet::new(),
-                    },
                     last_seq,
                     book: book.clone(),
                 });

@@ -19,6 +19,19 @@ pub struct KillArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TakeoverArgs {
+    /// The node whose identity (address and export) moves.
+    pub node: String,
+    /// The node to take it over: one of the node's `takeover_by` list, and up. Default:
+    /// the first of that list that is up.
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct MoveArgs {
     /// The node whose identity (address and export) moves.
     pub node: String,
@@ -42,9 +55,10 @@ pub fn kill(state: &StateDir, args: &KillArgs) -> CommandResult {
     }
 }
 
-pub fn takeover(state: &StateDir, args: &MoveArgs) -> CommandResult {
+pub fn takeover(state: &StateDir, args: &TakeoverArgs) -> CommandResult {
     let request = Request::Takeover {
         node: args.node.clone(),
+        to: args.to.clone(),
     };
     moved(state, &request, args.json, Duration::from_secs(200))
 }

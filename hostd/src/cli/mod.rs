@@ -17,7 +17,8 @@ use clap::{Parser, Subcommand};
 
 use crate::state_dir::{DEFAULT_STATE_DIR, StateDir};
 
-/// ivha host daemon: keeps a pair of QEMU guests highly available through shared memory.
+/// ivha host daemon: keeps a cluster of QEMU guests (a pair by default, up to 8) highly
+/// available through shared memory.
 #[derive(Debug, Parser)]
 #[command(name = "hostd", version, about, long_about = None)]
 pub struct Cli {
@@ -31,24 +32,28 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start the pair: regions, disks, both guests; with --detach, return once both agents are up.
+    /// Start the cluster: regions, disks, every guest; with --detach, return once every agent is up.
     Up(up::UpArgs),
 
     /// Show each node: VM and agent state, heartbeat, log, who serves it, its NBD address.
     Status(status::StatusArgs),
 
-    /// Stop both guests (QMP quit, SIGKILL if they do not go) and the daemon.
+    /// Stop every guest (QMP quit, SIGKILL if they do not go) and the daemon.
     Down(down::DownArgs),
 
     /// Inject a fault into a node: SIGKILL or SIGSTOP its QEMU, or panic its kernel.
     ///
-    /// hostd's monitor then detects the failure, fences the node and moves its identity
-    /// to the partner, like for any real failure.
+    /// hostd's monitor then detects the failure, fences the node and moves every identity
+    /// it held to a taker (the first live node of its `takeover_by` list), like for any
+    /// real failure.
     Kill(failover::KillArgs),
 
-    /// Planned takeover: the partner takes the node's identity over (the node flushes and
+    /// Planned takeover: another node takes the node's identity over (the node flushes and
     /// releases it first; nothing is killed, nothing is lost).
-    Takeover(failover::MoveArgs),
+    ///
+    /// The taker is the first node of the node's `takeover_by` list that is up, or the one
+    /// named with --to.
+    Takeover(failover::TakeoverArgs),
 
     /// Give a node its identity back, restarting its QEMU first if it is not running.
     Giveback(failover::MoveArgs),

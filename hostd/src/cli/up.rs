@@ -1,4 +1,4 @@
-//! `hostd up`: start the pair.
+//! `hostd up`: start the cluster.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -23,7 +23,7 @@ pub struct UpArgs {
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
 
-    /// Start the daemon in the background and return once both agents are up.
+    /// Start the daemon in the background and return once every agent is up.
     #[arg(long)]
     pub detach: bool,
 
@@ -43,7 +43,7 @@ pub enum UpError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the daemon exited before the pair was up; the end of {log}:\n{tail}")]
+    #[error("the daemon exited before the cluster was up; the end of {log}:\n{tail}")]
     DaemonDied { log: String, tail: String },
     #[error("the agents were not up after {seconds} s; last status:\n{status}")]
     Timeout { seconds: u64, status: String },
@@ -65,7 +65,7 @@ pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
         return detach(state, args);
     }
     println!(
-        "starting the pair in {} (Ctrl-C stops it)",
+        "starting the cluster in {} (Ctrl-C stops it)",
         state.root().display()
     );
     let mut last_states = String::new();
@@ -77,7 +77,7 @@ pub fn run(state: &StateDir, args: &UpArgs) -> CommandResult {
         }
         if status.all_up() {
             print!("{}", render::status_table(status));
-            println!("the pair is up; `hostd status` shows it, `hostd down` stops it");
+            println!("the cluster is up; `hostd status` shows it, `hostd down` stops it");
         }
     })?;
     Ok(ExitCode::SUCCESS)
@@ -147,14 +147,14 @@ fn detach(state: &StateDir, args: &UpArgs) -> CommandResult {
                 // Nothing boots: the guests kept running while no hostd watched them.
                 print!("{}", render::status_table(&status));
                 println!(
-                    "adopted the pair an earlier hostd left running; `hostd status` shows it, `hostd down` stops it"
+                    "adopted the cluster an earlier hostd left running; `hostd status` shows it, `hostd down` stops it"
                 );
                 return Ok(ExitCode::SUCCESS);
             }
             if status.all_up() {
                 print!("{}", render::status_table(&status));
                 println!(
-                    "the pair is up after {:.1} s; `hostd status` shows it, `hostd down` stops it",
+                    "the cluster is up after {:.1} s; `hostd status` shows it, `hostd down` stops it",
                     started.elapsed().as_secs_f64()
                 );
                 return Ok(ExitCode::SUCCESS);

@@ -158,7 +158,7 @@ impl Cluster {
             .max()
             .unwrap_or(0);
         let monitor = heartbeat::Monitor::new(config.heartbeat.monitor_config());
-        let topology = Topology::new(config.nodes.iter().map(|n| n.name.clone()));
+        let topology = Topology::from_config(config);
         let mut nodes = Vec::new();
         for (node, node_config) in topology.nodes().zip(&config.nodes) {
             let region = map_node_region(&files[node.index()].region)?;
@@ -608,11 +608,19 @@ impl Cluster {
             .map(|node| {
                 let health = &self.nodes[node.index()];
                 let identity = node.home_identity();
-                let partner = self.topology.first_taker(identity);
+                let owner = self.owner_of(identity);
+                // Who takes the identity over if its holder dies: the first node of the
+                // holder's list that is not dead (hostd takes the first live one).
+                let holder = owner.unwrap_or(node);
+                let next_taker = self.topology.next_taker(holder, |taker| {
+                    !matches!(
+                        self.nodes[taker.index()].state(),
+                        NodeState::Down | NodeState::Fenced
+                    )
+                });
                 let peer = health.region.peer().unwrap_or_default();
                 // One snapshot: read apart, a live flusher can make flushed pass head.
                 let cursors = health.region.log_cursors().ok();
-                let owner = self.owner_of(identity);
                 let served_by = owner.and_then(|n| names.get(n.index()).cloned());
                 let served_by_state = owner
                     .and_then(|n| self.nodes.get(n.index()))
@@ -628,17 +636,29 @@ impl Cluster {
                     // The agent's clock; a guest's may differ a little from the host's.
                     (wire::time::now_unix_us() * 1000).saturating_sub(full_since_ns) / 1_000_000
                 });
-                let (takeover_possible, takeover_reason) = match partner {
-                    Some(partner) => takeover_readiness(
-                        health,
-                        &self.nodes[partner.index()],
-                        owner == Some(node),
+                let (takeover_possible, takeover_reason) = match (owner, next_taker) {
+                    (Some(owner), Some(taker)) if owner == node => {
+                        takeover_readiness(health, &self.nodes[taker.index()])
+                    }
+                    (Some(owner), None) if owner == node => {
+                        (false, "no other node may take it over".to_owned())
+                    }
+                    (Some(owner), _) => (
+                        false,
+                        format!(
+                            "{} does not hold its identity now ({} does)",
+                            health.name,
+                            self.topology.name(owner)
+                        ),
                     ),
-                    None => (false, "no other node may take it over".to_owned()),
+                    (None, _) => (
+                        false,
+                        format!("{} does not hold its identity now", health.name),
+                    ),
                 };
                 NodeStatus {
                     name: health.name.clone(),
-                    partner: partner
+                    next_taker: next_taker
                         .map(|p| self.topology.name(p).to_owned())
                         .unwrap_or_default(),
                     state: health.state(),
@@ -820,46 +840,35 @@ fn keep_previous_console(console: &Path) {
     }
 }
 
-/// Whether `taker` could take `node`'s identity over now, and why not.
-fn takeover_readiness(
-    node: &NodeHealth,
-    taker: &NodeHealth,
-    node_owns_identity: bool,
-) -> (bool, String) {
-    if !node_owns_identity {
-        return (
-            false,
-            format!("{} does not hold its identity now", node.name),
-        );
-    }
+/// Whether `taker` could take `node`'s identity (which `node` holds) over now, and why not.
+fn takeover_readiness(node: &NodeHealth, taker: &NodeHealth) -> (bool, String) {
     let taker_state = taker.state();
     if taker_state != NodeState::Up {
         return (
             false,
-            format!("partner {} is {}", taker.name, taker_state.as_str()),
+            format!("taker {} is {}", taker.name, taker_state.as_str()),
         );
     }
     // The taker maps the region when its agent starts, so a takeover works whether or not
     // it has read this boot of the node yet (right after `up` it may not have); but it
     // must have the region at all.
-    let peer = taker.region.peer().unwrap_or_default();
-    if peer.node_id != Some(node.region.header().node_id) {
+    let Some(peer) = taker.region.peer_of(node.region.header().node_id) else {
         return (
             false,
             format!(
-                "partner {} has not read {}'s region yet",
+                "taker {} has not read {}'s region yet",
                 taker.name, node.name
             ),
         );
-    }
+    };
     let reads = peer.boot_id != 0 && peer.boot_id == node.region.boot_id();
     (
         true,
         if reads {
-            format!("partner {} is up and reads its region", taker.name)
+            format!("taker {} is up and reads its region", taker.name)
         } else {
             format!(
-                "partner {} is up; it has not read {}'s region since {} started",
+                "taker {} is up; it has not read {}'s region since {} started",
                 taker.name, node.name, node.name
             )
         },

@@ -202,8 +202,8 @@ fn main_loop(
                         };
                         send(reply, response);
                     }
-                    Request::Takeover { node } => {
-                        let response = match moves::planned_takeover(cluster, &node) {
+                    Request::Takeover { node, to } => {
+                        let response = match moves::planned_takeover(cluster, &node, to.as_deref()) {
                             Ok(report) => Response::Moved(report),
                             Err(error) => error_response(&error),
                         };

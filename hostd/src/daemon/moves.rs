@@ -260,7 +260,7 @@ impl Moves {
         let holder_state = cluster.node(holder).state();
         if holder != node && holder_state != NodeState::Up && !cluster.node(holder).fenced {
             return Err(MoveError::Refused(format!(
-                "partner {} is {}: it cannot release {name}'s identity",
+                "{} holds {name}'s identity and is {}: it cannot release it",
                 cluster.topology().name(holder),
                 holder_state.as_str()
             )));
@@ -496,7 +496,7 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
             {
                 cluster.node_mut(owner).orphan_reported = true;
                 let error = MoveError::Refused(format!(
-                    "partner {} is {}; the takeover waits until it is up",
+                    "taker {} is {}; the takeover waits until a node that may take over is up",
                     cluster.topology().name(first),
                     cluster.node(first).state().as_str()
                 ));
@@ -540,7 +540,7 @@ pub fn restore_addresses(cluster: &mut Cluster) {
             // A fenced owner's identities move on (adopt_orphans); a booting one waits.
             continue;
         }
-        let argument = takeover_argument(cluster, identity, false);
+        let argument = takeover_argument(cluster, identity, None);
         let epoch = cluster.epoch();
         let restored = cluster
             .issue(
@@ -581,8 +581,14 @@ pub fn restore_addresses(cluster: &mut Cluster) {
     }
 }
 
-/// `hostd takeover NODE`: another node takes NODE's identity over; NODE keeps running.
-pub fn planned_takeover(cluster: &mut Cluster, name: &str) -> Result<MoveReport, MoveError> {
+/// `hostd takeover NODE [--to TAKER]`: another node takes NODE's identity over; NODE keeps
+/// running. The taker is `to`, which must be in NODE's takeover list and up, or else the
+/// first node of that list that is up.
+pub fn planned_takeover(
+    cluster: &mut Cluster,
+    name: &str,
+    to: Option<&str>,
+) -> Result<MoveReport, MoveError> {
     let node = node_named(cluster, name)?;
     let identity = node.home_identity();
     if cluster.owner_of(identity) != Some(node) {
@@ -590,27 +596,76 @@ pub fn planned_takeover(cluster: &mut Cluster, name: &str) -> Result<MoveReport,
             "{name} does not hold its identity now (use `hostd giveback {name}` to return it)"
         )));
     }
-    let taker = cluster.topology().first_taker(identity).ok_or_else(|| {
-        MoveError::Refused(format!("no other node may take {name}'s identity over"))
-    })?;
-    for member in [node, taker] {
-        let state = cluster.node(member).state();
-        if state != NodeState::Up {
-            return Err(MoveError::Refused(format!(
-                "node {} is {}: a planned takeover needs both nodes up",
-                cluster.topology().name(member),
-                state.as_str()
-            )));
-        }
+    let topology = cluster.topology();
+    let candidates = topology.takeover_by(node).to_vec();
+    let list = candidates
+        .iter()
+        .map(|&n| topology.name(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let up = |cluster: &Cluster, member: NodeId| cluster.node(member).state() == NodeState::Up;
+    let state_of = |cluster: &Cluster, member: NodeId| {
+        format!(
+            "{} is {}",
+            cluster.topology().name(member),
+            cluster.node(member).state().as_str()
+        )
+    };
+    if !up(cluster, node) {
+        return Err(MoveError::Refused(format!(
+            "node {}: a planned takeover needs {name} up to release its identity",
+            state_of(cluster, node)
+        )));
     }
+    let taker = match to {
+        Some(to) => {
+            let taker = node_named(cluster, to)?;
+            if taker == node {
+                return Err(MoveError::Refused(format!(
+                    "{name} cannot take over its own identity: it holds it already"
+                )));
+            }
+            if !candidates.contains(&taker) {
+                return Err(MoveError::Refused(format!(
+                    "{to} may not take over {name}'s identity (takeover_by for {name} is [{list}])"
+                )));
+            }
+            if !up(cluster, taker) {
+                return Err(MoveError::Refused(format!(
+                    "node {}: a planned takeover needs the taker up",
+                    state_of(cluster, taker)
+                )));
+            }
+            taker
+        }
+        None => match candidates.iter().copied().find(|&n| up(cluster, n)) {
+            Some(taker) => taker,
+            None if candidates.is_empty() => {
+                return Err(MoveError::Refused(format!(
+                    "no other node may take {name}'s identity over"
+                )));
+            }
+            None => {
+                let states = candidates
+                    .iter()
+                    .map(|&n| state_of(cluster, n))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(MoveError::Refused(format!(
+                    "no node that may take over {name}'s identity is up (takeover_by for {name} is [{list}]: {states})"
+                )));
+            }
+        },
+    };
+    let reason = match to {
+        Some(to) => format!("planned takeover (hostd takeover --to {to})"),
+        None => "planned takeover (hostd takeover)".into(),
+    };
     let report = move_identity(
         cluster,
         identity,
         taker,
-        Move::Planned {
-            from: node,
-            reason: "planned takeover (hostd takeover)".into(),
-        },
+        Move::Planned { from: node, reason },
         (Instant::now(), wire::time::now_unix_ms()),
         Timeline::default(),
     )?;
@@ -618,15 +673,15 @@ pub fn planned_takeover(cluster: &mut Cluster, name: &str) -> Result<MoveReport,
     Ok(report)
 }
 
-/// A `TakeOver` command's argument: whether to replay the old owner's log, and the port
-/// to listen on where the agents listen themselves.
+/// A `TakeOver` command's argument: the fenced old owner whose log to replay, if any, and
+/// the port to listen on where the agents listen themselves.
 fn takeover_argument(
     cluster: &mut Cluster,
     identity: IdentityId,
-    replay: bool,
+    replay_from: Option<NodeId>,
 ) -> TakeOverArgument {
     TakeOverArgument {
-        replay_partner_log: replay,
+        replay_from: replay_from.map(|node| node.index() as u32),
         port: if cluster.backend_mut().agents_listen() {
             cluster.port(identity)
         } else {
@@ -655,7 +710,8 @@ fn move_identity(
         Move::Unplanned { .. } => cluster.owner_of(identity).unwrap_or(identity.home()),
         Move::Planned { from, .. } => *from,
     };
-    let argument = takeover_argument(cluster, identity, matches!(how, Move::Unplanned { .. }));
+    let replay_from = matches!(how, Move::Unplanned { .. }).then_some(from);
+    let argument = takeover_argument(cluster, identity, replay_from);
     if let Move::Planned { from, .. } = how {
         // New clients must not reach the old owner while it flushes.
         cluster
@@ -713,7 +769,7 @@ fn move_identity(
             return Err(error.into());
         }
     };
-    let replayed = argument.replay_partner_log;
+    let replayed = argument.replays();
     if replayed {
         timeline.scanned = Some(ms_since(started));
         cluster.expect_replay(PendingReplay {

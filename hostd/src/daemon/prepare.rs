@@ -39,6 +39,23 @@ pub enum PrepareError {
         found: String,
         expected: String,
     },
+    #[error(
+        "region {path} is node {name:?}'s as node {found} of the cluster, but the configuration lists it as node {expected}: nodes cannot be reordered while their regions may hold unflushed writes"
+    )]
+    RegionPosition {
+        path: PathBuf,
+        name: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error(
+        "control region {path} was made for the nodes {found:?}, but the configuration names {expected:?}: a cluster's nodes cannot change while its state directory exists (`hostd down --purge` removes it, unflushed writes included, or use another --state-dir)"
+    )]
+    ControlNodes {
+        path: PathBuf,
+        found: Vec<String>,
+        expected: Vec<String>,
+    },
     #[error("cannot create disk image {path}")]
     Disk {
         path: PathBuf,
@@ -101,8 +118,10 @@ pub fn prepare(
         files.push(NodeFiles { region, disk });
     }
     let control = state.control_region();
-    if !control.exists() {
-        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+    let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+    if control.exists() {
+        check_control(&control, &names)?;
+    } else {
         Mapping::create_file(&control, 64 << 10)
             .map_err(|e| region_error(&control, e))
             .and_then(|m| {
@@ -110,6 +129,22 @@ pub fn prepare(
             })?;
     }
     Ok((files, control))
+}
+
+/// An existing control region must be readable by this build and name the configured
+/// nodes, in order: its owners and command slots are by node position.
+fn check_control(path: &Path, names: &[&str]) -> Result<(), PrepareError> {
+    let region = Mapping::open(path, Access::ReadOnly)
+        .map_err(|e| region_error(path, e))
+        .and_then(|m| ControlRegion::open(m).map_err(|e| region_error(path, e)))?;
+    if region.header().nodes != names {
+        return Err(PrepareError::ControlNodes {
+            path: path.to_owned(),
+            found: region.header().nodes.clone(),
+            expected: names.iter().map(|n| (*n).to_owned()).collect(),
+        });
+    }
+    Ok(())
 }
 
 /// Deletes what `prepare` created: the regions (with any unflushed writes in them), the
@@ -183,6 +218,14 @@ fn node_region(path: &Path, id: u32, name: &str, size: u64) -> Result<(), Prepar
             expected: name.to_owned(),
         });
     }
+    if region.header().node_id != id {
+        return Err(PrepareError::RegionPosition {
+            path: path.to_owned(),
+            name: name.to_owned(),
+            found: region.header().node_id,
+            expected: id,
+        });
+    }
     log::info!(
         "kept region {} (head seq {}, flushed seq {})",
         path.display(),
@@ -252,5 +295,70 @@ mod tests {
         config.regions.node_mib = 2;
         let error = prepare(&config, &state).unwrap_err();
         assert!(matches!(error, PrepareError::RegionSize { .. }), "{error}");
+    }
+
+    fn three_nodes() -> Config {
+        let mut config = Config::parse(
+            "[regions]\nnode_mib = 1\n[disks]\nsize_mib = 4\n\
+             [[node]]\nname = \"a\"\nnbd_port = 1\n\
+             [[node]]\nname = \"b\"\nnbd_port = 2\n\
+             [[node]]\nname = \"c\"\nnbd_port = 3\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        config.regions.node_mib = 1;
+        config
+    }
+
+    /// A pair's state directory is not taken for a three-node cluster, nor one whose nodes
+    /// were reordered: owners and commands are by node position.
+    #[test]
+    fn a_state_directory_of_other_nodes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let mut pair = Config::default();
+        pair.regions.node_mib = 1;
+        pair.disks.size_mib = 4;
+        prepare(&pair, &state).unwrap();
+        let error = prepare(&three_nodes(), &state).unwrap_err();
+        assert!(
+            matches!(error, PrepareError::ControlNodes { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains(r#"["a", "b", "c"]"#), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let config = three_nodes();
+        prepare(&config, &state).unwrap();
+        let mut reordered = config.clone();
+        reordered.nodes.swap(0, 1);
+        let error = prepare(&reordered, &state).unwrap_err();
+        assert!(
+            matches!(error, PrepareError::RegionPosition { .. }),
+            "{error}"
+        );
+    }
+
+    /// A state directory written by a release with another region format is refused with
+    /// a message that says so, not misread.
+    #[test]
+    fn regions_of_another_format_version_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let config = three_nodes();
+        let (_, control) = prepare(&config, &state).unwrap();
+        // Version 1, with a crc that matches, as an older release wrote it.
+        let mut bytes = std::fs::read(&control).unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[..120]);
+        bytes[120..124].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&control, bytes).unwrap();
+        let error = prepare(&config, &state).unwrap_err();
+        let chain = wire::error_chain::one_line(&error);
+        assert!(
+            chain.contains("format version 1 is not supported (this build reads version 2)"),
+            "{chain}"
+        );
     }
 }

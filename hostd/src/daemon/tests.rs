@@ -59,7 +59,8 @@ impl Harness {
         config.heartbeat.timeout_ms = 150;
         configure(&mut config);
         let (files, control) = prepare::prepare(&config, &state).unwrap();
-        let (backend, fake) = FakeBackend::new(&["a", "b"], &control);
+        let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        let (backend, fake) = FakeBackend::new(&names, &control);
         before(&fake);
         let cluster = Cluster::new(&config, &state, &files, &control, Box::new(backend))
             .unwrap()
@@ -99,10 +100,10 @@ impl Harness {
     }
 
     fn up(&mut self) {
-        self.run_until("both nodes up", Duration::from_secs(5), |c| {
-            [A, B]
-                .iter()
-                .all(|&n| c.node(node(n)).state() == NodeState::Up)
+        self.run_until("every node up", Duration::from_secs(5), |c| {
+            c.topology()
+                .nodes()
+                .all(|n| c.node(n).state() == NodeState::Up)
         });
     }
 
@@ -206,7 +207,7 @@ fn no_takeover_while_the_partner_boots() {
     let waits = h
         .events()
         .into_iter()
-        .filter(|e| matches!(e, Event::MoveFailed { error, .. } if error.contains("waits until it is up")))
+        .filter(|e| matches!(e, Event::MoveFailed { error, .. } if error.contains("the takeover waits until")))
         .count();
     assert_eq!(waits, 1, "the wait is reported once");
 
@@ -223,7 +224,7 @@ fn a_failed_release_rolls_back() {
     let mut h = Harness::pair();
     h.up();
     h.fake.set(A, |a| a.answer = Answer::Fail);
-    let error = moves::planned_takeover(&mut h.cluster, "a").unwrap_err();
+    let error = moves::planned_takeover(&mut h.cluster, "a", None).unwrap_err();
     assert!(
         wire::error_chain::one_line(&error).contains("failed command"),
         "{error}"
@@ -248,7 +249,7 @@ fn a_failed_release_rolls_back() {
 
     // It works once the release does.
     h.fake.set(A, |a| a.answer = Answer::Ok);
-    let report = moves::planned_takeover(&mut h.cluster, "a").unwrap();
+    let report = moves::planned_takeover(&mut h.cluster, "a", None).unwrap();
     assert_eq!((report.from.as_str(), report.to.as_str()), ("a", "b"));
     assert_eq!(h.owner(A), Some(B));
     assert_eq!(h.cluster.epoch(), 1);
@@ -345,7 +346,7 @@ fn restarts_stop_at_the_limit_and_giveback_still_works() {
 fn a_giveback_whose_holder_dies_while_releasing_replays_and_succeeds() {
     let mut h = Harness::pair();
     h.up();
-    moves::planned_takeover(&mut h.cluster, "a").unwrap();
+    moves::planned_takeover(&mut h.cluster, "a", None).unwrap();
     assert_eq!(h.owner(A), Some(B));
     h.fake.set(B, |b| b.answer = Answer::Die);
     let (reply, answer) = crossbeam_channel::bounded(1);
@@ -447,7 +448,7 @@ fn a_node_restarted_while_its_partner_holds_its_identity_waits_for_the_giveback(
 fn senseless_requests_are_refused() {
     let mut h = Harness::pair();
     h.up();
-    let no_node = moves::planned_takeover(&mut h.cluster, "z").unwrap_err();
+    let no_node = moves::planned_takeover(&mut h.cluster, "z", None).unwrap_err();
     assert!(no_node.to_string().contains("no node is called"));
     let (reply, answer) = crossbeam_channel::bounded(1);
     h.moves.start_giveback(&mut h.cluster, "a", Some(reply));
@@ -632,4 +633,124 @@ fn a_silent_node_is_down_at_the_floor_not_the_timeout() {
     );
     let reason = h.cluster.node(node(A)).health_reason();
     assert!(reason.contains("past what its intervals allow"), "{reason}");
+}
+
+const C: usize = 2;
+
+impl Harness {
+    /// Three nodes a, b and c, each taken over by the others in ring order unless
+    /// `configure` says otherwise.
+    fn three(configure: impl FnOnce(&mut Config)) -> Self {
+        Self::pair_configured(
+            |_| {},
+            |config| {
+                config.nodes.push(crate::config::NodeConfig {
+                    name: "c".into(),
+                    nbd_port: 10811,
+                    kernel_args: String::new(),
+                    takeover_by: None,
+                });
+                configure(config);
+            },
+        )
+    }
+}
+
+/// `hostd takeover a --to c` moves a's identity to c, skipping b; without `--to` the
+/// first node of a's list that is up takes it.
+#[test]
+fn a_planned_takeover_goes_to_the_chosen_node_or_the_first_up() {
+    let mut h = Harness::three(|_| {});
+    h.up();
+    let report = moves::planned_takeover(&mut h.cluster, "a", Some("c")).unwrap();
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("a", "c"));
+    assert!(report.reason.contains("--to c"), "{}", report.reason);
+    assert_eq!(h.owner(A), Some(C));
+    assert_eq!(h.owner(B), Some(B));
+
+    // b dies: its identity goes to c (b's list is c, a); a's takeover skips dead b.
+    let mut h = Harness::three(|_| {});
+    h.up();
+    h.crash(B);
+    h.run_until("c holds b", Duration::from_secs(5), |c| {
+        c.owner_of(node(B).home_identity()) == Some(node(C))
+    });
+    let report = moves::planned_takeover(&mut h.cluster, "a", None).unwrap();
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("a", "c"));
+    assert_eq!(h.owner(A), Some(C));
+}
+
+/// A chosen taker must be another node of the cluster, in the node's list, and up.
+#[test]
+fn a_planned_takeover_to_a_node_that_may_not_take_it_is_refused() {
+    let mut h = Harness::three(|config| config.nodes[0].takeover_by = Some(vec!["b".into()]));
+    h.up();
+    let refused = |h: &mut Harness, to: Option<&str>| {
+        let error = moves::planned_takeover(&mut h.cluster, "a", to).unwrap_err();
+        wire::error_chain::one_line(&error)
+    };
+    for (to, expected) in [
+        (
+            Some("c"),
+            "c may not take over a's identity (takeover_by for a is [b])",
+        ),
+        (Some("a"), "a cannot take over its own identity"),
+        (Some("z"), "no node is called \"z\""),
+    ] {
+        let message = refused(&mut h, to);
+        assert!(message.contains(expected), "{to:?}: {message}");
+    }
+    h.crash(B);
+    h.run_until("c holds b", Duration::from_secs(5), |c| {
+        c.owner_of(node(B).home_identity()) == Some(node(C))
+    });
+    let message = refused(&mut h, Some("b"));
+    assert!(
+        message.contains("node b is fenced: a planned takeover needs the taker up"),
+        "{message}"
+    );
+    let message = refused(&mut h, None);
+    assert!(
+        message.contains(
+            "no node that may take over a's identity is up (takeover_by for a is [b]: b is fenced)"
+        ),
+        "{message}"
+    );
+    assert_eq!(h.owner(A), Some(A));
+    assert_eq!(h.cluster.epoch(), 1, "only b's takeover moved the epoch");
+}
+
+/// Status names, per identity, who would take it over next: the first node of its
+/// holder's list that is not dead.
+#[test]
+fn status_names_the_next_taker_of_each_identity() {
+    let mut h = Harness::three(|_| {});
+    h.up();
+    h.run_until(
+        "every taker has its node's region",
+        Duration::from_secs(5),
+        |c| c.status().nodes.iter().all(|n| n.takeover_possible),
+    );
+    let status = h.cluster.status();
+    let next: Vec<&str> = status.nodes.iter().map(|n| n.next_taker.as_str()).collect();
+    assert_eq!(next, ["b", "c", "a"]);
+    assert_eq!(
+        status.nodes[A].takeover_reason,
+        "taker b is up and reads its region"
+    );
+
+    h.crash(B);
+    h.run_until("c holds b", Duration::from_secs(5), |c| {
+        c.owner_of(node(B).home_identity()) == Some(node(C))
+    });
+    let status = h.cluster.status();
+    // a's list is b, c: b is dead. b's identity is with c, whose list is a, b.
+    let next: Vec<&str> = status.nodes.iter().map(|n| n.next_taker.as_str()).collect();
+    assert_eq!(next, ["c", "a", "a"]);
+    let b = &status.nodes[B];
+    assert!(!b.takeover_possible);
+    assert_eq!(
+        b.takeover_reason,
+        "b does not hold its identity now (c does)"
+    );
 }

@@ -48,14 +48,63 @@ impl IdentityId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     names: Vec<String>,
+    /// Per node, the nodes that may take its identity over, most preferred first.
+    takers: Vec<Vec<NodeId>>,
+}
+
+/// The other nodes of a cluster of `count` in ring order after node `index`: the default
+/// takeover order (for 3 nodes: 0 → 1, 2; 1 → 2, 0; 2 → 0, 1).
+pub fn ring_after(index: usize, count: usize) -> Vec<usize> {
+    (1..count).map(|step| (index + step) % count).collect()
 }
 
 impl Topology {
-    /// A cluster of the named nodes, in configuration order.
+    /// A cluster of the named nodes, in configuration order, each taken over by the other
+    /// nodes in ring order after it.
     pub fn new(names: impl IntoIterator<Item = String>) -> Self {
-        Self {
-            names: names.into_iter().collect(),
-        }
+        let names: Vec<String> = names.into_iter().collect();
+        let count = names.len();
+        let order = (0..count).map(|index| ring_after(index, count)).collect();
+        Self::with_takeover_order(names, order)
+    }
+
+    /// A cluster of the named nodes with, per node, the positions of the nodes that may
+    /// take its identity over, most preferred first (`Config::takeover_order`). Positions
+    /// that are not another node of the cluster are left out (a validated configuration
+    /// has none); a node without a list gets the ring order.
+    pub fn with_takeover_order(
+        names: impl IntoIterator<Item = String>,
+        order: Vec<Vec<usize>>,
+    ) -> Self {
+        let names: Vec<String> = names.into_iter().collect();
+        let count = names.len();
+        let takers = (0..count)
+            .map(|node| {
+                let list = order
+                    .get(node)
+                    .cloned()
+                    .unwrap_or_else(|| ring_after(node, count));
+                list.into_iter()
+                    .filter(|&taker| {
+                        let valid = taker < count && taker != node;
+                        if !valid {
+                            log::error!("node {node}: ignoring taker {taker}, not another node");
+                        }
+                        valid
+                    })
+                    .map(NodeId)
+                    .collect()
+            })
+            .collect();
+        Self { names, takers }
+    }
+
+    /// The cluster a (validated) configuration describes.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self::with_takeover_order(
+            config.nodes.iter().map(|n| n.name.clone()),
+            config.takeover_order(),
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -92,27 +141,72 @@ impl Topology {
         (index < self.names.len()).then_some(NodeId(index))
     }
 
-    /// The nodes that may take `identity` over, most preferred first: the other nodes in
-    /// ring order after its home node.
+    /// `node`'s takeover list (its `takeover_by`): the nodes that take over whatever
+    /// `node` holds when it dies, most preferred first.
+    pub fn takeover_by(&self, node: NodeId) -> &[NodeId] {
+        &self.takers[node.0]
+    }
+
+    /// The nodes that may take `identity` over from its home node, most preferred first:
+    /// the home node's takeover list.
     pub fn takeover_candidates(
         &self,
         identity: IdentityId,
     ) -> impl Iterator<Item = NodeId> + use<> {
-        let n = self.names.len();
-        (1..n).map(move |step| NodeId((identity.0 + step) % n))
+        self.takers[identity.0].clone().into_iter()
     }
 
-    /// The first node that may take `identity` over: the partner its home node shows.
+    /// The first node that may take `identity` over from its home node.
     pub fn first_taker(&self, identity: IdentityId) -> Option<NodeId> {
-        self.takeover_candidates(identity).next()
+        self.takers[identity.0].first().copied()
     }
 
-    /// The nodes whose regions and disks `node` needs, to take their identities over.
+    /// Who takes an identity over when its current `holder` dies: the first node of the
+    /// holder's takeover list that `usable` accepts (hostd takes the first live one), or
+    /// the list's first node when none is.
+    pub fn next_taker(&self, holder: NodeId, usable: impl Fn(NodeId) -> bool) -> Option<NodeId> {
+        let list = self.takeover_by(holder);
+        list.iter()
+            .copied()
+            .find(|&node| usable(node))
+            .or_else(|| list.first().copied())
+    }
+
+    /// Every node that may come to hold `identity`, in configuration order: its home node
+    /// and, over and over, any node in the takeover list of a node that may hold it (a
+    /// taker that dies hands on everything it holds).
+    pub fn may_hold(&self, identity: IdentityId) -> Vec<NodeId> {
+        let mut holds = vec![false; self.names.len()];
+        holds[identity.0] = true;
+        let mut todo = vec![identity.home()];
+        while let Some(holder) = todo.pop() {
+            for &taker in self.takeover_by(holder) {
+                if !holds[taker.0] {
+                    holds[taker.0] = true;
+                    todo.push(taker);
+                }
+            }
+        }
+        self.nodes().filter(|node| holds[node.0]).collect()
+    }
+
+    /// The nodes whose regions and disks `node` needs, in configuration order: for every
+    /// identity `node` may come to hold (its own included), every other node that may
+    /// hold it: the identity's home node (its disk, and its log after a failure) and the
+    /// takers before `node` (a dead taker's log holds the identity's newest records; a
+    /// giveback from a dead taker replays it too).
     pub fn watched_by(&self, node: NodeId) -> Vec<NodeId> {
-        self.identities()
-            .filter(|&identity| self.takeover_candidates(identity).any(|n| n == node))
-            .map(IdentityId::home)
-            .collect()
+        let mut watched = vec![false; self.names.len()];
+        for identity in self.identities() {
+            let holders = self.may_hold(identity);
+            if holders.contains(&node) {
+                for holder in holders {
+                    watched[holder.0] = true;
+                }
+            }
+        }
+        watched[node.0] = false;
+        self.nodes().filter(|other| watched[other.0]).collect()
     }
 }
 
@@ -148,5 +242,104 @@ mod tests {
         // Every other node watches every node.
         assert_eq!(four.watched_by(NodeId(0)).len(), 3);
         assert!(cluster(1).first_taker(IdentityId(0)).is_none());
+    }
+
+    fn ids(indexes: &[usize]) -> Vec<NodeId> {
+        indexes.iter().copied().map(NodeId).collect()
+    }
+
+    fn custom(order: &[&[usize]]) -> Topology {
+        Topology::with_takeover_order(
+            (0..order.len()).map(|i| format!("n{i}")),
+            order.iter().map(|list| list.to_vec()).collect(),
+        )
+    }
+
+    #[test]
+    fn the_default_ring_for_2_3_and_4_nodes() {
+        let pair = cluster(2);
+        assert_eq!(pair.takeover_by(NodeId(0)), ids(&[1]));
+        assert_eq!(pair.takeover_by(NodeId(1)), ids(&[0]));
+        assert_eq!(pair.watched_by(NodeId(1)), ids(&[0]));
+
+        let three = cluster(3);
+        assert_eq!(three.takeover_by(NodeId(0)), ids(&[1, 2]));
+        assert_eq!(three.takeover_by(NodeId(1)), ids(&[2, 0]));
+        assert_eq!(three.takeover_by(NodeId(2)), ids(&[0, 1]));
+        for node in three.nodes() {
+            let others: Vec<NodeId> = three.nodes().filter(|&n| n != node).collect();
+            assert_eq!(three.watched_by(node), others);
+        }
+        assert_eq!(three.may_hold(IdentityId(2)), ids(&[0, 1, 2]));
+
+        let four = cluster(4);
+        assert_eq!(four.takeover_by(NodeId(2)), ids(&[3, 0, 1]));
+        assert_eq!(four.watched_by(NodeId(3)), ids(&[0, 1, 2]));
+        assert_eq!(
+            four.takeover_candidates(IdentityId(3)).collect::<Vec<_>>(),
+            ids(&[0, 1, 2])
+        );
+        // The configuration's default is this ring.
+        assert_eq!(ring_after(3, 4), [0, 1, 2]);
+    }
+
+    #[test]
+    fn the_next_taker_is_the_first_usable_node_of_the_holder_s_list() {
+        let three = cluster(3);
+        // n0 holds its own identity: n1 takes it, or n2 when n1 is dead.
+        assert_eq!(three.next_taker(NodeId(0), |_| true), Some(NodeId(1)));
+        assert_eq!(
+            three.next_taker(NodeId(0), |n| n != NodeId(1)),
+            Some(NodeId(2))
+        );
+        // n1 holds n0's identity: n1's list decides (n2, then n0, its home).
+        assert_eq!(three.next_taker(NodeId(1), |_| true), Some(NodeId(2)));
+        assert_eq!(
+            three.next_taker(NodeId(1), |n| n == NodeId(0)),
+            Some(NodeId(0))
+        );
+        // None usable: the first of the list, for the status to name.
+        assert_eq!(three.next_taker(NodeId(2), |_| false), Some(NodeId(0)));
+        assert_eq!(cluster(1).next_taker(NodeId(0), |_| true), None);
+    }
+
+    #[test]
+    fn watching_follows_custom_lists_transitively() {
+        // n0 → [n1], n1 → [n2], n2 → [n1], n3 → [n0].
+        let four = custom(&[&[1], &[2], &[1], &[0]]);
+        assert_eq!(four.first_taker(IdentityId(3)), Some(NodeId(0)));
+        // n3's identity may go to n0, then n1 (n0's taker), then n2 (n1's taker).
+        assert_eq!(four.may_hold(IdentityId(3)), ids(&[0, 1, 2, 3]));
+        assert_eq!(four.may_hold(IdentityId(0)), ids(&[0, 1, 2]));
+        assert_eq!(four.may_hold(IdentityId(1)), ids(&[1, 2]));
+        assert_eq!(four.may_hold(IdentityId(2)), ids(&[1, 2]));
+        // n2 may hold every identity: it needs every other region, n3's included (home of
+        // an identity it may hold) and n0's (a taker of n3's before it).
+        assert_eq!(four.watched_by(NodeId(2)), ids(&[0, 1, 3]));
+        // n0 may hold n3's and its own: n3 is home to one, n1 and n2 may hold both.
+        assert_eq!(four.watched_by(NodeId(0)), ids(&[1, 2, 3]));
+        assert_eq!(four.watched_by(NodeId(1)), ids(&[0, 2, 3]));
+        // n3 takes nothing over, but a giveback of its identity may find it with any of
+        // the others.
+        assert_eq!(four.watched_by(NodeId(3)), ids(&[0, 1, 2]));
+
+        // A pair inside a cluster: n0 and n1 take each other over, n2 goes to n0 only.
+        let three = custom(&[&[1], &[0], &[0]]);
+        assert_eq!(three.may_hold(IdentityId(2)), ids(&[0, 1, 2]));
+        assert_eq!(three.watched_by(NodeId(0)), ids(&[1, 2]));
+        assert_eq!(three.watched_by(NodeId(1)), ids(&[0, 2]));
+        // Two disjoint pairs watch only each other.
+        let pairs = custom(&[&[1], &[0], &[3], &[2]]);
+        assert_eq!(pairs.watched_by(NodeId(0)), ids(&[1]));
+        assert_eq!(pairs.watched_by(NodeId(3)), ids(&[2]));
+    }
+
+    /// The configuration refuses such lists; a saved one that was damaged does not panic
+    /// hostd: the node itself and unknown positions are left out.
+    #[test]
+    fn a_list_naming_the_node_itself_or_no_node_is_cut() {
+        let pair = custom(&[&[0, 1, 7], &[0]]);
+        assert_eq!(pair.takeover_by(NodeId(0)), [NodeId(1)]);
+        assert_eq!(pair.takeover_by(NodeId(1)), [NodeId(0)]);
     }
 }

@@ -23,6 +23,9 @@ pub fn one_pair() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Node names of [`Pair::up_n`]'s clusters, in order.
+pub const NODE_NAMES: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+
 /// Config fragments for [`Pair::up_with`].
 pub const NODE_B: &str = "[[node]]\nname = \"b\"\n";
 pub const FLUSH_DELAY: &str = "[flusher]\ndelay_ms = 200\n";
@@ -104,16 +107,31 @@ impl Pair {
     /// A pair with extra config text: `node_b` is the second [[node]] table (without its port),
     /// `extra` is prepended (top-level keys and tables such as [flusher]).
     pub fn up_with(node_b: &str, extra: &str) -> Pair {
+        Self::up_nodes(&["[[node]]\nname = \"a\"\n", node_b], extra)
+    }
+
+    /// A cluster of `n` nodes named a, b, c, … with default settings and `extra` config.
+    pub fn up_n(n: usize, extra: &str) -> Pair {
+        let tables: Vec<String> = NODE_NAMES[..n]
+            .iter()
+            .map(|name| format!("[[node]]\nname = \"{name}\"\n"))
+            .collect();
+        let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
+        Self::up_nodes(&tables, extra)
+    }
+
+    /// A cluster whose nodes are `tables` ([[node]] tables without their ports), with
+    /// `extra` prepended (top-level keys and tables such as [flusher]).
+    pub fn up_nodes(tables: &[&str], extra: &str) -> Pair {
         let state = tempfile::Builder::new()
             .prefix("ivha-vmtest-")
             .tempdir_in("/dev/shm")
             .unwrap();
-        let ports = vec![free_port(), free_port()];
-        let config = format!(
-            "{extra}\n[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n\
-             [[node]]\nname = \"a\"\nnbd_port = {}\n{}nbd_port = {}\n",
-            ports[0], node_b, ports[1],
-        );
+        let ports: Vec<u16> = tables.iter().map(|_| free_port()).collect();
+        let mut config = format!("{extra}\n[regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n");
+        for (table, port) in tables.iter().zip(&ports) {
+            config.push_str(&format!("{table}nbd_port = {port}\n"));
+        }
         std::fs::write(state.path().join("ivha.toml"), config).unwrap();
         let mut pair = Pair {
             state,
@@ -131,7 +149,11 @@ impl Pair {
         ]);
         assert_eq!(code, 0, "hostd up failed:\n{stdout}\n{stderr}");
         pair.pids = Self::node_pids(&pair.status());
-        assert_eq!(pair.pids.len(), 2, "both QEMUs have pids");
+        assert_eq!(
+            pair.pids.len(),
+            tables.len(),
+            "every node process has a pid"
+        );
         pair
     }
 
@@ -252,14 +274,14 @@ impl Pair {
     }
 
     pub fn print_diagnostics(&self) {
-        for file in [
-            "consoles/a.log",
-            "consoles/b.log",
-            "consoles/a.qemu.log",
-            "consoles/b.qemu.log",
-            "hostd.log",
-        ] {
-            let text = std::fs::read_to_string(self.state.path().join(file)).unwrap_or_default();
+        let consoles = NODE_NAMES[..self.ports.len()].iter().flat_map(|name| {
+            [
+                format!("consoles/{name}.log"),
+                format!("consoles/{name}.qemu.log"),
+            ]
+        });
+        for file in consoles.chain(["hostd.log".to_owned()]) {
+            let text = std::fs::read_to_string(self.state.path().join(&file)).unwrap_or_default();
             eprintln!("===== {file} =====\n{text}");
         }
     }

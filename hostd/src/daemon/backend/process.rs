@@ -61,9 +61,11 @@ impl ProcessBackend {
             .arg(&plan.regions_dir)
             .arg("--disk")
             .arg(&plan.disk);
-        // The agent takes over one partner today: the first node it watches.
-        if let Some(watched) = plan.watched.first() {
-            command.arg("--partner-disk").arg(&watched.disk);
+        // Every node it may take over: their disks by name (the regions are in the directory).
+        for watched in &plan.watched {
+            let mut peer_disk = std::ffi::OsString::from(format!("{}=", watched.name));
+            peer_disk.push(&watched.disk);
+            command.arg("--peer-disk").arg(peer_disk);
         }
         // While another node holds this node's identity, it holds its address too.
         let listen = match plan.ports.first() {
