@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Measures what an idle pair costs the host: starts a QEMU pair with the default settings,
-# waits until both nodes serve and SETTLE_S more, then samples each QEMU process's CPU time
-# (utime + stime from /proc, all threads) over DURATION_S and prints it as a percentage of
-# one core per guest, with a breakdown by thread name (vCPU thread, main loop, I/O workers).
-# No client is connected and nothing is written. Always stops the pair and removes its
-# state directory. See docs/takeover-measurements.md.
+# Measures what an idle cluster costs the host: starts a QEMU pair (NODES=N: N nodes) with
+# the default settings, waits until every node serves and SETTLE_S more, then samples each
+# QEMU process's CPU time (utime + stime from /proc, all threads) over DURATION_S and prints
+# it as a percentage of one core per guest, with a breakdown by thread name (vCPU thread,
+# main loop, I/O workers), and its memory: resident and proportional set size (a page shared
+# by k processes counts 1/k in each: the regions), and how many regions it maps (its own,
+# the control region, and those of the nodes it may take over). No client is connected and
+# nothing is written. Always stops the cluster and removes its state directory. See
+# docs/takeover-measurements.md.
 #
-# Environment: DURATION_S (default 60), SETTLE_S (default 5), KERNEL_ARGS (appended to
-# both guests' kernel command line, to try settings), KEEP_LOGS=DIR.
+# Environment: NODES (2 to 8, default 2), DURATION_S (default 60), SETTLE_S (default 5),
+# KERNEL_ARGS (appended to every guest's kernel command line, to try settings), KEEP_LOGS=DIR.
 # Usage: scripts/measure-idle.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
 . scripts/lib/target.sh
 
+nodes_wanted=${NODES:-2}
 duration=${DURATION_S:-60}
 settle=${SETTLE_S:-5}
 die() { echo "measure-idle: error: $*" >&2; exit 1; }
 ((duration >= 1)) || die "DURATION_S=$duration: at least 1"
+[[ $nodes_wanted =~ ^[2-8]$ ]] || die "NODES=$nodes_wanted: 2 to 8 nodes"
 
 nice cargo build --quiet -p hostd --bins
 nice scripts/build-guest-image.sh >/dev/null
@@ -32,11 +37,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$(free_port_pair 24809) || die "no two free ports found"
+port=$(free_ports "$nodes_wanted" 24809) || die "no $nodes_wanted free ports found"
 cat >"$state/ivha.toml" <<EOF
 [qemu]
 kernel_args = "${KERNEL_ARGS:-}"
-$(pair_nodes "$port")
+$(cluster_nodes "$port" "$nodes_wanted")
 EOF
 "$hostd" up --detach --config "$state/ivha.toml" >/dev/null
 sleep "$settle"
@@ -45,10 +50,10 @@ sleep "$settle"
 mapfile -t nodes < <("$hostd" status --json | awk -F'"' '
     /"name":/ && name == "" { name = $4 }
     /"pid":/ && name != "" { pid = $3; gsub(/[^0-9]/, "", pid); print name, pid; name = "" }')
-((${#nodes[@]} == 2)) || die "expected two nodes with a pid in hostd status, got: ${nodes[*]}"
+((${#nodes[@]} == nodes_wanted)) || die "expected $nodes_wanted nodes with a pid in hostd status, got: ${nodes[*]}"
 accel=$("$hostd" status --json | sed -n 's/^  "accel": "\(.*\)",$/\1/p')
 echo "machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), accel ${accel:-unknown}"
-echo "idle pair, no clients; sampling ${duration} s after ${settle} s of settling${KERNEL_ARGS:+; kernel args: $KERNEL_ARGS}"
+echo "idle cluster of $nodes_wanted nodes, no clients; sampling ${duration} s after ${settle} s of settling${KERNEL_ARGS:+; kernel args: $KERNEL_ARGS}"
 
 # Prints "THREAD-NAME TICKS" for each thread of process $1 (utime + stime). The name is
 # in parentheses and may hold spaces ("CPU 0/TCG"), so the fields are counted after it.
@@ -90,6 +95,13 @@ for node in "${nodes[@]}"; do
     awk -v n="$name" -v pid="$pid" -v u="$total" -v hz="$ticks" -v d="$duration" 'BEGIN {
         printf "node %s (QEMU pid %d): %.1f %% of a core (%.2f s of CPU in %d s)\n", n, pid, 100 * u / hz / d, u / hz, d }'
     printf '%s' "$breakdown"
+    # kB figures from the kernel's rollup of every mapping.
+    read -r rss pss pss_shmem < <(awk '/^Rss:/ { r = $2 } /^Pss:/ { p = $2 } /^Pss_Shmem:/ { s = $2 }
+        END { print r, p, s }' "/proc/$pid/smaps_rollup")
+    regions=$(grep -c '/regions/.*\.region' "/proc/$pid/maps" || true)
+    awk -v r="$rss" -v p="$pss" -v s="$pss_shmem" -v k="$regions" 'BEGIN {
+        printf "  memory: RSS %.1f MiB, PSS %.1f MiB (shared memory %.1f MiB), %d regions mapped\n",
+            r / 1024, p / 1024, s / 1024, k }'
     # The idle-cost target of the takeover issue: at most 5 % of a core per guest.
     if awk -v u="$total" -v hz="$ticks" -v d="$duration" 'BEGIN { exit !(100 * u / hz / d > 5) }'; then
         echo "  target (at most 5 % of a core): MISSED"

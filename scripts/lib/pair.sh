@@ -1,14 +1,25 @@
 # Shared by the scripts that run a pair of their own (sourced, not run).
 
+# free_ports COUNT START: prints the first of COUNT consecutive free loopback ports at or
+# after START.
+free_ports() {
+    local count=$1 port=$2 i
+    while ((port + count <= 65000)); do
+        for ((i = 0; i < count; i++)); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$((port + i))") 2>/dev/null && break
+        done
+        if ((i == count)); then
+            echo "$port"
+            return 0
+        fi
+        port=$((port + i + 1))
+    done
+    return 1
+}
+
 # Prints the first of two consecutive free loopback ports at or after $1.
 free_port_pair() {
-    local port=$1
-    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null ||
-        (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; do
-        port=$((port + 2))
-        ((port < 65000)) || return 1
-    done
-    echo "$port"
+    free_ports 2 "$1"
 }
 
 # end_pair STATUS HOSTD STATE LINES: after a failed run (STATUS != 0) shows the last LINES
@@ -36,7 +47,16 @@ close_pair() {
     rm -rf "$state"
 }
 
+# cluster_nodes PORT COUNT: the [[node]] sections of nodes a, b, c, ... (COUNT of them,
+# 2 to 8), serving on PORT, PORT + 1, ...
+cluster_nodes() {
+    local names=(a b c d e f g h) i
+    for ((i = 0; i < $2; i++)); do
+        printf '[[node]]\nname = "%s"\nnbd_port = %s\n' "${names[i]}" $(($1 + i))
+    done
+}
+
 # pair_nodes PORT: the [[node]] sections of nodes a and b, serving on PORT and PORT + 1.
 pair_nodes() {
-    printf '[[node]]\nname = "a"\nnbd_port = %s\n[[node]]\nname = "b"\nnbd_port = %s\n' "$1" $(($1 + 1))
+    cluster_nodes "$1" 2
 }
