@@ -15,7 +15,7 @@ use shm::{
 
 use crate::args::Args;
 use crate::export::ExportRegistry;
-use crate::failover::quarantine::{Quarantine, replay_confirmed};
+use crate::failover::quarantine::{Quarantine, old_log_replayed};
 use crate::failover::replay::{self, ReplayBook, ReplayJob};
 use crate::failover::{FailoverMonitor, Identity};
 use crate::nbd::{Server, ServerConfig};
@@ -434,9 +434,8 @@ fn discard_replayed_log(
     let node_id = own.header().node_id;
     // The holder replayed it, or, after the holder died too, the node that took over from
     // it applied it first (see the failover monitor's chained takeover).
-    let replayed = peers
-        .iter()
-        .any(|p| replay_confirmed(p, node_id, owner.epoch, head.seq));
+    let peers: Vec<&NodeRegion> = peers.iter().collect();
+    let replayed = old_log_replayed(&peers, node_id, owner.epoch, owner.epoch, head.seq);
     if !replayed {
         log::warn!(
             "identity held by {owner_name} (epoch {}), which has not said it finished replaying this log: keeping seq {}..={} until it does",
@@ -513,7 +512,13 @@ pub(crate) fn resume_replays(
         }
         .start(),
         // Nothing of it is served here any more: the replay finished in all but its mark.
-        None => book.record_replayed(dead_id, mark),
+        None => book.record_replayed(
+            dead_id,
+            shm::Replay {
+                status: shm::ReplayStatus::Replayed,
+                ..mark
+            },
+        ),
     }
     Ok(())
 }

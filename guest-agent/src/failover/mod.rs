@@ -31,7 +31,7 @@ use crate::export::ExportRegistry;
 use crate::nbd::{Server, ServerConfig};
 use crate::nvram::volume::Volume;
 use crate::nvram::{Nvram, NvramExport};
-use quarantine::{Quarantine, replay_confirmed};
+use quarantine::{Quarantine, old_log_replayed};
 use replay::{ReplayBook, ReplayJob};
 
 /// How often the command slot is read while something is going on: for 2 s after a
@@ -246,6 +246,11 @@ impl FailoverMonitor {
                 // than anything in the dead holder's log, for every identity.
                 quarantine.keep();
                 drain_own_log = true;
+            } else if identity != self.node_id && volume.overlay.read().is_ok_and(|o| o.is_empty())
+            {
+                // Another identity, of which the old log holds nothing: the quarantine
+                // concerns only the old records, which stay aside.
+                self.quarantine = Some(quarantine);
             } else {
                 self.quarantine = Some(quarantine);
                 return Err(format!(
@@ -318,6 +323,11 @@ impl FailoverMonitor {
             })
             .collect();
         for (region, mark) in older {
+            // Its node flushed that far since (it came back and its log was settled): the
+            // mark is stale, and there is nothing to apply or to vouch for.
+            if region.flushed().is_some_and(|f| f.seq >= mark.last_seq) {
+                continue;
+            }
             let volumes: Vec<Arc<Volume>> = self
                 .identities
                 .iter()
@@ -427,17 +437,21 @@ impl FailoverMonitor {
         }
     }
 
-    /// Whether a peer says it replayed this node's old log: the holder of its identity, or
-    /// the node that applied the log after the holder died (a chained takeover).
+    /// Whether the peers say they replayed this node's old log: the holder of its identity,
+    /// or the node that applied the log after the holder died (a chained takeover).
     fn quarantine_replayed(&self, quarantine: &Quarantine) -> bool {
-        self.peers.values().any(|p| {
-            replay_confirmed(
-                p,
-                self.node_id,
-                quarantine.owner_epoch,
-                quarantine.through_seq,
-            )
-        })
+        let peers: Vec<&NodeRegion> = self.peers.values().collect();
+        let current_epoch = self
+            .control
+            .owner(self.node_id as usize)
+            .map_or(quarantine.owner_epoch, |o| o.epoch);
+        old_log_replayed(
+            &peers,
+            self.node_id,
+            quarantine.owner_epoch,
+            current_epoch,
+            quarantine.through_seq,
+        )
     }
 
     fn release(&mut self, identity: u32, ack: &mut Ack) -> Result<(), String> {

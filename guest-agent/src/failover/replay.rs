@@ -321,20 +321,14 @@ impl ReplayBook {
         None
     }
 
-    /// Says that node `node`'s log, marked `mark`, has been replayed here (in a replay done
-    /// before serving, or one with nothing left to serve), unless a replay of it runs.
+    /// Publishes `mark` for node `node`'s log, replayed here (in a replay done before
+    /// serving, or one with nothing left to serve), unless a replay of it runs.
     pub fn record_replayed(&self, node: u32, mark: Replay) {
         let mut book = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if book.logs.get(&node).is_some_and(|log| log.running) {
             return;
         }
-        book.writer.publish(
-            node,
-            Replay {
-                status: ReplayStatus::Replayed,
-                ..mark
-            },
-        );
+        book.writer.publish(node, mark);
     }
 
     /// The last seq any layer of node `node`'s log reaches.

@@ -511,6 +511,15 @@ impl Cluster {
         self.replays_pending.push(pending);
     }
 
+    /// The node replaying `dead`'s log now, if hostd knows of one (a takeover from it whose
+    /// replay has not been reported finished).
+    pub fn replaying_taker(&self, dead: NodeId) -> Option<NodeId> {
+        self.replays_pending
+            .iter()
+            .find(|pending| pending.dead == dead && !self.nodes[pending.taker.index()].fenced)
+            .map(|pending| pending.taker)
+    }
+
     /// The pending replays that have finished, with what the taker published; forgets
     /// them, and those whose taker was fenced meanwhile (its successor replays again).
     pub fn finished_replays(&mut self) -> Vec<(PendingReplay, shm::Replay)> {

@@ -484,12 +484,21 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
             .takeover_candidates(owner.home_identity())
             .collect();
         // Up or only late, and not already dead without the monitor knowing yet.
-        let ready = takers.iter().copied().find(|&taker| {
+        let usable = |cluster: &mut Cluster, taker: NodeId| {
             matches!(
                 cluster.node(taker).state(),
                 NodeState::Up | NodeState::Suspect
             ) && !cluster.backend_mut().has_exited(taker)
-        });
+        };
+        // A node already replaying the owner's log (a giveback from the dead owner took one
+        // identity there) takes the others too: one replay per dead log, so a restarted
+        // node's log is settled by one node's word.
+        let replaying = cluster
+            .replaying_taker(owner)
+            .filter(|&taker| cluster.topology().may_hold(identity).contains(&taker))
+            .filter(|&taker| usable(cluster, taker));
+        let ready =
+            replaying.or_else(|| takers.iter().copied().find(|&taker| usable(cluster, taker)));
         let Some(taker) = ready else {
             if !cluster.node(owner).orphan_reported
                 && let Some(&first) = takers.first()
@@ -753,18 +762,32 @@ fn move_identity(
     let ack = match taken {
         Ok(ack) => ack,
         Err(error) => {
-            if let Move::Unplanned { .. } = how {
-                // The taker never said it replayed the old owner's log (it died or
-                // failed): the identity goes back to its fenced owner at a new epoch, so
-                // the next taker replays that log, and no one serves it unreplayed.
-                if let Err(undo) = cluster.set_owner(identity, from, epoch + 1) {
-                    log::error!(
-                        "cannot give {identity_name} back to {} after a failed takeover: {}",
-                        cluster.topology().name(from),
-                        wire::error_chain::one_line(&undo)
-                    );
+            match how {
+                Move::Unplanned { .. } => {
+                    // The taker never said it replayed the old owner's log (it died or
+                    // failed): the identity goes back to its fenced owner at a new epoch,
+                    // so the next taker replays that log, and no one serves it unreplayed.
+                    if let Err(undo) = cluster.set_owner(identity, from, epoch + 1) {
+                        log::error!(
+                            "cannot give {identity_name} back to {} after a failed takeover: {}",
+                            cluster.topology().name(from),
+                            wire::error_chain::one_line(&undo)
+                        );
+                    }
+                    cluster.record_serving_ended(identity, to, "its takeover failed");
                 }
-                cluster.record_serving_ended(identity, to, "its takeover failed");
+                Move::Planned { .. } => {
+                    // The old owner flushed and released it and is alive: it serves the
+                    // identity again rather than nobody.
+                    cluster.record_serving_ended(identity, to, "its takeover failed");
+                    if let Err(undo) = serve_again(cluster, identity, from, epoch + 1) {
+                        log::error!(
+                            "cannot give {identity_name} back to {} after a failed planned move: {}",
+                            cluster.topology().name(from),
+                            wire::error_chain::one_line(&undo)
+                        );
+                    }
+                }
             }
             return Err(error.into());
         }
@@ -812,6 +835,34 @@ fn move_identity(
         report.timeline_ms.serving.unwrap_or_default()
     );
     Ok(report)
+}
+
+/// Gives `identity` back to `node`, which released it (flushed) a moment ago, at `epoch`:
+/// owner, `TakeOver` without replay, address.
+fn serve_again(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    node: NodeId,
+    epoch: u64,
+) -> Result<(), MoveError> {
+    cluster.record_serving_started(identity, node, epoch);
+    cluster.set_owner(identity, node, epoch)?;
+    let argument = takeover_argument(cluster, identity, None);
+    let seq = cluster.issue(
+        node,
+        CommandKind::TakeOver,
+        identity,
+        epoch,
+        argument.to_word(),
+    )?;
+    cluster.await_ack(node, seq, TAKEOVER_ACK_TIMEOUT)?;
+    cluster
+        .forward(node, identity)
+        .map_err(|source| MoveError::Address {
+            identity: cluster.topology().identity_name(identity).to_owned(),
+            node: cluster.topology().name(node).to_owned(),
+            source,
+        })
 }
 
 /// Records a `replayed` event for each takeover whose taker says its background replay

@@ -255,6 +255,38 @@ fn a_failed_release_rolls_back() {
     assert_eq!(h.cluster.epoch(), 1);
 }
 
+/// The taker refuses a planned takeover after the old owner released the identity: the old
+/// owner serves it again (owner, command, address) instead of nobody.
+#[test]
+fn a_failed_planned_takeover_gives_the_identity_back() {
+    let mut h = Harness::pair();
+    h.up();
+    h.fake.set(B, |b| b.answer = Answer::Fail);
+    let error = moves::planned_takeover(&mut h.cluster, "a", None).unwrap_err();
+    assert!(
+        wire::error_chain::one_line(&error).contains("failed command"),
+        "{error}"
+    );
+    assert_eq!(h.owner(A), Some(A));
+    assert_eq!(h.cluster.epoch(), 2, "taken at 1, given back at 2");
+    let calls = h.fake.calls();
+    let port = h.cluster.port(node(A).home_identity());
+    let unforward = position(&calls, |c| *c == Call::Unforward { node: A, port });
+    let taken_back = position(&calls, |c| {
+        *c == Call::Command {
+            node: A,
+            kind: CommandKind::TakeOver,
+            identity: 0,
+            epoch: 2,
+        }
+    });
+    let restored = position(&calls, |c| *c == Call::Forward { node: A, port });
+    assert!(
+        unforward < taken_back && taken_back < restored,
+        "{calls:#?}"
+    );
+}
+
 /// Both nodes die one after the other. Nothing is handed to a dead node: the identities
 /// wait for a live one, and since none is left, hostd restarts one by itself, which then
 /// takes everything over by replaying the last holder's log.
