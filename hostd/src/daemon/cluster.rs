@@ -3,7 +3,7 @@
 //! backend that runs the nodes. The steps that move identities are in `moves.rs`,
 //! adoption after a restart in `adopt.rs`; both work through this type's methods.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,9 @@ pub struct Cluster {
     addresses_pending: BTreeSet<IdentityId>,
     /// Takeovers whose taker serves the dead holder's log while it replays it.
     replays_pending: Vec<PendingReplay>,
+    /// When each node last failed to take each identity over: it is passed over for a
+    /// while, so the next node of the list gets its turn.
+    refused_takeovers: BTreeMap<(IdentityId, NodeId), Instant>,
     /// Counts what `record` and `fence` see; the daemon serves them.
     metrics: Metrics,
 }
@@ -194,6 +197,7 @@ impl Cluster {
             adopted: false,
             addresses_pending: BTreeSet::new(),
             replays_pending: Vec::new(),
+            refused_takeovers: BTreeMap::new(),
             metrics: Metrics::default(),
         })
     }
@@ -466,6 +470,9 @@ impl Cluster {
         let plan = self.plan(node);
         let name = plan.name.clone();
         log::info!("starting node {name}");
+        // A new start: what its previous process failed to do says nothing of this one.
+        self.refused_takeovers
+            .retain(|(_, taker), _| *taker != node);
         keep_previous_console(&plan.console);
         let before = self.nodes[node.index()].before_start();
         let pid = self.backend.spawn(node, &plan)?;
@@ -509,6 +516,24 @@ impl Cluster {
     /// Watches for the end of a takeover's background replay (see `finished_replays`).
     pub fn expect_replay(&mut self, pending: PendingReplay) {
         self.replays_pending.push(pending);
+    }
+
+    /// `taker` failed to take `identity` over.
+    pub fn note_refused_takeover(&mut self, identity: IdentityId, taker: NodeId) {
+        self.refused_takeovers
+            .insert((identity, taker), Instant::now());
+    }
+
+    /// Whether `taker` failed to take `identity` over within `within`.
+    pub fn refused_takeover_lately(
+        &self,
+        identity: IdentityId,
+        taker: NodeId,
+        within: Duration,
+    ) -> bool {
+        self.refused_takeovers
+            .get(&(identity, taker))
+            .is_some_and(|at| at.elapsed() < within)
     }
 
     /// The node replaying `dead`'s log now, if hostd knows of one (a takeover from it whose

@@ -24,6 +24,9 @@ use super::topology::{IdentityId, NodeId};
 const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a release may take (the old owner flushes its whole log).
 const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a node whose takeover of an identity failed is passed over for it, so that the
+/// next node of the list is tried (and one that keeps failing does not cost an epoch per tick).
+const REFUSED_TAKEOVER_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a restarted node may take to boot for a giveback.
 const GIVEBACK_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -483,12 +486,14 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
             .topology()
             .takeover_candidates(owner.home_identity())
             .collect();
-        // Up or only late, and not already dead without the monitor knowing yet.
+        // Up or only late, not already dead without the monitor knowing yet, and not
+        // just failed to take this identity over.
         let usable = |cluster: &mut Cluster, taker: NodeId| {
             matches!(
                 cluster.node(taker).state(),
                 NodeState::Up | NodeState::Suspect
             ) && !cluster.backend_mut().has_exited(taker)
+                && !cluster.refused_takeover_lately(identity, taker, REFUSED_TAKEOVER_BACKOFF)
         };
         // A node already replaying the owner's log (a giveback from the dead owner took one
         // identity there) takes the others too: one replay per dead log, so a restarted
@@ -532,7 +537,10 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
         );
         match report {
             Ok(report) => cluster.record(&Event::Takeover(report)),
-            Err(error) => cluster.record_failure(identity, taker, &reason, &error),
+            Err(error) => {
+                cluster.note_refused_takeover(identity, taker);
+                cluster.record_failure(identity, taker, &reason, &error);
+            }
         }
     }
 }

@@ -712,6 +712,35 @@ fn a_planned_takeover_goes_to_the_chosen_node_or_the_first_up() {
     assert_eq!(h.owner(A), Some(C));
 }
 
+/// a's first taker b fails the takeover: b is passed over for a while and the next node of
+/// a's list, c, takes a over, instead of b being asked again on every tick.
+#[test]
+fn a_taker_that_fails_is_passed_over_for_the_next() {
+    let mut h = Harness::three(|_| {});
+    h.up();
+    h.fake.set(B, |b| b.answer = Answer::Fail);
+    h.crash(A);
+    h.run_until("c holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(C))
+    });
+    let asked_b = h
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::Command {
+                    node: B,
+                    kind: CommandKind::TakeOver,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(asked_b, 1, "b was asked once");
+}
+
 /// A chosen taker must be another node of the cluster, in the node's list, and up.
 #[test]
 fn a_planned_takeover_to_a_node_that_may_not_take_it_is_refused() {
