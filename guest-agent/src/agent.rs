@@ -479,7 +479,7 @@ pub(crate) fn resume_replays(
     if mark.status != shm::ReplayStatus::Replaying {
         return Ok(());
     }
-    let mut last_seq = None;
+    let mut served = false;
     for identity in identities.values() {
         let volume = identity.export.volume();
         if !volume.writable() {
@@ -500,25 +500,25 @@ pub(crate) fn resume_replays(
             scanned.first_seq,
             scanned.last_seq
         );
-        last_seq = Some(scanned.last_seq);
+        served = true;
         let hold = nvram.hold_flusher(flushed_seq);
         book.serve_layer(scanned, volume, mark.epoch, hold);
     }
-    match last_seq {
-        Some(last_seq) => ReplayJob {
+    if served {
+        ReplayJob {
             region: dead.clone(),
-            last_seq,
             book: book.clone(),
         }
-        .start(),
+        .start();
+    } else {
         // Nothing of it is served here any more: the replay finished in all but its mark.
-        None => book.record_replayed(
+        book.record_replayed(
             dead_id,
             shm::Replay {
                 status: shm::ReplayStatus::Replayed,
                 ..mark
             },
-        ),
+        );
     }
     Ok(())
 }

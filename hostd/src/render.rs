@@ -430,14 +430,8 @@ mod tests {
         assert_eq!(log_cell(&troubled), "12/10 FULL 2.3s, 5 writes waiting");
         let table = status_table(&ClusterStatus {
             epoch: 2,
-            state_dir: "/s".into(),
-            hostd_pid: 1,
-            accel: "tcg".into(),
-            accel_reason: String::new(),
-            uptime_s: 1.0,
-            adopted: false,
             metrics: "http://127.0.0.1:9187/metrics".into(),
-            nodes: vec![troubled],
+            ..cluster(vec![troubled])
         });
         assert!(table.contains("CLIENTS"), "{table}");
         assert!(
@@ -445,6 +439,21 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("b (fenced: not serving)"), "{table}");
+    }
+
+    /// A cluster status at epoch 1 with `nodes` and no metrics.
+    fn cluster(nodes: Vec<NodeStatus>) -> ClusterStatus {
+        ClusterStatus {
+            epoch: 1,
+            state_dir: "/s".into(),
+            hostd_pid: 1,
+            accel: "tcg".into(),
+            accel_reason: String::new(),
+            uptime_s: 1.0,
+            adopted: false,
+            metrics: String::new(),
+            nodes,
+        }
     }
 
     #[test]
@@ -470,17 +479,7 @@ mod tests {
             nbd: "nbd://127.0.0.1:3/c".into(),
             ..node("c")
         };
-        let table = status_table(&ClusterStatus {
-            epoch: 1,
-            state_dir: "/s".into(),
-            hostd_pid: 1,
-            accel: "tcg".into(),
-            accel_reason: String::new(),
-            uptime_s: 1.0,
-            adopted: false,
-            metrics: String::new(),
-            nodes: vec![a, b, c],
-        });
+        let table = status_table(&cluster(vec![a, b, c]));
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[1].starts_with("NODE  NEXT TAKER  STATE"), "{table}");
         let row = |name: &str| {

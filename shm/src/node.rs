@@ -4,6 +4,7 @@
 //! through [`NodeRegion`]; the agent gets the writer halves from [`NodeRegion::writer`], one
 //! value per group of words it owns, so that ownership of every shared word is a Rust value.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -375,7 +376,7 @@ impl NodeRegion {
         let peer = PeerWriter {
             writer: PublishedWriter::new(node_live::PEER, &self.mapping),
             mapping: Arc::clone(&self.mapping),
-            peers: Vec::new(),
+            peers: BTreeMap::new(),
         };
         let synced = SyncedWriter {
             writer: PublishedWriter::new(node_live::SYNCED, &self.mapping),
@@ -487,36 +488,30 @@ pub struct PeerWriter {
     mapping: Arc<Mapping>,
     writer: PublishedWriter<3>,
     /// One per node id, made on first use.
-    peers: Vec<Option<PublishedWriter<3>>>,
+    peers: BTreeMap<usize, PublishedWriter<3>>,
 }
 
 impl PeerWriter {
     /// Publishes an observation of one peer, in its own slot and, for the first peer (the
-    /// lowest node id this node watches), in the summary slot too.
+    /// lowest node id observed), in the summary slot too.
     pub fn observe(&mut self, seen: PeerObservation) {
         let node = seen.node_id.map_or(0, |n| u64::from(n) + 1);
         let words = [node, seen.boot_id, seen.heartbeat];
-        if let Some(index) = seen
+        let index = seen
             .node_id
             .map(|n| n as usize)
-            .filter(|&n| n < crate::layout::MAX_NODES)
-        {
-            if self.peers.len() < crate::layout::MAX_NODES {
-                self.peers.resize_with(crate::layout::MAX_NODES, || None);
-            }
-            let first = self
-                .peers
-                .iter()
-                .position(Option::is_some)
-                .is_none_or(|f| index <= f);
-            let slot = self.peers[index]
-                .get_or_insert_with(|| PublishedWriter::new(node_live::peer(index), &self.mapping));
-            slot.publish(&self.mapping, words);
-            if !first {
-                return;
-            }
+            .filter(|&n| n < crate::layout::MAX_NODES);
+        if let Some(index) = index {
+            let mapping = &self.mapping;
+            self.peers
+                .entry(index)
+                .or_insert_with(|| PublishedWriter::new(node_live::peer(index), mapping))
+                .publish(mapping, words);
         }
-        self.writer.publish(&self.mapping, words);
+        let first = self.peers.keys().next().copied();
+        if index.is_none() || index == first {
+            self.writer.publish(&self.mapping, words);
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use shm::control::Owner;
 use shm::{Access, BackPressure, Entry, Mapping, NodeWriter, Replay, ReplayStatus};
 
+use super::tests::region;
 use super::*;
 use crate::export::Export;
 use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
@@ -27,11 +28,6 @@ fn write(writer: &mut NodeWriter, export: u32, block: u64, byte: u8) {
         .appender
         .append(&entry, BackPressure::default())
         .unwrap();
-}
-
-fn region(dir: &Path, id: u32, name: &str) -> NodeRegion {
-    let path = dir.join(format!("{name}.region"));
-    NodeRegion::format(Mapping::create_file(&path, 1 << 20).unwrap(), id, name).unwrap()
 }
 
 fn read_only(dir: &Path, name: &str) -> NodeRegion {

@@ -406,11 +406,9 @@ impl FailoverMonitor {
             last_seq: scanned.last_seq,
             stopped: scanned.stopped.is_some(),
         };
-        let last_seq = scanned.last_seq;
         if self.replays.serve_layer(scanned, volume, epoch, hold) {
             self.pending_replay = Some(ReplayJob {
                 region: dead.clone(),
-                last_seq,
                 book: self.replays.clone(),
             });
         }
@@ -612,7 +610,7 @@ mod tests {
             .unwrap();
     }
 
-    fn region(dir: &Path, id: u32, name: &str) -> NodeRegion {
+    pub(super) fn region(dir: &Path, id: u32, name: &str) -> NodeRegion {
         let path = dir.join(format!("{name}.region"));
         NodeRegion::format(Mapping::create_file(&path, 1 << 20).unwrap(), id, name).unwrap()
     }

@@ -342,7 +342,7 @@ impl ReplayBook {
 #[derive(Debug, Clone)]
 pub struct ReplayJob {
     pub region: NodeRegion,
-    pub last_seq: u64,
+    /// Where the replay stands, and how far its layers reach.
     pub book: ReplayBook,
 }
 
@@ -373,7 +373,7 @@ impl ReplayJob {
         let (mut records, mut bytes, mut stopped) = (0, 0, false);
         while let Some(volumes) = self.book.next_pass(node, stopped) {
             let disks = Disks::of(&volumes);
-            let last_seq = self.book.last_seq(node).unwrap_or(self.last_seq);
+            let last_seq = self.book.last_seq(node).unwrap_or_default();
             let replayed = loop {
                 match replay(&self.region, &disks, last_seq) {
                     Ok(replayed) => break replayed,
@@ -499,11 +499,9 @@ mod tests {
                 let head = region.head().unwrap().seq;
                 let hold = nvram.hold_flusher(head);
                 let scanned = scan(dead, 0, DISK_SIZE as u64).unwrap();
-                let last_seq = scanned.last_seq;
                 assert!(book.serve_layer(scanned, export.volume(), 1, hold));
                 job = Some(ReplayJob {
                     region: dead.clone(),
-                    last_seq,
                     book: book.clone(),
                 });
             } else {

@@ -557,28 +557,8 @@ pub fn restore_addresses(cluster: &mut Cluster) {
             // A fenced owner's identities move on (adopt_orphans); a booting one waits.
             continue;
         }
-        let argument = takeover_argument(cluster, identity, None);
         let epoch = cluster.epoch();
-        let restored = cluster
-            .issue(
-                owner,
-                CommandKind::TakeOver,
-                identity,
-                epoch,
-                argument.to_word(),
-            )
-            .and_then(|seq| cluster.await_ack(owner, seq, TAKEOVER_ACK_TIMEOUT))
-            .map_err(MoveError::from)
-            .and_then(|_| {
-                cluster
-                    .forward(owner, identity)
-                    .map_err(|source| MoveError::Address {
-                        identity: cluster.topology().identity_name(identity).to_owned(),
-                        node: cluster.topology().name(owner).to_owned(),
-                        source,
-                    })
-            });
-        match restored {
+        match serve_flushed(cluster, identity, owner, epoch) {
             Ok(()) => log::info!(
                 "identity {} is served by {} at its address again",
                 cluster.topology().identity_name(identity),
@@ -845,8 +825,7 @@ fn move_identity(
     Ok(report)
 }
 
-/// Gives `identity` back to `node`, which released it (flushed) a moment ago, at `epoch`:
-/// owner, `TakeOver` without replay, address.
+/// Gives `identity` back to `node`, which released it (flushed) a moment ago, at `epoch`.
 fn serve_again(
     cluster: &mut Cluster,
     identity: IdentityId,
@@ -855,6 +834,17 @@ fn serve_again(
 ) -> Result<(), MoveError> {
     cluster.record_serving_started(identity, node, epoch);
     cluster.set_owner(identity, node, epoch)?;
+    serve_flushed(cluster, identity, node, epoch)
+}
+
+/// Has `node`, the owner of `identity` at `epoch`, serve it with no log to replay (the log
+/// was replayed or flushed before): `TakeOver` without replay, then the address.
+fn serve_flushed(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    node: NodeId,
+    epoch: u64,
+) -> Result<(), MoveError> {
     let argument = takeover_argument(cluster, identity, None);
     let seq = cluster.issue(
         node,
