@@ -37,7 +37,7 @@ die() {
 # The QEMU set: installed together at the version of qemu-system-x86 that apt offers.
 qemu_set=(qemu-system-x86 qemu-utils qemu-block-extra)
 # Everything else (command -> package in the table below).
-other_packages=(build-essential busybox-static cpio kmod xz-utils libnbd-bin nbdkit fio python3 python3-prometheus-client e2fsprogs)
+other_packages=(build-essential busybox-static cpio kmod xz-utils libnbd-bin nbdkit fio python3 python3-prometheus-client e2fsprogs iproute2 keepalived)
 
 # Each tool the project runs: "package|command that must succeed".
 checks=(
@@ -63,6 +63,8 @@ checks=(
     # Debian's module serves Debian's python3, whatever python3 comes first in PATH.
     "python3-prometheus-client|/usr/bin/python3 -m prometheus_client.parser" # hostd/tests/metrics.rs
     "python3-prometheus-client|/usr/bin/python3 -m prometheus_client.openmetrics.parser"
+    "iproute2|ip -V" # bridge mode: namespaces, bridges, taps (hostd/src/network.rs)
+    "keepalived|keepalived --version" # the peer of bridge mode's moving IP (scripts/compare-keepalived.sh)
     "build-essential|cc --version"
     "build-essential|c++ --version" # libFuzzer's runtime, for scripts/fuzz.sh
 )

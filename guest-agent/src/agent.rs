@@ -23,6 +23,7 @@ use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
 use crate::nvram::volume::{Disk, DiskError, Volume};
 use crate::nvram::{Nvram, NvramError, Ownership};
 use crate::regions::{self, RegionsError};
+use crate::service_ip::{IpCommand, NoServiceAddresses, ServiceAddresses};
 
 /// The marker the write-protection self-test stores ("IVHAPROB").
 pub const WRITE_PROBE_MARKER: u64 = u64::from_le_bytes(*b"IVHAPROB");
@@ -68,6 +69,8 @@ pub enum AgentError {
     Replay(#[source] crate::failover::replay::ReplayError),
     #[error("cannot discard this node's replayed log")]
     Discard(#[source] shm::LogError),
+    #[error("cannot set up the service network")]
+    Network(#[source] crate::service_ip::AddressError),
     #[error("region {path} cannot be used")]
     Node {
         path: PathBuf,
@@ -224,6 +227,21 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             registry.insert(Arc::clone(&identity.export) as Arc<dyn crate::export::Export>);
         }
     }
+    // Bridge mode: the NIC with the node's own address; then the service IP of every
+    // identity served from the start (an earlier run's are dropped first).
+    let mut addresses: Box<dyn ServiceAddresses> = match IpCommand::from_options(&args.options) {
+        Some(mut ips) => {
+            ips.set_up().map_err(AgentError::Network)?;
+            Box::new(ips)
+        }
+        None => Box::new(NoServiceAddresses),
+    };
+    for identity in identities.values() {
+        let volume = identity.export.volume();
+        if volume.writable() {
+            addresses.hold(&volume.name).map_err(AgentError::Network)?;
+        }
+    }
     let server_config = ServerConfig {
         poll: Duration::from_micros(args.options.nbd_poll_us),
         max_connections_per_export: args.options.nbd_max_connections as usize,
@@ -290,6 +308,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             quarantine,
             pending_replay: None,
             pending_cache_drop: None,
+            addresses,
         };
         std::thread::Builder::new()
             .name("failover".into())

@@ -3,7 +3,8 @@
 //! Runs inside each guest (regions are ivshmem BARs found on PCI) or as a host process
 //! (regions are files in a directory). It owns its node's region (heartbeat, log, acks),
 //! serves its volume over NBD with NVRAM write-back ([`nvram`], [`nbd`]), and carries out
-//! hostd's takeover and giveback commands ([`failover`]).
+//! hostd's takeover and giveback commands ([`failover`]), holding the service IPs of the
+//! identities it serves in bridge mode ([`service_ip`]).
 
 pub mod agent;
 pub mod args;
@@ -13,3 +14,4 @@ pub mod failover;
 pub mod nbd;
 pub mod nvram;
 pub mod regions;
+pub mod service_ip;

@@ -78,10 +78,15 @@
 //! `"media"` does that everywhere: a host crash then loses only the log's unflushed
 //! records, and write IOPS are bounded by the disk.
 
+mod network;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use wire::agent::{AgentOptions, Release};
+use wire::network::{Ipv4Net, ServiceIps};
+
+pub use network::{NetworkConfig, NetworkMode};
 
 /// Errors loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +408,12 @@ pub struct NodeConfig {
     /// the other nodes in ring order after this one (for a, b, c: a's is b, c; b's is c, a).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub takeover_by: Option<Vec<String>>,
+    /// Bridge mode: the node's own fixed address on the bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Net>,
+    /// Bridge mode: the address of the node's identity, held by whichever node serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ip: Option<Ipv4Net>,
 }
 
 /// A whole cluster configuration.
@@ -418,6 +429,7 @@ pub struct Config {
     pub recovery: RecoverySettings,
     pub flusher: FlusherSettings,
     pub metrics: MetricsSettings,
+    pub network: NetworkConfig,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
@@ -434,18 +446,23 @@ impl Default for Config {
             recovery: RecoverySettings::default(),
             flusher: FlusherSettings::default(),
             metrics: MetricsSettings::default(),
+            network: NetworkConfig::default(),
             nodes: vec![
                 NodeConfig {
                     name: "a".into(),
                     nbd_port: 10809,
                     kernel_args: String::new(),
                     takeover_by: None,
+                    address: None,
+                    service_ip: None,
                 },
                 NodeConfig {
                     name: "b".into(),
                     nbd_port: 10810,
                     kernel_args: String::new(),
                     takeover_by: None,
+                    address: None,
+                    service_ip: None,
                 },
             ],
         }
@@ -628,13 +645,21 @@ impl Config {
                 return invalid("kernel_args must not set ivha.node: hostd sets it".into());
             }
         }
+        self.network
+            .validate(&self.nodes)
+            .map_err(ConfigError::Invalid)?;
+        if self.network.is_bridge() && self.backend == Backend::Process {
+            return invalid(
+                "network.mode = \"bridge\" needs guests (backend = \"qemu\"): agents as host processes listen on 127.0.0.1 ports".into(),
+            );
+        }
         self.validate_agent_options()?;
         // The agent refuses what it does not know; say so before anything boots. It reads
         // hostd's settings, then the cluster's and the node's kernel_args.
-        for node in &self.nodes {
+        for (index, node) in self.nodes.iter().enumerate() {
             let cmdline = format!(
                 "{} {} {}",
-                self.agent_options().to_kernel_args(),
+                self.agent_options_for(index).to_kernel_args(),
                 self.qemu.kernel_args,
                 node.kernel_args
             );
@@ -735,7 +760,26 @@ impl Config {
             flush_paused: self.flusher.paused,
             release: self.flusher.release,
             sync_interval_ms: self.flusher.sync_interval_ms,
+            ..AgentOptions::default()
         }
+    }
+
+    /// What node `index`'s agent is told: [`agent_options`](Self::agent_options) and, in
+    /// bridge mode, the service IPs and its own address.
+    pub fn agent_options_for(&self, index: usize) -> AgentOptions {
+        let mut options = self.agent_options();
+        if self.network.is_bridge() {
+            options.service_ips = ServiceIps(
+                self.nodes
+                    .iter()
+                    .filter_map(|n| Some((n.name.clone(), n.service_ip?)))
+                    .collect(),
+            );
+            options.node_address = self.nodes.get(index).and_then(|n| n.address);
+            options.arp_count = self.network.arp_count;
+            options.arp_interval_ms = self.network.arp_interval_ms;
+        }
+        options
     }
 }
 

@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod network;
 pub mod render;
 pub use wire::state_dir;

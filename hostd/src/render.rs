@@ -402,6 +402,8 @@ mod tests {
             log_full_ms: None,
             writes_waiting: 0,
             nbd: "nbd://127.0.0.1:1/a".into(),
+            service_ip: None,
+            service_mac: None,
             takeover_possible: true,
             takeover_reason: "taker b is up".into(),
             console: "c".into(),

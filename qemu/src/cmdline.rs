@@ -18,9 +18,13 @@
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+
+use command_fds::{CommandFdExt, FdMapping};
 
 use crate::accel::Accel;
 
@@ -121,6 +125,25 @@ pub enum CmdlineError {
     /// The guest name is empty.
     #[error("the guest name must not be empty")]
     EmptyName,
+    /// A NIC's MAC address is not six hex octets.
+    #[error("NIC `{id}`: {mac:?} is not a MAC address (six hex octets: 52:54:00:12:34:56)")]
+    InvalidMac {
+        /// The NIC's id.
+        id: String,
+        /// The address given.
+        mac: String,
+    },
+    /// A tap's descriptor could not be duplicated for QEMU.
+    #[error("NIC `{id}`: cannot duplicate the tap's descriptor")]
+    Tap {
+        /// The NIC's id.
+        id: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Two descriptors would have one number in QEMU (cannot happen: each has its own).
+    #[error("the tap descriptors collide")]
+    TapDescriptors,
     /// The backing file of a region could not be inspected.
     #[error("shared region `{id}`: cannot inspect {}", path.display())]
     RegionFile {
@@ -201,6 +224,18 @@ struct UserNet {
     forwards: Vec<HostForward>,
 }
 
+/// A NIC on a tap device the caller opened; QEMU gets the descriptor at
+/// [`TAP_FD_BASE`] + its position.
+#[derive(Debug, Clone)]
+struct TapNet {
+    id: String,
+    fd: Arc<OwnedFd>,
+    mac: String,
+}
+
+/// The descriptor number the first tap has in QEMU (the next ones follow).
+pub const TAP_FD_BASE: i32 = 10;
+
 /// Builder for a `qemu-system-x86_64` command line.
 ///
 /// Every command line carries `-nodefaults -no-user-config -display none -no-reboot`:
@@ -225,6 +260,7 @@ pub struct QemuCommand {
     regions: Vec<Region>,
     disks: Vec<Disk>,
     nets: Vec<UserNet>,
+    taps: Vec<TapNet>,
     pvpanic: bool,
     rng: bool,
     panic_action: Option<PanicAction>,
@@ -251,6 +287,7 @@ impl QemuCommand {
             regions: Vec::new(),
             disks: Vec::new(),
             nets: Vec::new(),
+            taps: Vec::new(),
             pvpanic: false,
             rng: false,
             panic_action: None,
@@ -382,6 +419,19 @@ impl QemuCommand {
         self.nets.push(UserNet {
             id: netdev_id.to_owned(),
             forwards: forwards.to_vec(),
+        });
+        self
+    }
+
+    /// Adds a virtio-net NIC with MAC address `mac` on the tap device open at `tap` (which
+    /// the caller made, for instance inside a network namespace). QEMU inherits a
+    /// duplicate of the descriptor; the caller drops its own once QEMU runs, so the tap
+    /// goes with the QEMU.
+    pub fn tap_net(mut self, netdev_id: &str, tap: Arc<OwnedFd>, mac: &str) -> Self {
+        self.taps.push(TapNet {
+            id: netdev_id.to_owned(),
+            fd: tap,
+            mac: mac.to_owned(),
         });
         self
     }
@@ -538,6 +588,15 @@ impl QemuCommand {
             args.push("-device");
             args.push(format!("virtio-net-pci,netdev={0},id={0}", n.id));
         }
+        for (n, tap) in self.taps.iter().enumerate() {
+            args.push("-netdev");
+            args.push(format!("tap,id={},fd={}", tap.id, TAP_FD_BASE + n as i32));
+            args.push("-device");
+            args.push(format!(
+                "virtio-net-pci,netdev={0},id={0},mac={1}",
+                tap.id, tap.mac
+            ));
+        }
         if self.pvpanic {
             args.push("-device");
             args.push("pvpanic");
@@ -561,6 +620,20 @@ impl QemuCommand {
         let args = self.args()?;
         let mut cmd = Command::new(&self.binary);
         cmd.args(args);
+        let mut mappings = Vec::new();
+        for (n, tap) in self.taps.iter().enumerate() {
+            mappings.push(FdMapping {
+                parent_fd: tap.fd.try_clone().map_err(|source| CmdlineError::Tap {
+                    id: tap.id.clone(),
+                    source,
+                })?,
+                child_fd: TAP_FD_BASE + n as i32,
+            });
+        }
+        if !mappings.is_empty() {
+            cmd.fd_mappings(mappings)
+                .map_err(|_| CmdlineError::TapDescriptors)?;
+        }
         Ok(cmd)
     }
 
@@ -600,7 +673,8 @@ impl QemuCommand {
             .iter()
             .map(|r| &r.id)
             .chain(self.disks.iter().map(|d| &d.id))
-            .chain(self.nets.iter().map(|n| &n.id));
+            .chain(self.nets.iter().map(|n| &n.id))
+            .chain(self.taps.iter().map(|t| &t.id));
         for id in all_ids {
             check_id(id)?;
             if !ids.insert(id.as_str()) {
@@ -618,6 +692,19 @@ impl QemuCommand {
                 return Err(CmdlineError::InvalidSerial {
                     id: d.id.clone(),
                     serial: d.serial.clone(),
+                });
+            }
+        }
+        for tap in &self.taps {
+            let octets: Vec<&str> = tap.mac.split(':').collect();
+            let ok = octets.len() == 6
+                && octets
+                    .iter()
+                    .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !ok {
+                return Err(CmdlineError::InvalidMac {
+                    id: tap.id.clone(),
+                    mac: tap.mac.clone(),
                 });
             }
         }
@@ -890,6 +977,22 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(err, CmdlineError::InvalidSerial { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn tap_nics_get_their_descriptor_and_mac() {
+        let fd = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let command = QemuCommand::new("q").tap_net("br0", Arc::clone(&fd), "52:54:00:77:00:01");
+        let args = strings(&command);
+        let at = args.iter().position(|a| a == "tap,id=br0,fd=10").unwrap();
+        assert_eq!(
+            args[at + 2],
+            "virtio-net-pci,netdev=br0,id=br0,mac=52:54:00:77:00:01"
+        );
+        command.build().unwrap();
+        let bad = QemuCommand::new("q").tap_net("br0", fd, "52:54:00:77:01");
+        let error = bad.args().unwrap_err().to_string();
+        assert!(error.contains("is not a MAC address"), "{error}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::network::{Ipv4Net, ServiceIps};
+
 /// Kernel arguments `/init` reads itself; the agent ignores them.
 pub const INIT_KEYS: [&str; 3] = ["node", "debug", "selftest"];
 
@@ -86,6 +88,30 @@ pub struct AgentOptions {
     #[arg(long, default_value_t = 1000, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub sync_interval_ms: u64,
+
+    /// Bridge mode: each identity's service IP (`a=10.77.0.11/24,b=...`). The agent adds
+    /// the address of every identity it serves and announces it with gratuitous ARPs;
+    /// empty (user mode): hostd moves the addresses.
+    #[arg(long, default_value = "", value_name = "NAME=ADDRESS/PREFIX,...")]
+    pub service_ips: ServiceIps,
+
+    /// Bridge mode: this node's own fixed address, set up when the agent starts.
+    #[arg(long, value_name = "ADDRESS/PREFIX")]
+    pub node_address: Option<Ipv4Net>,
+
+    /// Bridge mode: the network device the addresses go on.
+    #[arg(long, default_value = "eth0", value_name = "DEVICE")]
+    pub service_dev: String,
+
+    /// Bridge mode: how many gratuitous ARPs announce a service IP taken (IPaddr2's 5).
+    #[arg(long, default_value_t = 5, value_name = "COUNT",
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub arp_count: u32,
+
+    /// Bridge mode: the time between two announcements (IPaddr2's 200 ms).
+    #[arg(long, default_value_t = 200, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub arp_interval_ms: u64,
 }
 
 impl Default for AgentOptions {
@@ -100,6 +126,11 @@ impl Default for AgentOptions {
             flush_paused: false,
             release: Release::Host,
             sync_interval_ms: 1000,
+            service_ips: ServiceIps::default(),
+            node_address: None,
+            service_dev: "eth0".to_owned(),
+            arp_count: 5,
+            arp_interval_ms: 200,
         }
     }
 }
@@ -143,6 +174,18 @@ impl AgentOptions {
         ];
         if self.flush_paused {
             flags.push(("flush-paused", None));
+        }
+        // User mode leaves the network settings out (their defaults).
+        if !self.service_ips.is_empty() {
+            flags.extend([
+                ("service-ips", Some(self.service_ips.to_string())),
+                ("service-dev", Some(self.service_dev.clone())),
+                ("arp-count", Some(self.arp_count.to_string())),
+                ("arp-interval-ms", Some(self.arp_interval_ms.to_string())),
+            ]);
+        }
+        if let Some(address) = self.node_address {
+            flags.push(("node-address", Some(address.to_string())));
         }
         flags
     }
@@ -215,6 +258,11 @@ mod tests {
             flush_paused: true,
             release: Release::Media,
             sync_interval_ms: 250,
+            service_ips: "a=10.77.0.11/24,b=10.77.0.12/24".parse().unwrap(),
+            node_address: Some("10.77.0.2/24".parse().unwrap()),
+            service_dev: "eth1".into(),
+            arp_count: 3,
+            arp_interval_ms: 50,
         }
     }
 

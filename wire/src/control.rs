@@ -179,7 +179,15 @@ pub struct NodeStatus {
     /// Writes waiting now to get into this node's log.
     #[serde(default)]
     pub writes_waiting: u64,
+    /// Where clients reach the identity: `nbd://127.0.0.1:PORT/NAME` in user mode,
+    /// `nbd://SERVICE_IP:10809/NAME` in bridge mode.
     pub nbd: String,
+    /// Bridge mode: the identity's service IP, held by the node in `served_by`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ip: Option<String>,
+    /// Bridge mode: the MAC address of the NIC that holds the service IP (`served_by`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_mac: Option<String>,
     pub takeover_possible: bool,
     pub takeover_reason: String,
     pub console: String,
@@ -331,6 +339,8 @@ mod tests {
             log_full_ms: None,
             writes_waiting: 0,
             nbd: String::new(),
+            service_ip: None,
+            service_mac: None,
             takeover_possible: false,
             takeover_reason: String::new(),
             console: String::new(),

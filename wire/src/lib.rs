@@ -6,6 +6,8 @@
 //! - [`events`]: hostd's event log, `events.jsonl`;
 //! - [`state_dir`]: where a cluster keeps its files, and [`records`]: the run records hostd
 //!   leaves there (`run/NODE.json`);
+//! - [`network`]: service IPs, as the configuration, status and the agent's settings
+//!   name them;
 //! - [`nbd`]: the NBD protocol's constants, shared by the agent's server and the campaign's
 //!   client;
 //! - [`time`]: the wall clock all of them are stamped with, and [`error_chain`]: errors as
@@ -16,6 +18,7 @@ pub mod control;
 pub mod error_chain;
 pub mod events;
 pub mod nbd;
+pub mod network;
 pub mod records;
 pub mod state_dir;
 pub mod time;

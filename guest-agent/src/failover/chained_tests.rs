@@ -143,6 +143,7 @@ impl Chain {
             quarantine: None,
             pending_replay: None,
             pending_cache_drop: None,
+            addresses: Box::new(crate::service_ip::NoServiceAddresses),
         };
         Self {
             dir,

@@ -31,6 +31,7 @@ use crate::export::ExportRegistry;
 use crate::nbd::{Server, ServerConfig};
 use crate::nvram::volume::Volume;
 use crate::nvram::{Nvram, NvramExport};
+use crate::service_ip::ServiceAddresses;
 use quarantine::{Quarantine, old_log_replayed};
 use replay::{ReplayBook, ReplayJob};
 
@@ -109,6 +110,8 @@ pub struct FailoverMonitor {
     /// A released volume whose cached pages go once the release is acknowledged (see
     /// [`FailoverMonitor::release`]).
     pub pending_cache_drop: Option<Arc<Volume>>,
+    /// The identities' service IPs (bridge mode): held while served here.
+    pub addresses: Box<dyn ServiceAddresses>,
 }
 
 impl FailoverMonitor {
@@ -300,6 +303,17 @@ impl FailoverMonitor {
             .map_err(|e| e.to_string())?;
         let export = Arc::clone(self.export(identity)?);
         self.registry.insert(export);
+        // Clients find the identity here once its address is: it is served by then.
+        if let Err(error) = self.addresses.hold(&volume.name) {
+            if let Err(undo) = self.stop_writing(identity) {
+                log::error!("cannot stop serving {} again: {undo}", volume.name);
+            }
+            return Err(format!(
+                "cannot hold {}'s service IP: {}",
+                volume.name,
+                wire::error_chain::one_line(&error)
+            ));
+        }
         log::info!("serving export {}", volume.name);
         Ok(())
     }
@@ -476,6 +490,15 @@ impl FailoverMonitor {
     fn stop_writing(&mut self, identity: u32) -> Result<(), String> {
         let export = Arc::clone(self.export(identity)?);
         let volume = export.volume();
+        // New clients must not reach this node while it flushes or after: the address
+        // goes first (bridge mode), then the clients.
+        if let Err(error) = self.addresses.drop_address(&volume.name) {
+            log::error!(
+                "cannot drop {}'s service IP: {}",
+                volume.name,
+                wire::error_chain::one_line(&error)
+            );
+        }
         // Clients are cut off before writes are refused: a write refused now has no
         // connection to answer on, so the client sends it again to the new owner instead of
         // seeing an error (QEMU's NBD driver retries lost connections, not error replies).
@@ -586,6 +609,8 @@ mod tests {
     use std::path::Path;
 
     use shm::control::Owner;
+
+    use crate::service_ip::double::Recorded;
     use shm::{Access, BackPressure, Entry, Mapping, NodeWriter, Replay, ReplayStatus};
 
     use super::*;
@@ -623,6 +648,8 @@ mod tests {
         dir: tempfile::TempDir,
         monitor: FailoverMonitor,
         b_replays: shm::ReplayWriter,
+        /// What the monitor did with the service IPs.
+        addresses: Recorded,
         _flusher: Flusher,
     }
 
@@ -692,6 +719,7 @@ mod tests {
                 },
             )
             .unwrap();
+            let addresses = Recorded::default();
             let monitor = FailoverMonitor {
                 node_id: 0,
                 control,
@@ -708,11 +736,13 @@ mod tests {
                 quarantine: Some(quarantine),
                 pending_replay: None,
                 pending_cache_drop: None,
+                addresses: Box::new(addresses.clone()),
             };
             Self {
                 dir,
                 monitor,
                 b_replays: b_writer.replays,
+                addresses,
                 _flusher: flusher,
             }
         }
@@ -812,6 +842,41 @@ mod tests {
         let ack = node.take_over(false);
         assert_eq!(ack.status, ack_status::OK);
         assert_eq!(node.blocks(), [0, 0, 0]);
+    }
+
+    /// The node serving an identity holds its service IP; a release drops the address
+    /// before the node stops serving, and a takeover that fails holds nothing.
+    #[test]
+    fn the_server_of_an_identity_holds_its_address() {
+        let mut node = Restarted::start();
+        node.b_says(ReplayStatus::Replaying);
+        assert_eq!(node.take_over(false).status, ack_status::FAILED);
+        assert!(node.addresses.take().is_empty(), "nothing held");
+        node.b_says(ReplayStatus::Replayed);
+        assert_eq!(node.take_over(false).status, ack_status::OK);
+        assert_eq!(node.addresses.take(), ["hold a"]);
+        let release = Command {
+            seq: 2,
+            kind: CommandKind::Release,
+            identity: u64::from(A),
+            epoch: 6,
+            argument: 0,
+        };
+        assert_eq!(node.monitor.handle(&release).status, ack_status::OK);
+        assert_eq!(node.addresses.take(), ["drop a"]);
+        assert!(!node.monitor.identities[&A].export.volume().writable());
+        // Another node owns it now: the fence drops the address too.
+        assert_eq!(node.take_over(false).status, ack_status::OK);
+        node.addresses.take();
+        let mut control = node.monitor.control.writer().unwrap();
+        control.set_epoch(7);
+        let owner = Owner {
+            node: Some(1),
+            epoch: 7,
+        };
+        control.set_owner(A as usize, owner).unwrap();
+        node.monitor.fence_lost_identities();
+        assert_eq!(node.addresses.take(), ["drop a"]);
     }
 
     /// A giveback that finds a's old log still waiting for b's replay fails, and changes

@@ -19,7 +19,7 @@ use super::metrics::{self, Metrics};
 use super::prepare::{NodeFiles, RegionError};
 use super::records::{self, RecordError};
 use super::topology::{IdentityId, NodeId, Topology};
-use crate::config::Config;
+use crate::config::{Config, GUEST_NBD_PORT};
 use crate::events::EventLog;
 
 /// How long a fenced node may take to die and be reaped.
@@ -446,7 +446,7 @@ impl Cluster {
             .join(" ");
         SpawnPlan {
             name: config.name.clone(),
-            options: self.config.agent_options(),
+            options: self.config.agent_options_for(node.index()),
             region: self.files[node.index()].region.clone(),
             disk: self.files[node.index()].disk.clone(),
             watched,
@@ -636,6 +636,7 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
         let names = &self.control.header().nodes;
+        let bridge = crate::network::BridgeNetwork::from_config(&self.config, &self.state);
         let nodes = self
             .topology
             .nodes()
@@ -656,6 +657,9 @@ impl Cluster {
                 // One snapshot: read apart, a live flusher can make flushed pass head.
                 let cursors = health.region.log_cursors().ok();
                 let served_by = owner.and_then(|n| names.get(n.index()).cloned());
+                let service_ip = bridge
+                    .as_ref()
+                    .and_then(|_| self.config.nodes.get(node.index())?.service_ip);
                 let served_by_state = owner
                     .and_then(|n| self.nodes.get(n.index()))
                     .map(NodeHealth::state);
@@ -714,7 +718,15 @@ impl Cluster {
                     nbd_idle_closed: service.nbd_idle_closed,
                     log_full_ms,
                     writes_waiting: service.writes_waiting,
-                    nbd: format!("nbd://127.0.0.1:{}/{}", health.nbd_port, health.name),
+                    nbd: match service_ip {
+                        Some(ip) => format!("nbd://{}:{GUEST_NBD_PORT}/{}", ip.addr(), health.name),
+                        None => format!("nbd://127.0.0.1:{}/{}", health.nbd_port, health.name),
+                    },
+                    service_ip: service_ip.map(|ip| ip.addr().to_string()),
+                    service_mac: bridge
+                        .as_ref()
+                        .zip(owner)
+                        .map(|(bridge, holder)| bridge.mac(holder.index())),
                     takeover_possible,
                     takeover_reason,
                     console: health.console.display().to_string(),

@@ -151,7 +151,11 @@ pub fn run(
     let metrics_server = metrics::server::start(&config.metrics, &mut cluster_metrics);
     let paths = cluster::node_paths(config, state);
     let backend: Box<dyn backend::NodeBackend> = match config.backend {
-        Backend::Qemu => Box::new(backend::qemu::QemuBackend::new(config, paths)?),
+        Backend::Qemu => Box::new(backend::qemu::QemuBackend::new(
+            config,
+            paths,
+            crate::network::BridgeNetwork::from_config(config, state),
+        )?),
         Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
     };
     let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?

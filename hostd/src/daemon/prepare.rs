@@ -13,6 +13,8 @@ use crate::state_dir::StateDir;
 /// Errors preparing regions and disks.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
+    #[error("cannot set up the bridge network")]
+    Network(#[from] crate::network::NetworkError),
     #[error("cannot create the state directory {path}")]
     StateDir {
         path: PathBuf,
@@ -128,6 +130,9 @@ pub fn prepare(
                 ControlRegion::format(m, &names, &names).map_err(|e| region_error(&control, e))
             })?;
     }
+    if let Some(network) = crate::network::BridgeNetwork::from_config(config, state) {
+        network.ensure()?;
+    }
     Ok((files, control))
 }
 
@@ -171,6 +176,7 @@ pub fn purge(state: &StateDir, disks: &[PathBuf]) -> bool {
         remove(disk);
     }
     remove(&state.sockets_dir());
+    ok &= crate::network::purge(state);
     ok
 }
 

@@ -681,6 +681,8 @@ impl Harness {
                     nbd_port: 10811,
                     kernel_args: String::new(),
                     takeover_by: None,
+                    address: None,
+                    service_ip: None,
                 });
                 configure(config);
             },

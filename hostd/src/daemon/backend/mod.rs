@@ -122,6 +122,12 @@ pub enum BackendError {
         #[source]
         source: Box<::qemu::CmdlineError>,
     },
+    #[error("cannot give node {node} its NIC on the bridge")]
+    Network {
+        node: String,
+        #[source]
+        source: Box<crate::network::NetworkError>,
+    },
     #[error("cannot start node {node}")]
     Spawn {
         node: String,

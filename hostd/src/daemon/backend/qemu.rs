@@ -1,7 +1,9 @@
 //! Nodes as QEMU guests: the command line, QMP (events, quit, panics, port forwards) and the
 //! guest shell.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -16,6 +18,7 @@ use super::{
 };
 use crate::config::{AccelSetting, Config, GUEST_NBD_PORT};
 use crate::daemon::topology::NodeId;
+use crate::network::BridgeNetwork;
 
 /// How long QEMU gets to open its QMP socket.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,12 +61,19 @@ pub struct QemuBackend {
     children: Children,
     qmp: Vec<Option<QmpClient>>,
     events: Vec<Option<Receiver<QmpEvent>>>,
+    /// Bridge mode: each guest's NIC is a tap on this bridge, and the agents hold the
+    /// service IPs (nothing to forward). None: user networking with port forwards.
+    bridge: Option<BridgeNetwork>,
 }
 
 impl QemuBackend {
     /// Finds the image and the binary and chooses the accelerator for `config`'s nodes,
     /// whose files are `paths` (per node, in order).
-    pub fn new(config: &Config, paths: Vec<NodePaths>) -> Result<Self, QemuSetupError> {
+    pub fn new(
+        config: &Config,
+        paths: Vec<NodePaths>,
+        bridge: Option<BridgeNetwork>,
+    ) -> Result<Self, QemuSetupError> {
         let (kernel, initrd) = image(config)?;
         let binary = find_binary(&config.qemu.binary).ok_or_else(|| QemuSetupError::NoQemu {
             binary: config.qemu.binary.clone(),
@@ -80,6 +90,7 @@ impl QemuBackend {
             children: Children::new(paths),
             qmp: (0..n).map(|_| None).collect(),
             events: (0..n).map(|_| None).collect(),
+            bridge,
         })
     }
 
@@ -91,6 +102,7 @@ impl QemuBackend {
         &self,
         paths: &NodePaths,
         plan: &SpawnPlan,
+        tap: Option<(Arc<OwnedFd>, String)>,
     ) -> Result<std::process::Command, BackendError> {
         let mut append = format!(
             // unknown_nmi_panic: `hostd kill --signal panic` panics the kernel with an NMI.
@@ -146,8 +158,12 @@ impl QemuBackend {
             };
             command = command.disk(&id, &watched.disk, &format!("ivha-{}", watched.name), true);
         }
+        command = match tap {
+            // The service network only: clients reach the identities at their service IPs.
+            Some((fd, mac)) => command.tap_net("br0", fd, &mac),
+            None => command.user_net("n0", &forwards),
+        };
         command
-            .user_net("n0", &forwards)
             .pvpanic()
             // Only the event: QEMU's default action ends the process before the kernel has
             // printed the panic, and the console would not say why the guest died. The
@@ -210,7 +226,20 @@ impl NodeBackend for QemuBackend {
 
     fn spawn(&mut self, node: NodeId, plan: &SpawnPlan) -> Result<u32, BackendError> {
         let paths = self.children.paths(node).clone();
-        let command = self.command(&paths, plan)?;
+        // QEMU gets its own duplicate: the tap lives as long as the QEMU.
+        let tap = match &self.bridge {
+            Some(bridge) => Some((
+                Arc::new(bridge.open_tap(node.index()).map_err(|source| {
+                    BackendError::Network {
+                        node: plan.name.clone(),
+                        source: Box::new(source),
+                    }
+                })?),
+                bridge.mac(node.index()),
+            )),
+            None => None,
+        };
+        let command = self.command(&paths, plan, tap)?;
         log::debug!("node {}: {}", plan.name, display_command(&command));
         let _ = std::fs::remove_file(&paths.qmp_socket);
         self.drop_qmp(node);
@@ -340,6 +369,10 @@ impl NodeBackend for QemuBackend {
     }
 
     fn forward(&mut self, node: NodeId, port: u16) -> Result<(), BackendError> {
+        if self.bridge.is_some() {
+            // The agent holds the service IP once it serves the identity.
+            return Ok(());
+        }
         self.hmp(
             node,
             &format!("hostfwd_add n0 tcp:127.0.0.1:{port}-:{GUEST_NBD_PORT}"),
@@ -349,6 +382,10 @@ impl NodeBackend for QemuBackend {
     }
 
     fn unforward(&mut self, node: NodeId, port: u16) -> Result<(), BackendError> {
+        if self.bridge.is_some() {
+            // A release drops the service IP first, in the agent.
+            return Ok(());
+        }
         self.hmp(
             node,
             &format!("hostfwd_remove n0 tcp:127.0.0.1:{port}"),
@@ -358,6 +395,9 @@ impl NodeBackend for QemuBackend {
     }
 
     fn forwarded_ports(&mut self, node: NodeId) -> Option<Result<Vec<u16>, BackendError>> {
+        if self.bridge.is_some() {
+            return None;
+        }
         Some(
             self.hmp(node, "info usernet", |_| true)
                 .map(|table| forwarded_ports(&table)),

@@ -1,0 +1,325 @@
+//! Bridge mode on the host: the network namespace and bridge the guests' NICs join, and
+//! each guest's tap. hostd makes what is missing at `up`, opens a new tap for every start
+//! of a guest (inside the namespace, so QEMU itself stays in hostd's), and removes what it
+//! made at `down --purge`. What it made is written down in the state directory
+//! (`network.json`): a namespace or bridge of the same name that ivha did not make is
+//! refused unless `adopt_existing` says to use it, and is never removed.
+//!
+//! Links and namespaces are changed with iproute2's `ip`, as an operator would.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use wire::network::Ipv4Net;
+use wire::state_dir::StateDir;
+
+use crate::config::Config;
+
+/// Errors setting up or using the bridge network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("bridge mode needs root: it creates a bridge, taps and maybe a network namespace")]
+    NotRoot,
+    #[error("bridge mode needs /dev/net/tun (load the tun module)")]
+    NoTun,
+    #[error(
+        "network namespace {0} exists but ivha did not make it: refusing to use it (name another, remove it, or set network.adopt_existing = true)"
+    )]
+    ForeignNamespace(String),
+    #[error(
+        "bridge {0} exists but ivha did not make it: refusing to use it (name another, remove it, or set network.adopt_existing = true)"
+    )]
+    ForeignBridge(String),
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("cannot write {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open node {node}'s tap")]
+    Tap {
+        node: usize,
+        #[source]
+        source: tap::TapError,
+    },
+}
+
+/// What ivha made, so that `down --purge` removes that and nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Made {
+    pub netns: Option<String>,
+    pub bridge: Option<String>,
+}
+
+impl Made {
+    fn load(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) -> Result<(), NetworkError> {
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        std::fs::write(path, text).map_err(|source| NetworkError::Record {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// The record of what ivha made, in the state directory.
+pub fn record_path(state: &StateDir) -> PathBuf {
+    state.root().join("network.json")
+}
+
+/// A cluster's bridge network.
+#[derive(Debug, Clone)]
+pub struct BridgeNetwork {
+    netns: Option<String>,
+    bridge: String,
+    bridge_address: Option<Ipv4Net>,
+    adopt_existing: bool,
+    /// Two bytes that tell this cluster's MACs from another's on a shared bridge.
+    tag: u16,
+    record: PathBuf,
+}
+
+impl BridgeNetwork {
+    /// The bridge network of `config`, None in user mode.
+    pub fn from_config(config: &Config, state: &StateDir) -> Option<Self> {
+        let network = &config.network;
+        network.is_bridge().then(|| Self {
+            netns: network.netns.clone(),
+            bridge: network.bridge.clone(),
+            bridge_address: network.bridge_address,
+            adopt_existing: network.adopt_existing,
+            tag: crc32c::crc32c(state.root().as_os_str().as_encoded_bytes()) as u16,
+            record: record_path(state),
+        })
+    }
+
+    /// Makes the namespace and the bridge if missing, and brings the bridge up with its
+    /// address.
+    pub fn ensure(&self) -> Result<(), NetworkError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(NetworkError::NotRoot);
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Err(NetworkError::NoTun);
+        }
+        let mut made = Made::load(&self.record);
+        if let Some(netns) = &self.netns {
+            let ours = made.netns.as_ref() == Some(netns);
+            if netns_path(netns).exists() {
+                if !ours && !self.adopt_existing {
+                    return Err(NetworkError::ForeignNamespace(netns.clone()));
+                }
+            } else {
+                ip(None, &["netns", "add", netns])?;
+                made.netns = Some(netns.clone());
+                made.save(&self.record)?;
+                log::info!("made network namespace {netns}");
+            }
+            self.ip(&["link", "set", "lo", "up"])?;
+        }
+        let ours = made.bridge.as_ref() == Some(&self.bridge);
+        if self.ip(&["link", "show", "dev", &self.bridge]).is_ok() {
+            if !ours && !self.adopt_existing {
+                return Err(NetworkError::ForeignBridge(self.bridge.clone()));
+            }
+        } else {
+            self.ip(&["link", "add", &self.bridge, "type", "bridge"])?;
+            made.bridge = Some(self.bridge.clone());
+            made.save(&self.record)?;
+            log::info!("made bridge {}{}", self.bridge, self.where_());
+        }
+        self.ip(&["link", "set", "dev", &self.bridge, "up"])?;
+        if let Some(address) = self.bridge_address {
+            self.ip(&["addr", "replace", &address.to_string(), "dev", &self.bridge])?;
+        }
+        Ok(())
+    }
+
+    /// Opens a new tap for node `index`, on the bridge and up. QEMU gets the descriptor;
+    /// the tap goes when the QEMU does.
+    pub fn open_tap(&self, index: usize) -> Result<OwnedFd, NetworkError> {
+        let name = self.tap_name(index);
+        let netns = self.netns.as_deref().map(netns_path);
+        let fd = tap::open(netns.as_deref(), &name).map_err(|source| NetworkError::Tap {
+            node: index,
+            source,
+        })?;
+        self.ip(&["link", "set", "dev", &name, "master", &self.bridge])?;
+        self.ip(&["link", "set", "dev", &name, "up"])?;
+        Ok(fd)
+    }
+
+    /// Node `index`'s tap: the bridge's name and the node's position.
+    pub fn tap_name(&self, index: usize) -> String {
+        format!("{}-{index}", self.bridge)
+    }
+
+    /// Node `index`'s MAC address on the bridge.
+    pub fn mac(&self, index: usize) -> String {
+        wire::network::node_mac(self.tag, index)
+    }
+
+    fn where_(&self) -> String {
+        self.netns
+            .as_ref()
+            .map_or(String::new(), |ns| format!(" in network namespace {ns}"))
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<String, NetworkError> {
+        ip(self.netns.as_deref(), args)
+    }
+}
+
+/// Removes what the record says ivha made (the bridge, then the namespace) and the
+/// record. Returns whether everything went; what could not be removed is logged.
+pub fn purge(state: &StateDir) -> bool {
+    let path = record_path(state);
+    let made = Made::load(&path);
+    let mut ok = true;
+    if let Some(bridge) = &made.bridge {
+        let gone = ip(made.netns.as_deref(), &["link", "show", "dev", bridge]).is_err();
+        if !gone && let Err(error) = ip(made.netns.as_deref(), &["link", "del", "dev", bridge]) {
+            log::warn!("cannot remove bridge {bridge}: {error}");
+            ok = false;
+        }
+    }
+    if let Some(netns) = &made.netns
+        && netns_path(netns).exists()
+        && let Err(error) = ip(None, &["netns", "del", netns])
+    {
+        log::warn!("cannot remove network namespace {netns}: {error}");
+        ok = false;
+    }
+    if let Err(error) = std::fs::remove_file(&path)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        log::warn!("cannot remove {}: {error}", path.display());
+        ok = false;
+    }
+    ok
+}
+
+/// Where `ip netns` keeps a namespace.
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// Runs `ip [-n NETNS] ARGS`; returns its output.
+fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, NetworkError> {
+    let mut argv: Vec<&str> = Vec::new();
+    if let Some(netns) = netns {
+        argv.extend(["-n", netns]);
+    }
+    argv.extend(args);
+    let command = format!("ip {}", argv.join(" "));
+    let output = Command::new("ip")
+        .args(&argv)
+        .output()
+        .map_err(|source| NetworkError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(NetworkError::Failed {
+            command,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge_config(netns: &str) -> Config {
+        Config::parse(&format!(
+            r#"
+[network]
+mode = "bridge"
+bridge = "ivt{netns}"
+netns = "ivha-test-{netns}"
+bridge_address = "10.79.0.1/24"
+[[node]]
+name = "a"
+nbd_port = 1
+address = "10.79.0.2/24"
+service_ip = "10.79.0.11/24"
+[[node]]
+name = "b"
+nbd_port = 2
+address = "10.79.0.3/24"
+service_ip = "10.79.0.12/24"
+"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn user_mode_has_no_bridge_and_names_follow_the_bridge() {
+        let state = StateDir::new("/tmp/ivha-x");
+        assert!(BridgeNetwork::from_config(&Config::default(), &state).is_none());
+        let config = bridge_config("1");
+        config.validate().unwrap();
+        let network = BridgeNetwork::from_config(&config, &state).unwrap();
+        assert_eq!(network.tap_name(3), "ivt1-3");
+        assert_ne!(network.mac(0), network.mac(1));
+        let other = BridgeNetwork::from_config(&config, &StateDir::new("/tmp/ivha-y")).unwrap();
+        assert_ne!(network.mac(0), other.mac(0), "clusters differ");
+    }
+
+    /// Needs root (it makes a namespace): what ivha made goes at purge, and a namespace it
+    /// did not make is refused and left alone.
+    #[test]
+    fn made_is_purged_and_foreign_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI runs as root"
+            );
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let tag = std::process::id() % 100_000;
+        let config = bridge_config(&tag.to_string());
+        let network = BridgeNetwork::from_config(&config, &state).unwrap();
+        network.ensure().unwrap();
+        network.ensure().unwrap();
+        let tap = network.open_tap(0).unwrap();
+        let netns = config.network.netns.clone().unwrap();
+        let links = ip(Some(&netns), &["link", "show", "master", &network.bridge]).unwrap();
+        assert!(links.contains(&network.tap_name(0)), "{links}");
+        drop(tap);
+        assert!(purge(&state));
+        assert!(!netns_path(&netns).exists());
+
+        ip(None, &["netns", "add", &netns]).unwrap();
+        let error = network.ensure().unwrap_err();
+        assert!(
+            matches!(error, NetworkError::ForeignNamespace(_)),
+            "{error}"
+        );
+        assert!(purge(&state));
+        assert!(netns_path(&netns).exists(), "not ivha's: left alone");
+        ip(None, &["netns", "del", &netns]).unwrap();
+    }
+}
