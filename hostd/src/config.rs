@@ -49,6 +49,9 @@
 //! enabled = true            # serve Prometheus metrics (docs/metrics.md)
 //! listen = "127.0.0.1:9187" # IP address and port of http://ADDRESS/metrics
 //!
+//! [network]                 # user (default) | bridge: see config/network.rs, docs/network.md
+//! mode = "user"
+//!
 //! [[node]]
 //! name = "a"
 //! nbd_port = 10809

@@ -108,6 +108,17 @@ pub fn status_table(status: &ClusterStatus) -> String {
             n.console
         );
     }
+    for n in &status.nodes {
+        if let Some(ip) = &n.service_ip {
+            let _ = writeln!(
+                out,
+                "service IP of {}: {ip}, held by {} ({})",
+                n.name,
+                n.served_by.as_deref().unwrap_or("nobody"),
+                n.service_mac.as_deref().unwrap_or("no MAC")
+            );
+        }
+    }
     out
 }
 
@@ -503,6 +514,18 @@ mod tests {
         );
         assert!(
             table.contains("takeover of a: possible (taker c is up and reads its region)"),
+            "{table}"
+        );
+        assert!(!table.contains("service IP"), "user mode: {table}");
+        let bridged = NodeStatus {
+            service_ip: Some("10.77.0.11".into()),
+            service_mac: Some("52:54:00:00:77:01".into()),
+            served_by: Some("b".into()),
+            ..node("a")
+        };
+        let table = status_table(&cluster(vec![bridged]));
+        assert!(
+            table.contains("service IP of a: 10.77.0.11, held by b (52:54:00:00:77:01)"),
             "{table}"
         );
     }

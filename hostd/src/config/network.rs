@@ -165,3 +165,112 @@ impl NetworkConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const NODES: &str = "[[node]]\nname = \"a\"\nnbd_port = 1\naddress = \"10.77.0.2/24\"\nservice_ip = \"10.77.0.11/24\"\n[[node]]\nname = \"b\"\nnbd_port = 2\naddress = \"10.77.0.3/24\"\nservice_ip = \"10.77.0.12/24\"\n";
+
+    fn error(text: &str) -> String {
+        match Config::parse(text).map(|c| c.validate()) {
+            Ok(Ok(())) => panic!("accepted: {text}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("{e}: {:?}", std::error::Error::source(&e)),
+        }
+    }
+
+    #[test]
+    fn bridge_mode_parses_and_gives_each_agent_its_addresses() {
+        let config = Config::parse(&format!(
+            "[network]\nmode = \"bridge\"\nnetns = \"ivha\"\nbridge_address = \"10.77.0.1/24\"\n{NODES}"
+        ))
+        .unwrap();
+        config.validate().unwrap();
+        let options = config.agent_options_for(1);
+        assert_eq!(options.node_address, Some("10.77.0.3/24".parse().unwrap()));
+        assert_eq!(
+            options.service_ips.to_string(),
+            "a=10.77.0.11/24,b=10.77.0.12/24"
+        );
+        assert_eq!((options.arp_count, options.arp_interval_ms), (5, 200));
+        assert!(
+            Config::default()
+                .agent_options_for(0)
+                .service_ips
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_network_settings_get_clear_errors() {
+        let bridge = "[network]\nmode = \"bridge\"\n";
+        let cases = [
+            (
+                format!("{bridge}bridge_address = \"10.78.0.1/24\"\n{NODES}"),
+                "node a's address 10.77.0.2/24 is outside the bridge's subnet 10.78.0.0/24",
+            ),
+            (
+                format!(
+                    "{bridge}{}",
+                    NODES.replace("10.77.0.12/24", "10.77.0.11/24")
+                ),
+                "node b's service_ip and node a's service_ip are both 10.77.0.11",
+            ),
+            (
+                format!("{bridge}{}", NODES.replace("10.77.0.12/24", "10.77.0.2/24")),
+                "are both 10.77.0.2",
+            ),
+            (
+                format!(
+                    "{bridge}{}",
+                    NODES.replace("10.77.0.12/24", "10.77.1.12/24")
+                ),
+                "outside the bridge's subnet",
+            ),
+            (
+                format!(
+                    "{bridge}{}",
+                    NODES.replace("10.77.0.12/24", "10.77.0.255/24")
+                ),
+                "network or broadcast address",
+            ),
+            (
+                format!(
+                    "{bridge}{}",
+                    NODES.replace("service_ip = \"10.77.0.12/24\"\n", "")
+                ),
+                "node b: bridge mode needs its address and service_ip",
+            ),
+            (
+                format!("{bridge}bridge = \"a-bridge-name-too-long\"\n{NODES}"),
+                "network.bridge",
+            ),
+            (format!("{bridge}netns = \"a b\"\n{NODES}"), "network.netns"),
+            (
+                format!("{bridge}arp_interval_ms = 0\n{NODES}"),
+                "arp_interval_ms 0",
+            ),
+            (
+                format!("backend = \"process\"\n{bridge}{NODES}"),
+                "needs guests",
+            ),
+            (
+                NODES.to_owned(),
+                "node a: address and service_ip are used only with [network] mode = \"bridge\"",
+            ),
+            (
+                "[network]\nmode = \"bridged\"\n".to_owned(),
+                "unknown variant",
+            ),
+            (
+                format!("{bridge}{}", NODES.replace("10.77.0.12/24", "10.77.0.12")),
+                "invalid IP address syntax",
+            ),
+        ];
+        for (text, said) in cases {
+            let error = error(&text);
+            assert!(error.contains(said), "{text}\n→ {error}");
+        }
+    }
+}
