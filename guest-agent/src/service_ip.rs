@@ -111,8 +111,8 @@ impl ServiceAddresses for IpCommand {
         run(&add_command(address, &self.device), false)?;
         let announce = announce_command(address, &self.device);
         let (count, interval) = (self.arp_count, self.arp_interval);
-        // The first announcement goes at once; the rest must not hold the takeover's
-        // acknowledgement back.
+        // The announcements start at once, from a thread of their own: the takeover's
+        // acknowledgement does not wait for them.
         std::thread::Builder::new()
             .name(format!("garp {}", address.addr()))
             .spawn(move || {
@@ -187,7 +187,9 @@ fn run(argv: &[String], absent_ok: bool) -> Result<bool, AddressError> {
         return Ok(true);
     }
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    if absent_ok && stderr.contains("Cannot assign requested address") {
+    // EADDRNOTAVAIL, as glibc and musl word it.
+    let absent = ["Cannot assign requested address", "Address not available"];
+    if absent_ok && absent.iter().any(|text| stderr.contains(text)) {
         return Ok(false);
     }
     Err(AddressError::Failed {

@@ -644,8 +644,12 @@ impl Config {
             .map(|n| n.kernel_args.as_str())
             .chain([self.qemu.kernel_args.as_str()]);
         for args in all_args {
-            if args.contains("ivha.node=") {
-                return invalid("kernel_args must not set ivha.node: hostd sets it".into());
+            for key in ["node", "service_ips", "node_address"] {
+                if args.contains(&format!("ivha.{key}=")) {
+                    return invalid(format!(
+                        "kernel_args must not set ivha.{key}: hostd sets it"
+                    ));
+                }
             }
         }
         self.network

@@ -59,6 +59,9 @@ pub enum NetworkError {
 pub struct Made {
     pub netns: Option<String>,
     pub bridge: Option<String>,
+    /// The namespace the bridge was made in (None: the host's).
+    #[serde(default)]
+    pub bridge_netns: Option<String>,
 }
 
 impl Made {
@@ -69,12 +72,16 @@ impl Made {
             .unwrap_or_default()
     }
 
+    /// Writes the record whole or not at all (a new file renamed over the old).
     fn save(&self, path: &Path) -> Result<(), NetworkError> {
-        let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        std::fs::write(path, text).map_err(|source| NetworkError::Record {
+        let error = |source| NetworkError::Record {
             path: path.to_owned(),
             source,
-        })
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| error(e.into()))?;
+        let new = path.with_extension("json.new");
+        std::fs::write(&new, text).map_err(error)?;
+        std::fs::rename(&new, path).map_err(error)
     }
 }
 
@@ -104,7 +111,13 @@ impl BridgeNetwork {
             bridge: network.bridge.clone(),
             bridge_address: network.bridge_address,
             adopt_existing: network.adopt_existing,
-            tag: crc32c::crc32c(state.root().as_os_str().as_encoded_bytes()) as u16,
+            // However the state directory was spelled: a restarted hostd finds the same MACs.
+            tag: crc32c::crc32c(
+                std::fs::canonicalize(state.root())
+                    .unwrap_or_else(|_| state.root().to_owned())
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            ) as u16,
             record: record_path(state),
         })
     }
@@ -126,6 +139,11 @@ impl BridgeNetwork {
                     return Err(NetworkError::ForeignNamespace(netns.clone()));
                 }
             } else {
+                if let Some(earlier) = made.netns.as_ref().filter(|e| *e != netns) {
+                    log::warn!(
+                        "network namespace {earlier}, made for an earlier configuration, stays (remove it with `ip netns del {earlier}`)"
+                    );
+                }
                 ip(None, &["netns", "add", netns])?;
                 made.netns = Some(netns.clone());
                 made.save(&self.record)?;
@@ -133,7 +151,7 @@ impl BridgeNetwork {
             }
             self.ip(&["link", "set", "lo", "up"])?;
         }
-        let ours = made.bridge.as_ref() == Some(&self.bridge);
+        let ours = made.bridge.as_ref() == Some(&self.bridge) && made.bridge_netns == self.netns;
         if self.ip(&["link", "show", "dev", &self.bridge]).is_ok() {
             if !ours && !self.adopt_existing {
                 return Err(NetworkError::ForeignBridge(self.bridge.clone()));
@@ -141,8 +159,9 @@ impl BridgeNetwork {
         } else {
             self.ip(&["link", "add", &self.bridge, "type", "bridge"])?;
             made.bridge = Some(self.bridge.clone());
+            made.bridge_netns = self.netns.clone();
             made.save(&self.record)?;
-            log::info!("made bridge {}{}", self.bridge, self.where_());
+            log::info!("made bridge {}{}", self.bridge, self.namespace_suffix());
         }
         self.ip(&["link", "set", "dev", &self.bridge, "up"])?;
         if let Some(address) = self.bridge_address {
@@ -175,7 +194,7 @@ impl BridgeNetwork {
         wire::network::node_mac(self.tag, index)
     }
 
-    fn where_(&self) -> String {
+    fn namespace_suffix(&self) -> String {
         self.netns
             .as_ref()
             .map_or(String::new(), |ns| format!(" in network namespace {ns}"))
@@ -193,8 +212,9 @@ pub fn purge(state: &StateDir) -> bool {
     let made = Made::load(&path);
     let mut ok = true;
     if let Some(bridge) = &made.bridge {
-        let gone = ip(made.netns.as_deref(), &["link", "show", "dev", bridge]).is_err();
-        if !gone && let Err(error) = ip(made.netns.as_deref(), &["link", "del", "dev", bridge]) {
+        let netns = made.bridge_netns.as_deref();
+        let gone = ip(netns, &["link", "show", "dev", bridge]).is_err();
+        if !gone && let Err(error) = ip(netns, &["link", "del", "dev", bridge]) {
             log::warn!("cannot remove bridge {bridge}: {error}");
             ok = false;
         }

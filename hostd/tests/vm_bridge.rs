@@ -50,6 +50,37 @@ impl Client {
         }
     }
 
+    /// The MACs that answer ARP requests for `ip` on the bridge (busybox arping, broadcast
+    /// every time, so every holder answers): exactly one node may hold an address.
+    fn holders(&self, bridge: &str, ip: &str) -> Vec<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "busybox",
+                "arping",
+                "-b",
+                "-c",
+                "3",
+            ])
+            .args(["-w", "3", "-I", bridge, ip])
+            .output()
+            .unwrap();
+        let mut macs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| line.contains("reply from"))
+            .filter_map(|line| {
+                let start = line.find('[')? + 1;
+                let end = line.find(']')?;
+                Some(line.get(start..end)?.to_lowercase())
+            })
+            .collect();
+        macs.sort();
+        macs.dedup();
+        macs
+    }
+
     /// The MAC the namespace's ARP table holds for `ip`.
     fn neighbour(&self, ip: &str) -> Option<String> {
         let out = common::run("ip", &["-n", &self.netns, "neigh", "show", ip]);
@@ -122,8 +153,9 @@ fn vm_bridge_service_ip_follows_its_identity() {
     let _one = one_pair();
     let tag = std::process::id() % 100_000;
     let netns = format!("ivha-test-{tag}");
+    let bridge = format!("ivt{tag}");
     let extra = format!(
-        "[network]\nmode = \"bridge\"\nbridge = \"ivt{tag}\"\nnetns = \"{netns}\"\nbridge_address = \"10.78.0.1/24\"\n[flusher]\ndelay_ms = 500\n"
+        "[network]\nmode = \"bridge\"\nbridge = \"{bridge}\"\nnetns = \"{netns}\"\nbridge_address = \"10.78.0.1/24\"\n[flusher]\ndelay_ms = 500\n"
     );
     let (ip_a, ip_b) = ("10.78.0.11", "10.78.0.12");
     let pair = Pair::up_nodes(
@@ -171,6 +203,7 @@ fn vm_bridge_service_ip_follows_its_identity() {
     }
     written.verify(&client, ip_a, "a");
     assert_eq!(mac_of(&pair, "a"), mac_b, "status: b holds a's IP");
+    assert_eq!(client.holders(&bridge, ip_a), vec![mac_b.clone()]);
     assert_eq!(
         client.neighbour(ip_a),
         Some(mac_b.clone()),
@@ -184,18 +217,30 @@ fn vm_bridge_service_ip_follows_its_identity() {
     wait_served_by(&pair, "a", "a", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
     assert_eq!(client.neighbour(ip_a), Some(mac_a.clone()));
+    assert_eq!(
+        client.holders(&bridge, ip_a),
+        vec![mac_a.clone()],
+        "b dropped it"
+    );
 
     // A planned takeover: the old owner drops the address first.
     hostd_ok(&pair, &["takeover", "a"]);
     wait_served_by(&pair, "a", "b", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
     assert_eq!(client.neighbour(ip_a), Some(mac_b.clone()));
+    assert_eq!(
+        client.holders(&bridge, ip_a),
+        vec![mac_b.clone()],
+        "a dropped it"
+    );
     written.write(&client, ip_a, "a", &[0x16]);
     hostd_ok(&pair, &["giveback", "a"]);
     wait_served_by(&pair, "a", "a", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
     written_b.verify(&client, ip_b, "b");
-    assert_eq!(client.neighbour(ip_a), Some(mac_a));
+    assert_eq!(client.neighbour(ip_a), Some(mac_a.clone()));
+    assert_eq!(client.holders(&bridge, ip_a), [mac_a]);
+    assert_eq!(client.holders(&bridge, ip_b), [mac_b]);
 
     drop(pair);
     assert!(

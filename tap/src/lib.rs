@@ -58,7 +58,7 @@ pub enum TapError {
     Panicked { name: String },
 }
 
-nix::ioctl_write_ptr_bad!(
+nix::ioctl_readwrite_bad!(
     tun_set_iff,
     nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
     libc::ifreq
@@ -115,10 +115,20 @@ fn create(name: &str) -> Result<OwnedFd, TapError> {
         *to = from as libc::c_char;
     }
     let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    let request = libc::ifreq {
-        ifr_name,
-        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_flags: flags },
+    // Every byte of the union set (the widest member zeroed) before the flags go in: the
+    // kernel copies the whole struct in.
+    let mut ifr_ifru = libc::__c_anonymous_ifr_ifru {
+        ifru_map: libc::__c_anonymous_ifru_map {
+            mem_start: 0,
+            mem_end: 0,
+            base_addr: 0,
+            irq: 0,
+            dma: 0,
+            port: 0,
+        },
     };
+    ifr_ifru.ifru_flags = flags;
+    let mut request = libc::ifreq { ifr_name, ifr_ifru };
     let deadline = Instant::now() + BUSY_FOR;
     loop {
         let tun = OpenOptions::new()
@@ -126,11 +136,13 @@ fn create(name: &str) -> Result<OwnedFd, TapError> {
             .write(true)
             .open("/dev/net/tun")
             .map_err(TapError::Tun)?;
-        // SAFETY: TUNSETIFF reads one `struct ifreq` (name and flags) through the pointer,
-        // which points at `request`, alive and initialised for the whole call; the
-        // descriptor is an open /dev/net/tun that `tun` owns.
+        // SAFETY: TUNSETIFF (_IOW('T', 202, int), whatever its size field says) reads one
+        // `struct ifreq` through the pointer and writes the device's name back into it:
+        // the pointer is to `request`, a fully initialised `libc::ifreq` (the kernel's
+        // layout, 40 bytes on x86_64) borrowed mutably for the whole call; the descriptor is
+        // an open /dev/net/tun that `tun` owns.
         #[allow(unsafe_code)]
-        let done = unsafe { tun_set_iff(tun.as_raw_fd(), &request) };
+        let done = unsafe { tun_set_iff(tun.as_raw_fd(), &mut request) };
         match done {
             Ok(_) => return Ok(OwnedFd::from(tun)),
             // The tap of a QEMU that just died may not be gone yet.

@@ -298,6 +298,15 @@ impl FailoverMonitor {
                 entry.listener = Some(listen(SocketAddr::new(ip, port), &registry, &config)?);
             }
         }
+        // The replay and the drain above may have taken long: hostd may have given the
+        // identity to another node meanwhile (its wait for this acknowledgement ended).
+        // Serving it, or holding its address, now would make two holders.
+        let owner = self.control.owner(identity as usize);
+        if !owner.is_some_and(|o| o.node == Some(self.node_id) && o.epoch <= epoch) {
+            return Err(format!(
+                "identity {identity} went to another owner ({owner:?}) while this node was taking it over"
+            ));
+        }
         self.nvram
             .set_writable(&volume, true)
             .map_err(|e| e.to_string())?;
@@ -467,7 +476,16 @@ impl FailoverMonitor {
     }
 
     fn release(&mut self, identity: u32, ack: &mut Ack) -> Result<(), String> {
-        self.stop_writing(identity)?;
+        // An address this node cannot drop would have two nodes answer for it once the
+        // next one takes it: the release fails instead, and this node goes on serving.
+        let name = self.export(identity)?.volume().name.clone();
+        self.addresses.drop_address(&name).map_err(|error| {
+            format!(
+                "cannot drop {name}'s service IP: {}",
+                wire::error_chain::one_line(&error)
+            )
+        })?;
+        self.cut_off(identity)?;
         let flushed = self
             .nvram
             .drain(DRAIN_TIMEOUT)
@@ -487,18 +505,24 @@ impl FailoverMonitor {
         Ok(())
     }
 
+    /// Drops the identity's address and stops serving it (a release, a fence).
     fn stop_writing(&mut self, identity: u32) -> Result<(), String> {
-        let export = Arc::clone(self.export(identity)?);
-        let volume = export.volume();
         // New clients must not reach this node while it flushes or after: the address
         // goes first (bridge mode), then the clients.
-        if let Err(error) = self.addresses.drop_address(&volume.name) {
+        let name = self.export(identity)?.volume().name.clone();
+        if let Err(error) = self.addresses.drop_address(&name) {
             log::error!(
-                "cannot drop {}'s service IP: {}",
-                volume.name,
+                "cannot drop {name}'s service IP: {}",
                 wire::error_chain::one_line(&error)
             );
         }
+        self.cut_off(identity)
+    }
+
+    /// Cuts the identity's clients off and refuses its writes (its address is gone).
+    fn cut_off(&mut self, identity: u32) -> Result<(), String> {
+        let export = Arc::clone(self.export(identity)?);
+        let volume = export.volume();
         // Clients are cut off before writes are refused: a write refused now has no
         // connection to answer on, so the client sends it again to the new owner instead of
         // seeing an error (QEMU's NBD driver retries lost connections, not error replies).

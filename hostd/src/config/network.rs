@@ -112,9 +112,9 @@ impl NetworkConfig {
                 "network.netns {netns:?} must be 1 to 64 letters, digits, '-' or '_'"
             ));
         }
-        if self.arp_count > 100 {
+        if !(1..=100).contains(&self.arp_count) {
             return Err(format!(
-                "network.arp_count {} must be at most 100",
+                "network.arp_count {} must be from 1 to 100 (clients learn the new holder's MAC from them)",
                 self.arp_count
             ));
         }

@@ -243,7 +243,9 @@ impl Cluster {
         // A taken port would make the node (or its QEMU) fail after the launch, and the
         // takeover that follows fail the same way: refuse now, naming the port.
         let nodes: Vec<NodeId> = self.topology.nodes().collect();
-        for &node in &nodes {
+        // Bridge mode forwards no host port.
+        let ports_used = !self.config.network.is_bridge();
+        for &node in nodes.iter().filter(|_| ports_used) {
             for port in self.plan(node).ports {
                 if let Err(source) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                     return Err(LaunchError::PortInUse {

@@ -236,10 +236,25 @@ fn a_failed_release_rolls_back() {
     let unforward = position(&calls, |c| *c == Call::Unforward { node: A, port });
     let restored = position(&calls, |c| *c == Call::Forward { node: A, port });
     assert!(unforward < restored, "{calls:#?}");
+    // The old owner may have stopped serving before its release failed: it is told to
+    // serve again (no replay, same epoch), and nobody else is.
+    let again = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                node: A,
+                kind: CommandKind::TakeOver,
+                epoch: 0,
+                ..
+            }
+        )
+    });
+    assert!(unforward < again && again < restored, "{calls:#?}");
     assert!(
         !calls.iter().any(|c| matches!(
             c,
             Call::Command {
+                node: B,
                 kind: CommandKind::TakeOver,
                 ..
             }
