@@ -16,6 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib/pair.sh
 . scripts/lib/pair.sh
 . scripts/lib/target.sh
+. scripts/lib/bench.sh
 
 runtime=${1:-4}
 rounds=${2:-3}
@@ -80,13 +81,6 @@ nbdkit --exit-with-parent -f -p "$port_mem" -i 127.0.0.1 memory "$size" &
 pids+=($!)
 sleep 0.5
 
-fio_iops() { # URI RW DEPTH
-    fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --iodepth="$3" \
-        --size="$size" --time_based --runtime="$runtime" --ramp_time=1 --randrepeat=0 \
-        --output-format=json 2>/dev/null |
-        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["write"]["iops"] + j["read"]["iops"]))'
-}
-
 echo "ivha NBD benchmark: fio $(fio --version | cut -d- -f2), nbd engine, 4 KiB random I/O, ${runtime} s per run, median of $rounds rounds"
 echo "  cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) ($(nproc) cores)"
 echo "  images in $images ($(stat -f -c %T "$images")); ivha's regions on /dev/shm"
@@ -99,30 +93,10 @@ uri_of() {
     nbdkit-mem) echo "nbd://127.0.0.1:$port_mem/" ;;
     esac
 }
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+server_iops() { fio_iops "$(uri_of "$1")" "$2" "$3"; }
 
-servers=(ivha ivha-media nbdkit-file nbdkit-mem)
 declare -A iops
-# Writes first: reads then find data everywhere (a fresh sparse image reads as holes).
-for rw in randwrite randread; do
-    for depth in 1 16; do
-        declare -A samples=()
-        for _ in $(seq 1 "$rounds"); do
-            for server in "${servers[@]}"; do
-                samples[$server]+="$(fio_iops "$(uri_of "$server")" "$rw" "$depth") "
-            done
-        done
-        for server in "${servers[@]}"; do
-            # shellcheck disable=SC2086 # word splitting wanted
-            iops[$server.$rw.$depth]=$(median ${samples[$server]})
-            echo "  $rw qd$depth $server: ${samples[$server]}" >&2
-        done
-        unset samples
-    done
-done
-echo >&2
-
-ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+bench_rounds ivha ivha-media nbdkit-file nbdkit-mem
 printf '%-14s %10s %11s %12s %11s   %-9s %-9s %-11s\n' "workload" "ivha" "ivha-media" "nbdkit-file" \
     "nbdkit-mem" "ivha/file" "ivha/mem" "media/file"
 for rw in randwrite randread; do

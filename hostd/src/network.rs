@@ -17,9 +17,9 @@ use wire::state_dir::StateDir;
 
 use crate::config::Config;
 
-/// Errors setting up or using the bridge network.
+/// Errors making the namespace and the bridge ready ([`BridgeNetwork::ensure`]).
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
+pub enum SetUpError {
     #[error("bridge mode needs root: it creates a bridge, taps and maybe a network namespace")]
     NotRoot,
     #[error("bridge mode needs /dev/net/tun (load the tun module)")]
@@ -32,6 +32,50 @@ pub enum NetworkError {
         "bridge {0} exists but ivha did not make it: refusing to use it (name another, remove it, or set network.adopt_existing = true)"
     )]
     ForeignBridge(String),
+    #[error(
+        "{0} is not a bridge (network.bridge must name a Linux bridge, or a name that is free)"
+    )]
+    NotABridge(String),
+    #[error(
+        "{} is damaged, so what ivha made is unknown (check the namespace and bridge, then remove the file)",
+        path.display()
+    )]
+    DamagedRecord {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ip(#[from] IpError),
+}
+
+/// Errors giving a guest its tap ([`BridgeNetwork::open_tap`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenTapError {
+    #[error("cannot open tap {name}")]
+    Open {
+        name: String,
+        #[source]
+        source: tap::TapError,
+    },
+    #[error("cannot put tap {name} on bridge {bridge}")]
+    Attach {
+        name: String,
+        bridge: String,
+        #[source]
+        source: IpError,
+    },
+}
+
+/// Errors running `ip`.
+#[derive(Debug, thiserror::Error)]
+pub enum IpError {
     #[error("cannot run `{command}`")]
     Spawn {
         command: String,
@@ -40,18 +84,6 @@ pub enum NetworkError {
     },
     #[error("`{command}` failed: {stderr}")]
     Failed { command: String, stderr: String },
-    #[error("cannot write {}", path.display())]
-    Record {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot open node {node}'s tap")]
-    Tap {
-        node: usize,
-        #[source]
-        source: tap::TapError,
-    },
 }
 
 /// What ivha made, so that `down --purge` removes that and nothing else.
@@ -65,16 +97,24 @@ pub struct Made {
 }
 
 impl Made {
-    fn load(path: &Path) -> Self {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default()
+    /// The record; an empty one where there is none.
+    fn load(path: &Path) -> Result<Self, SetUpError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|source| SetUpError::DamagedRecord {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(SetUpError::Record {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Writes the record whole or not at all (a new file renamed over the old).
-    fn save(&self, path: &Path) -> Result<(), NetworkError> {
-        let error = |source| NetworkError::Record {
+    fn save(&self, path: &Path) -> Result<(), SetUpError> {
+        let error = |source| SetUpError::Record {
             path: path.to_owned(),
             source,
         };
@@ -124,19 +164,19 @@ impl BridgeNetwork {
 
     /// Makes the namespace and the bridge if missing, and brings the bridge up with its
     /// address.
-    pub fn ensure(&self) -> Result<(), NetworkError> {
+    pub fn ensure(&self) -> Result<(), SetUpError> {
         if !nix::unistd::geteuid().is_root() {
-            return Err(NetworkError::NotRoot);
+            return Err(SetUpError::NotRoot);
         }
         if !Path::new("/dev/net/tun").exists() {
-            return Err(NetworkError::NoTun);
+            return Err(SetUpError::NoTun);
         }
-        let mut made = Made::load(&self.record);
+        let mut made = Made::load(&self.record)?;
         if let Some(netns) = &self.netns {
             let ours = made.netns.as_ref() == Some(netns);
             if netns_path(netns).exists() {
                 if !ours && !self.adopt_existing {
-                    return Err(NetworkError::ForeignNamespace(netns.clone()));
+                    return Err(SetUpError::ForeignNamespace(netns.clone()));
                 }
             } else {
                 if let Some(earlier) = made.netns.as_ref().filter(|e| *e != netns) {
@@ -152,12 +192,33 @@ impl BridgeNetwork {
             self.ip(&["link", "set", "lo", "up"])?;
         }
         let ours = made.bridge.as_ref() == Some(&self.bridge) && made.bridge_netns == self.netns;
-        if self.ip(&["link", "show", "dev", &self.bridge]).is_ok() {
+        // A bridge without an address of its own takes the lowest of its ports', and a
+        // tap's changes with every start of its guest: each change flushes the bridge's
+        // neighbour entries, and the survivor would answer clients at a MAC gone stale
+        // until its ARP entry times out (5 s). Ivha's bridges get a fixed MAC.
+        let mac = self.bridge_mac();
+        if let Ok(link) = self.ip(&["-d", "link", "show", "dev", &self.bridge]) {
             if !ours && !self.adopt_existing {
-                return Err(NetworkError::ForeignBridge(self.bridge.clone()));
+                return Err(SetUpError::ForeignBridge(self.bridge.clone()));
+            }
+            if !link.split_whitespace().any(|word| word == "bridge") {
+                return Err(SetUpError::NotABridge(self.bridge.clone()));
+            }
+            // One an older hostd made gets it now; setting it again would flush the
+            // neighbours for nothing.
+            if ours && !link.contains(&mac) {
+                self.ip(&["link", "set", "dev", &self.bridge, "address", &mac])?;
             }
         } else {
-            self.ip(&["link", "add", &self.bridge, "type", "bridge"])?;
+            self.ip(&[
+                "link",
+                "add",
+                &self.bridge,
+                "address",
+                &mac,
+                "type",
+                "bridge",
+            ])?;
             made.bridge = Some(self.bridge.clone());
             made.bridge_netns = self.netns.clone();
             made.save(&self.record)?;
@@ -172,15 +233,24 @@ impl BridgeNetwork {
 
     /// Opens a new tap for node `index`, on the bridge and up. QEMU gets the descriptor;
     /// the tap goes when the QEMU does.
-    pub fn open_tap(&self, index: usize) -> Result<OwnedFd, NetworkError> {
+    pub fn open_tap(&self, index: usize) -> Result<OwnedFd, OpenTapError> {
         let name = self.tap_name(index);
         let netns = self.netns.as_deref().map(netns_path);
-        let fd = tap::open(netns.as_deref(), &name).map_err(|source| NetworkError::Tap {
-            node: index,
+        let fd = tap::open(netns.as_deref(), &name).map_err(|source| OpenTapError::Open {
+            name: name.clone(),
             source,
         })?;
-        self.ip(&["link", "set", "dev", &name, "master", &self.bridge])?;
-        self.ip(&["link", "set", "dev", &name, "up"])?;
+        // The host's side of the tap gets a high, fixed MAC (as libvirt gives its taps):
+        // never the lowest port of a bridge whose own MAC is not pinned (one ivha did not
+        // make), so a guest's restart does not change the bridge's MAC.
+        self.ip(&["link", "set", "dev", &name, "address", &self.tap_mac(index)])
+            .and_then(|_| self.ip(&["link", "set", "dev", &name, "master", &self.bridge]))
+            .and_then(|_| self.ip(&["link", "set", "dev", &name, "up"]))
+            .map_err(|source| OpenTapError::Attach {
+                name,
+                bridge: self.bridge.clone(),
+                source,
+            })?;
         Ok(fd)
     }
 
@@ -189,9 +259,21 @@ impl BridgeNetwork {
         format!("{}-{index}", self.bridge)
     }
 
-    /// Node `index`'s MAC address on the bridge.
+    /// Node `index`'s MAC address on the bridge (its guest's NIC).
     pub fn mac(&self, index: usize) -> String {
         wire::network::node_mac(self.tag, index)
+    }
+
+    /// The host's side of node `index`'s tap.
+    fn tap_mac(&self, index: usize) -> String {
+        let [high, low] = self.tag.to_be_bytes();
+        format!("fe:54:{high:02x}:{low:02x}:77:{:02x}", index as u8)
+    }
+
+    /// The bridge's own MAC, when ivha made it.
+    fn bridge_mac(&self) -> String {
+        let [high, low] = self.tag.to_be_bytes();
+        format!("52:54:{high:02x}:{low:02x}:77:ff")
     }
 
     fn namespace_suffix(&self) -> String {
@@ -200,7 +282,7 @@ impl BridgeNetwork {
             .map_or(String::new(), |ns| format!(" in network namespace {ns}"))
     }
 
-    fn ip(&self, args: &[&str]) -> Result<String, NetworkError> {
+    fn ip(&self, args: &[&str]) -> Result<String, IpError> {
         ip(self.netns.as_deref(), args)
     }
 }
@@ -209,7 +291,13 @@ impl BridgeNetwork {
 /// record. Returns whether everything went; what could not be removed is logged.
 pub fn purge(state: &StateDir) -> bool {
     let path = record_path(state);
-    let made = Made::load(&path);
+    let made = match Made::load(&path) {
+        Ok(made) => made,
+        Err(error) => {
+            log::warn!("{}", wire::error_chain::one_line(&error));
+            return false;
+        }
+    };
     let mut ok = true;
     if let Some(bridge) = &made.bridge {
         let netns = made.bridge_netns.as_deref();
@@ -241,7 +329,7 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 /// Runs `ip [-n NETNS] ARGS`; returns its output.
-fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, NetworkError> {
+fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, IpError> {
     let mut argv: Vec<&str> = Vec::new();
     if let Some(netns) = netns {
         argv.extend(["-n", netns]);
@@ -251,12 +339,12 @@ fn ip(netns: Option<&str>, args: &[&str]) -> Result<String, NetworkError> {
     let output = Command::new("ip")
         .args(&argv)
         .output()
-        .map_err(|source| NetworkError::Spawn {
+        .map_err(|source| IpError::Spawn {
             command: command.clone(),
             source,
         })?;
     if !output.status.success() {
-        return Err(NetworkError::Failed {
+        return Err(IpError::Failed {
             command,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
@@ -328,16 +416,22 @@ service_ip = "10.79.0.12/24"
         let netns = config.network.netns.clone().unwrap();
         let links = ip(Some(&netns), &["link", "show", "master", &network.bridge]).unwrap();
         assert!(links.contains(&network.tap_name(0)), "{links}");
+        assert!(links.contains(&network.tap_mac(0)), "{links}");
+        let bridge = || ip(Some(&netns), &["link", "show", "dev", &network.bridge]).unwrap();
+        assert!(bridge().contains(&network.bridge_mac()), "{}", bridge());
         drop(tap);
+        let _other = network.open_tap(1).unwrap();
+        assert!(
+            bridge().contains(&network.bridge_mac()),
+            "pinned: {}",
+            bridge()
+        );
         assert!(purge(&state));
         assert!(!netns_path(&netns).exists());
 
         ip(None, &["netns", "add", &netns]).unwrap();
         let error = network.ensure().unwrap_err();
-        assert!(
-            matches!(error, NetworkError::ForeignNamespace(_)),
-            "{error}"
-        );
+        assert!(matches!(error, SetUpError::ForeignNamespace(_)), "{error}");
         assert!(purge(&state));
         assert!(netns_path(&netns).exists(), "not ivha's: left alone");
         ip(None, &["netns", "del", &netns]).unwrap();

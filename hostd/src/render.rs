@@ -110,13 +110,12 @@ pub fn status_table(status: &ClusterStatus) -> String {
     }
     for n in &status.nodes {
         if let Some(ip) = &n.service_ip {
-            let _ = writeln!(
-                out,
-                "service IP of {}: {ip}, held by {} ({})",
-                n.name,
-                n.served_by.as_deref().unwrap_or("nobody"),
-                n.service_mac.as_deref().unwrap_or("no MAC")
-            );
+            let holder = match (&n.served_by, &n.service_mac) {
+                (Some(node), Some(mac)) => format!("held by {node} ({mac})"),
+                (Some(node), None) => format!("held by nobody now ({node}, its owner, is not up)"),
+                (None, _) => "held by nobody".to_owned(),
+            };
+            let _ = writeln!(out, "service IP of {}: {ip}, {holder}", n.name);
         }
     }
     out

@@ -2,7 +2,9 @@
 //! test has hostd create, and a real NBD client (qemu-io) in that namespace writing through
 //! a's service IP. a is killed: the same IP serves every acknowledged byte through b, and the
 //! client's ARP entry for it now holds b's MAC. The giveback moves the IP (and the MAC) back;
-//! a planned takeover moves it again. `hostd down --purge` removes the namespace.
+//! a planned takeover moves it again; a restarted hostd adopts the guests without moving
+//! anything. After every move exactly one MAC answers for each service IP. `hostd down
+//! --purge` removes the namespace.
 
 #![allow(clippy::unwrap_used)]
 
@@ -79,6 +81,14 @@ impl Client {
         macs.sort();
         macs.dedup();
         macs
+    }
+
+    /// The MAC of the bridge (the clients' side of every exchange here).
+    fn bridge_mac(&self, bridge: &str) -> String {
+        let out = common::run("ip", &["-n", &self.netns, "link", "show", "dev", bridge]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "link/ether").unwrap();
+        words[at + 1].to_owned()
     }
 
     /// The MAC the namespace's ARP table holds for `ip`.
@@ -188,7 +198,24 @@ fn vm_bridge_service_ip_follows_its_identity() {
     let mut written_b = Written::default();
     written_b.write(&client, ip_b, "b", &[0x21]);
 
-    // A crash: the same IP, every acknowledged byte, b's MAC.
+    // hostd killed and started again adopts the guests: the addresses and MACs stay.
+    pair.kill_hostd();
+    written.verify(&client, ip_a, "a");
+    let (code, out, err) = pair.hostd(&["up", "--detach", "--timeout", "60"]);
+    assert_eq!(code, 0, "hostd up after the kill: {out}{err}");
+    assert!(out.contains("adopted"), "{out}");
+    assert_eq!(
+        (mac_of(&pair, "a"), mac_of(&pair, "b")),
+        (mac_a.clone(), mac_b.clone())
+    );
+    // Nothing on the bridge changed: the client's entry is still there, unflushed.
+    assert_eq!(client.neighbour(ip_a), Some(mac_a.clone()));
+    assert_eq!(client.holders(&bridge, ip_a), vec![mac_a.clone()]);
+    written.verify(&client, ip_a, "a");
+
+    // A crash: the same IP, every acknowledged byte, b's MAC. The bridge keeps its own MAC
+    // while a's tap goes (else b would answer the client at a MAC gone stale).
+    let bridge_mac = client.bridge_mac(&bridge);
     hostd_ok(&pair, &["kill", "a"]);
     wait_served_by(&pair, "a", "b", Duration::from_secs(60));
     // No traffic yet: only b's gratuitous ARPs can have changed the entry.
@@ -204,6 +231,7 @@ fn vm_bridge_service_ip_follows_its_identity() {
     written.verify(&client, ip_a, "a");
     assert_eq!(mac_of(&pair, "a"), mac_b, "status: b holds a's IP");
     assert_eq!(client.holders(&bridge, ip_a), vec![mac_b.clone()]);
+    assert_eq!(client.bridge_mac(&bridge), bridge_mac);
     assert_eq!(
         client.neighbour(ip_a),
         Some(mac_b.clone()),

@@ -60,3 +60,20 @@ cluster_nodes() {
 pair_nodes() {
     cluster_nodes "$1" 2
 }
+
+# release_hostd: sets $hostd to $HOSTD if given (its guest image from IVHA_GUEST_DIR), else
+# builds hostd, the agent and the guest image of this tree (release) and uses that hostd.
+# Needs scripts/lib/target.sh.
+release_hostd() {
+    if [[ -n ${HOSTD:-} ]]; then
+        hostd=$HOSTD
+    else
+        cargo build --release --quiet -p hostd --bin hostd -p guest-agent --bin guest-agent
+        scripts/build-guest-image.sh >/dev/null
+        hostd=$target_dir/release/hostd
+    fi
+    [[ -x $hostd ]] || {
+        echo "error: HOSTD=$hostd is not an executable" >&2
+        exit 1
+    }
+}

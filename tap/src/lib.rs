@@ -42,7 +42,7 @@ pub enum TapError {
     },
     #[error("cannot open /dev/net/tun (bridge mode needs root and the tun module)")]
     Tun(#[source] std::io::Error),
-    #[error("cannot create tap {name}")]
+    #[error("the kernel refused to create tap {name}")]
     Create {
         name: String,
         #[source]

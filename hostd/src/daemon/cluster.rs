@@ -725,9 +725,12 @@ impl Cluster {
                         None => format!("nbd://127.0.0.1:{}/{}", health.nbd_port, health.name),
                     },
                     service_ip: service_ip.map(|ip| ip.addr().to_string()),
+                    // A holder that is not up holds nothing: its guest (and NIC) is gone
+                    // or about to be.
                     service_mac: bridge
                         .as_ref()
                         .zip(owner)
+                        .filter(|_| served_by_state == Some(NodeState::Up))
                         .map(|(bridge, holder)| bridge.mac(holder.index())),
                     takeover_possible,
                     takeover_reason,

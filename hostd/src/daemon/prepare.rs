@@ -14,7 +14,7 @@ use crate::state_dir::StateDir;
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("cannot set up the bridge network")]
-    Network(#[from] crate::network::NetworkError),
+    Network(#[from] crate::network::SetUpError),
     #[error("cannot create the state directory {path}")]
     StateDir {
         path: PathBuf,

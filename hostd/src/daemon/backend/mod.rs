@@ -126,7 +126,7 @@ pub enum BackendError {
     Network {
         node: String,
         #[source]
-        source: Box<crate::network::NetworkError>,
+        source: Box<crate::network::OpenTapError>,
     },
     #[error("cannot start node {node}")]
     Spawn {
