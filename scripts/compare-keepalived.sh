@@ -12,7 +12,7 @@
 #               fault: `hostd kill a` (SIGKILL of a's QEMU). Covers detection (hostd sees
 #               the QEMU exit; a silent node would wait for the heartbeat detector) + fencing
 #               + the takeover's replay scan + b adding a's service IP + gratuitous ARPs.
-# The probe (scripts/lib/nbd_probe.py) runs in the namespace on the bridge (the lan namespace;
+# The probe (`ivha-campaign probe`) runs in the namespace on the bridge (the lan namespace;
 # ivha's namespace), connects through the moving address, negotiates and reads 4 KiB at
 # offset 0. It must succeed once before the fault; from the fault on it starts a new attempt
 # every 10 ms (connect timeout 100 ms, each on its own connection). The time of a trial is
@@ -24,9 +24,12 @@
 #
 # Environment: TRIALS (per side, default 5), ADVERT_INT (keepalived's advert_int in seconds,
 # default 0.1), HOSTD (a hostd binary; default: build target/release/hostd and the guest
-# image), IVHA_GUEST_DIR (the guest image hostd boots), KEEP_LOGS=DIR (copy hostd.log,
+# image), CAMPAIGN (an ivha-campaign binary, for its probe; default: build it),
+# IVHA_GUEST_DIR (the guest image hostd boots), KEEP_LOGS=DIR (copy hostd.log,
 # events.jsonl, the consoles and keepalived's logs there at the end).
-# Usage: [TRIALS=N] scripts/compare-keepalived.sh
+# FAULT=hang stops the node instead (SIGSTOP of the master's keepalived and nbdkit, its
+# link left up; `hostd kill a --signal stop`), so each side has to notice the silence.
+# Usage: [TRIALS=N] [FAULT=kill|hang] scripts/compare-keepalived.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/lib/pair.sh
@@ -36,13 +39,20 @@ trials=${TRIALS:-5}
 advert_int=${ADVERT_INT:-0.1}
 die() { echo "compare-keepalived: error: $*" >&2; exit 1; }
 [[ $trials =~ ^[1-9][0-9]*$ ]] || die "TRIALS=$trials: a positive number"
+fault=${FAULT:-kill}
+[[ $fault == kill || $fault == hang ]] || die "FAULT=$fault: kill or hang"
 ((EUID == 0)) || die "needs root: it makes network namespaces, a bridge and veths"
 for tool in ip keepalived nbdkit python3; do
     command -v "$tool" >/dev/null || die "$tool is missing: run scripts/install-deps.sh"
 done
-probe=$PWD/scripts/lib/nbd_probe.py
 
 release_hostd
+if [[ -n ${CAMPAIGN:-} ]]; then
+    probe=$CAMPAIGN
+else
+    cargo build --release --quiet -p campaign --bin ivha-campaign
+    probe=$target_dir/release/ivha-campaign
+fi
 
 # Names: this run's own (the process id keeps two runs apart).
 tag=$$
@@ -181,7 +191,7 @@ trial() {
     local ns=$1 host=$2 out=$work/probe.out trigger=$work/trigger start pid line ms
     shift 2
     rm -f "$out" "$trigger"
-    ip netns exec "$ns" python3 "$probe" "$host" 10809 a --trigger "$trigger" \
+    ip netns exec "$ns" "$probe" probe "$host:10809" a --trigger "$trigger" \
         --interval-ms 10 --connect-timeout-ms 100 >"$out" 2>&1 &
     pid=$!
     wait_for 60 "the probe's first read through $host" grep -qs '^ready' "$out"
@@ -203,6 +213,8 @@ restore_r1() {
     local pid
     # The killed processes are gone (nbdkit and keepalived are this shell's children).
     for pid in $(ip netns pids "$r1"); do kill -9 "$pid" 2>/dev/null || true; done
+    # shellcheck disable=SC2086 # three pids; stopped ones go on to die
+    kill -CONT ${pids[$r1]} 2>/dev/null || true
     wait_for 10 "$r1's processes to go" test -z "$(ip netns pids "$r1")"
     rm -f "$work/$r1".*.pid
     ip -n "$r1" addr del "$vip/24" dev eth0 2>/dev/null || true
@@ -211,23 +223,29 @@ restore_r1() {
     wait_for 20 "the VIP back on $r1" vip_on_r1
     sleep 0.5
 }
+# A hang: every process of the node stopped, its link up (nothing answers on it).
+hang_r1() {
+    # shellcheck disable=SC2086 # three pids
+    kill -STOP ${pids[$r1]}
+}
 kill_a() { "$hostd" kill a >/dev/null; }
+hang_a() { "$hostd" kill a --signal stop >/dev/null; }
 restore_a() {
     "$hostd" giveback a >/dev/null
     wait_for 120 "node a up and served by a" a_ready
 }
 
-echo "ivha against keepalived: kill the node holding the address, time to the first 4 KiB NBD read"
+echo "ivha against keepalived: $fault the node holding the address, time to the first 4 KiB NBD read"
 echo "through it (new attempt every 10 ms, connect timeout 100 ms), $trials trials each"
 echo "  machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), ivha accel ${accel:-unknown}"
 echo "  $(keepalived --version 2>&1 | head -n 1); VRRPv3, advert_int $advert_int s, priorities 150/100"
 echo
 ivha_ms=() ka_ms=()
 for ((i = 1; i <= trials; i++)); do
-    ms=$(trial "$ivha_ns" 10.77.0.11 kill_a)
+    ms=$(trial "$ivha_ns" 10.77.0.11 "${fault}_a")
     ivha_ms+=("$ms")
     printf 'trial %2d  ivha %6s ms' "$i" "$ms"
-    ms=$(trial "$lan" "$vip" kill_r1)
+    ms=$(trial "$lan" "$vip" "${fault}_r1")
     ka_ms+=("$ms")
     printf '   keepalived %6s ms\n' "$ms"
     restore_a
@@ -246,5 +264,6 @@ EOF
 echo
 echo "keepalived moves an address only (VRRP master-down timer, VIP added, gratuitous ARPs): the"
 echo "data behind it (here a RAM disk per router) is not its business. ivha's time includes the"
-echo "detection (the QEMU exit, seen at once by hostd), fencing, b's scan of a's NVRAM log"
-echo "(serving while it replays) and b adding 10.77.0.11 with gratuitous ARPs."
+echo "detection (a kill: the QEMU's exit; a hang: every QEMU thread stopped, both seen by hostd"
+echo "at once; a node silent for another reason waits for the heartbeat detector), fencing, b's"
+echo "scan of a's NVRAM log (serving while it replays) and b adding 10.77.0.11 with gratuitous ARPs."

@@ -10,6 +10,7 @@ pub mod measure;
 pub mod nbd_client;
 pub mod nemesis;
 pub mod plots;
+pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod rng;

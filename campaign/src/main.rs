@@ -39,6 +39,9 @@ enum Command {
     /// files and kernel log, and report its stalls (see docs/clients.md). Exits 0 (passed),
     /// 1 (violations) or 3.
     ClientVm(campaign::client_vm::ClientVmArgs),
+    /// Time from a fault to the first 4 KiB read through an address, as a fresh client
+    /// (scripts/compare-keepalived.sh times ivha and keepalived with it).
+    Probe(campaign::probe::ProbeArgs),
     /// Draw the figures of a finished run again (into RUN_DIR/figures), from its
     /// history.jsonl and logs/events.jsonl.
     Figures(FiguresArgs),
@@ -119,6 +122,8 @@ enum CommandError {
     Run(#[from] campaign::run::RunError),
     #[error("the run stopped before its last cycle: {0}")]
     Aborted(String),
+    #[error("the probe failed")]
+    Probe(#[from] campaign::probe::ProbeError),
     #[error("the takeover measurement failed")]
     Measure(#[from] campaign::measure::MeasureError),
     #[error("cannot find a free port")]
@@ -165,6 +170,9 @@ fn main() -> ExitCode {
                 })
                 .map_err(CommandError::from)
         }
+        Command::Probe(args) => campaign::probe::run(&args)
+            .map(|()| Verdict::Valid)
+            .map_err(CommandError::from),
         Command::MeasureTakeover(args) => {
             campaign::measure::run(&args, hostd_binary(args.hostd.as_ref()))
                 .map(|()| Verdict::Valid)
