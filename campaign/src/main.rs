@@ -93,6 +93,11 @@ struct RunArgs {
     /// Host ports of the identities a, b, ..., one per node (default: free ports).
     #[arg(long, value_name = "PORT,PORT,...", value_parser = parse_ports)]
     ports: Option<Ports>,
+    /// How the writers reach the identities: `user` (127.0.0.1 ports) or `bridge` (service
+    /// IPs on a bridge hostd makes in the namespace the campaign runs in: QEMU only, root,
+    /// inside `ip netns exec NS`).
+    #[arg(long, value_enum, default_value = "user")]
+    network: campaign::run::Network,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +264,7 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
         writers_per_identity: args.writers,
         blocks_per_writer: args.blocks,
         ports,
+        network: args.network,
     };
     let finished = campaign::run::run(&config)?;
     print!("{}\n{}", finished.outcome, finished.report);
@@ -267,8 +273,12 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
     } else {
         format!(" --nodes {nodes}")
     };
+    let network_arg = match args.network {
+        campaign::run::Network::User => "",
+        campaign::run::Network::Bridge => " --network bridge",
+    };
     println!(
-        "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}{nodes_arg}",
+        "reproduce: ivha-campaign run --seed {seed} --cycles {} --faults {} --backend {}{nodes_arg}{network_arg}",
         args.cycles,
         fault_names.join(","),
         args.backend

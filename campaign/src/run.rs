@@ -6,12 +6,13 @@
 //! `schedule.json`, `figures/` (see [`plots`]), and in `logs/` hostd's `events.jsonl`,
 //! `hostd.log` and the guest consoles.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use wire::events::{Event, EventLine};
+use wire::network::GUEST_NBD_PORT;
 use wire::records::RunRecord;
 
 use wire::error_chain::one_line as error_chain;
@@ -50,6 +51,29 @@ pub struct RunConfig {
     /// Host ports of the identities, one per node: their number is the cluster's size (2 to
     /// [`MAX_NODES`]; the nodes are named a, b, c, ... in this order).
     pub ports: Vec<u16>,
+    /// How the writers reach the identities.
+    pub network: Network,
+}
+
+/// How the writers reach the identities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Network {
+    /// At their ports on 127.0.0.1 (QEMU user networking, or the agents' own listeners).
+    #[default]
+    User,
+    /// At their service IPs on a bridge in the network namespace the campaign runs in
+    /// (`ip netns exec NS ivha-campaign run --network bridge ...`): node N has 10.79.0.(2+N),
+    /// its identity 10.79.0.(11+N), the namespace 10.79.0.1.
+    Bridge,
+}
+
+/// Node `index`'s own address and its identity's service IP, in bridge mode.
+fn bridge_addresses(index: usize) -> (Ipv4Addr, Ipv4Addr) {
+    let index = index as u8;
+    (
+        Ipv4Addr::new(10, 79, 0, 2 + index),
+        Ipv4Addr::new(10, 79, 0, 11 + index),
+    )
 }
 
 impl RunConfig {
@@ -67,9 +91,19 @@ pub fn node_names(count: usize) -> Vec<String> {
         .collect()
 }
 
+/// Whether this process shares the network namespace of PID 1 (the host's, usually).
+fn in_hosts_namespace() -> bool {
+    let own = std::fs::read_link("/proc/self/ns/net").ok();
+    own.is_none() || own == std::fs::read_link("/proc/1/ns/net").ok()
+}
+
 /// Errors that stop a run before it could be checked.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error(
+        "--network bridge makes a bridge where the campaign runs: run it in a network namespace of its own (ip netns add ivc && ip netns exec ivc ivha-campaign run --network bridge ...)"
+    )]
+    HostNamespace,
     #[error("cannot prepare {path}")]
     Io {
         path: PathBuf,
@@ -117,6 +151,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     if !(2..=MAX_NODES).contains(&config.ports.len()) {
         return Err(RunError::Nodes(config.ports.len()));
+    }
+    if config.network == Network::Bridge && in_hosts_namespace() {
+        return Err(RunError::HostNamespace);
     }
     let out = &config.out_dir;
     std::fs::create_dir_all(out.join("final")).map_err(io_err(out))?;
@@ -312,8 +349,11 @@ fn identity_index(config: &RunConfig, identity: &str) -> usize {
 }
 
 fn address(config: &RunConfig, identity: &str) -> SocketAddr {
-    let port = config.ports[identity_index(config, identity)];
-    SocketAddr::from(([127, 0, 0, 1], port))
+    let index = identity_index(config, identity);
+    match config.network {
+        Network::User => SocketAddr::from(([127, 0, 0, 1], config.ports[index])),
+        Network::Bridge => SocketAddr::from((bridge_addresses(index).1, GUEST_NBD_PORT)),
+    }
 }
 
 /// hostd's configuration: one `[[node]]` per port. No `takeover_by`: hostd's default, the
@@ -325,8 +365,22 @@ fn cluster_config(config: &RunConfig) -> String {
          [regions]\nnode_mib = 16\n[disks]\nsize_mib = 64\n",
         config.backend
     );
-    for (name, port) in config.nodes().iter().zip(&config.ports) {
+    if config.network == Network::Bridge {
+        // In the campaign's own namespace: hostd makes the bridge there and removes it at
+        // `down --purge`.
+        text.push_str(&format!(
+            "[network]\nmode = \"bridge\"\nbridge = \"ivc{}\"\nbridge_address = \"10.79.0.1/24\"\n",
+            std::process::id() % 100_000_000
+        ));
+    }
+    for (index, (name, port)) in config.nodes().iter().zip(&config.ports).enumerate() {
         text.push_str(&format!("[[node]]\nname = \"{name}\"\nnbd_port = {port}\n"));
+        if config.network == Network::Bridge {
+            let (own, service) = bridge_addresses(index);
+            text.push_str(&format!(
+                "address = \"{own}/24\"\nservice_ip = \"{service}/24\"\n"
+            ));
+        }
     }
     text
 }
@@ -553,6 +607,21 @@ mod tests {
         assert_eq!((torn.export, torn.writer, torn.block), (1, 3, 0));
     }
 
+    #[test]
+    fn bridge_mode_gives_each_node_its_addresses() {
+        let config = RunConfig {
+            network: Network::Bridge,
+            ..config_of(vec![31001, 31002, 31003])
+        };
+        let text = cluster_config(&config);
+        assert!(text.contains("mode = \"bridge\""), "{text}");
+        assert!(
+            text.ends_with("name = \"c\"\nnbd_port = 31003\naddress = \"10.79.0.4/24\"\nservice_ip = \"10.79.0.13/24\"\n"),
+            "{text}"
+        );
+        assert_eq!(address(&config, "b").to_string(), "10.79.0.12:10809");
+    }
+
     fn config_of(ports: Vec<u16>) -> RunConfig {
         RunConfig {
             seed: 1,
@@ -564,6 +633,7 @@ mod tests {
             writers_per_identity: 2,
             blocks_per_writer: 8,
             ports,
+            network: Network::User,
         }
     }
 

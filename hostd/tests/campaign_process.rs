@@ -34,6 +34,7 @@ fn valid_campaign(
         writers_per_identity: 2,
         blocks_per_writer: 16,
         ports: (0..nodes).map(|_| free_port()).collect(),
+        network: campaign::run::Network::User,
     };
     let finished = run(&config).unwrap();
     if finished.aborted.is_some() || finished.outcome.verdict != Verdict::Valid {
