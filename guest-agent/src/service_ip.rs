@@ -203,28 +203,39 @@ fn run(argv: &[String], absent_ok: bool) -> Result<bool, AddressError> {
 pub mod double {
     //! A test double that records what the monitor asked for.
 
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
     use super::{AddressError, ServiceAddresses};
 
-    /// `hold`/`drop` calls, in order, shared with the test.
+    /// `hold`/`drop` calls, in order, shared with the test; `hold` fails while
+    /// `refuse_holds` is set.
     #[derive(Debug, Default, Clone)]
-    pub struct Recorded(pub Arc<Mutex<Vec<String>>>);
+    pub struct Recorded {
+        calls: Arc<Mutex<Vec<String>>>,
+        pub refuse_holds: Arc<AtomicBool>,
+    }
 
     impl Recorded {
         pub fn take(&self) -> Vec<String> {
-            std::mem::take(&mut *self.0.lock().unwrap())
+            std::mem::take(&mut *self.calls.lock().unwrap())
         }
     }
 
     impl ServiceAddresses for Recorded {
         fn hold(&mut self, name: &str) -> Result<(), AddressError> {
-            self.0.lock().unwrap().push(format!("hold {name}"));
+            self.calls.lock().unwrap().push(format!("hold {name}"));
+            if self.refuse_holds.load(Ordering::Relaxed) {
+                return Err(AddressError::Spawn {
+                    command: format!("ip addr replace {name}"),
+                    source: std::io::Error::other("refused by the test"),
+                });
+            }
             Ok(())
         }
 
         fn drop_address(&mut self, name: &str) -> Result<(), AddressError> {
-            self.0.lock().unwrap().push(format!("drop {name}"));
+            self.calls.lock().unwrap().push(format!("drop {name}"));
             Ok(())
         }
     }

@@ -868,8 +868,8 @@ mod tests {
         assert_eq!(node.blocks(), [0, 0, 0]);
     }
 
-    /// The node serving an identity holds its service IP; a release drops the address
-    /// before the node stops serving, and a takeover that fails holds nothing.
+    /// The node serving an identity holds its service IP; a release and a fence drop it,
+    /// and a takeover that fails holds nothing.
     #[test]
     fn the_server_of_an_identity_holds_its_address() {
         let mut node = Restarted::start();
@@ -901,6 +901,21 @@ mod tests {
         control.set_owner(A as usize, owner).unwrap();
         node.monitor.fence_lost_identities();
         assert_eq!(node.addresses.take(), ["drop a"]);
+    }
+
+    /// A takeover whose address cannot be added fails and leaves the identity unserved
+    /// here (hostd's next taker gets it).
+    #[test]
+    fn a_takeover_that_cannot_hold_the_address_serves_nothing() {
+        let mut node = Restarted::start();
+        node.b_says(ReplayStatus::Replayed);
+        node.addresses
+            .refuse_holds
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(node.take_over(false).status, ack_status::FAILED);
+        assert_eq!(node.addresses.take(), ["hold a", "drop a"]);
+        assert!(!node.monitor.identities[&A].export.volume().writable());
+        assert!(node.monitor.registry.get("a").is_none());
     }
 
     /// A giveback that finds a's old log still waiting for b's replay fails, and changes
