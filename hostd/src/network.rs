@@ -195,7 +195,7 @@ impl BridgeNetwork {
         // A bridge without an address of its own takes the lowest of its ports', and a
         // tap's changes with every start of its guest: each change flushes the bridge's
         // neighbour entries, and the survivor would answer clients at a MAC gone stale
-        // until its ARP entry times out (5 s). Ivha's bridges get a fixed MAC.
+        // until its ARP entry times out (5 s). ivha's bridges get a fixed MAC.
         let mac = self.bridge_mac();
         if let Ok(link) = self.ip(&["-d", "link", "show", "dev", &self.bridge]) {
             if !ours && !self.adopt_existing {
