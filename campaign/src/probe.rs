@@ -12,13 +12,13 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::nbd_client::NbdClient;
 
 /// Arguments of `ivha-campaign probe`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
     /// The address to read through (IP:PORT).
     pub addr: SocketAddr,
@@ -92,6 +92,7 @@ pub fn run(args: &ProbeArgs) -> Result<(), ProbeError> {
         }
     };
     let (done, results) = mpsc::channel::<(u32, f64)>();
+    let shared = Arc::new(args.clone());
     let after_fault = Instant::now();
     let mut number = 0;
     loop {
@@ -104,12 +105,7 @@ pub fn run(args: &ProbeArgs) -> Result<(), ProbeError> {
         }
         number += 1;
         let done = done.clone();
-        let args = ProbeArgs {
-            addr: args.addr,
-            export: args.export.clone(),
-            trigger: args.trigger.clone(),
-            ..*args
-        };
+        let args = Arc::clone(&shared);
         // Attempts that fail, or succeed after another, end on their own.
         std::thread::spawn(move || {
             if attempt(&args).is_ok() {

@@ -221,14 +221,8 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     );
     let _flusher = Flusher::spawn(Arc::clone(&nvram), flushed, synced, flusher_config)
         .map_err(AgentError::Thread)?;
-    let registry = Arc::new(ExportRegistry::new());
-    for identity in identities.values() {
-        if identity.export.volume().writable() {
-            registry.insert(Arc::clone(&identity.export) as Arc<dyn crate::export::Export>);
-        }
-    }
-    // Bridge mode: the NIC with the node's own address; then the service IP of every
-    // identity served from the start (an earlier run's are dropped first).
+    // Bridge mode: the NIC with the node's own address (an earlier run's service IPs are
+    // dropped); then every identity served from the start gets its export and its address.
     let mut addresses: Box<dyn ServiceAddresses> = match IpCommand::from_options(&args.options) {
         Some(mut ips) => {
             ips.set_up().map_err(AgentError::Network)?;
@@ -236,9 +230,11 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         }
         None => Box::new(NoServiceAddresses),
     };
+    let registry = Arc::new(ExportRegistry::new());
     for identity in identities.values() {
         let volume = identity.export.volume();
         if volume.writable() {
+            registry.insert(Arc::clone(&identity.export) as Arc<dyn crate::export::Export>);
             addresses.hold(&volume.name).map_err(AgentError::Network)?;
         }
     }

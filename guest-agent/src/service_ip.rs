@@ -89,10 +89,7 @@ impl IpCommand {
     pub fn set_up(&mut self) -> Result<(), AddressError> {
         run(&ip_args(&["link", "set", "dev", &self.device, "up"]), false)?;
         if let Some(address) = self.node_address {
-            run(
-                &ip_args(&["addr", "replace", &address.to_string(), "dev", &self.device]),
-                false,
-            )?;
+            run(&add_command(address, &self.device), false)?;
         }
         let names: Vec<String> = self.addresses.keys().cloned().collect();
         for name in names {

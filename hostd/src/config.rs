@@ -485,7 +485,7 @@ pub const MAX_NODES: usize = shm::layout::MAX_NODES;
 const RESERVED_NAMES: [&str; 1] = ["control"];
 
 /// The NBD port the agent listens on inside each guest.
-pub const GUEST_NBD_PORT: u16 = 10809;
+pub use wire::network::GUEST_NBD_PORT;
 
 impl Config {
     /// Loads `path`, or the defaults when no file is given.

@@ -261,19 +261,24 @@ impl BridgeNetwork {
 
     /// Node `index`'s MAC address on the bridge (its guest's NIC).
     pub fn mac(&self, index: usize) -> String {
-        wire::network::node_mac(self.tag, index)
+        self.mac_with(0x52, index as u8)
     }
 
     /// The host's side of node `index`'s tap.
     fn tap_mac(&self, index: usize) -> String {
-        let [high, low] = self.tag.to_be_bytes();
-        format!("fe:54:{high:02x}:{low:02x}:77:{:02x}", index as u8)
+        self.mac_with(0xfe, index as u8)
     }
 
     /// The bridge's own MAC, when ivha made it.
     fn bridge_mac(&self) -> String {
+        self.mac_with(0x52, 0xff)
+    }
+
+    /// `FIRST:54:TAG:TAG:77:LAST`: locally administered (0x52, 0xfe), the cluster's tag
+    /// (so clusters sharing a bridge differ), and what it belongs to.
+    fn mac_with(&self, first: u8, last: u8) -> String {
         let [high, low] = self.tag.to_be_bytes();
-        format!("52:54:{high:02x}:{low:02x}:77:ff")
+        format!("{first:02x}:54:{high:02x}:{low:02x}:77:{last:02x}")
     }
 
     fn namespace_suffix(&self) -> String {
@@ -388,6 +393,10 @@ service_ip = "10.79.0.12/24"
         let network = BridgeNetwork::from_config(&config, &state).unwrap();
         assert_eq!(network.tap_name(3), "ivt1-3");
         assert_ne!(network.mac(0), network.mac(1));
+        let tag = &network.mac(2)[6..11];
+        assert_eq!(network.mac(2), format!("52:54:{tag}:77:02"));
+        assert_eq!(network.tap_mac(2), format!("fe:54:{tag}:77:02"));
+        assert_eq!(network.bridge_mac(), format!("52:54:{tag}:77:ff"));
         let other = BridgeNetwork::from_config(&config, &StateDir::new("/tmp/ivha-y")).unwrap();
         assert_ne!(network.mac(0), other.mac(0), "clusters differ");
     }

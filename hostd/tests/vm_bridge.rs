@@ -91,6 +91,13 @@ impl Client {
         words[at + 1].to_owned()
     }
 
+    /// After a move: the client's entry for `ip` and every answer to ARP for it give `mac`
+    /// alone (`why`: who must have dropped it).
+    fn held_by(&self, bridge: &str, ip: &str, mac: &str, why: &str) {
+        assert_eq!(self.neighbour(ip).as_deref(), Some(mac));
+        assert_eq!(self.holders(bridge, ip), vec![mac.to_owned()], "{why}");
+    }
+
     /// The MAC the namespace's ARP table holds for `ip`.
     fn neighbour(&self, ip: &str) -> Option<String> {
         let out = common::run("ip", &["-n", &self.netns, "neigh", "show", ip]);
@@ -244,30 +251,19 @@ fn vm_bridge_service_ip_follows_its_identity() {
     hostd_ok(&pair, &["giveback", "a"]);
     wait_served_by(&pair, "a", "a", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
-    assert_eq!(client.neighbour(ip_a), Some(mac_a.clone()));
-    assert_eq!(
-        client.holders(&bridge, ip_a),
-        vec![mac_a.clone()],
-        "b dropped it"
-    );
+    client.held_by(&bridge, ip_a, &mac_a, "b dropped it");
 
     // A planned takeover: the old owner drops the address first.
     hostd_ok(&pair, &["takeover", "a"]);
     wait_served_by(&pair, "a", "b", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
-    assert_eq!(client.neighbour(ip_a), Some(mac_b.clone()));
-    assert_eq!(
-        client.holders(&bridge, ip_a),
-        vec![mac_b.clone()],
-        "a dropped it"
-    );
+    client.held_by(&bridge, ip_a, &mac_b, "a dropped it");
     written.write(&client, ip_a, "a", &[0x16]);
     hostd_ok(&pair, &["giveback", "a"]);
     wait_served_by(&pair, "a", "a", Duration::from_secs(60));
     written.verify(&client, ip_a, "a");
     written_b.verify(&client, ip_b, "b");
-    assert_eq!(client.neighbour(ip_a), Some(mac_a.clone()));
-    assert_eq!(client.holders(&bridge, ip_a), [mac_a]);
+    client.held_by(&bridge, ip_a, &mac_a, "b dropped it");
     assert_eq!(client.holders(&bridge, ip_b), [mac_b]);
 
     drop(pair);

@@ -72,14 +72,6 @@ impl fmt::Display for ServiceIps {
     }
 }
 
-/// The MAC address of node `index`'s NIC on the bridge: locally administered (0x52), the
-/// cluster's `tag` (two bytes from its state directory, so clusters sharing a bridge differ)
-/// and the node's position.
-pub fn node_mac(tag: u16, index: usize) -> String {
-    let [high, low] = tag.to_be_bytes();
-    format!("52:54:{high:02x}:{low:02x}:77:{:02x}", index as u8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,12 +97,5 @@ mod tests {
             let error = text.parse::<ServiceIps>().unwrap_err().to_string();
             assert!(error.contains(said), "{text}: {error}");
         }
-    }
-
-    #[test]
-    fn macs_are_locally_administered_and_distinct() {
-        assert_eq!(node_mac(0xabcd, 2), "52:54:ab:cd:77:02");
-        assert_ne!(node_mac(1, 0), node_mac(1, 1));
-        assert_ne!(node_mac(1, 0), node_mac(2, 0));
     }
 }

@@ -478,13 +478,7 @@ impl FailoverMonitor {
     fn release(&mut self, identity: u32, ack: &mut Ack) -> Result<(), String> {
         // An address this node cannot drop would have two nodes answer for it once the
         // next one takes it: the release fails instead, and this node goes on serving.
-        let name = self.export(identity)?.volume().name.clone();
-        self.addresses.drop_address(&name).map_err(|error| {
-            format!(
-                "cannot drop {name}'s service IP: {}",
-                wire::error_chain::one_line(&error)
-            )
-        })?;
+        self.drop_address(identity)?;
         self.cut_off(identity)?;
         let flushed = self
             .nvram
@@ -509,14 +503,21 @@ impl FailoverMonitor {
     fn stop_writing(&mut self, identity: u32) -> Result<(), String> {
         // New clients must not reach this node while it flushes or after: the address
         // goes first (bridge mode), then the clients.
-        let name = self.export(identity)?.volume().name.clone();
-        if let Err(error) = self.addresses.drop_address(&name) {
-            log::error!(
-                "cannot drop {name}'s service IP: {}",
-                wire::error_chain::one_line(&error)
-            );
+        if let Err(error) = self.drop_address(identity) {
+            log::error!("{error}");
         }
         self.cut_off(identity)
+    }
+
+    /// Drops the identity's service IP (bridge mode).
+    fn drop_address(&mut self, identity: u32) -> Result<(), String> {
+        let name = self.export(identity)?.volume().name.clone();
+        self.addresses.drop_address(&name).map_err(|error| {
+            format!(
+                "cannot drop {name}'s service IP: {}",
+                wire::error_chain::one_line(&error)
+            )
+        })
     }
 
     /// Cuts the identity's clients off and refuses its writes (its address is gone).

@@ -21,6 +21,7 @@ use super::records::{self, RecordError};
 use super::topology::{IdentityId, NodeId, Topology};
 use crate::config::{Config, GUEST_NBD_PORT};
 use crate::events::EventLog;
+use crate::network::BridgeNetwork;
 
 /// How long a fenced node may take to die and be reaped.
 pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,6 +104,8 @@ pub struct Cluster {
     refused_takeovers: BTreeMap<(IdentityId, NodeId), Instant>,
     /// Counts what `record` and `fence` see; the daemon serves them.
     metrics: Metrics,
+    /// Bridge mode's network (the nodes' MACs for status); None in user mode.
+    bridge: Option<BridgeNetwork>,
 }
 
 /// A takeover whose background replay hostd waits to see finish (to record it).
@@ -199,12 +202,18 @@ impl Cluster {
             replays_pending: Vec::new(),
             refused_takeovers: BTreeMap::new(),
             metrics: Metrics::default(),
+            bridge: None,
         })
     }
 
     /// The cluster counting into `metrics` (which the daemon serves).
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    pub fn with_bridge(mut self, bridge: Option<BridgeNetwork>) -> Self {
+        self.bridge = bridge;
         self
     }
 
@@ -243,9 +252,7 @@ impl Cluster {
         // A taken port would make the node (or its QEMU) fail after the launch, and the
         // takeover that follows fail the same way: refuse now, naming the port.
         let nodes: Vec<NodeId> = self.topology.nodes().collect();
-        // Bridge mode forwards no host port.
-        let ports_used = !self.config.network.is_bridge();
-        for &node in nodes.iter().filter(|_| ports_used) {
+        for &node in &nodes {
             for port in self.plan(node).ports {
                 if let Err(source) = std::net::TcpListener::bind(("127.0.0.1", port)) {
                     return Err(LaunchError::PortInUse {
@@ -457,7 +464,9 @@ impl Cluster {
             control_size: self.control.header().region_size,
             regions_dir: self.state.regions_dir(),
             // The identity's address goes to this node unless another node holds it now.
-            ports: if self.nodes[node.index()].forwards_own_port {
+            // Bridge mode forwards no host port: the agent holds the service IP.
+            ports: if self.nodes[node.index()].forwards_own_port && !self.config.network.is_bridge()
+            {
                 vec![config.nbd_port]
             } else {
                 Vec::new()
@@ -638,7 +647,6 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let now = Instant::now();
         let names = &self.control.header().nodes;
-        let bridge = crate::network::BridgeNetwork::from_config(&self.config, &self.state);
         let nodes = self
             .topology
             .nodes()
@@ -659,7 +667,8 @@ impl Cluster {
                 // One snapshot: read apart, a live flusher can make flushed pass head.
                 let cursors = health.region.log_cursors().ok();
                 let served_by = owner.and_then(|n| names.get(n.index()).cloned());
-                let service_ip = bridge
+                let service_ip = self
+                    .bridge
                     .as_ref()
                     .and_then(|_| self.config.nodes.get(node.index())?.service_ip);
                 let served_by_state = owner
@@ -727,7 +736,8 @@ impl Cluster {
                     service_ip: service_ip.map(|ip| ip.addr().to_string()),
                     // A holder that is not up holds nothing: its guest (and NIC) is gone
                     // or about to be.
-                    service_mac: bridge
+                    service_mac: self
+                        .bridge
                         .as_ref()
                         .zip(owner)
                         .filter(|_| served_by_state == Some(NodeState::Up))

@@ -119,7 +119,8 @@ pub fn run(
         _ => None,
     };
     let config = adopted_config.as_ref().unwrap_or(config);
-    let (files, control) = prepare::prepare(config, state)?;
+    let bridge = crate::network::BridgeNetwork::from_config(config, state);
+    let (files, control) = prepare::prepare(config, state, bridge.as_ref())?;
     let (requests_tx, requests) = crossbeam_channel::unbounded::<Envelope>();
     let listener =
         socket::serve(&state.control_socket(), requests_tx.clone()).map_err(|source| {
@@ -154,12 +155,13 @@ pub fn run(
         Backend::Qemu => Box::new(backend::qemu::QemuBackend::new(
             config,
             paths,
-            crate::network::BridgeNetwork::from_config(config, state),
+            bridge.clone(),
         )?),
         Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
     };
     let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?
-        .with_metrics(cluster_metrics);
+        .with_metrics(cluster_metrics)
+        .with_bridge(bridge);
     let mut cluster = if running.is_empty() {
         cluster.launch()?
     } else {

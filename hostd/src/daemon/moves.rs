@@ -722,29 +722,19 @@ fn move_identity(
             // The old owner keeps the identity. It may have stopped writing (and dropped the
             // service IP) before its release failed: it serves again, then gets the address
             // back.
-            let argument = takeover_argument(cluster, identity, None);
-            let again = cluster
-                .issue(
-                    from,
-                    CommandKind::TakeOver,
-                    identity,
-                    epoch,
-                    argument.to_word(),
-                )
-                .and_then(|seq| cluster.await_ack(from, seq, TAKEOVER_ACK_TIMEOUT));
-            if let Err(undo) = again {
+            if let Err(undo) = serve_flushed(cluster, identity, from, epoch) {
                 log::error!(
                     "cannot have {} serve {identity_name} again after a failed release: {}",
                     cluster.topology().name(from),
                     wire::error_chain::one_line(&undo)
                 );
-            }
-            // The address goes back to the owner whatever it answered.
-            if let Err(undo) = cluster.forward(from, identity) {
-                log::error!(
-                    "cannot restore the address after a failed release: {}",
-                    wire::error_chain::one_line(&undo)
-                );
+                // The address goes back to the owner whatever it answered.
+                if let Err(undo) = cluster.forward(from, identity) {
+                    log::error!(
+                        "cannot restore the address after a failed release: {}",
+                        wire::error_chain::one_line(&undo)
+                    );
+                }
             }
             return Err(error.into());
         }

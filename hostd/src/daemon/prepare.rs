@@ -91,6 +91,7 @@ pub struct NodeFiles {
 pub fn prepare(
     config: &Config,
     state: &StateDir,
+    bridge: Option<&crate::network::BridgeNetwork>,
 ) -> Result<(Vec<NodeFiles>, PathBuf), PrepareError> {
     state.create().map_err(|source| PrepareError::StateDir {
         path: state.root().to_owned(),
@@ -130,8 +131,8 @@ pub fn prepare(
                 ControlRegion::format(m, &names, &names).map_err(|e| region_error(&control, e))
             })?;
     }
-    if let Some(network) = crate::network::BridgeNetwork::from_config(config, state) {
-        network.ensure()?;
+    if let Some(bridge) = bridge {
+        bridge.ensure()?;
     }
     Ok((files, control))
 }
@@ -279,7 +280,7 @@ mod tests {
         let mut config = Config::default();
         config.regions.node_mib = 1;
         config.disks.size_mib = 4;
-        let (files, control) = prepare(&config, &state).unwrap();
+        let (files, control) = prepare(&config, &state, None).unwrap();
         assert_eq!(files.len(), 2);
         assert!(control.exists());
         assert_eq!(std::fs::metadata(&files[1].disk).unwrap().len(), 4 << 20);
@@ -288,7 +289,7 @@ mod tests {
         let region =
             NodeRegion::open(Mapping::open(&files[0].region, Access::ReadWrite).unwrap()).unwrap();
         region.writer(7).unwrap().heartbeat.beat();
-        prepare(&config, &state).unwrap();
+        prepare(&config, &state, None).unwrap();
         assert!(
             std::fs::read(&files[0].disk)
                 .unwrap()
@@ -299,7 +300,7 @@ mod tests {
         assert_eq!(region.boot_id(), 7);
         // A size change is refused rather than reformatting.
         config.regions.node_mib = 2;
-        let error = prepare(&config, &state).unwrap_err();
+        let error = prepare(&config, &state, None).unwrap_err();
         assert!(matches!(error, PrepareError::RegionSize { .. }), "{error}");
     }
 
@@ -325,8 +326,8 @@ mod tests {
         let mut pair = Config::default();
         pair.regions.node_mib = 1;
         pair.disks.size_mib = 4;
-        prepare(&pair, &state).unwrap();
-        let error = prepare(&three_nodes(), &state).unwrap_err();
+        prepare(&pair, &state, None).unwrap();
+        let error = prepare(&three_nodes(), &state, None).unwrap_err();
         assert!(
             matches!(error, PrepareError::ControlNodes { .. }),
             "{error}"
@@ -336,10 +337,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let config = three_nodes();
-        prepare(&config, &state).unwrap();
+        prepare(&config, &state, None).unwrap();
         let mut reordered = config.clone();
         reordered.nodes.swap(0, 1);
-        let error = prepare(&reordered, &state).unwrap_err();
+        let error = prepare(&reordered, &state, None).unwrap_err();
         assert!(
             matches!(error, PrepareError::RegionPosition { .. }),
             "{error}"
@@ -353,14 +354,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path().join("state"));
         let config = three_nodes();
-        let (_, control) = prepare(&config, &state).unwrap();
+        let (_, control) = prepare(&config, &state, None).unwrap();
         // Version 1, with a crc that matches, as an older release wrote it.
         let mut bytes = std::fs::read(&control).unwrap();
         bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         let crc = crc32c::crc32c(&bytes[..120]);
         bytes[120..124].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&control, bytes).unwrap();
-        let error = prepare(&config, &state).unwrap_err();
+        let error = prepare(&config, &state, None).unwrap_err();
         let chain = wire::error_chain::one_line(&error);
         assert!(
             chain.contains("format version 1 is not supported (this build reads version 2)"),

@@ -58,7 +58,7 @@ impl Harness {
         config.heartbeat.interval_ms = 10;
         config.heartbeat.timeout_ms = 150;
         configure(&mut config);
-        let (files, control) = prepare::prepare(&config, &state).unwrap();
+        let (files, control) = prepare::prepare(&config, &state, None).unwrap();
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         let (backend, fake) = FakeBackend::new(&names, &control);
         before(&fake);
