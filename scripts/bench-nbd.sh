@@ -23,7 +23,7 @@ rounds=${2:-3}
 for tool in fio nbdkit python3; do
     command -v "$tool" >/dev/null || { echo "error: $tool is missing: run scripts/install-deps.sh" >&2; exit 1; }
 done
-cargo build --release --quiet -p hostd --bin hostd -p guest-agent --bin guest-agent
+cargo build --release --quiet -p hostd --bin hostd -p blkd --bin ivha-blkd -p guest-agent --bin guest-agent
 hostd=$target_dir/release/hostd
 
 work=${IVHA_BENCH_DIR:-$target_dir/bench-nbd}

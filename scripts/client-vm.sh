@@ -24,7 +24,7 @@ die() {
 [[ $events =~ ^[1-9][0-9]*$ ]] || die "EVENTS=$events is not a positive number"
 
 scripts/install-deps.sh >/dev/null || die "scripts/install-deps.sh failed"
-cargo build --quiet -p hostd -p campaign --bins || die "cargo build failed"
+cargo build --quiet -p hostd -p blkd -p campaign --bins || die "cargo build failed"
 # Incremental: a second when nothing changed.
 scripts/build-guest-image.sh >/dev/null || die "scripts/build-guest-image.sh failed"
 hostd=$target_dir/debug/hostd

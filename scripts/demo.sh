@@ -28,7 +28,7 @@ out=$(quiet scripts/install-deps.sh)
 echo "${out##*$'\n'}"
 
 step "build (release) and the guest image (the first time takes a few minutes)"
-quiet cargo build --release -p hostd --bin hostd >/dev/null
+quiet cargo build --release -p hostd --bin hostd -p blkd --bin ivha-blkd >/dev/null
 out=$(quiet scripts/build-guest-image.sh)
 echo "${out##*$'\n'}"
 hostd=$target_dir/release/hostd

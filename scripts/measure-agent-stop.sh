@@ -22,7 +22,7 @@ for tool in python3 qemu-io; do
     command -v "$tool" >/dev/null || die "$tool is missing: run scripts/install-deps.sh"
 done
 
-nice cargo build --quiet -p hostd -p guest-agent --bins
+nice cargo build --quiet -p hostd -p blkd -p guest-agent --bins
 nice scripts/build-guest-image.sh >/dev/null
 hostd=$target_dir/debug/hostd
 

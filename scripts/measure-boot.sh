@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 runs=${1:-5}
 nodes=${NODES:-2}
 [[ $nodes =~ ^[2-8]$ ]] || { echo "measure-boot: error: NODES=$nodes: 2 to 8 nodes" >&2; exit 1; }
-cargo build --release --quiet -p hostd --bin hostd
+cargo build --release --quiet -p hostd --bin hostd -p blkd --bin ivha-blkd
 hostd=$target_dir/release/hostd
 state=$(mktemp -d /dev/shm/ivha-measure.XXXXXX)
 config=$state.toml

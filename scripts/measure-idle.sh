@@ -24,7 +24,7 @@ die() { echo "measure-idle: error: $*" >&2; exit 1; }
 ((duration >= 1)) || die "DURATION_S=$duration: at least 1"
 [[ $nodes_wanted =~ ^[2-8]$ ]] || die "NODES=$nodes_wanted: 2 to 8 nodes"
 
-nice cargo build --quiet -p hostd --bins
+nice cargo build --quiet -p hostd -p blkd --bins
 nice scripts/build-guest-image.sh >/dev/null
 hostd=$target_dir/debug/hostd
 ticks=$(getconf CLK_TCK)

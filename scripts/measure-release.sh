@@ -35,7 +35,7 @@ span_mib=$(((count * stride + (1 << 20) - 1) >> 20))
 node_mib=1
 while ((node_mib < 2 * log_mib)); do node_mib=$((node_mib * 2)); done
 
-nice cargo build --quiet -p hostd --bins
+nice cargo build --quiet -p hostd -p blkd --bins
 nice scripts/build-guest-image.sh >/dev/null
 hostd=$target_dir/debug/hostd
 

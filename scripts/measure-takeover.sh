@@ -27,7 +27,7 @@ figures=${FIGURES:-$target_dir/measure-takeover}
 die() { echo "measure-takeover: error: $*" >&2; exit 1; }
 [[ $nodes =~ ^[2-8]$ ]] || die "NODES=$nodes: 2 to 8 nodes"
 
-cargo build --quiet -p hostd -p guest-agent -p campaign --bins
+cargo build --quiet -p hostd -p blkd -p guest-agent -p campaign --bins
 # Incremental: a second when nothing changed; an image from another build of the agent
 # would not read this hostd's settings.
 scripts/build-guest-image.sh >/dev/null

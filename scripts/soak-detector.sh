@@ -29,7 +29,7 @@ done
 ((duration >= 60)) || die "DURATION_S must be at least 60 (hostd logs its figures once a minute)"
 
 # Others may build on this machine too: do not take it from them.
-nice cargo build --quiet -p hostd -p guest-agent --bins
+nice cargo build --quiet -p hostd -p blkd -p guest-agent --bins
 nice scripts/build-guest-image.sh >/dev/null
 hostd=$target_dir/debug/hostd
 

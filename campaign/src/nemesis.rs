@@ -49,11 +49,15 @@ pub enum FaultKind {
     /// SIGKILL two unrelated nodes (neither holds the other's identity) in quick
     /// succession: each identity moves to a live taker. Needs 3 nodes or more.
     KillTwo,
+    /// SIGKILL the storage daemon: hostd starts it again, QEMU reconnects, the guests'
+    /// disk I/O resumes, and no identity moves. Needs QEMU guests (the process backend
+    /// has no storage daemon).
+    BlkdRestart,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Panic,
@@ -63,6 +67,7 @@ impl FaultKind {
         FaultKind::DoubleKill,
         FaultKind::KillTaker,
         FaultKind::KillTwo,
+        FaultKind::BlkdRestart,
     ];
 
     /// The name used in the history and on the command line.
@@ -77,6 +82,7 @@ impl FaultKind {
             FaultKind::DoubleKill => "double_kill",
             FaultKind::KillTaker => "kill_taker",
             FaultKind::KillTwo => "kill_two",
+            FaultKind::BlkdRestart => "blkd_restart",
         }
     }
 
@@ -98,9 +104,9 @@ impl FaultKind {
             .collect()
     }
 
-    /// Whether the fault needs real QEMU guests (a kernel to panic).
+    /// Whether the fault needs real QEMU guests (a kernel to panic, a storage daemon).
     pub fn needs_vm(self) -> bool {
-        matches!(self, FaultKind::Panic)
+        matches!(self, FaultKind::Panic | FaultKind::BlkdRestart)
     }
 }
 
@@ -481,6 +487,26 @@ pub fn inject(
             killed = vec![node.to_owned(), second.clone()];
             format!("SIGKILL {node}, then {second} {} ms later", fault.pause_ms)
         }
+        FaultKind::BlkdRestart => {
+            let Some(old) = status.storage_pid else {
+                return Err(NemesisError::DidNotFire(format!(
+                    "hostd status has no storage daemon: {}",
+                    summary(&status)
+                )));
+            };
+            signal(old, Signal::SIGKILL)?;
+            let killed_at = Instant::now();
+            let restarted = hostd.wait_for(
+                "hostd to start the storage daemon again",
+                Duration::from_secs(30),
+                |s| s.storage_pid.is_some_and(|pid| pid != old),
+            )?;
+            format!(
+                "SIGKILL storage daemon pid {old}; pid {} answered {} ms later",
+                restarted.storage_pid.unwrap_or_default(),
+                killed_at.elapsed().as_millis()
+            )
+        }
         FaultKind::HostdRestart => {
             let hostd_pid = status.hostd_pid;
             if hostd_pid == 0 {
@@ -559,6 +585,7 @@ pub fn recover(
         FaultKind::Stop => fault.pause_ms > HEARTBEAT_TIMEOUT_MS,
         FaultKind::AgentKill
         | FaultKind::HostdRestart
+        | FaultKind::BlkdRestart
         | FaultKind::DoubleKill
         | FaultKind::KillTaker
         | FaultKind::KillTwo => false,
@@ -598,14 +625,14 @@ pub fn recover(
         )?;
     }
     std::thread::sleep(dwell);
-    if fault.kind == FaultKind::HostdRestart {
+    if matches!(fault.kind, FaultKind::HostdRestart | FaultKind::BlkdRestart) {
         // A takeover caused by the restart alone would come a heartbeat timeout later.
         std::thread::sleep(Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 500).saturating_sub(dwell));
         let status = hostd.status()?;
         if status.epoch != epoch_before {
             return Err(NemesisError::DidNotFire(format!(
-                "the hostd restart alone moved an identity (epoch {epoch_before} → {})",
-                status.epoch
+                "the {} alone moved an identity (epoch {epoch_before} → {})",
+                fault.kind, status.epoch
             )));
         }
     }
@@ -703,7 +730,13 @@ mod tests {
             let json = serde_json::to_vec(plan).unwrap_or_default();
             (crc32c::crc32c(&json), json.len())
         };
-        for kinds in [&PAIR_KINDS[..], &FaultKind::ALL[..]] {
+        // blkd_restart came later and changed a pair's schedule with every kind once; the
+        // kinds before it still give the pinned one.
+        let before_blkd: Vec<FaultKind> = FaultKind::ALL
+            .into_iter()
+            .filter(|&k| k != FaultKind::BlkdRestart)
+            .collect();
+        for kinds in [&PAIR_KINDS[..], &before_blkd[..]] {
             assert_eq!(
                 digest(&schedule(42, 30, kinds, &nodes())),
                 (0xab27_ee93, 2852)

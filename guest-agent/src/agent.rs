@@ -113,6 +113,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         peer: mut peer_writer,
         service: mut service_writer,
         replays,
+        stopped,
     } = writer;
     let replay_book = ReplayBook::new(replays);
     let node_id = own.header().node_id;
@@ -305,6 +306,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             pending_replay: None,
             pending_cache_drop: None,
             addresses,
+            stopped,
         };
         std::thread::Builder::new()
             .name("failover".into())

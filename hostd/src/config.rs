@@ -19,6 +19,8 @@
 //! [disks]
 //! size_mib = 1024           # sparse images, created once and never truncated
 //! dir = "/var/lib/ivha"     # default: STATE_DIR/disks
+//! served_by = "blkd"        # blkd: the storage daemon, with reservations (docs/storage.md);
+//!                           # qemu: each QEMU opens the images itself (no I/O fencing)
 //!
 //! [heartbeat]
 //! interval_ms = 100
@@ -181,6 +183,22 @@ pub struct DiskConfig {
     /// Where disk images live; default `STATE_DIR/disks`. Put them on real storage: the
     /// state directory is usually tmpfs.
     pub dir: Option<PathBuf>,
+    /// Who serves the images to QEMU guests. (Agents of the process backend open them
+    /// themselves.)
+    pub served_by: DiskServer,
+}
+
+/// Who serves the disk images to QEMU guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskServer {
+    /// The storage daemon (`ivha-blkd`) over vhost-user-blk, with a reservation per disk:
+    /// a fenced node's writes fail at the device.
+    #[default]
+    Blkd,
+    /// Each QEMU opens the images itself (`file.locking=off`): only the kill keeps a
+    /// fenced node off a disk.
+    Qemu,
 }
 
 impl Default for DiskConfig {
@@ -188,6 +206,7 @@ impl Default for DiskConfig {
         Self {
             size_mib: 1024,
             dir: None,
+            served_by: DiskServer::default(),
         }
     }
 }
@@ -685,6 +704,11 @@ impl Config {
 
     /// Checks each node's `takeover_by` list against the node names (which must be unique
     /// already).
+    /// Whether the storage daemon serves the disks (QEMU guests with `served_by = "blkd"`).
+    pub fn uses_storage_daemon(&self) -> bool {
+        self.backend == Backend::Qemu && self.disks.served_by == DiskServer::Blkd
+    }
+
     fn validate_takeover_by(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         for node in &self.nodes {

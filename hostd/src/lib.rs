@@ -8,5 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod network;
+pub mod programs;
 pub mod render;
+pub mod storage;
 pub use wire::state_dir;

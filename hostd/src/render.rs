@@ -118,7 +118,33 @@ pub fn status_table(status: &ClusterStatus) -> String {
             let _ = writeln!(out, "service IP of {}: {ip}, {holder}", n.name);
         }
     }
+    for n in &status.nodes {
+        if let Some(stopped) = &n.stopped_serving {
+            let _ = writeln!(out, "node {} {stopped}", n.name);
+        }
+    }
+    if let Some(pid) = status.storage_pid {
+        let _ = writeln!(out, "storage daemon pid {pid}");
+    }
+    for disk in &status.disks {
+        let _ = writeln!(out, "{}", disk_line(disk));
+    }
     out
+}
+
+/// One disk's reservation: who holds it and who may write.
+fn disk_line(disk: &wire::control::DiskStatus) -> String {
+    format!(
+        "disk {}: reservation held by {}, writable by {} (generation {})",
+        disk.name,
+        disk.holder.as_deref().unwrap_or("nobody"),
+        if disk.registered.is_empty() {
+            "nobody".to_owned()
+        } else {
+            disk.registered.join(", ")
+        },
+        disk.generation
+    )
 }
 
 /// Log cursors, and how long the log has been full when it is.
@@ -414,6 +440,7 @@ mod tests {
             nbd: "nbd://127.0.0.1:1/a".into(),
             service_ip: None,
             service_mac: None,
+            stopped_serving: None,
             takeover_possible: true,
             takeover_reason: "taker b is up".into(),
             console: "c".into(),
@@ -465,7 +492,28 @@ mod tests {
             adopted: false,
             metrics: String::new(),
             nodes,
+            storage_pid: None,
+            disks: Vec::new(),
         }
+    }
+
+    #[test]
+    fn disks_show_their_holder_and_writers() {
+        let table = status_table(&ClusterStatus {
+            storage_pid: Some(77),
+            disks: vec![wire::control::DiskStatus {
+                name: "a".into(),
+                holder: Some("b".into()),
+                registered: vec!["b".into(), "c".into()],
+                generation: 5,
+            }],
+            ..cluster(Vec::new())
+        });
+        assert!(table.contains("storage daemon pid 77\n"), "{table}");
+        assert!(
+            table.contains("disk a: reservation held by b, writable by b, c (generation 5)\n"),
+            "{table}"
+        );
     }
 
     #[test]
@@ -519,6 +567,7 @@ mod tests {
         let bridged = NodeStatus {
             service_ip: Some("10.77.0.11".into()),
             service_mac: Some("52:54:00:00:77:01".into()),
+            stopped_serving: None,
             served_by: Some("b".into()),
             ..node("a")
         };

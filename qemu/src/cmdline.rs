@@ -48,6 +48,17 @@ pub enum CmdlineError {
         /// The rejected id.
         id: String,
     },
+    /// A vhost-user disk without shared guest RAM: the backend could not map it.
+    #[error(
+        "disk `{id}` is served over vhost-user, which needs the guest's RAM shared (memory-backend-memfd)"
+    )]
+    VhostUserNeedsSharedMemory {
+        /// The disk's id.
+        id: String,
+    },
+    /// Shared guest RAM without a size.
+    #[error("shared guest RAM needs a memory size")]
+    SharedMemoryNeedsSize,
     /// Two regions, disks or networks share an id.
     #[error("the id `{id}` is used more than once")]
     DuplicateId {
@@ -213,9 +224,19 @@ struct Region {
 #[derive(Debug, Clone)]
 struct Disk {
     id: String,
+    /// The image, or the vhost-user socket.
     path: PathBuf,
+    /// Empty for a vhost-user disk: its backend answers the guest's GET_ID.
     serial: String,
-    shared: bool,
+    kind: DiskKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskKind {
+    /// QEMU opens the image; `shared`: another QEMU may have it open read-write too.
+    File { shared: bool },
+    /// A vhost-user-blk backend serves the disk over a Unix socket.
+    VhostUser,
 }
 
 #[derive(Debug, Clone)]
@@ -250,6 +271,7 @@ pub struct QemuCommand {
     machine: String,
     accel: Accel,
     memory_mib: Option<u32>,
+    shared_memory: bool,
     cpus: Option<u32>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
@@ -277,6 +299,7 @@ impl QemuCommand {
             machine: "q35".to_owned(),
             accel: Accel::Tcg,
             memory_mib: None,
+            shared_memory: false,
             cpus: None,
             kernel: None,
             initrd: None,
@@ -407,8 +430,29 @@ impl QemuCommand {
             id: id.to_owned(),
             path: path.into(),
             serial: serial.to_owned(),
-            shared,
+            kind: DiskKind::File { shared },
         });
+        self
+    }
+
+    /// Attaches a virtio-blk disk served by a vhost-user-blk backend listening on `socket`
+    /// (`-device vhost-user-blk-pci`); the backend answers the serial. QEMU reconnects to a
+    /// restarted backend (`reconnect=1`: every second) and the guest's requests wait
+    /// meanwhile. Needs [`QemuCommand::shared_memory`]: the backend maps the guest's RAM.
+    pub fn vhost_user_disk(mut self, id: &str, socket: impl Into<PathBuf>) -> Self {
+        self.disks.push(Disk {
+            id: id.to_owned(),
+            path: socket.into(),
+            serial: String::new(),
+            kind: DiskKind::VhostUser,
+        });
+        self
+    }
+
+    /// Backs the guest's RAM with a shared memfd (`memory-backend-memfd,share=on`), which
+    /// vhost-user backends map. Needs [`QemuCommand::memory_mib`].
+    pub fn shared_memory(mut self) -> Self {
+        self.shared_memory = true;
         self
     }
 
@@ -480,7 +524,10 @@ impl QemuCommand {
             args.push(format!("{},debug-threads=on", escape_str(name)));
         }
         args.push("-machine");
-        args.push(&self.machine);
+        match (self.shared_memory, self.memory_mib) {
+            (true, Some(_)) => args.push(format!("{},memory-backend=ram", self.machine)),
+            _ => args.push(&self.machine),
+        }
         args.push("-accel");
         args.push(match self.accel {
             Accel::Kvm => "kvm",
@@ -489,6 +536,10 @@ impl QemuCommand {
         if let Some(mib) = self.memory_mib {
             args.push("-m");
             args.push(format!("{mib}M"));
+            if self.shared_memory {
+                args.push("-object");
+                args.push(format!("memory-backend-memfd,id=ram,size={mib}M,share=on"));
+            }
         }
         if let Some(cpus) = self.cpus {
             args.push("-smp");
@@ -558,6 +609,23 @@ impl QemuCommand {
             args.push(format!("ivshmem-plain,memdev={0},id={0}", r.id));
         }
         for d in &self.disks {
+            let shared = match d.kind {
+                DiskKind::File { shared } => shared,
+                DiskKind::VhostUser => {
+                    args.push("-chardev");
+                    args.push(join(&[
+                        OsStr::new(&format!("socket,id=chr-{},path=", d.id)),
+                        &escape(d.path.as_os_str()),
+                        OsStr::new(",reconnect=1"),
+                    ]));
+                    args.push("-device");
+                    args.push(format!(
+                        "vhost-user-blk-pci,chardev=chr-{0},id={0},num-queues=1",
+                        d.id
+                    ));
+                    continue;
+                }
+            };
             args.push("-drive");
             let mut drive = join(&[
                 OsStr::new("file="),
@@ -569,7 +637,7 @@ impl QemuCommand {
                 d.id,
                 escape_str(&d.serial)
             );
-            if d.shared {
+            if shared {
                 drive.push(",file.locking=off");
                 device.push_str(",share-rw=on");
             }
@@ -684,7 +752,22 @@ impl QemuCommand {
         for r in &self.regions {
             check_region(r)?;
         }
-        for d in &self.disks {
+        if self.shared_memory && self.memory_mib.is_none() {
+            return Err(CmdlineError::SharedMemoryNeedsSize);
+        }
+        for d in self.disks.iter().filter(|d| d.kind == DiskKind::VhostUser) {
+            if !self.shared_memory {
+                return Err(CmdlineError::VhostUserNeedsSharedMemory { id: d.id.clone() });
+            }
+            let len = d.path.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(CmdlineError::SocketPathTooLong {
+                    path: d.path.clone(),
+                    len,
+                });
+            }
+        }
+        for d in self.disks.iter().filter(|d| d.kind != DiskKind::VhostUser) {
             let ok = !d.serial.is_empty()
                 && d.serial.len() <= MAX_DISK_SERIAL
                 && d.serial.bytes().all(|b| b.is_ascii_graphic() && b != b',');
@@ -1109,5 +1192,49 @@ mod tests {
     fn extra_args_come_last_and_verbatim() {
         let args = strings(&QemuCommand::new("q").pvpanic().extra_arg("-S"));
         assert_eq!(args.last().map(String::as_str), Some("-S"));
+    }
+
+    #[test]
+    fn a_vhost_user_disk_needs_shared_ram_and_reconnects() {
+        let command = QemuCommand::new("q")
+            .memory_mib(256)
+            .shared_memory()
+            .vhost_user_disk("disk-own", "/s/a,1-a.sock");
+        let args = strings(&command);
+        assert_eq!(values(&args, "-machine"), ["q35,memory-backend=ram"]);
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-memfd,id=ram,size=256M,share=on"]
+        );
+        assert_eq!(
+            values(&args, "-chardev"),
+            ["socket,id=chr-disk-own,path=/s/a,,1-a.sock,reconnect=1"]
+        );
+        assert_eq!(
+            values(&args, "-device"),
+            ["vhost-user-blk-pci,chardev=chr-disk-own,id=disk-own,num-queues=1"]
+        );
+        assert!(values(&args, "-drive").is_empty());
+
+        let private = QemuCommand::new("q")
+            .memory_mib(256)
+            .vhost_user_disk("d", "/s");
+        assert!(matches!(
+            private.args(),
+            Err(CmdlineError::VhostUserNeedsSharedMemory { .. })
+        ));
+        assert!(matches!(
+            QemuCommand::new("q").shared_memory().args(),
+            Err(CmdlineError::SharedMemoryNeedsSize)
+        ));
+        let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH));
+        assert!(matches!(
+            QemuCommand::new("q")
+                .memory_mib(64)
+                .shared_memory()
+                .vhost_user_disk("d", long)
+                .args(),
+            Err(CmdlineError::SocketPathTooLong { .. })
+        ));
     }
 }

@@ -68,7 +68,7 @@ release_hostd() {
     if [[ -n ${HOSTD:-} ]]; then
         hostd=$HOSTD
     else
-        cargo build --release --quiet -p hostd --bin hostd -p guest-agent --bin guest-agent
+        cargo build --release --quiet -p hostd --bin hostd -p blkd --bin ivha-blkd -p guest-agent --bin guest-agent
         scripts/build-guest-image.sh >/dev/null
         hostd=$target_dir/release/hostd
     fi

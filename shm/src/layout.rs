@@ -93,6 +93,11 @@ pub mod node_live {
     /// Distance between two peer observations.
     pub const PEER_STRIDE: u64 = 64;
 
+    /// The last identity this node stopped serving because it found another owner had it:
+    /// `(identity index + 1, reason, control epoch then, unix time ns)`; zero when none
+    /// (see `crate::node::StoppedServing`). Regions older than it read as zero.
+    pub const STOPPED_SERVING: Published<4> = Published::at(2560);
+
     /// What this node last read in node `node`'s region.
     pub const fn peer(node: usize) -> Published<3> {
         Published::at(PEERS + node as u64 * PEER_STRIDE)
@@ -116,7 +121,8 @@ pub mod node_live {
     const _: () = assert!(replay(0).end() <= REPLAYS + REPLAY_STRIDE);
     const _: () = assert!(replay(MAX_NODES - 1).end() <= PEERS);
     const _: () = assert!(published_size(3) <= PEER_STRIDE);
-    const _: () = assert!(peer(MAX_NODES - 1).end() <= WRITE_PROBE);
+    const _: () = assert!(peer(MAX_NODES - 1).end() <= STOPPED_SERVING.offset());
+    const _: () = assert!(STOPPED_SERVING.end() <= WRITE_PROBE);
 }
 
 /// Static control header fields (byte offsets).

@@ -37,5 +37,6 @@ pub use log::{
 pub use mapping::{Access, Mapping, MappingError};
 pub use node::{
     Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Replay, ReplayStatus,
-    ReplayWriter, ServiceCounters, ServiceWriter, Synced, SyncedWriter,
+    ReplayWriter, ServiceCounters, ServiceWriter, StopReason, StoppedServing, StoppedServingWriter,
+    Synced, SyncedWriter,
 };

@@ -115,6 +115,79 @@ pub struct NodeStats {
     pub log_full_since_unix_ns: u64,
 }
 
+/// Why an agent stopped serving an identity it had served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The control region names another owner (hostd moved the identity).
+    Reassigned,
+    /// The storage refused the node's writes to the identity's disk, and the control region
+    /// names another owner: the storage reports the identity was reassigned.
+    StorageRefused,
+    /// A reason this build does not know (a newer agent wrote it).
+    Unknown(u64),
+}
+
+impl StopReason {
+    fn to_word(self) -> u64 {
+        match self {
+            StopReason::Reassigned => 1,
+            StopReason::StorageRefused => 2,
+            StopReason::Unknown(word) => word,
+        }
+    }
+
+    fn from_word(word: u64) -> Self {
+        match word {
+            1 => StopReason::Reassigned,
+            2 => StopReason::StorageRefused,
+            other => StopReason::Unknown(other),
+        }
+    }
+
+    /// The reason in words, for status and logs.
+    pub fn describe(self) -> String {
+        match self {
+            StopReason::Reassigned => "the control region names another owner".into(),
+            StopReason::StorageRefused => {
+                "the storage reports this identity was reassigned (its writes were refused)".into()
+            }
+            StopReason::Unknown(word) => format!("reason {word}"),
+        }
+    }
+}
+
+/// The last identity an agent stopped serving because another node owns it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StoppedServing {
+    pub identity: u32,
+    pub reason: StopReason,
+    /// The control region's epoch when the agent stopped.
+    pub epoch: u64,
+    pub unix_ns: u64,
+}
+
+/// Publishes why the agent stopped serving an identity.
+#[derive(Debug)]
+pub struct StoppedServingWriter {
+    mapping: Arc<Mapping>,
+    writer: PublishedWriter<4>,
+}
+
+impl StoppedServingWriter {
+    pub fn publish(&mut self, stopped: StoppedServing) {
+        self.writer.publish(
+            &self.mapping,
+            [
+                u64::from(stopped.identity) + 1,
+                stopped.reason.to_word(),
+                stopped.epoch,
+                stopped.unix_ns,
+            ],
+        );
+    }
+}
+
 /// What the agent's services report, published with each heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ServiceCounters {
@@ -282,6 +355,17 @@ impl NodeRegion {
         })
     }
 
+    /// The last identity this node stopped serving because another node owns it now.
+    pub fn stopped_serving(&self) -> Option<StoppedServing> {
+        let [identity, reason, epoch, unix_ns] = node_live::STOPPED_SERVING.read(&self.mapping)?;
+        Some(StoppedServing {
+            identity: u32::try_from(identity.checked_sub(1)?).ok()?,
+            reason: StopReason::from_word(reason),
+            epoch,
+            unix_ns,
+        })
+    }
+
     /// What this node did with node `node`'s log after taking its identities over; `None`
     /// if the value cannot be read (a node id out of range included).
     pub fn replay_of(&self, node: u32) -> Option<Replay> {
@@ -389,8 +473,13 @@ impl NodeRegion {
         let replays = ReplayWriter {
             mapping: Arc::clone(&self.mapping),
         };
+        let stopped = StoppedServingWriter {
+            writer: PublishedWriter::new(node_live::STOPPED_SERVING, &self.mapping),
+            mapping: Arc::clone(&self.mapping),
+        };
         Ok(NodeWriter {
             replays,
+            stopped,
             appender,
             flushed,
             synced,
@@ -413,6 +502,7 @@ pub struct NodeWriter {
     pub peer: PeerWriter,
     pub service: ServiceWriter,
     pub replays: ReplayWriter,
+    pub stopped: StoppedServingWriter,
 }
 
 /// Publishes heartbeats.
@@ -700,6 +790,28 @@ mod tests {
         let ring = r.geometry().ring_size;
         assert!(!r.read_log(ring - 8, &mut [0u8; 16]));
         assert!(r.read_log(ring - 16, &mut [0u8; 16]));
+    }
+
+    #[test]
+    fn the_stopped_serving_record_reads_back_and_starts_empty() {
+        let r = region(64 << 10);
+        assert_eq!(r.stopped_serving(), None);
+        let mut writer = r.writer(1).unwrap();
+        for (identity, reason) in [
+            (0, StopReason::Reassigned),
+            (3, StopReason::StorageRefused),
+            (1, StopReason::Unknown(9)),
+        ] {
+            let stopped = StoppedServing {
+                identity,
+                reason,
+                epoch: 4,
+                unix_ns: 5,
+            };
+            writer.stopped.publish(stopped);
+            assert_eq!(r.stopped_serving(), Some(stopped));
+        }
+        assert!(StopReason::StorageRefused.describe().contains("reassigned"));
     }
 
     #[test]

@@ -3,8 +3,6 @@
 //! The socket is `STATE_DIR/hostd.sock`, mode 0600, and the daemon also checks the peer's
 //! uid (only root and the daemon's own user are served).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,6 +32,17 @@ pub enum Request {
     },
     /// The node takes its identity back (its QEMU is restarted first if it is not running).
     Giveback {
+        node: String,
+    },
+    /// Preempt the node's keys on every disk (its writes fail there), then kill it unless
+    /// `keep_running`; its identities move to takers.
+    Fence {
+        node: String,
+        #[serde(default)]
+        keep_running: bool,
+    },
+    /// Register the node's keys on its disks again (a node kept running is stopped first).
+    Unfence {
         node: String,
     },
 }
@@ -66,6 +75,10 @@ pub enum Response {
     },
     /// A finished takeover or giveback, with its timeline.
     Moved(MoveReport),
+    /// What `fence` or `unfence` did.
+    Fenced {
+        message: String,
+    },
     Error {
         message: String,
     },
@@ -88,6 +101,25 @@ pub struct ClusterStatus {
     #[serde(default)]
     pub metrics: String,
     pub nodes: Vec<NodeStatus>,
+    /// The storage daemon's pid, when it serves the disks and runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_pid: Option<u32>,
+    /// Each disk's reservation, from the storage daemon (empty without one).
+    #[serde(default)]
+    pub disks: Vec<DiskStatus>,
+}
+
+/// One disk's reservation, by node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// The disk: the identity whose data it holds.
+    pub name: String,
+    /// The node holding its reservation.
+    pub holder: Option<String>,
+    /// The nodes registered on it, which may write it.
+    pub registered: Vec<String>,
+    /// How many changes its reservation has seen.
+    pub generation: u64,
 }
 
 impl ClusterStatus {
@@ -188,6 +220,10 @@ pub struct NodeStatus {
     /// Bridge mode: the MAC address of the NIC that holds the service IP (`served_by`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_mac: Option<String>,
+    /// The last identity this node's agent stopped serving because another node owns it,
+    /// and why, as the agent recorded it in its region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_serving: Option<String>,
     pub takeover_possible: bool,
     pub takeover_reason: String,
     pub console: String,
@@ -268,20 +304,7 @@ impl Timeline {
 
 /// Client side: sends one request and reads the response.
 pub fn call(path: &Path, request: &Request, timeout: Duration) -> std::io::Result<Response> {
-    let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_string(request).map_err(std::io::Error::other)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    serde_json::from_str(answer.trim()).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("malformed answer from hostd: {e}"),
-        )
-    })
+    crate::json_line::call(path, request, timeout, "hostd")
 }
 
 #[cfg(test)]
@@ -341,6 +364,7 @@ mod tests {
             nbd: String::new(),
             service_ip: None,
             service_mac: None,
+            stopped_serving: None,
             takeover_possible: false,
             takeover_reason: String::new(),
             console: String::new(),

@@ -85,6 +85,25 @@ pub enum Event {
     PairAdopted { nodes: Vec<(String, String)> },
     /// The pair was stopped: each node with how it ended.
     PairStopped { stopped: Vec<(String, String)> },
+    /// The storage daemon was started (or, `adopted`, found running by a restarted hostd).
+    StorageStarted { pid: u32, adopted: bool },
+    /// Node `node` registered its key on disk `disk` and may write it (at its start, or
+    /// after `hostd unfence`); `holder`: the node holding the disk's reservation.
+    DiskRegistered {
+        disk: String,
+        node: String,
+        generation: u64,
+        holder: Option<String>,
+    },
+    /// `by` removed node `node`'s key from disk `disk` (preempt and abort): `node`'s writes
+    /// to it fail from now on. `reason`: the fence it was part of.
+    DiskPreempted {
+        disk: String,
+        node: String,
+        by: String,
+        holder: Option<String>,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -100,11 +119,14 @@ impl Event {
             | Event::ServingEnded { node, .. }
             | Event::NodeRestarted { node, .. }
             | Event::RestartsExhausted { node, .. }
+            | Event::DiskRegistered { node, .. }
+            | Event::DiskPreempted { node, .. }
             | Event::Replayed { node, .. } => Some(node),
             Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
-            Event::PairStarting { .. } | Event::PairAdopted { .. } | Event::PairStopped { .. } => {
-                None
-            }
+            Event::PairStarting { .. }
+            | Event::PairAdopted { .. }
+            | Event::PairStopped { .. }
+            | Event::StorageStarted { .. } => None,
         }
     }
 }
@@ -261,6 +283,23 @@ mod tests {
             },
             Event::PairStopped {
                 stopped: vec![("a".into(), "quit cleanly".into())],
+            },
+            Event::StorageStarted {
+                pid: 42,
+                adopted: false,
+            },
+            Event::DiskRegistered {
+                disk: "a".into(),
+                node: "b".into(),
+                generation: 3,
+                holder: Some("a".into()),
+            },
+            Event::DiskPreempted {
+                disk: "a".into(),
+                node: "a".into(),
+                by: "b".into(),
+                holder: Some("b".into()),
+                reason: "fenced: its QEMU exited".into(),
             },
         ];
         for (n, event) in events.into_iter().enumerate() {

@@ -8,6 +8,8 @@
 //!   leaves there (`run/NODE.json`);
 //! - [`network`]: service IPs, as the configuration, status and the agent's settings
 //!   name them;
+//! - [`storage`]: the storage daemon's plan and control socket ([`json_line`]: the client
+//!   side of both control sockets);
 //! - [`nbd`]: the NBD protocol's constants, shared by the agent's server and the campaign's
 //!   client;
 //! - [`time`]: the wall clock all of them are stamped with, and [`error_chain`]: errors as
@@ -17,8 +19,10 @@ pub mod agent;
 pub mod control;
 pub mod error_chain;
 pub mod events;
+pub mod json_line;
 pub mod nbd;
 pub mod network;
 pub mod records;
 pub mod state_dir;
+pub mod storage;
 pub mod time;

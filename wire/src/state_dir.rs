@@ -57,6 +57,11 @@ impl StateDir {
         self.root.join("run")
     }
 
+    /// The storage daemon's directory: its plan, reservations, control and disk sockets.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.root.join("blkd")
+    }
+
     /// Directory of the region files.
     pub fn regions_dir(&self) -> PathBuf {
         self.root.join("regions")

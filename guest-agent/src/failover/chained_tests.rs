@@ -144,6 +144,7 @@ impl Chain {
             pending_replay: None,
             pending_cache_drop: None,
             addresses: Box::new(crate::service_ip::NoServiceAddresses),
+            stopped: writer.stopped,
         };
         Self {
             dir,

@@ -25,7 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shm::node::{Ack, AckWriter, ack_status};
-use shm::{Command, CommandKind, ControlRegion, NodeRegion, TakeOverArgument};
+use shm::{
+    Command, CommandKind, ControlRegion, NodeRegion, StopReason, StoppedServing,
+    StoppedServingWriter, TakeOverArgument,
+};
 
 use crate::export::ExportRegistry;
 use crate::nbd::{Server, ServerConfig};
@@ -112,6 +115,8 @@ pub struct FailoverMonitor {
     pub pending_cache_drop: Option<Arc<Volume>>,
     /// The identities' service IPs (bridge mode): held while served here.
     pub addresses: Box<dyn ServiceAddresses>,
+    /// Where the monitor says why it stopped serving an identity (hostd shows it).
+    pub stopped: StoppedServingWriter,
 }
 
 impl FailoverMonitor {
@@ -562,10 +567,22 @@ impl FailoverMonitor {
             .map(|(id, _)| *id)
             .collect();
         for identity in lost {
+            let reason = if self.nvram.take_disk_error(identity) {
+                StopReason::StorageRefused
+            } else {
+                StopReason::Reassigned
+            };
             log::warn!(
-                "identity {identity} is owned by another node now (epoch {}): fencing it here",
-                self.control.epoch()
+                "identity {identity} is owned by another node now (epoch {}): fencing it here; {}",
+                self.control.epoch(),
+                reason.describe()
             );
+            self.stopped.publish(StoppedServing {
+                identity,
+                reason,
+                epoch: self.control.epoch(),
+                unix_ns: wire::time::now_unix_us().saturating_mul(1000),
+            });
             if let Err(error) = self.stop_writing(identity) {
                 log::error!("cannot fence identity {identity}: {error}");
             }
@@ -762,6 +779,7 @@ mod tests {
                 pending_replay: None,
                 pending_cache_drop: None,
                 addresses: Box::new(addresses.clone()),
+                stopped: writer.stopped,
             };
             Self {
                 dir,
@@ -770,6 +788,17 @@ mod tests {
                 addresses,
                 _flusher: flusher,
             }
+        }
+
+        /// hostd moves identity a to b at `epoch` (this node finds it lost).
+        fn hostd_gives_a_to_b_at(&self, epoch: u64) {
+            let mut control = self.monitor.control.writer().unwrap();
+            control.set_epoch(epoch);
+            let owner = Owner {
+                node: Some(1),
+                epoch,
+            };
+            control.set_owner(A as usize, owner).unwrap();
         }
 
         /// b says where its replay of a's log stands.
@@ -893,15 +922,29 @@ mod tests {
         // Another node owns it now: the fence drops the address too.
         assert_eq!(node.take_over(false).status, ack_status::OK);
         node.addresses.take();
-        let mut control = node.monitor.control.writer().unwrap();
-        control.set_epoch(7);
-        let owner = Owner {
-            node: Some(1),
-            epoch: 7,
-        };
-        control.set_owner(A as usize, owner).unwrap();
+        node.hostd_gives_a_to_b_at(7);
         node.monitor.fence_lost_identities();
         assert_eq!(node.addresses.take(), ["drop a"]);
+    }
+
+    /// A node that finds its identity owned elsewhere stops serving it and says why in its
+    /// region: the storage's refusal when its disk refused a write first.
+    #[test]
+    fn a_lost_identity_is_fenced_with_its_reason_in_the_region() {
+        let mut node = Restarted::start();
+        node.b_says(ReplayStatus::Replayed);
+        assert_eq!(node.take_over(false).status, ack_status::OK);
+        assert_eq!(node.monitor.nvram.region().stopped_serving(), None);
+        node.monitor.nvram.note_disk_error(A);
+        node.hostd_gives_a_to_b_at(7);
+        node.monitor.fence_lost_identities();
+        assert!(!node.monitor.identities[&A].export.volume().writable());
+        let stopped = node.monitor.nvram.region().stopped_serving().unwrap();
+        assert_eq!(stopped.identity, A);
+        assert_eq!(stopped.reason, shm::StopReason::StorageRefused);
+        assert_eq!(stopped.epoch, 7);
+        // The error was taken: the next loss without one is a plain reassignment.
+        assert!(!node.monitor.nvram.take_disk_error(A));
     }
 
     /// A takeover whose address cannot be added fails and leaves the identity unserved

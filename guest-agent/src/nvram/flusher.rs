@@ -84,6 +84,7 @@ pub enum FlushError {
     #[error("cannot apply log record {seq} to {path}")]
     Apply {
         seq: u64,
+        export: u32,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -92,6 +93,7 @@ pub enum FlushError {
     /// the last good sync must be applied again from the log, not synced again.
     #[error("cannot sync {path}")]
     Sync {
+        export: u32,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -270,6 +272,11 @@ fn run(
             }
             Ok(_) => {}
             Err(error) => {
+                if let FlushError::Apply { export, .. } | FlushError::Sync { export, .. } = error {
+                    // The failover monitor checks whether the storage refused it because
+                    // the identity went elsewhere.
+                    nvram.note_disk_error(export);
+                }
                 log::error!(
                     "flusher: {}; retrying in {} s",
                     wire::error_chain::one_line(&error),
@@ -421,6 +428,7 @@ fn apply_batch(nvram: &Nvram, state: &mut State) -> Result<Batch, FlushError> {
             // Not a small write: straight to the disk.
             apply(volume, &record).map_err(|source| FlushError::Apply {
                 seq: record.seq,
+                export: volume.export_id,
                 path: volume.disk.path().to_owned(),
                 source,
             })?;
@@ -515,6 +523,7 @@ impl Run {
             .and_then(|()| volume.disk.write_at(self.offset, data))
             .map_err(|source| FlushError::Apply {
                 seq: self.first_seq,
+                export: volume.export_id,
                 path: volume.disk.path().to_owned(),
                 source,
             })?;
@@ -638,6 +647,7 @@ fn release(
         for export in &state.touched {
             if let Some(volume) = nvram.volume(*export) {
                 volume.disk.sync().map_err(|source| FlushError::Sync {
+                    export: *export,
                     path: volume.disk.path().to_owned(),
                     source,
                 })?;

@@ -68,6 +68,9 @@ pub struct Nvram {
     flush_limit: AtomicU64,
     /// Records up to this seq are released without being applied (see [`Nvram::discard`]).
     discarded_through: AtomicU64,
+    /// Exports (bit = export id) whose disk refused a write or a sync since the failover
+    /// monitor last looked: the storage may have fenced this node.
+    disk_errors: AtomicU64,
 }
 
 /// Keeps the flusher from applying records past a seq for as long as it lives.
@@ -167,6 +170,7 @@ impl Nvram {
             next_hold: AtomicU64::new(0),
             flush_limit: AtomicU64::new(u64::MAX),
             discarded_through: AtomicU64::new(0),
+            disk_errors: AtomicU64::new(0),
         })
     }
 
@@ -245,6 +249,21 @@ impl Nvram {
         let _appender = self.appender.lock().map_err(|_| NvramError::Poisoned)?;
         volume.store_writable(writable);
         Ok(())
+    }
+
+    /// The flusher could not write or sync `export`'s disk.
+    pub fn note_disk_error(&self, export: u32) {
+        if let Some(bit) = 1u64.checked_shl(export) {
+            self.disk_errors.fetch_or(bit, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether `export`'s disk refused a write or sync since the last call for it.
+    pub fn take_disk_error(&self, export: u32) -> bool {
+        let Some(bit) = 1u64.checked_shl(export) else {
+            return false;
+        };
+        self.disk_errors.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
     /// Asks the flusher to write and release everything logged so far, even if it is

@@ -1,4 +1,4 @@
-//! `hostd kill`, `hostd takeover` and `hostd giveback`.
+//! `hostd kill`, `hostd takeover`, `hostd giveback`, `hostd fence` and `hostd unfence`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +38,48 @@ pub struct MoveArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FenceArgs {
+    /// The node to cut off its disks.
+    pub node: String,
+    /// Preempt its keys only and leave its QEMU running (a diagnosis and test aid): its
+    /// writes to the disks fail, and its identities move to takers all the same.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnfenceArgs {
+    /// The node to register on its disks again.
+    pub node: String,
+}
+
+pub fn fence(state: &StateDir, args: &FenceArgs) -> CommandResult {
+    let request = Request::Fence {
+        node: args.node.clone(),
+        keep_running: args.keep_running,
+    };
+    fenced(state, &request)
+}
+
+pub fn unfence(state: &StateDir, args: &UnfenceArgs) -> CommandResult {
+    let request = Request::Unfence {
+        node: args.node.clone(),
+    };
+    fenced(state, &request)
+}
+
+fn fenced(state: &StateDir, request: &Request) -> CommandResult {
+    // A fence waits for the victim's writes in progress and may move identities.
+    match client::call(state, request, Duration::from_secs(200))? {
+        Response::Fenced { message } => {
+            println!("{message}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => Err("hostd answered with something else than a fence report".into()),
+    }
 }
 
 pub fn kill(state: &StateDir, args: &KillArgs) -> CommandResult {

@@ -58,6 +58,17 @@ pub enum Command {
     /// Give a node its identity back, restarting its QEMU first if it is not running.
     Giveback(failover::MoveArgs),
 
+    /// Cut a node off its disks: preempt its keys on every disk (its writes fail at the
+    /// storage daemon), then kill it; its identities move to takers.
+    ///
+    /// As fence_scsi does with SCSI-3 persistent reservations. --keep-running leaves its
+    /// QEMU alive (a diagnosis and test aid). Needs disks.served_by = "blkd".
+    Fence(failover::FenceArgs),
+
+    /// Register a fenced node on its disks again. A node kept running after its fence is
+    /// stopped first; `hostd giveback NODE` then restarts it and gives its identity back.
+    Unfence(failover::UnfenceArgs),
+
     /// Run the daemon in the foreground without progress output (what `up --detach` starts).
     #[command(hide = true)]
     Daemon(up::DaemonArgs),
@@ -86,6 +97,8 @@ pub fn main() -> ExitCode {
         Command::Kill(args) => failover::kill(&state, args),
         Command::Takeover(args) => failover::takeover(&state, args),
         Command::Giveback(args) => failover::giveback(&state, args),
+        Command::Fence(args) => failover::fence(&state, args),
+        Command::Unfence(args) => failover::unfence(&state, args),
         Command::Daemon(args) => up::run_daemon(&state, args),
         Command::Inspect(args) => inspect::run(&state, args),
         Command::Events(args) => events::run(&state, args),

@@ -22,6 +22,7 @@ use super::topology::{IdentityId, NodeId, Topology};
 use crate::config::{Config, GUEST_NBD_PORT};
 use crate::events::EventLog;
 use crate::network::BridgeNetwork;
+use crate::storage::{Ensured, Storage, StorageError};
 
 /// How long a fenced node may take to die and be reaped.
 pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +54,12 @@ pub enum LaunchError {
         node: String,
         #[source]
         source: RecordError,
+    },
+    #[error("cannot register node {node}'s keys on its disks")]
+    Storage {
+        node: String,
+        #[source]
+        source: StorageError,
     },
 }
 
@@ -106,6 +113,8 @@ pub struct Cluster {
     metrics: Metrics,
     /// Bridge mode's network (the nodes' MACs for status); None in user mode.
     bridge: Option<BridgeNetwork>,
+    /// The storage daemon serving the disks; None when QEMU or the agents open them.
+    storage: Option<Box<dyn Storage>>,
 }
 
 /// A takeover whose background replay hostd waits to see finish (to record it).
@@ -203,6 +212,7 @@ impl Cluster {
             refused_takeovers: BTreeMap::new(),
             metrics: Metrics::default(),
             bridge: None,
+            storage: None,
         })
     }
 
@@ -217,6 +227,12 @@ impl Cluster {
         self
     }
 
+    /// The cluster's disks served by `storage`, which runs already.
+    pub fn with_storage(mut self, storage: Option<Box<dyn Storage>>) -> Self {
+        self.storage = storage;
+        self
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -228,6 +244,8 @@ impl Cluster {
             accel,
             accel_reason,
         });
+        // Before the nodes: they attach their disks at its sockets.
+        self.check_storage();
         if let Err(error) = records::save_config(&self.state, &self.config) {
             log::warn!(
                 "a restarted hostd will not be able to adopt this cluster: {}",
@@ -446,6 +464,7 @@ impl Cluster {
                 name: self.topology.name(other).to_owned(),
                 region: self.files[other.index()].region.clone(),
                 disk: self.files[other.index()].disk.clone(),
+                disk_socket: self.disk_socket(other, node),
             })
             .collect();
         let kernel_args = [self.config.qemu.kernel_args.as_str(), &config.kernel_args]
@@ -458,6 +477,7 @@ impl Cluster {
             options: self.config.agent_options_for(node.index()),
             region: self.files[node.index()].region.clone(),
             disk: self.files[node.index()].disk.clone(),
+            disk_socket: self.disk_socket(node, node),
             watched,
             control_region: self.control_path.clone(),
             region_size: self.config.regions.node_mib << 20,
@@ -476,8 +496,21 @@ impl Cluster {
         }
     }
 
+    /// The storage daemon's socket through which `node` attaches `owner`'s disk.
+    fn disk_socket(&self, owner: NodeId, node: NodeId) -> Option<PathBuf> {
+        let storage = self.storage.as_ref()?;
+        storage.socket(self.topology.name(owner), node)
+    }
+
     /// Starts `node`'s process and records it for a restarted hostd.
     pub fn spawn_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
+        // A node starts with its keys on the disks it attaches (fence_scsi's unfence at
+        // boot): after a fence, with a newer generation.
+        self.register_keys(node)
+            .map_err(|source| LaunchError::Storage {
+                node: self.topology.name(node).to_owned(),
+                source,
+            })?;
         let plan = self.plan(node);
         let name = plan.name.clone();
         log::info!("starting node {name}");
@@ -502,8 +535,24 @@ impl Cluster {
         Ok(self.backend.connect(node)?)
     }
 
-    /// Kills and reaps `node`; only a confirmed death counts.
+    /// Cuts `node` off its disks (its keys preempted), then kills and reaps it; only a
+    /// confirmed death counts.
     pub fn fence(&mut self, node: NodeId) -> Result<(), BackendError> {
+        let reason = self.nodes[node.index()].health_reason();
+        let reason = if reason.is_empty() {
+            "fenced".to_owned()
+        } else {
+            format!("fenced: {reason}")
+        };
+        if let Err(error) = self.preempt_keys(node, None, &reason) {
+            // The kill that follows keeps a dead or killed process off the disks all the
+            // same; only a fence that cannot kill depends on the preemption.
+            log::error!(
+                "cannot preempt node {}'s keys: {}",
+                self.topology.name(node),
+                wire::error_chain::one_line(&error)
+            );
+        }
         let fenced = self.backend.fence(node, FENCE_TIMEOUT);
         self.metrics
             .fenced(self.topology.name(node), fenced.is_ok());
@@ -512,6 +561,142 @@ impl Cluster {
         log::info!("node {} fenced: {how}", self.topology.name(node));
         self.record_serving_ended_all(node, "fenced");
         Ok(())
+    }
+
+    /// Fences `node` at the storage only (`hostd fence --keep-running`): its keys are
+    /// preempted, its process keeps running, and it counts as fenced, so its identities
+    /// move on. Needs the storage daemon: without it nothing would stop the node writing.
+    pub fn fence_at_storage(&mut self, node: NodeId, reason: &str) -> Result<(), StorageError> {
+        if self.storage.is_none() {
+            return Err(StorageError::NoDaemon);
+        }
+        self.preempt_keys(node, None, reason)?;
+        // Its addresses go with its identities: the takers get them. (Bridge mode: its
+        // agent drops the service IPs once it sees the identities owned elsewhere.)
+        let held: Vec<IdentityId> = self
+            .topology
+            .identities()
+            .filter(|&identity| self.owner_of(identity) == Some(node))
+            .collect();
+        for identity in held {
+            if let Err(error) = self.unforward(node, identity) {
+                log::warn!(
+                    "cannot take {}'s address from node {}: {}",
+                    self.topology.identity_name(identity),
+                    self.topology.name(node),
+                    wire::error_chain::one_line(&error)
+                );
+            }
+        }
+        self.nodes[node.index()].fenced(&format!("{reason}; its process keeps running"));
+        self.nodes[node.index()].kept_running = true;
+        log::warn!(
+            "node {} fenced at the storage; its process keeps running",
+            self.topology.name(node)
+        );
+        self.record_serving_ended_all(node, "fenced at the storage");
+        Ok(())
+    }
+
+    /// Registers `node`'s keys on the disks it attaches (no storage daemon: nothing to do).
+    pub fn register_keys(&mut self, node: NodeId) -> Result<(), StorageError> {
+        let Some(storage) = &mut self.storage else {
+            return Ok(());
+        };
+        storage.ensure_running()?;
+        let registered = storage.register(node)?;
+        for disk in registered {
+            let generation = disk
+                .registered
+                .iter()
+                .find(|k| k.node == node.index() as u32)
+                .map_or(0, |k| k.generation);
+            let event = Event::DiskRegistered {
+                node: self.topology.name(node).to_owned(),
+                generation,
+                holder: self.holder_name(disk.holder),
+                disk: disk.name,
+            };
+            self.record(&event);
+        }
+        Ok(())
+    }
+
+    /// Removes `victim`'s keys from every disk (preempted by `by` where it may), so its
+    /// writes fail at the device from now on; records an event per disk.
+    pub fn preempt_keys(
+        &mut self,
+        victim: NodeId,
+        by: Option<NodeId>,
+        reason: &str,
+    ) -> Result<(), StorageError> {
+        let Some(storage) = &mut self.storage else {
+            return Ok(());
+        };
+        storage.ensure_running()?;
+        let preempted = storage.preempt(victim, by)?;
+        for (by, disk) in preempted {
+            let event = Event::DiskPreempted {
+                node: self.topology.name(victim).to_owned(),
+                by: self.holder_name(Some(by)).unwrap_or_default(),
+                holder: self.holder_name(disk.holder),
+                reason: reason.to_owned(),
+                disk: disk.name,
+            };
+            self.record(&event);
+        }
+        Ok(())
+    }
+
+    fn holder_name(&self, holder: Option<u32>) -> Option<String> {
+        let node = self.topology.node_at(holder? as usize)?;
+        Some(self.topology.name(node).to_owned())
+    }
+
+    /// Restarts the storage daemon if it died (QEMU reconnects to it by itself).
+    pub fn check_storage(&mut self) {
+        let Some(storage) = &mut self.storage else {
+            return;
+        };
+        match storage.ensure_running() {
+            Ok(Ensured::Running) => {}
+            Ok(Ensured::Adopted { pid }) => {
+                self.record(&Event::StorageStarted { pid, adopted: true })
+            }
+            Ok(Ensured::Started { pid }) => {
+                self.record(&Event::StorageStarted {
+                    pid,
+                    adopted: false,
+                });
+            }
+            Err(error) => log::error!(
+                "the storage daemon is not running and cannot be started: {}",
+                wire::error_chain::one_line(&error)
+            ),
+        }
+    }
+
+    /// Every disk's reservation, by the daemon; empty without one (or when it does not
+    /// answer: status must not fail for it).
+    fn disk_statuses(&self) -> Vec<wire::control::DiskStatus> {
+        let disks = self
+            .storage
+            .as_ref()
+            .and_then(|s| s.status().ok())
+            .unwrap_or_default();
+        disks
+            .into_iter()
+            .map(|disk| wire::control::DiskStatus {
+                holder: self.holder_name(disk.holder),
+                registered: disk
+                    .registered
+                    .iter()
+                    .filter_map(|k| self.holder_name(Some(k.node)))
+                    .collect(),
+                generation: disk.generation,
+                name: disk.name,
+            })
+            .collect()
     }
 
     /// Points `identity`'s host port at `node`.
@@ -742,6 +927,26 @@ impl Cluster {
                         .zip(owner)
                         .filter(|_| served_by_state == Some(NodeState::Up))
                         .map(|(bridge, holder)| bridge.mac(holder.index())),
+                    // Only while it does not serve that identity again.
+                    stopped_serving: health
+                        .region
+                        .stopped_serving()
+                        .filter(|stopped| {
+                            self.topology
+                                .identities()
+                                .nth(stopped.identity as usize)
+                                .is_some_and(|identity| self.owner_of(identity) != Some(node))
+                        })
+                        .map(|stopped| {
+                            format!(
+                                "stopped serving {} at epoch {}: {}",
+                                names
+                                    .get(stopped.identity as usize)
+                                    .map_or("?", String::as_str),
+                                stopped.epoch,
+                                stopped.reason.describe()
+                            )
+                        }),
                     takeover_possible,
                     takeover_reason,
                     console: health.console.display().to_string(),
@@ -759,6 +964,8 @@ impl Cluster {
             adopted: self.adopted,
             metrics: self.metrics.endpoint().to_owned(),
             nodes,
+            storage_pid: self.storage.as_ref().and_then(|s| s.pid()),
+            disks: self.disk_statuses(),
         }
     }
 
@@ -797,6 +1004,10 @@ impl Cluster {
         self.record(&Event::PairStopped {
             stopped: stopped.clone(),
         });
+        // After the guests: nothing writes the disks any more.
+        if let Some(storage) = &mut self.storage {
+            storage.stop();
+        }
         let purged = if purge {
             self.purge()
         } else {

@@ -40,6 +40,8 @@ pub struct NodeHealth {
     monitor: Monitor,
     /// When the node went Down (for the takeover timeline).
     pub down_at: Option<Instant>,
+    /// Fenced at the storage only (`hostd fence --keep-running`): its process still runs.
+    pub kept_running: bool,
     /// Milliseconds from Down to the confirmed fence.
     pub fenced_ms: Option<f64>,
     /// Whether a takeover of this fenced node's identity was reported as waiting.
@@ -74,6 +76,7 @@ impl NodeHealth {
             forwards_own_port: true,
             monitor,
             down_at: None,
+            kept_running: false,
             fenced_ms: None,
             orphan_reported: false,
             heartbeat,
@@ -97,6 +100,7 @@ impl NodeHealth {
         self.exit = None;
         self.paused = false;
         self.fenced = false;
+        self.kept_running = false;
         self.monitor.reset();
         self.down_at = None;
         self.fenced_ms = None;

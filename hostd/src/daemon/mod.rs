@@ -8,6 +8,7 @@
 //! - `health`: one node's liveness from its heartbeat and its backend's reports;
 //! - `cluster`: the nodes, the control region (owners, commands), sampling and status;
 //! - `moves`: takeover, planned takeover and giveback; `inject`: `hostd kill`;
+//! - `fencing`: `hostd fence` and `hostd unfence` (the storage daemon's reservations);
 //! - `records` and `adopt`: what a restarted hostd finds and how it adopts the nodes;
 //! - [`prepare`]: regions and disks; `socket`: the control socket;
 //! - `metrics`: Prometheus metrics, served from a thread of their own.
@@ -15,6 +16,7 @@
 mod adopt;
 pub mod backend;
 mod cluster;
+mod fencing;
 mod health;
 mod heartbeat_figures;
 mod inject;
@@ -67,6 +69,8 @@ pub enum DaemonError {
     Process(#[from] backend::process::NoAgent),
     #[error("cannot launch the cluster")]
     Launch(#[from] cluster::LaunchError),
+    #[error("cannot set up the storage daemon")]
+    Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
     Adopt(#[from] adopt::AdoptError),
     #[error("cannot serve the control socket {path}")]
@@ -159,9 +163,19 @@ pub fn run(
         )?),
         Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
     };
+    // Before the guests: they attach their disks at its sockets.
+    let storage = if config.uses_storage_daemon() {
+        let topology = topology::Topology::from_config(config);
+        let plan = crate::storage::plan(state, &topology, &files)?;
+        let daemon = crate::storage::StorageDaemon::new(state, plan)?;
+        Some(Box::new(daemon) as Box<dyn crate::storage::Storage>)
+    } else {
+        None
+    };
     let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?
         .with_metrics(cluster_metrics)
-        .with_bridge(bridge);
+        .with_bridge(bridge)
+        .with_storage(storage);
     let mut cluster = if running.is_empty() {
         cluster.launch()?
     } else {
@@ -169,7 +183,10 @@ pub fn run(
             "adopting the running cluster ({} node(s) alive)",
             running.len()
         );
-        adopt::adopt(cluster, &running)?
+        let mut adopted = adopt::adopt(cluster, &running)?;
+        // Its guests are attached to the daemon an earlier hostd started, if it lives.
+        adopted.check_storage();
+        adopted
     };
     let result = main_loop(&mut cluster, &requests, &mut on_progress);
     // Children (reaped), then the lock, then the socket: `hostd down` takes a gone socket
@@ -216,6 +233,20 @@ fn main_loop(
                         send(reply, response);
                     }
                     Request::Giveback { node } => moves.start_giveback(cluster, &node, reply),
+                    Request::Fence { node, keep_running } => {
+                        let response = match fencing::fence(cluster, &node, keep_running) {
+                            Ok(message) => Response::Fenced { message },
+                            Err(error) => error_response(&error),
+                        };
+                        send(reply, response);
+                    }
+                    Request::Unfence { node } => {
+                        let response = match fencing::unfence(cluster, &node) {
+                            Ok(message) => Response::Fenced { message },
+                            Err(error) => error_response(&error),
+                        };
+                        send(reply, response);
+                    }
                     Request::Down { purge } => {
                         let report = cluster.shut_down(purge);
                         log::info!("cluster stopped: {:?}", report.stopped);
@@ -275,6 +306,10 @@ pub fn down_offline(state: &StateDir, purge: bool) -> Result<Offline, DaemonErro
                 .map(|(node, _)| config.nodes[node.index()].name.clone())
                 .collect(),
         ));
+    }
+    // Nothing attaches its disks any more.
+    if let Some(pid) = crate::storage::stop_recorded(state) {
+        log::info!("stopped the storage daemon an earlier hostd left running (pid {pid})");
     }
     let purged = purge.then(|| prepare::purge(state, &prepare::disk_paths(&config, state)));
     Ok(Offline::Stopped { purged })

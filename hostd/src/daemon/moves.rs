@@ -121,6 +121,7 @@ impl Moves {
     /// What the main loop does on every tick: fence and take over what went Down, move
     /// identities whose taker was not ready before, finish a giveback whose node is up.
     pub fn tick(&mut self, cluster: &mut Cluster) {
+        cluster.check_storage();
         for node in cluster.sample() {
             fail_over(cluster, node);
         }

@@ -177,6 +177,8 @@ pub fn purge(state: &StateDir, disks: &[PathBuf]) -> bool {
         remove(disk);
     }
     remove(&state.sockets_dir());
+    // The storage daemon's plan, sockets and reservations: the disks they fence are gone.
+    remove(&state.storage_dir());
     ok &= crate::network::purge(state);
     ok
 }

@@ -8,8 +8,9 @@ use wire::control::{NodeState, Response};
 use wire::events::Event;
 use wire::state_dir::StateDir;
 
-use super::backend::fake::{Answer, Call, FakeBackend, FakeHandle};
+use super::backend::fake::{Answer, Call, FakeBackend, FakeHandle, FakeStorage};
 use super::cluster::Cluster;
+use super::fencing::{self, FenceError};
 use super::moves::{self, Moves};
 use super::prepare;
 use super::topology::NodeId;
@@ -47,6 +48,19 @@ impl Harness {
         before: impl FnOnce(&FakeHandle),
         configure: impl FnOnce(&mut Config),
     ) -> Self {
+        Self::launch(before, configure, false)
+    }
+
+    /// A pair whose disks a (fake) storage daemon serves with reservations.
+    fn pair_with_storage() -> Self {
+        Self::launch(|_| {}, |_| {}, true)
+    }
+
+    fn launch(
+        before: impl FnOnce(&FakeHandle),
+        configure: impl FnOnce(&mut Config),
+        storage: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
         let mut config = Config {
@@ -62,8 +76,11 @@ impl Harness {
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         let (backend, fake) = FakeBackend::new(&names, &control);
         before(&fake);
+        let storage = storage
+            .then(|| Box::new(FakeStorage::new(&fake, &names)) as Box<dyn crate::storage::Storage>);
         let cluster = Cluster::new(&config, &state, &files, &control, Box::new(backend))
             .unwrap()
+            .with_storage(storage)
             .launch()
             .unwrap();
         Harness {
@@ -830,5 +847,115 @@ fn status_names_the_next_taker_of_each_identity() {
     assert_eq!(
         b.takeover_reason,
         "b does not hold its identity now (c does)"
+    );
+}
+
+fn takeover_to(node: usize) -> impl Fn(&Call) -> bool {
+    move |c| matches!(c, Call::Command { node: n, kind: CommandKind::TakeOver, .. } if *n == node)
+}
+
+/// With a storage daemon, every start registers the node's keys first, and a crashed
+/// node's keys are preempted before it is killed, both before the taker's command.
+#[test]
+fn a_fence_preempts_the_keys_before_the_kill() {
+    let mut h = Harness::pair_with_storage();
+    h.up();
+    let calls = h.fake.calls();
+    for n in [A, B] {
+        let register = position(&calls, |c| *c == Call::Register { node: n });
+        let spawn = position(
+            &calls,
+            |c| matches!(c, Call::Spawn { node, .. } if *node == n),
+        );
+        assert!(register < spawn, "{calls:#?}");
+    }
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let calls = h.fake.calls();
+    let preempt = position(&calls, |c| *c == Call::Preempt { node: A });
+    let fence = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
+    let takeover = position(&calls, takeover_to(B));
+    assert!(preempt < fence && fence < takeover, "{calls:#?}");
+    let events = h.events();
+    let preempted = events
+        .iter()
+        .position(|e| matches!(e, Event::DiskPreempted { node, .. } if node == "a"))
+        .unwrap();
+    let serving = events
+        .iter()
+        .position(|e| matches!(e, Event::ServingStarted { identity, node, .. } if identity == "a" && node == "b"))
+        .unwrap();
+    assert!(preempted < serving, "{events:#?}");
+}
+
+/// `hostd fence a --keep-running`: a's keys go, its process stays, its identity moves; a
+/// second fence is refused; `unfence` stops the stale process before registering it
+/// again; a giveback brings it back.
+#[test]
+fn a_fence_at_the_storage_keeps_the_node_running_and_moves_its_identity() {
+    let mut h = Harness::pair_with_storage();
+    h.up();
+    let message = fencing::fence(&mut h.cluster, "a", true).unwrap();
+    assert!(message.contains("keeps running"), "{message}");
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let calls = h.fake.calls();
+    let preempt = position(&calls, |c| *c == Call::Preempt { node: A });
+    assert!(preempt < position(&calls, takeover_to(B)), "{calls:#?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Fence { node: A, .. }))
+    );
+    assert!(h.cluster.node(node(A)).kept_running);
+    assert_eq!(h.cluster.node(node(A)).state(), NodeState::Fenced);
+    assert!(
+        h.cluster.pid(node(A)).is_some(),
+        "its process keeps running"
+    );
+    assert!(matches!(
+        fencing::fence(&mut h.cluster, "a", false),
+        Err(FenceError::AlreadyFenced(_))
+    ));
+
+    let seen = h.fake.calls().len();
+    fencing::unfence(&mut h.cluster, "a").unwrap();
+    let after = h.fake.calls().split_off(seen);
+    let kill = position(&after, |c| matches!(c, Call::Fence { node: A, .. }));
+    let register = position(&after, |c| *c == Call::Register { node: A });
+    assert!(kill < register, "{after:#?}");
+    assert!(!h.cluster.node(node(A)).kept_running);
+
+    h.moves.start_giveback(&mut h.cluster, "a", None);
+    h.run_until("a holds a again", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(A))
+    });
+}
+
+/// Without a storage daemon there is nothing to preempt: only the kill fences.
+#[test]
+fn without_a_storage_daemon_only_a_kill_fences() {
+    let mut h = Harness::pair();
+    h.up();
+    assert!(matches!(
+        fencing::fence(&mut h.cluster, "a", true),
+        Err(FenceError::Storage { .. })
+    ));
+    assert!(matches!(
+        fencing::fence(&mut h.cluster, "zz", false),
+        Err(FenceError::NoSuchNode(_))
+    ));
+    fencing::fence(&mut h.cluster, "a", false).unwrap();
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    assert!(
+        !h.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Preempt { .. }))
     );
 }

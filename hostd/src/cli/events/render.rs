@@ -86,6 +86,32 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
         Event::RestartsExhausted { node, restarts } => format!(
             "node {node}: {restarts} restarts, no more by hostd (`hostd giveback {node}` restarts it)"
         ),
+        Event::StorageStarted { pid, adopted } => format!(
+            "storage daemon {} (pid {pid})",
+            if *adopted { "adopted" } else { "started" }
+        ),
+        Event::DiskRegistered {
+            disk,
+            node,
+            generation,
+            holder,
+        } => format!(
+            "disk {disk}: node {node} registered (generation {generation}), may write; reservation held by {}",
+            holder.as_deref().unwrap_or("nobody")
+        ),
+        Event::DiskPreempted {
+            disk,
+            node,
+            by,
+            holder,
+            reason,
+        } => with_note(
+            format!(
+                "disk {disk}: node {node} preempted by {by}, its writes fail; reservation held by {}",
+                holder.as_deref().unwrap_or("nobody")
+            ),
+            reason,
+        ),
     };
     format!("{stamp}  {body}")
 }

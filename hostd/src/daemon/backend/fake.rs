@@ -66,6 +66,14 @@ pub enum Call {
         identity: u64,
         epoch: u64,
     },
+    /// The storage registered the node's keys ([`FakeStorage`]).
+    Register {
+        node: usize,
+    },
+    /// The storage preempted the node's keys ([`FakeStorage`]).
+    Preempt {
+        node: usize,
+    },
 }
 
 /// The test's side of the fake: the call log and each node's behaviour.
@@ -484,4 +492,104 @@ fn open_control(path: &Path) -> ControlRegion {
         .ok()
         .and_then(|m| ControlRegion::open(m).ok())
         .unwrap_or_else(|| panic!("fake: cannot open the control region {}", path.display()))
+}
+
+/// A storage double for the cluster's unit tests: every node attaches every disk, keys
+/// live in memory, and registrations and preemptions go into the fake backend's call log
+/// (so tests see them in order with fences and commands).
+#[derive(Debug)]
+pub struct FakeStorage {
+    log: Arc<Mutex<Vec<Call>>>,
+    disks: Vec<String>,
+    /// Per disk, the registered nodes.
+    registered: Mutex<Vec<std::collections::BTreeSet<u32>>>,
+    running: bool,
+}
+
+impl FakeStorage {
+    /// One disk per name in `disks`, logging into `handle`'s call log.
+    pub fn new(handle: &FakeHandle, disks: &[&str]) -> Self {
+        Self {
+            log: Arc::clone(&handle.log),
+            disks: disks.iter().map(|d| (*d).to_owned()).collect(),
+            registered: Mutex::new(vec![Default::default(); disks.len()]),
+            running: false,
+        }
+    }
+
+    fn statuses(&self) -> Vec<wire::storage::DiskReservationStatus> {
+        let registered = lock(&self.registered);
+        self.disks
+            .iter()
+            .zip(registered.iter())
+            .map(|(name, nodes)| wire::storage::DiskReservationStatus {
+                name: name.clone(),
+                holder: nodes.iter().next().copied(),
+                registered: nodes
+                    .iter()
+                    .map(|&node| wire::storage::RegisteredKey {
+                        node,
+                        generation: 1,
+                    })
+                    .collect(),
+                generation: 0,
+            })
+            .collect()
+    }
+}
+
+impl crate::storage::Storage for FakeStorage {
+    fn ensure_running(&mut self) -> Result<crate::storage::Ensured, crate::storage::StorageError> {
+        let was = std::mem::replace(&mut self.running, true);
+        Ok(if was {
+            crate::storage::Ensured::Running
+        } else {
+            crate::storage::Ensured::Started { pid: 1 }
+        })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.running.then_some(1)
+    }
+
+    fn socket(&self, disk: &str, node: NodeId) -> Option<PathBuf> {
+        Some(PathBuf::from(format!("/fake/{disk}-{}.sock", node.index())))
+    }
+
+    fn status(
+        &self,
+    ) -> Result<Vec<wire::storage::DiskReservationStatus>, crate::storage::StorageError> {
+        Ok(self.statuses())
+    }
+
+    fn register(
+        &self,
+        node: NodeId,
+    ) -> Result<Vec<wire::storage::DiskReservationStatus>, crate::storage::StorageError> {
+        lock(&self.log).push(Call::Register { node: node.index() });
+        for nodes in lock(&self.registered).iter_mut() {
+            nodes.insert(node.index() as u32);
+        }
+        Ok(self.statuses())
+    }
+
+    fn preempt(
+        &self,
+        victim: NodeId,
+        by: Option<NodeId>,
+    ) -> Result<Vec<(u32, wire::storage::DiskReservationStatus)>, crate::storage::StorageError>
+    {
+        lock(&self.log).push(Call::Preempt {
+            node: victim.index(),
+        });
+        for nodes in lock(&self.registered).iter_mut() {
+            nodes.remove(&(victim.index() as u32));
+        }
+        let by = by.map_or(0, |n| n.index() as u32);
+        Ok(self.statuses().into_iter().map(|d| (by, d)).collect())
+    }
+
+    fn stop(&mut self) {
+        self.running = false;
+    }
 }

@@ -27,6 +27,8 @@ pub struct SpawnPlan {
     pub options: AgentOptions,
     pub region: PathBuf,
     pub disk: PathBuf,
+    /// The storage daemon's socket for this node's own disk; None: QEMU opens `disk`.
+    pub disk_socket: Option<PathBuf>,
     /// The nodes whose identities this node may take over: their names, regions and disks.
     pub watched: Vec<WatchedNode>,
     pub control_region: PathBuf,
@@ -59,6 +61,8 @@ pub struct WatchedNode {
     pub name: String,
     pub region: PathBuf,
     pub disk: PathBuf,
+    /// The storage daemon's socket for that disk, for the watching node.
+    pub disk_socket: Option<PathBuf>,
 }
 
 /// What happened to a node since the last poll.

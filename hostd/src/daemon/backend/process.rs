@@ -36,13 +36,7 @@ pub struct ProcessBackend {
 impl ProcessBackend {
     /// Agents from `IVHA_AGENT_BINARY`, else `guest-agent` beside this binary.
     pub fn new(paths: Vec<NodePaths>) -> Result<Self, NoAgent> {
-        let path = match std::env::var_os("IVHA_AGENT_BINARY") {
-            Some(path) => PathBuf::from(path),
-            None => std::env::current_exe()
-                .ok()
-                .and_then(|exe| Some(exe.parent()?.join("guest-agent")))
-                .unwrap_or_else(|| PathBuf::from("guest-agent")),
-        };
+        let path = crate::programs::beside_hostd("IVHA_AGENT_BINARY", "guest-agent");
         if !path.exists() {
             return Err(NoAgent { path });
         }

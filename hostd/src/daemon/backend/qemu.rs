@@ -146,17 +146,29 @@ impl QemuBackend {
             };
             command = command.shared_region(&id, &watched.region, plan.region_size, true);
         }
-        command = command
-            .shared_region("control", &plan.control_region, plan.control_size, true)
-            // Every disk it may serve: the others' are only written after a takeover.
-            .disk("disk-own", &plan.disk, &format!("ivha-{}", plan.name), true);
-        for (n, watched) in plan.watched.iter().enumerate() {
+        command = command.shared_region("control", &plan.control_region, plan.control_size, true);
+        // Every disk it may serve: the others' are only written after a takeover. The
+        // storage daemon serves them when there is one (it answers the serial), and then
+        // needs the guest's RAM shared.
+        let disks = std::iter::once((
+            "disk-own".to_owned(),
+            &plan.name,
+            &plan.disk,
+            &plan.disk_socket,
+        ))
+        .chain(plan.watched.iter().enumerate().map(|(n, watched)| {
             let id = if n == 0 {
                 "disk-partner".to_owned()
             } else {
                 format!("disk-partner{n}")
             };
-            command = command.disk(&id, &watched.disk, &format!("ivha-{}", watched.name), true);
+            (id, &watched.name, &watched.disk, &watched.disk_socket)
+        }));
+        for (id, name, image, socket) in disks {
+            command = match socket {
+                Some(socket) => command.shared_memory().vhost_user_disk(&id, socket),
+                None => command.disk(&id, image, &crate::storage::disk_serial(name), true),
+            };
         }
         command = match tap {
             // The service network only: clients reach the identities at their service IPs.

@@ -1,0 +1,479 @@
+//! The storage daemon as hostd runs it: the plan (which node attaches which disk, over
+//! which socket), starting it before the guests and adopting it across hostd restarts, and
+//! the reservation requests: a node's key at each start, preemption at each fence.
+//!
+//! The daemon is a process of its own (`ivha-blkd`), never a thread of hostd: hostd may
+//! die, the disks must not. Like a QEMU, it outlives a killed hostd and is found again
+//! through its record, `STATE_DIR/run/blkd.json` (pid and start time, so a recycled pid is
+//! never taken for it).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qemu::QemuChild;
+use serde::{Deserialize, Serialize};
+use wire::storage::{
+    Attachment, DiskReservationStatus, PlannedDisk, StoragePlan, StorageRequest, StorageResponse,
+};
+
+use crate::daemon::prepare::NodeFiles;
+use crate::daemon::topology::{NodeId, Topology};
+use crate::state_dir::StateDir;
+
+/// How long the daemon may take to answer on its control socket after a start.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take (a preemption waits for the victim's write in progress).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped daemon may take to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors running the storage daemon or asking it something.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(
+        "ivha-blkd not found at {}: build it (`cargo build -p blkd`) or set IVHA_BLKD_BINARY",
+        path.display()
+    )]
+    NoBinary { path: PathBuf },
+    #[error("the socket path {} is too long ({len} bytes; at most {})", path.display(), qemu::cmdline::MAX_SOCKET_PATH)]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the storage daemon")]
+    Spawn(#[source] qemu::ChildError),
+    #[error("the storage daemon did not answer within {waited:?} of its start (see {})", log.display())]
+    NotReady { waited: Duration, log: PathBuf },
+    #[error("the storage daemon does not answer")]
+    Unreachable(#[source] std::io::Error),
+    #[error("the storage daemon refused: {message}")]
+    Refused { message: String },
+    #[error("the storage daemon answered something else than asked")]
+    UnexpectedAnswer,
+    #[error(
+        "the disks are not served by the storage daemon (disks.served_by = \"qemu\", or the process backend): only a kill fences"
+    )]
+    NoDaemon,
+}
+
+/// What lets a restarted hostd find the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+struct DaemonRecord {
+    pid: u32,
+    start_time: u64,
+}
+
+/// The plan for `files` (per node, in order): disk `i` is node `i`'s; it is attached by
+/// its node and by every node that may take that node over, each over a socket of its own.
+pub fn plan(
+    state: &StateDir,
+    topology: &Topology,
+    files: &[NodeFiles],
+) -> Result<StoragePlan, StorageError> {
+    let dir = state.storage_dir();
+    let mut disks = Vec::new();
+    for owner in topology.nodes() {
+        let name = topology.name(owner).to_owned();
+        let attachments = topology
+            .nodes()
+            .filter(|&node| node == owner || topology.watched_by(node).contains(&owner))
+            .map(|node| {
+                let socket = dir.join(format!("{name}-{}.sock", topology.name(node)));
+                let len = socket.as_os_str().len();
+                if len > qemu::cmdline::MAX_SOCKET_PATH {
+                    return Err(StorageError::SocketPathTooLong { path: socket, len });
+                }
+                Ok(Attachment {
+                    node: node.index() as u32,
+                    socket,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        disks.push(PlannedDisk {
+            serial: disk_serial(&name),
+            path: files[owner.index()].disk.clone(),
+            name,
+            attachments,
+        });
+    }
+    Ok(StoragePlan {
+        control_socket: dir.join("control.sock"),
+        reservations: dir.join("reservations.json"),
+        disks,
+    })
+}
+
+/// The serial a guest reads from node `name`'s disk (the agent finds its disks by it).
+pub fn disk_serial(name: &str) -> String {
+    format!("ivha-{name}")
+}
+
+/// The daemon an earlier hostd recorded at `record`, if it still runs.
+fn recorded(record: &Path, log: &Path) -> Option<QemuChild> {
+    let record: DaemonRecord = serde_json::from_slice(&std::fs::read(record).ok()?).ok()?;
+    QemuChild::adopt(record.pid, record.start_time, Some(log.to_owned())).ok()
+}
+
+/// `hostd down` without a daemon and without running nodes: stops the storage daemon an
+/// earlier hostd left running, if any. Returns its pid.
+pub fn stop_recorded(state: &StateDir) -> Option<u32> {
+    let record = state.run_dir().join("blkd.json");
+    let mut child = recorded(&record, &state.root().join("consoles").join("blkd.log"))?;
+    let pid = child.pid();
+    let _ = child.signal(qemu::Signal::Term);
+    if !matches!(child.wait_timeout(STOP_TIMEOUT), Ok(Some(_))) {
+        let _ = child.kill_and_reap(STOP_TIMEOUT);
+    }
+    let _ = std::fs::remove_file(&record);
+    Some(pid)
+}
+
+/// What [`StorageDaemon::ensure_running`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    /// It was running.
+    Running,
+    /// A daemon an earlier hostd started runs and answers: it is this hostd's now.
+    Adopted { pid: u32 },
+    /// A new daemon runs.
+    Started { pid: u32 },
+}
+
+/// What hostd asks of whatever serves the disks with reservations: the storage daemon
+/// ([`StorageDaemon`]), or a test double that records the calls.
+pub trait Storage: std::fmt::Debug + Send {
+    /// Makes sure it runs (adopting or starting it); says what it did.
+    fn ensure_running(&mut self) -> Result<Ensured, StorageError>;
+    /// Its pid, while it runs.
+    fn pid(&self) -> Option<u32>;
+    /// The socket over which `node` attaches `disk` (its owner's name).
+    fn socket(&self, disk: &str, node: NodeId) -> Option<PathBuf>;
+    /// Every disk's reservation.
+    fn status(&self) -> Result<Vec<DiskReservationStatus>, StorageError>;
+    /// Registers `node` on the disks it attaches; returns those that changed.
+    fn register(&self, node: NodeId) -> Result<Vec<DiskReservationStatus>, StorageError>;
+    /// Preempts `victim`'s keys (by `by` where registered); returns each preempted disk
+    /// with its preemptor.
+    fn preempt(
+        &self,
+        victim: NodeId,
+        by: Option<NodeId>,
+    ) -> Result<Vec<(u32, DiskReservationStatus)>, StorageError>;
+    /// Stops it (after the guests).
+    fn stop(&mut self);
+}
+
+/// The storage daemon of one cluster.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    plan: StoragePlan,
+    dir: PathBuf,
+    record: PathBuf,
+    log: PathBuf,
+    binary: PathBuf,
+    child: Option<QemuChild>,
+}
+
+impl StorageDaemon {
+    /// The daemon for `plan`; `ivha-blkd` from `IVHA_BLKD_BINARY`, else beside this binary.
+    pub fn new(state: &StateDir, plan: StoragePlan) -> Result<Self, StorageError> {
+        let binary = crate::programs::beside_hostd("IVHA_BLKD_BINARY", "ivha-blkd");
+        if !binary.exists() {
+            return Err(StorageError::NoBinary { path: binary });
+        }
+        Ok(Self {
+            plan,
+            dir: state.storage_dir(),
+            record: state.run_dir().join("blkd.json"),
+            log: state.root().join("consoles").join("blkd.log"),
+            binary,
+            child: None,
+        })
+    }
+
+    pub fn plan(&self) -> &StoragePlan {
+        &self.plan
+    }
+
+    fn adopt(&self) -> Option<QemuChild> {
+        let mut child = recorded(&self.record, &self.log)?;
+        match self.call(&StorageRequest::Status) {
+            Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => Some(child),
+            _ => {
+                // Ours (its pid and start time say so) but deaf: it must not keep serving
+                // the QEMUs connected to it with reservations a new daemon would not
+                // share. They reconnect to the new one.
+                log::warn!(
+                    "the storage daemon (pid {}) does not answer: stopping it",
+                    child.pid()
+                );
+                let _ = child.kill_and_reap(STOP_TIMEOUT);
+                None
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<(), StorageError> {
+        let write = |path: &Path, bytes: &[u8]| {
+            std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+                .and_then(|()| {
+                    let temporary = path.with_extension("tmp");
+                    std::fs::write(&temporary, bytes)?;
+                    std::fs::rename(&temporary, path)
+                })
+                .map_err(|source| StorageError::Write {
+                    path: path.to_owned(),
+                    source,
+                })
+        };
+        let plan_path = self.dir.join("plan.json");
+        let plan = serde_json::to_vec_pretty(&self.plan).map_err(|e| StorageError::Write {
+            path: plan_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write(&plan_path, &plan)?;
+        std::fs::create_dir_all(self.log.parent().unwrap_or(Path::new("."))).map_err(|source| {
+            StorageError::Write {
+                path: self.log.clone(),
+                source,
+            }
+        })?;
+        let mut command = std::process::Command::new(&self.binary);
+        command.arg("--plan").arg(&plan_path);
+        let mut child =
+            QemuChild::spawn_with_log(command, &self.log).map_err(StorageError::Spawn)?;
+        let started = Instant::now();
+        loop {
+            match self.call(&StorageRequest::Status) {
+                Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => break,
+                _ if started.elapsed() >= READY_TIMEOUT
+                    || !matches!(child.try_wait(), Ok(None)) =>
+                {
+                    let _ = child.kill_and_reap(STOP_TIMEOUT);
+                    return Err(StorageError::NotReady {
+                        waited: started.elapsed(),
+                        log: self.log.clone(),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let record = DaemonRecord {
+            pid: child.pid(),
+            start_time: qemu::process_start_time(child.pid()).map_err(|source| {
+                StorageError::Write {
+                    path: self.record.clone(),
+                    source,
+                }
+            })?,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| StorageError::Write {
+            path: self.record.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        if let Err(error) = write(&self.record, &bytes) {
+            let _ = child.kill_and_reap(STOP_TIMEOUT);
+            return Err(error);
+        }
+        log::info!("storage daemon started (pid {})", child.pid());
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn call(&self, request: &StorageRequest) -> Result<StorageResponse, StorageError> {
+        wire::storage::call(&self.plan.control_socket, request, REQUEST_TIMEOUT)
+            .map_err(StorageError::Unreachable)
+    }
+
+    fn change(
+        &self,
+        request: &StorageRequest,
+    ) -> Result<(bool, DiskReservationStatus), StorageError> {
+        match self.call(request)? {
+            StorageResponse::Done { changed, disk } => Ok((changed, disk)),
+            StorageResponse::Error { message } => Err(StorageError::Refused { message }),
+            StorageResponse::Status { .. } => Err(StorageError::UnexpectedAnswer),
+        }
+    }
+}
+
+impl Storage for StorageDaemon {
+    /// The socket over which `node` attaches `disk`'s image (the disk's owner's name).
+    fn socket(&self, disk: &str, node: NodeId) -> Option<PathBuf> {
+        self.plan
+            .disks
+            .iter()
+            .find(|d| d.name == disk)?
+            .attachments
+            .iter()
+            .find(|a| a.node == node.index() as u32)
+            .map(|a| a.socket.clone())
+    }
+
+    /// The daemon's pid, while hostd knows it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(QemuChild::pid)
+    }
+
+    /// Makes sure the daemon runs: adopts the one an earlier hostd started if it is alive
+    /// and answers, else starts one and waits until it answers. Returns what it did.
+    fn ensure_running(&mut self) -> Result<Ensured, StorageError> {
+        if let Some(child) = &mut self.child {
+            if matches!(child.try_wait(), Ok(None)) {
+                return Ok(Ensured::Running);
+            }
+            log::warn!("the storage daemon (pid {}) is gone", child.pid());
+            self.child = None;
+        }
+        if let Some(child) = self.adopt() {
+            log::info!("adopted the storage daemon (pid {})", child.pid());
+            let pid = child.pid();
+            self.child = Some(child);
+            return Ok(Ensured::Adopted { pid });
+        }
+        self.start()?;
+        Ok(Ensured::Started {
+            pid: self.pid().unwrap_or_default(),
+        })
+    }
+
+    /// Stops the daemon (after the guests: nothing writes any more) and forgets it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.signal(qemu::Signal::Term);
+            if !matches!(child.wait_timeout(STOP_TIMEOUT), Ok(Some(_))) {
+                let _ = child.kill_and_reap(STOP_TIMEOUT);
+            }
+        }
+        let _ = std::fs::remove_file(&self.record);
+    }
+
+    /// Every disk's reservation.
+    fn status(&self) -> Result<Vec<DiskReservationStatus>, StorageError> {
+        match self.call(&StorageRequest::Status)? {
+            StorageResponse::Status { disks, .. } => Ok(disks),
+            StorageResponse::Error { message } => Err(StorageError::Refused { message }),
+            StorageResponse::Done { .. } => Err(StorageError::UnexpectedAnswer),
+        }
+    }
+
+    /// Registers `node` on every disk it attaches (a new generation if it was preempted);
+    /// a node takes its own disk's reservation if nobody holds it. Returns what changed.
+    fn register(&self, node: NodeId) -> Result<Vec<DiskReservationStatus>, StorageError> {
+        let mut changed = Vec::new();
+        // The plan lists node i's disk i-th.
+        for (owner, disk) in self.plan.disks.iter().enumerate() {
+            if !disk
+                .attachments
+                .iter()
+                .any(|a| a.node == node.index() as u32)
+            {
+                continue;
+            }
+            let (registered, mut status) = self.change(&StorageRequest::Register {
+                disk: disk.name.clone(),
+                node: node.index() as u32,
+            })?;
+            if status.holder.is_none() && owner == node.index() {
+                let (_, reserved) = self.change(&StorageRequest::Reserve {
+                    disk: disk.name.clone(),
+                    node: node.index() as u32,
+                })?;
+                status = reserved;
+            }
+            if registered {
+                changed.push(status);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Removes `victim`'s key from every disk it is registered on (preempt and abort): once
+    /// this returns, the victim has no write in progress and every later one fails. Each
+    /// disk is preempted by `by` if it is registered there, else by another registrant;
+    /// returns each preempted disk with its preemptor.
+    /// A disk with no other registrant keeps the victim's key (nobody may preempt it: SCSI
+    /// asks the same); it is named in the error.
+    fn preempt(
+        &self,
+        victim: NodeId,
+        by: Option<NodeId>,
+    ) -> Result<Vec<(u32, DiskReservationStatus)>, StorageError> {
+        let victim = victim.index() as u32;
+        let mut preempted = Vec::new();
+        for disk in self.status()? {
+            if !disk.registered.iter().any(|k| k.node == victim) {
+                continue;
+            }
+            let others: Vec<u32> = disk
+                .registered
+                .iter()
+                .map(|k| k.node)
+                .filter(|&n| n != victim)
+                .collect();
+            let preemptor = by
+                .map(|n| n.index() as u32)
+                .filter(|n| others.contains(n))
+                .or_else(|| others.first().copied());
+            let Some(preemptor) = preemptor else {
+                return Err(StorageError::Refused {
+                    message: format!(
+                        "disk {}: no other node is registered to preempt node {victim}",
+                        disk.name
+                    ),
+                });
+            };
+            let (_, status) = self.change(&StorageRequest::Preempt {
+                disk: disk.name.clone(),
+                victim,
+                by: preemptor,
+            })?;
+            preempted.push((preemptor, status));
+        }
+        Ok(preempted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_disk_is_attached_by_its_node_and_its_takers() {
+        let topology = Topology::new(["a".to_owned(), "b".to_owned(), "c".to_owned()]);
+        let state = StateDir::new("/run/ivha");
+        let files: Vec<NodeFiles> = ["a", "b", "c"]
+            .iter()
+            .map(|n| NodeFiles {
+                region: PathBuf::from(format!("/r/{n}")),
+                disk: PathBuf::from(format!("/d/{n}.img")),
+            })
+            .collect();
+        let plan = plan(&state, &topology, &files).unwrap();
+        assert_eq!(plan.disks.len(), 3);
+        let a = &plan.disks[0];
+        assert_eq!(a.name, "a");
+        assert_eq!(a.serial, "ivha-a");
+        assert_eq!(a.path, PathBuf::from("/d/a.img"));
+        assert_eq!(a.attachments[0].node, 0);
+        assert_eq!(
+            a.attachments[0].socket,
+            PathBuf::from("/run/ivha/blkd/a-a.sock")
+        );
+        // Every other node may take a over in a three-node cluster by default.
+        assert_eq!(a.attachments.len(), 3);
+        assert_eq!(
+            plan.control_socket,
+            PathBuf::from("/run/ivha/blkd/control.sock")
+        );
+
+        let long = StateDir::new(format!("/{}", "x".repeat(100)));
+        assert!(matches!(
+            super::plan(&long, &topology, &files),
+            Err(StorageError::SocketPathTooLong { .. })
+        ));
+    }
+}
