@@ -103,13 +103,5 @@ echo "  bridge: nbd://10.77.0.11:10809/a from namespace $netns (virtio-net on a 
 echo
 declare -A iops
 bench_rounds user bridge
-printf '%-14s %10s %10s   %s\n' "workload" "user" "bridge" "bridge/user"
-for rw in randwrite randread; do
-    for depth in 1 16; do
-        u=${iops[user.$rw.$depth]} b=${iops[bridge.$rw.$depth]}
-        printf '%-14s %10s %10s   %s\n' "$rw qd$depth" "$u" "$b" "$(ratio "$b" "$u")"
-    done
-done
-echo
-echo "IOPS (higher is better), median of $rounds. Both pairs run on the same host at the same time"
+compare_table user bridge
 echo "(four guests; the idle pair takes a little CPU from the one measured, alike for both modes)."

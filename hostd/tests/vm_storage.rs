@@ -94,6 +94,16 @@ fn a_node_fenced_at_the_storage_cannot_write_and_its_identity_moves_whole() {
         || console(&pair, "a").contains("I/O error"),
     );
     assert!(alive(a_pid));
+    // Its agent stopped serving a, and says why in its region; status shows it.
+    pair.wait_for(
+        "a's agent to say it stopped serving a",
+        Duration::from_secs(30),
+        |s| {
+            Pair::node(s, "a")["stopped_serving"]
+                .as_str()
+                .is_some_and(|why| why.starts_with("stopped serving a at epoch 1"))
+        },
+    );
     let events = pair.events();
     let preempted = events
         .iter()

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shared by the fio benchmarks (bench-nbd.sh, bench-bridge.sh): fio's NBD engine, medians of
-# rounds, ratios. The caller sets $size, $runtime and $rounds, and defines
+# Shared by the fio benchmarks (bench-nbd.sh, bench-bridge.sh, bench-guest-disks.sh): fio's NBD
+# engine, medians of rounds, ratios. The caller sets $size, $runtime and $rounds, and defines
 # `server_iops SERVER RW DEPTH` (one fio run against SERVER, printing its IOPS).
 
 # fio_iops URI RW DEPTH [COMMAND PREFIX...]: one 4 KiB random run (1 s ramp) of fio's nbd
@@ -43,4 +43,19 @@ bench_rounds() {
         done
     done
     echo >&2
+}
+
+# compare_table A B: the table of iops[A.*] against iops[B.*] for every workload, with B/A,
+# and the note every two-pair benchmark ends with.
+compare_table() {
+    local rw depth a b
+    printf '%-14s %10s %10s   %s\n' "workload" "$1" "$2" "$2/$1"
+    for rw in randwrite randread; do
+        for depth in 1 16; do
+            a=${iops[$1.$rw.$depth]} b=${iops[$2.$rw.$depth]}
+            printf '%-14s %10s %10s   %s\n' "$rw qd$depth" "$a" "$b" "$(ratio "$b" "$a")"
+        done
+    done
+    echo
+    echo "IOPS (higher is better), median of $rounds. Both pairs run on the same host at the same time"
 }

@@ -217,6 +217,47 @@ pub fn run(config: &ClientVmConfig) -> Result<ClientVmReport, ClientVmError> {
     judge(config, &ran)
 }
 
+/// Most lines [`server_notes`] keeps.
+const MAX_SERVER_NOTES: usize = 40;
+
+/// The lines of the nodes' consoles (agents' warnings and errors, NBD connections that
+/// ended with failed requests) and of the client's QEMU output, by file.
+fn server_notes(out: &Path) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out.join("logs"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.push(out.join("client-qemu.log"));
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let client_qemu = name == "client-qemu.log";
+        for line in text.lines() {
+            let failed_requests =
+                line.contains("disconnected from export") && !line.contains(", 0 errors,");
+            let noted = client_qemu
+                || failed_requests
+                || (line.contains("guest_agent")
+                    && (line.contains(" WARN ") || line.contains(" ERROR ")));
+            if noted && notes.len() < MAX_SERVER_NOTES {
+                notes.push(format!("{name}: {}", line.trim()));
+            }
+        }
+    }
+    notes
+}
+
 /// What happened while the pair ran.
 #[derive(Debug)]
 struct Ran {
@@ -514,6 +555,7 @@ fn judge(config: &ClientVmConfig, ran: &Ran) -> Result<ClientVmReport, ClientVmE
         journal_recovered: checked.journal_recovered,
         violations,
         aborted: ran.aborted.clone(),
+        server_notes: server_notes(&config.out_dir),
     };
     let path = config.out_dir.join("report.json");
     let json = report.to_json().unwrap_or_default();

@@ -44,6 +44,9 @@ pub struct ClientVmReport {
     pub violations: Vec<String>,
     /// Why the events stopped before the last, if they did.
     pub aborted: Option<String>,
+    /// What the nodes' agents and the client's QEMU logged about errors (warnings, errors,
+    /// NBD connections that ended with failed requests): where to look when the run fails.
+    pub server_notes: Vec<String>,
 }
 
 /// One event.
@@ -180,6 +183,12 @@ impl fmt::Display for ClientVmReport {
             writeln!(f, "result: FAIL ({} violations)", self.violations.len())?;
             for violation in &self.violations {
                 writeln!(f, "  - {violation}")?;
+            }
+            if !self.server_notes.is_empty() {
+                writeln!(f, "what the nodes' agents and the client's QEMU logged:")?;
+                for note in &self.server_notes {
+                    writeln!(f, "  | {note}")?;
+                }
             }
             Ok(())
         }
