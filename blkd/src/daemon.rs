@@ -33,6 +33,14 @@ pub enum StartError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot open the lock file {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another storage daemon holds {} (one per cluster)", path.display())]
+    AlreadyRunning { path: PathBuf },
     #[error("the plan names disk {0:?} twice")]
     DuplicateDisk(String),
     #[error("cannot load the reservations")]
@@ -73,8 +81,26 @@ pub fn read_plan(path: &Path) -> Result<StoragePlan, StartError> {
     Ok(plan)
 }
 
+/// Holds the lock beside the control socket: one daemon per plan, or two would serve the
+/// same disks with reservations the other does not see.
+fn lock(plan: &StoragePlan) -> Result<nix::fcntl::Flock<std::fs::File>, StartError> {
+    let path = plan.control_socket.with_file_name("blkd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| StartError::AlreadyRunning { path })
+}
+
 /// Runs the daemon for `plan` until the process is killed. Returns only if it cannot start.
 pub fn run(plan: &StoragePlan) -> Result<(), StartError> {
+    let _lock = lock(plan)?;
     let names: Vec<String> = plan.disks.iter().map(|d| d.name.clone()).collect();
     let table = Arc::new(Table::load(&plan.reservations, &names)?);
     // The control socket answers only once every disk is open: hostd takes an answer to

@@ -3,15 +3,15 @@
 //! never lets a fenced node write again.
 //!
 //! A [`WriteGate`] is the check on the data path: a change to a disk (write, discard,
-//! write zeroes) runs while the gate holds the disk's lock shared, and a preemption takes
-//! it exclusively. So when a preemption returns, every change the victim had in progress
+//! write zeroes) runs while the gate holds the disk's lock shared, and a preemption of that
+//! disk takes it exclusively. So when a preemption returns, every change the victim had in progress
 //! has finished, and every later one is refused: the "abort" of preempt-and-abort.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +83,8 @@ struct Disk {
 pub struct Table {
     path: PathBuf,
     disks: BTreeMap<String, Arc<Disk>>,
+    /// Held while a change writes the file: changes to different disks one at a time.
+    saving: Mutex<()>,
 }
 
 /// One disk's state as the daemon reports it.
@@ -136,6 +138,7 @@ impl Table {
                     (name, Arc::new(disk))
                 })
                 .collect(),
+            saving: Mutex::new(()),
         })
     }
 
@@ -169,28 +172,24 @@ impl Table {
     }
 
     /// Applies `operation` to `disk`: computes the new state, saves the whole table with it,
-    /// and only then lets it take effect. Writes to the disk wait meanwhile.
+    /// and only then lets it take effect. Writes to that disk wait meanwhile; the others'
+    /// do not.
     pub fn change(
         &self,
         disk: &str,
         operation: impl FnOnce(&mut DiskReservation) -> Result<Change, ReservationError>,
     ) -> Result<Change, ChangeError> {
-        if !self.disks.contains_key(disk) {
-            return Err(ChangeError::NoSuchDisk {
+        let target = self
+            .disks
+            .get(disk)
+            .ok_or_else(|| ChangeError::NoSuchDisk {
                 disk: disk.to_owned(),
-            });
-        }
-        // Every disk's lock, in name order (one order: no deadlock between two changes):
-        // the file is written from a consistent picture.
-        let mut guards: Vec<(&String, RwLockWriteGuard<'_, DiskReservation>)> = Vec::new();
-        for (name, d) in &self.disks {
-            guards.push((name, d.state.write().map_err(|_| ChangeError::Poisoned)?));
-        }
-        let mut next = guards
-            .iter()
-            .find(|(name, _)| name.as_str() == disk)
-            .map(|(_, state)| (**state).clone())
-            .unwrap_or_default();
+            })?;
+        // One change at a time writes the file; the other disks are only read (briefly,
+        // shared with their writes), so a change waits for this disk's writes alone.
+        let _saving = self.saving.lock().map_err(|_| ChangeError::Poisoned)?;
+        let mut state = target.state.write().map_err(|_| ChangeError::Poisoned)?;
+        let mut next = state.clone();
         let change = operation(&mut next).map_err(|source| ChangeError::Refused {
             disk: disk.to_owned(),
             source,
@@ -198,29 +197,28 @@ impl Table {
         if change == Change::None {
             return Ok(change);
         }
+        let mut disks = BTreeMap::new();
+        for (name, other) in &self.disks {
+            let other = if name == disk {
+                next.clone()
+            } else {
+                other
+                    .state
+                    .read()
+                    .map_err(|_| ChangeError::Poisoned)?
+                    .clone()
+            };
+            disks.insert(name.clone(), other);
+        }
         let file = TableFile {
             version: FORMAT_VERSION,
-            disks: guards
-                .iter()
-                .map(|(name, state)| {
-                    let state = if name.as_str() == disk {
-                        next.clone()
-                    } else {
-                        (**state).clone()
-                    };
-                    ((*name).clone(), state)
-                })
-                .collect(),
+            disks,
         };
         save(&self.path, &file).map_err(|source| ChangeError::Save {
             path: self.path.clone(),
             source,
         })?;
-        for (name, state) in &mut guards {
-            if name.as_str() == disk {
-                **state = next.clone();
-            }
-        }
+        *state = next;
         Ok(change)
     }
 }

@@ -120,6 +120,16 @@ fn fences_survive_a_kill_and_a_restart_of_the_daemon() {
     assert_eq!(preempted.registered, [key(1, 1)]);
     assert_eq!(preempted.holder, Some(1));
 
+    // A second daemon for the same plan is refused while the first runs.
+    let second = Command::new(env!("CARGO_BIN_EXE_ivha-blkd"))
+        .arg("--plan")
+        .arg(&plan_path)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another storage daemon holds"));
+    assert_eq!(ready(&plan), daemon.id());
+
     daemon.kill().unwrap();
     daemon.wait().unwrap();
     let mut daemon = start(&plan_path);

@@ -24,6 +24,13 @@ use crate::state_dir::StateDir;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take (a preemption waits for the victim's write in progress).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often hostd asks a running daemon whether it answers, how long it waits, and after
+/// how many unanswered probes in a row it replaces it.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+const PROBES_BEFORE_REPLACING: u32 = 3;
+/// How long `hostd status` waits for the disks' reservations.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a stopped daemon may take to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -37,6 +44,11 @@ pub enum StorageError {
     NoBinary { path: PathBuf },
     #[error("the socket path {} is too long ({len} bytes; at most {})", path.display(), qemu::cmdline::MAX_SOCKET_PATH)]
     SocketPathTooLong { path: PathBuf, len: usize },
+    #[error(
+        "the disk serial {serial:?} is longer than the {} bytes virtio-blk has: use a node name of at most 15 characters",
+        qemu::cmdline::MAX_DISK_SERIAL
+    )]
+    SerialTooLong { serial: String },
     #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
@@ -92,8 +104,12 @@ pub fn plan(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let serial = disk_serial(&name);
+        if serial.len() > qemu::cmdline::MAX_DISK_SERIAL {
+            return Err(StorageError::SerialTooLong { serial });
+        }
         disks.push(PlannedDisk {
-            serial: disk_serial(&name),
+            serial,
             path: files[owner.index()].disk.clone(),
             name,
             attachments,
@@ -175,6 +191,10 @@ pub struct StorageDaemon {
     log: PathBuf,
     binary: PathBuf,
     child: Option<QemuChild>,
+    /// When the daemon was last asked whether it answers, and how many times in a row it
+    /// did not: a hung daemon is replaced like a dead one.
+    last_probe: Instant,
+    unanswered: u32,
 }
 
 impl StorageDaemon {
@@ -191,6 +211,8 @@ impl StorageDaemon {
             log: state.root().join("consoles").join("blkd.log"),
             binary,
             child: None,
+            last_probe: Instant::now(),
+            unanswered: 0,
         })
     }
 
@@ -199,8 +221,21 @@ impl StorageDaemon {
     }
 
     fn adopt(&self) -> Option<QemuChild> {
-        let mut child = recorded(&self.record, &self.log)?;
-        match self.call(&StorageRequest::Status) {
+        let answered = self.call(&StorageRequest::Status);
+        let mut child = match recorded(&self.record, &self.log) {
+            Some(child) => child,
+            None => {
+                // No record, yet a daemon answers on this cluster's 0600 socket: one a
+                // hostd started and died before recording it. It serves the guests; a
+                // second one would not share its reservations.
+                let Ok(StorageResponse::Status { pid, .. }) = answered else {
+                    return None;
+                };
+                let start_time = qemu::process_start_time(pid).ok()?;
+                return QemuChild::adopt(pid, start_time, Some(self.log.clone())).ok();
+            }
+        };
+        match answered {
             Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => Some(child),
             _ => {
                 // Ours (its pid and start time say so) but deaf: it must not keep serving
@@ -245,22 +280,7 @@ impl StorageDaemon {
         command.arg("--plan").arg(&plan_path);
         let mut child =
             QemuChild::spawn_with_log(command, &self.log).map_err(StorageError::Spawn)?;
-        let started = Instant::now();
-        loop {
-            match self.call(&StorageRequest::Status) {
-                Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => break,
-                _ if started.elapsed() >= READY_TIMEOUT
-                    || !matches!(child.try_wait(), Ok(None)) =>
-                {
-                    let _ = child.kill_and_reap(STOP_TIMEOUT);
-                    return Err(StorageError::NotReady {
-                        waited: started.elapsed(),
-                        log: self.log.clone(),
-                    });
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        // Recorded at once: a hostd that dies while this one starts leaves it findable.
         let record = DaemonRecord {
             pid: child.pid(),
             start_time: qemu::process_start_time(child.pid()).map_err(|source| {
@@ -277,6 +297,22 @@ impl StorageDaemon {
         if let Err(error) = write(&self.record, &bytes) {
             let _ = child.kill_and_reap(STOP_TIMEOUT);
             return Err(error);
+        }
+        let started = Instant::now();
+        loop {
+            match self.call(&StorageRequest::Status) {
+                Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => break,
+                _ if started.elapsed() >= READY_TIMEOUT
+                    || !matches!(child.try_wait(), Ok(None)) =>
+                {
+                    let _ = child.kill_and_reap(STOP_TIMEOUT);
+                    return Err(StorageError::NotReady {
+                        waited: started.elapsed(),
+                        log: self.log.clone(),
+                    });
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
         log::info!("storage daemon started (pid {})", child.pid());
         self.child = Some(child);
@@ -323,10 +359,31 @@ impl Storage for StorageDaemon {
     fn ensure_running(&mut self) -> Result<Ensured, StorageError> {
         if let Some(child) = &mut self.child {
             if matches!(child.try_wait(), Ok(None)) {
-                return Ok(Ensured::Running);
+                if self.last_probe.elapsed() < PROBE_INTERVAL {
+                    return Ok(Ensured::Running);
+                }
+                self.last_probe = Instant::now();
+                let answered = wire::storage::call(
+                    &self.plan.control_socket,
+                    &StorageRequest::Status,
+                    PROBE_TIMEOUT,
+                )
+                .is_ok();
+                self.unanswered = if answered { 0 } else { self.unanswered + 1 };
+                if self.unanswered < PROBES_BEFORE_REPLACING {
+                    return Ok(Ensured::Running);
+                }
+                log::error!(
+                    "the storage daemon (pid {}) did not answer {} probes in a row: replacing it",
+                    child.pid(),
+                    self.unanswered
+                );
+                let _ = child.kill_and_reap(STOP_TIMEOUT);
+            } else {
+                log::warn!("the storage daemon (pid {}) is gone", child.pid());
             }
-            log::warn!("the storage daemon (pid {}) is gone", child.pid());
             self.child = None;
+            self.unanswered = 0;
         }
         if let Some(child) = self.adopt() {
             log::info!("adopted the storage daemon (pid {})", child.pid());
@@ -353,7 +410,14 @@ impl Storage for StorageDaemon {
 
     /// Every disk's reservation.
     fn status(&self) -> Result<Vec<DiskReservationStatus>, StorageError> {
-        match self.call(&StorageRequest::Status)? {
+        // Short: `hostd status` asks this on hostd's one thread.
+        let answer = wire::storage::call(
+            &self.plan.control_socket,
+            &StorageRequest::Status,
+            STATUS_TIMEOUT,
+        )
+        .map_err(StorageError::Unreachable)?;
+        match answer {
             StorageResponse::Status { disks, .. } => Ok(disks),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),
             StorageResponse::Done { .. } => Err(StorageError::UnexpectedAnswer),
@@ -394,7 +458,8 @@ impl Storage for StorageDaemon {
     /// Removes `victim`'s key from every disk it is registered on (preempt and abort): once
     /// this returns, the victim has no write in progress and every later one fails. Each
     /// disk is preempted by `by` if it is registered there, else by another registrant;
-    /// returns each preempted disk with its preemptor.
+    /// returns each preempted disk with its preemptor. A disk that cannot be preempted (no
+    /// other registrant, or the daemon refused) is logged and the others are preempted.
     /// A disk with no other registrant keeps the victim's key (nobody may preempt it: SCSI
     /// asks the same); it is named in the error.
     fn preempt(
@@ -418,20 +483,26 @@ impl Storage for StorageDaemon {
                 .map(|n| n.index() as u32)
                 .filter(|n| others.contains(n))
                 .or_else(|| others.first().copied());
+            // One disk that cannot be preempted must not spare the victim the others.
             let Some(preemptor) = preemptor else {
-                return Err(StorageError::Refused {
-                    message: format!(
-                        "disk {}: no other node is registered to preempt node {victim}",
-                        disk.name
-                    ),
-                });
+                log::error!(
+                    "disk {}: no other node is registered to preempt node {victim}; it keeps its key there",
+                    disk.name
+                );
+                continue;
             };
-            let (_, status) = self.change(&StorageRequest::Preempt {
+            match self.change(&StorageRequest::Preempt {
                 disk: disk.name.clone(),
                 victim,
                 by: preemptor,
-            })?;
-            preempted.push((preemptor, status));
+            }) {
+                Ok((_, status)) => preempted.push((preemptor, status)),
+                Err(error) => log::error!(
+                    "disk {}: cannot preempt node {victim}: {}",
+                    disk.name,
+                    wire::error_chain::one_line(&error)
+                ),
+            }
         }
         Ok(preempted)
     }
@@ -470,6 +541,11 @@ mod tests {
             PathBuf::from("/run/ivha/blkd/control.sock")
         );
 
+        let named = Topology::new(["a".to_owned(), "sixteen-letters1".to_owned()]);
+        assert!(matches!(
+            super::plan(&state, &named, &files[..2]),
+            Err(StorageError::SerialTooLong { .. })
+        ));
         let long = StateDir::new(format!("/{}", "x".repeat(100)));
         assert!(matches!(
             super::plan(&long, &topology, &files),

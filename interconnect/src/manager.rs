@@ -330,8 +330,14 @@ impl Manager {
             self.hold_refused(link, why);
             return delivered;
         }
-        let change = self.links[link].heard(now);
-        self.link_event(link, change);
+        // A refused link stays down until the peer says a Hello it can accept: nothing
+        // else from it counts as hearing it.
+        let refused_here = self.links[link].refused.is_some();
+        let acceptable_hello = frame.kind == Kind::Hello && frame.seq & REQUIRED == REQUIRED;
+        if !refused_here || acceptable_hello || frame.kind == Kind::HelloAck {
+            let change = self.links[link].heard(now);
+            self.link_event(link, change);
+        }
         match frame.kind {
             Kind::Hello => {
                 if frame.seq & REQUIRED == REQUIRED {

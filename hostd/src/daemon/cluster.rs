@@ -598,6 +598,65 @@ impl Cluster {
         Ok(())
     }
 
+    /// After an adoption: a running node without a key on its own disk was cut off at the
+    /// storage by an earlier hostd and never killed (`fence --keep-running`, or a hostd that
+    /// died between the preemption and the kill). It counts as fenced and kept running
+    /// again, so its identities move and `unfence` stops it before registering it.
+    pub fn reconcile_fences(&mut self) {
+        let Some(disks) = self.storage.as_ref().and_then(|s| s.status().ok()) else {
+            return;
+        };
+        for node in self.topology.nodes() {
+            let name = self.topology.name(node).to_owned();
+            let Some(disk) = disks.iter().find(|d| d.name == name) else {
+                continue;
+            };
+            // A disk nobody is registered on is one the daemon never served (a cluster
+            // started before it, or a reservations file lost): nothing to conclude.
+            if disk.registered.is_empty() {
+                continue;
+            }
+            let keyed = disk
+                .registered
+                .iter()
+                .any(|k| k.node == node.index() as u32);
+            let health = &mut self.nodes[node.index()];
+            if !keyed && !health.fenced && self.backend.pid(node).is_some() {
+                log::warn!(
+                    "node {name} has no key on its disk: fenced at the storage, kept running"
+                );
+                health.fenced(
+                    "its keys were preempted before hostd restarted; its process keeps running",
+                );
+                health.kept_running = true;
+                self.record_serving_ended_all(node, "fenced at the storage");
+            }
+        }
+    }
+
+    /// Waits until `node`'s agent says, in its region, that it stopped serving `identity`
+    /// at `epoch` or later; false after `timeout`.
+    pub fn await_stopped_serving(
+        &self,
+        node: NodeId,
+        identity: IdentityId,
+        epoch: u64,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stopped = self.nodes[node.index()].region.stopped_serving();
+            if stopped.is_some_and(|s| s.identity as usize == identity.index() && s.epoch >= epoch)
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Registers `node`'s keys on the disks it attaches (no storage daemon: nothing to do).
     pub fn register_keys(&mut self, node: NodeId) -> Result<(), StorageError> {
         let Some(storage) = &mut self.storage else {
@@ -932,10 +991,12 @@ impl Cluster {
                         .region
                         .stopped_serving()
                         .filter(|stopped| {
-                            self.topology
-                                .identities()
-                                .nth(stopped.identity as usize)
-                                .is_some_and(|identity| self.owner_of(identity) != Some(node))
+                            // Only while the move it reports is the latest of that identity.
+                            self.control
+                                .owner(stopped.identity as usize)
+                                .is_some_and(|o| {
+                                    o.node != Some(node.index() as u32) && o.epoch == stopped.epoch
+                                })
                         })
                         .map(|stopped| {
                             format!(

@@ -186,6 +186,7 @@ pub fn run(
         let mut adopted = adopt::adopt(cluster, &running)?;
         // Its guests are attached to the daemon an earlier hostd started, if it lives.
         adopted.check_storage();
+        adopted.reconcile_fences();
         adopted
     };
     let result = main_loop(&mut cluster, &requests, &mut on_progress);

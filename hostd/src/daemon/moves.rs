@@ -22,6 +22,9 @@ use super::topology::{IdentityId, NodeId};
 
 /// How long an agent may take to acknowledge a takeover (a replay of a full log included).
 const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node fenced at the storage only (kept running) has to say it stopped serving
+/// an identity that moved (see [`move_identity`]).
+const STOP_SERVING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a release may take (the old owner flushes its whole log).
 const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long a node whose takeover of an identity failed is passed over for it, so that the
@@ -749,6 +752,25 @@ fn move_identity(
     // Before the owner changes: the agent may start serving as soon as it does.
     cluster.record_serving_started(identity, to, epoch);
     cluster.set_owner(identity, to, epoch)?;
+    if matches!(how, Move::Unplanned { .. }) && cluster.node(from).kept_running {
+        // Fenced at the storage only, the old owner still runs and may be logging a write
+        // it let in before the owner changed: its log is whole only once it says it
+        // stopped serving the identity. One that does not say so in time is killed.
+        if !cluster.await_stopped_serving(from, identity, epoch, STOP_SERVING_TIMEOUT) {
+            log::warn!(
+                "{} did not say it stopped serving {identity_name} within {STOP_SERVING_TIMEOUT:?}: killing it",
+                cluster.topology().name(from)
+            );
+            cluster
+                .backend_mut()
+                .fence(from, super::cluster::FENCE_TIMEOUT)
+                .map_err(|source| MoveError::Fence {
+                    node: cluster.topology().name(from).to_owned(),
+                    source,
+                })?;
+            cluster.node_mut(from).kept_running = false;
+        }
+    }
     let taken = cluster
         .issue(
             to,

@@ -959,3 +959,20 @@ fn without_a_storage_daemon_only_a_kill_fences() {
             .any(|c| matches!(c, Call::Preempt { .. }))
     );
 }
+
+/// A node fenced at the storage whose agent never says it stopped serving (hung inside)
+/// is killed before its identity's taker replays its log: the log is then final.
+#[test]
+fn a_kept_running_node_that_does_not_confirm_is_killed_before_the_takeover() {
+    let mut h = Harness::pair_with_storage();
+    h.up();
+    h.fake.set(A, |a| a.beats = false);
+    fencing::fence(&mut h.cluster, "a", true).unwrap();
+    h.run_until("b holds a", Duration::from_secs(15), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let calls = h.fake.calls();
+    let kill = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
+    assert!(kill < position(&calls, takeover_to(B)), "{calls:#?}");
+    assert!(!h.cluster.node(node(A)).kept_running);
+}

@@ -430,6 +430,13 @@ fn start_agent(
         .unwrap_or_else(|e| panic!("fake agent: {e}"));
     // Commands issued before this start are not for this agent.
     let mut last_seq = control.command(index).map_or(0, |c| c.seq);
+    let identities = control.header().identities.len();
+    let owns = move |control: &ControlRegion, identity: usize| {
+        control
+            .owner(identity)
+            .is_some_and(|o| o.node == Some(index as u32))
+    };
+    let mut served: Vec<bool> = (0..identities).map(|i| owns(&control, i)).collect();
     let thread = std::thread::spawn(move || {
         while !thread_stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(2));
@@ -441,6 +448,20 @@ fn start_agent(
                 continue;
             }
             writer.heartbeat.beat();
+            // An identity owned elsewhere now is no longer served here, and the agent says
+            // so, as a real one does.
+            for (identity, serving) in served.iter_mut().enumerate() {
+                let owned = owns(&control, identity);
+                if *serving && !owned {
+                    writer.stopped.publish(shm::StoppedServing {
+                        identity: identity as u32,
+                        reason: shm::StopReason::Reassigned,
+                        epoch: control.epoch(),
+                        unix_ns: 0,
+                    });
+                }
+                *serving = owned;
+            }
             for region in &watched {
                 writer.peer.observe(PeerObservation {
                     node_id: Some(region.header().node_id),
