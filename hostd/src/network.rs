@@ -112,16 +112,12 @@ impl Made {
         }
     }
 
-    /// Writes the record whole or not at all (a new file renamed over the old).
+    /// Writes the record whole or not at all.
     fn save(&self, path: &Path) -> Result<(), SetUpError> {
-        let error = |source| SetUpError::Record {
+        crate::daemon::records::write_json(path, self).map_err(|source| SetUpError::Record {
             path: path.to_owned(),
             source,
-        };
-        let text = serde_json::to_string_pretty(self).map_err(|e| error(e.into()))?;
-        let new = path.with_extension("json.new");
-        std::fs::write(&new, text).map_err(error)?;
-        std::fs::rename(&new, path).map_err(error)
+        })
     }
 }
 

@@ -127,6 +127,16 @@ pub fn disk_serial(name: &str) -> String {
     format!("ivha-{name}")
 }
 
+/// Where hostd records the daemon it started.
+fn record_path(state: &StateDir) -> PathBuf {
+    state.run_dir().join("blkd.json")
+}
+
+/// The daemon's stdout and stderr.
+fn log_path(state: &StateDir) -> PathBuf {
+    state.root().join("consoles").join("blkd.log")
+}
+
 /// The daemon an earlier hostd recorded at `record`, if it still runs.
 fn recorded(record: &Path, log: &Path) -> Option<QemuChild> {
     let record: DaemonRecord = serde_json::from_slice(&std::fs::read(record).ok()?).ok()?;
@@ -136,8 +146,8 @@ fn recorded(record: &Path, log: &Path) -> Option<QemuChild> {
 /// `hostd down` without a daemon and without running nodes: stops the storage daemon an
 /// earlier hostd left running, if any. Returns its pid.
 pub fn stop_recorded(state: &StateDir) -> Option<u32> {
-    let record = state.run_dir().join("blkd.json");
-    let mut child = recorded(&record, &state.root().join("consoles").join("blkd.log"))?;
+    let record = record_path(state);
+    let mut child = recorded(&record, &log_path(state))?;
     let pid = child.pid();
     let _ = child.signal(qemu::Signal::Term);
     if !matches!(child.wait_timeout(STOP_TIMEOUT), Ok(Some(_))) {
@@ -207,8 +217,8 @@ impl StorageDaemon {
         Ok(Self {
             plan,
             dir: state.storage_dir(),
-            record: state.run_dir().join("blkd.json"),
-            log: state.root().join("consoles").join("blkd.log"),
+            record: record_path(state),
+            log: log_path(state),
             binary,
             child: None,
             last_probe: Instant::now(),
@@ -220,8 +230,32 @@ impl StorageDaemon {
         &self.plan
     }
 
+    /// Whether the running daemon is alive and, when a probe is due, answers; a daemon
+    /// that misses several probes in a row counts as dead.
+    fn answers(&mut self, child: &mut QemuChild) -> bool {
+        if !matches!(child.try_wait(), Ok(None)) {
+            log::warn!("the storage daemon (pid {}) is gone", child.pid());
+            return false;
+        }
+        if self.last_probe.elapsed() < PROBE_INTERVAL {
+            return true;
+        }
+        self.last_probe = Instant::now();
+        let answered = self.call(&StorageRequest::Status, PROBE_TIMEOUT).is_ok();
+        self.unanswered = if answered { 0 } else { self.unanswered + 1 };
+        if self.unanswered < PROBES_BEFORE_REPLACING {
+            return true;
+        }
+        log::error!(
+            "the storage daemon (pid {}) did not answer {} probes in a row: replacing it",
+            child.pid(),
+            self.unanswered
+        );
+        false
+    }
+
     fn adopt(&self) -> Option<QemuChild> {
-        let answered = self.call(&StorageRequest::Status);
+        let answered = self.call(&StorageRequest::Status, REQUEST_TIMEOUT);
         let mut child = match recorded(&self.record, &self.log) {
             Some(child) => child,
             None => {
@@ -252,24 +286,13 @@ impl StorageDaemon {
     }
 
     fn start(&mut self) -> Result<(), StorageError> {
-        let write = |path: &Path, bytes: &[u8]| {
-            std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-                .and_then(|()| {
-                    let temporary = path.with_extension("tmp");
-                    std::fs::write(&temporary, bytes)?;
-                    std::fs::rename(&temporary, path)
-                })
-                .map_err(|source| StorageError::Write {
-                    path: path.to_owned(),
-                    source,
-                })
-        };
         let plan_path = self.dir.join("plan.json");
-        let plan = serde_json::to_vec_pretty(&self.plan).map_err(|e| StorageError::Write {
-            path: plan_path.clone(),
-            source: std::io::Error::other(e),
+        crate::daemon::records::write_json(&plan_path, &self.plan).map_err(|source| {
+            StorageError::Write {
+                path: plan_path.clone(),
+                source,
+            }
         })?;
-        write(&plan_path, &plan)?;
         std::fs::create_dir_all(self.log.parent().unwrap_or(Path::new("."))).map_err(|source| {
             StorageError::Write {
                 path: self.log.clone(),
@@ -281,26 +304,23 @@ impl StorageDaemon {
         let mut child =
             QemuChild::spawn_with_log(command, &self.log).map_err(StorageError::Spawn)?;
         // Recorded at once: a hostd that dies while this one starts leaves it findable.
-        let record = DaemonRecord {
-            pid: child.pid(),
-            start_time: qemu::process_start_time(child.pid()).map_err(|source| {
-                StorageError::Write {
-                    path: self.record.clone(),
-                    source,
-                }
-            })?,
-        };
-        let bytes = serde_json::to_vec(&record).map_err(|e| StorageError::Write {
-            path: self.record.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        if let Err(error) = write(&self.record, &bytes) {
+        let recorded = qemu::process_start_time(child.pid()).and_then(|start_time| {
+            let record = DaemonRecord {
+                pid: child.pid(),
+                start_time,
+            };
+            crate::daemon::records::write_json(&self.record, &record)
+        });
+        if let Err(source) = recorded {
             let _ = child.kill_and_reap(STOP_TIMEOUT);
-            return Err(error);
+            return Err(StorageError::Write {
+                path: self.record.clone(),
+                source,
+            });
         }
         let started = Instant::now();
         loop {
-            match self.call(&StorageRequest::Status) {
+            match self.call(&StorageRequest::Status, REQUEST_TIMEOUT) {
                 Ok(StorageResponse::Status { pid, .. }) if pid == child.pid() => break,
                 _ if started.elapsed() >= READY_TIMEOUT
                     || !matches!(child.try_wait(), Ok(None)) =>
@@ -319,8 +339,12 @@ impl StorageDaemon {
         Ok(())
     }
 
-    fn call(&self, request: &StorageRequest) -> Result<StorageResponse, StorageError> {
-        wire::storage::call(&self.plan.control_socket, request, REQUEST_TIMEOUT)
+    fn call(
+        &self,
+        request: &StorageRequest,
+        timeout: Duration,
+    ) -> Result<StorageResponse, StorageError> {
+        wire::storage::call(&self.plan.control_socket, request, timeout)
             .map_err(StorageError::Unreachable)
     }
 
@@ -328,7 +352,7 @@ impl StorageDaemon {
         &self,
         request: &StorageRequest,
     ) -> Result<(bool, DiskReservationStatus), StorageError> {
-        match self.call(request)? {
+        match self.call(request, REQUEST_TIMEOUT)? {
             StorageResponse::Done { changed, disk } => Ok((changed, disk)),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),
             StorageResponse::Status { .. } => Err(StorageError::UnexpectedAnswer),
@@ -357,32 +381,13 @@ impl Storage for StorageDaemon {
     /// Makes sure the daemon runs: adopts the one an earlier hostd started if it is alive
     /// and answers, else starts one and waits until it answers. Returns what it did.
     fn ensure_running(&mut self) -> Result<Ensured, StorageError> {
-        if let Some(child) = &mut self.child {
-            if matches!(child.try_wait(), Ok(None)) {
-                if self.last_probe.elapsed() < PROBE_INTERVAL {
-                    return Ok(Ensured::Running);
-                }
-                self.last_probe = Instant::now();
-                let answered = wire::storage::call(
-                    &self.plan.control_socket,
-                    &StorageRequest::Status,
-                    PROBE_TIMEOUT,
-                )
-                .is_ok();
-                self.unanswered = if answered { 0 } else { self.unanswered + 1 };
-                if self.unanswered < PROBES_BEFORE_REPLACING {
-                    return Ok(Ensured::Running);
-                }
-                log::error!(
-                    "the storage daemon (pid {}) did not answer {} probes in a row: replacing it",
-                    child.pid(),
-                    self.unanswered
-                );
-                let _ = child.kill_and_reap(STOP_TIMEOUT);
-            } else {
-                log::warn!("the storage daemon (pid {}) is gone", child.pid());
+        if let Some(mut child) = self.child.take() {
+            if self.answers(&mut child) {
+                self.child = Some(child);
+                return Ok(Ensured::Running);
             }
-            self.child = None;
+            // Dead, or hung: replaced like a dead one.
+            let _ = child.kill_and_reap(STOP_TIMEOUT);
             self.unanswered = 0;
         }
         if let Some(child) = self.adopt() {
@@ -411,13 +416,7 @@ impl Storage for StorageDaemon {
     /// Every disk's reservation.
     fn status(&self) -> Result<Vec<DiskReservationStatus>, StorageError> {
         // Short: `hostd status` asks this on hostd's one thread.
-        let answer = wire::storage::call(
-            &self.plan.control_socket,
-            &StorageRequest::Status,
-            STATUS_TIMEOUT,
-        )
-        .map_err(StorageError::Unreachable)?;
-        match answer {
+        match self.call(&StorageRequest::Status, STATUS_TIMEOUT)? {
             StorageResponse::Status { disks, .. } => Ok(disks),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),
             StorageResponse::Done { .. } => Err(StorageError::UnexpectedAnswer),

@@ -659,10 +659,10 @@ impl Cluster {
 
     /// Registers `node`'s keys on the disks it attaches (no storage daemon: nothing to do).
     pub fn register_keys(&mut self, node: NodeId) -> Result<(), StorageError> {
-        let Some(storage) = &mut self.storage else {
+        self.ensure_storage()?;
+        let Some(storage) = &self.storage else {
             return Ok(());
         };
-        storage.ensure_running()?;
         let registered = storage.register(node)?;
         for disk in registered {
             let generation = disk
@@ -673,7 +673,7 @@ impl Cluster {
             let event = Event::DiskRegistered {
                 node: self.topology.name(node).to_owned(),
                 generation,
-                holder: self.holder_name(disk.holder),
+                holder: disk.holder.and_then(|h| self.node_name_at(h)),
                 disk: disk.name,
             };
             self.record(&event);
@@ -689,16 +689,16 @@ impl Cluster {
         by: Option<NodeId>,
         reason: &str,
     ) -> Result<(), StorageError> {
-        let Some(storage) = &mut self.storage else {
+        self.ensure_storage()?;
+        let Some(storage) = &self.storage else {
             return Ok(());
         };
-        storage.ensure_running()?;
         let preempted = storage.preempt(victim, by)?;
         for (by, disk) in preempted {
             let event = Event::DiskPreempted {
                 node: self.topology.name(victim).to_owned(),
-                by: self.holder_name(Some(by)).unwrap_or_default(),
-                holder: self.holder_name(disk.holder),
+                by: self.node_name_at(by).unwrap_or_default(),
+                holder: disk.holder.and_then(|h| self.node_name_at(h)),
                 reason: reason.to_owned(),
                 disk: disk.name,
             };
@@ -707,31 +707,34 @@ impl Cluster {
         Ok(())
     }
 
-    fn holder_name(&self, holder: Option<u32>) -> Option<String> {
-        let node = self.topology.node_at(holder? as usize)?;
+    /// The name of the node at index `index` (as the storage daemon names nodes).
+    fn node_name_at(&self, index: u32) -> Option<String> {
+        let node = self.topology.node_at(index as usize)?;
         Some(self.topology.name(node).to_owned())
     }
 
-    /// Restarts the storage daemon if it died (QEMU reconnects to it by itself).
-    pub fn check_storage(&mut self) {
+    /// Makes sure the storage daemon runs, starting (or adopting) it if need be, and
+    /// records that when it happens; without a daemon, nothing to do.
+    fn ensure_storage(&mut self) -> Result<(), StorageError> {
         let Some(storage) = &mut self.storage else {
-            return;
+            return Ok(());
         };
-        match storage.ensure_running() {
-            Ok(Ensured::Running) => {}
-            Ok(Ensured::Adopted { pid }) => {
-                self.record(&Event::StorageStarted { pid, adopted: true })
-            }
-            Ok(Ensured::Started { pid }) => {
-                self.record(&Event::StorageStarted {
-                    pid,
-                    adopted: false,
-                });
-            }
-            Err(error) => log::error!(
+        let (pid, adopted) = match storage.ensure_running()? {
+            Ensured::Running => return Ok(()),
+            Ensured::Adopted { pid } => (pid, true),
+            Ensured::Started { pid } => (pid, false),
+        };
+        self.record(&Event::StorageStarted { pid, adopted });
+        Ok(())
+    }
+
+    /// Restarts the storage daemon if it died or hung (QEMU reconnects to it by itself).
+    pub fn check_storage(&mut self) {
+        if let Err(error) = self.ensure_storage() {
+            log::error!(
                 "the storage daemon is not running and cannot be started: {}",
                 wire::error_chain::one_line(&error)
-            ),
+            );
         }
     }
 
@@ -746,11 +749,11 @@ impl Cluster {
         disks
             .into_iter()
             .map(|disk| wire::control::DiskStatus {
-                holder: self.holder_name(disk.holder),
+                holder: disk.holder.and_then(|h| self.node_name_at(h)),
                 registered: disk
                     .registered
                     .iter()
-                    .filter_map(|k| self.holder_name(Some(k.node)))
+                    .filter_map(|k| self.node_name_at(k.node))
                     .collect(),
                 generation: disk.generation,
                 name: disk.name,
@@ -986,7 +989,6 @@ impl Cluster {
                         .zip(owner)
                         .filter(|_| served_by_state == Some(NodeState::Up))
                         .map(|(bridge, holder)| bridge.mac(holder.index())),
-                    // Only while it does not serve that identity again.
                     stopped_serving: health
                         .region
                         .stopped_serving()

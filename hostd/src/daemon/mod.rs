@@ -23,7 +23,7 @@ mod inject;
 mod metrics;
 mod moves;
 pub mod prepare;
-mod records;
+pub(crate) mod records;
 mod socket;
 pub mod topology;
 

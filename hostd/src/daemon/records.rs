@@ -41,19 +41,25 @@ fn config_path(state: &StateDir) -> PathBuf {
     state.run_dir().join("config.json")
 }
 
-/// Writes `value` as JSON to `path` atomically (a reader never sees half a file).
-fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RecordError> {
-    let write_err = |source| RecordError::Write {
+/// Writes `value` as JSON to `path` atomically (a reader never sees half a file): a new
+/// file renamed over the old, its directory made if missing. Every record hostd keeps in
+/// the state directory goes through here.
+pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.new");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// [`write_json`] for the run records.
+fn write_record(path: &Path, value: &impl Serialize) -> Result<(), RecordError> {
+    write_json(path, value).map_err(|source| RecordError::Write {
         path: path.to_owned(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let text = serde_json::to_vec_pretty(value).map_err(|e| write_err(std::io::Error::other(e)))?;
-    let temporary = path.with_extension("json.new");
-    std::fs::write(&temporary, text).map_err(write_err)?;
-    std::fs::rename(&temporary, path).map_err(write_err)
+    })
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
@@ -83,7 +89,7 @@ pub fn save_record(
         boot_id_before: before.0,
         heartbeat_before: before.1,
     };
-    write_json(&record_path(state, node), &record)
+    write_record(&record_path(state, node), &record)
 }
 
 /// The record of node `node`, if there is one.
@@ -103,7 +109,7 @@ pub fn remove_record(state: &StateDir, node: &str) {
 
 /// Records the configuration the pair is started with.
 pub fn save_config(state: &StateDir, config: &Config) -> Result<(), RecordError> {
-    write_json(&config_path(state), config)
+    write_record(&config_path(state), config)
 }
 
 /// The configuration the running pair was started with.
