@@ -63,13 +63,13 @@ struct RunArgs {
     #[arg(long, default_value_t = 12)]
     cycles: u64,
     /// Fault kinds to draw from (comma-separated): kill, stop, panic, agent_kill,
-    /// hostd_restart, torn_tail, double_kill, kill_taker, kill_two, blkd_restart. `panic`
-    /// and blkd_restart need QEMU guests; kill_taker and kill_two need 3 nodes or more
+    /// hostd_restart, torn_tail, double_kill, kill_taker, kill_two, blkd_restart,
+    /// link_down. `panic` and blkd_restart need QEMU guests; kill_taker and kill_two need 3 nodes or more
     /// (left out of a pair's run).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill,kill_taker,kill_two,blkd_restart"
+        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill,kill_taker,kill_two,blkd_restart,link_down"
     )]
     faults: Vec<FaultKind>,
     /// Nodes in the cluster, named a, b, c, ...: 2 (a pair) to 8.

@@ -53,11 +53,15 @@ pub enum FaultKind {
     /// disk I/O resumes, and no identity moves. Needs QEMU guests (the process backend
     /// has no storage daemon).
     BlkdRestart,
+    /// Cut one of the node's interconnect links, or every one (`hostd link NODE LINK
+    /// down`), restore them after a while: a dead link is no dead node, so no identity
+    /// moves.
+    LinkDown,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Panic,
@@ -68,6 +72,7 @@ impl FaultKind {
         FaultKind::KillTaker,
         FaultKind::KillTwo,
         FaultKind::BlkdRestart,
+        FaultKind::LinkDown,
     ];
 
     /// The name used in the history and on the command line.
@@ -83,6 +88,7 @@ impl FaultKind {
             FaultKind::KillTaker => "kill_taker",
             FaultKind::KillTwo => "kill_two",
             FaultKind::BlkdRestart => "blkd_restart",
+            FaultKind::LinkDown => "link_down",
         }
     }
 
@@ -150,7 +156,15 @@ pub struct PlannedFault {
     /// `kill_two`: the second node it kills.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub second: Option<String>,
+    /// `link_down`: the links it cuts (every link of the default interconnect when it
+    /// cuts them all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<u16>,
 }
+
+/// The links of the campaign's cluster: hostd's default interconnect, two network links
+/// and the mailbox.
+pub const LINKS: u16 = 3;
 
 /// Draws `cycles` faults from `seed` for a cluster of `nodes` (in configuration order).
 /// Kinds come in shuffled rounds of all of `kinds`, so a short campaign still has each kind
@@ -195,6 +209,17 @@ pub fn schedule(
             };
             // Drawn only for the kind (never in a pair), so the other kinds' draws stay.
             let second = (kind == FaultKind::KillTwo).then(|| unrelated(&mut rng, nodes, index));
+            // Drawn only for the kind too: one link, or all of them (the interconnect down).
+            let (pause_ms, links) = if kind == FaultKind::LinkDown {
+                let links = if rng.percent(50) {
+                    (0..LINKS).collect()
+                } else {
+                    vec![rng.below(u64::from(LINKS)) as u16]
+                };
+                (rng.between(300, 4000), links)
+            } else {
+                (pause_ms, Vec::new())
+            };
             PlannedFault {
                 cycle,
                 kind,
@@ -203,6 +228,7 @@ pub fn schedule(
                 complete_record: rng.percent(50),
                 warmup_ms: rng.between(300, 1200),
                 second,
+                links,
             }
         })
         .collect()
@@ -507,6 +533,21 @@ pub fn inject(
                 killed_at.elapsed().as_millis()
             )
         }
+        FaultKind::LinkDown => {
+            for link in &fault.links {
+                hostd.run(&["link", node, &link.to_string(), "down"])?;
+            }
+            std::thread::sleep(Duration::from_millis(fault.pause_ms));
+            for link in &fault.links {
+                hostd.run(&["link", node, &link.to_string(), "up"])?;
+            }
+            let links: Vec<String> = fault.links.iter().map(u16::to_string).collect();
+            format!(
+                "links {} of {node} cut for {} ms, then restored",
+                links.join(", "),
+                fault.pause_ms
+            )
+        }
         FaultKind::HostdRestart => {
             let hostd_pid = status.hostd_pid;
             if hostd_pid == 0 {
@@ -586,6 +627,7 @@ pub fn recover(
         FaultKind::AgentKill
         | FaultKind::HostdRestart
         | FaultKind::BlkdRestart
+        | FaultKind::LinkDown
         | FaultKind::DoubleKill
         | FaultKind::KillTaker
         | FaultKind::KillTwo => false,
@@ -625,8 +667,11 @@ pub fn recover(
         )?;
     }
     std::thread::sleep(dwell);
-    if matches!(fault.kind, FaultKind::HostdRestart | FaultKind::BlkdRestart) {
-        // A takeover caused by the restart alone would come a heartbeat timeout later.
+    if matches!(
+        fault.kind,
+        FaultKind::HostdRestart | FaultKind::BlkdRestart | FaultKind::LinkDown
+    ) {
+        // A takeover caused by the fault alone would come a heartbeat timeout later.
         std::thread::sleep(Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 500).saturating_sub(dwell));
         let status = hostd.status()?;
         if status.epoch != epoch_before {
@@ -734,7 +779,7 @@ mod tests {
         // kinds before it still give the pinned one.
         let before_blkd: Vec<FaultKind> = FaultKind::ALL
             .into_iter()
-            .filter(|&k| k != FaultKind::BlkdRestart)
+            .filter(|&k| k != FaultKind::BlkdRestart && k != FaultKind::LinkDown)
             .collect();
         for kinds in [&PAIR_KINDS[..], &before_blkd[..]] {
             assert_eq!(

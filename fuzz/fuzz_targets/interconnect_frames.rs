@@ -2,8 +2,9 @@
 //! manager fed what a peer, or anyone on its links, sends (`Manager::receive`, `poll`).
 //! Input: records of a byte (the link the frame arrives on: 0, 1, or 2, a link that does
 //! not exist; and how far the clock moves), a little-endian u16 length, and that many bytes.
-//! Properties: a decoded frame encodes back to the same bytes; the manager never panics and
-//! only delivers messages of the channels open here.
+//! Properties: a decoded frame encodes back to the same bytes; the manager never panics,
+//! only delivers messages of the channels open here, sends only frames of its own session
+//! that decode, and after `poll` has nothing left due (`next_wakeup` is in the future).
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -28,8 +29,17 @@ fuzz_target!(|data: &[u8]| {
         }
         now += Duration::from_millis(u64::from(pick >> 2));
         for (channel, _) in manager.receive(usize::from(pick % 3), bytes, now) {
-            assert!(channel == 1 || channel == 2, "channel {channel} is not open");
+            assert!(
+                channel == 1 || channel == 2,
+                "channel {channel} is not open"
+            );
         }
-        let _ = manager.poll(now);
+        assert!(manager.next_wakeup(now) >= now);
+        for (link, bytes) in manager.poll(now) {
+            let frame = Frame::decode(&bytes).ok();
+            assert!(link < 2, "frame for link {link}");
+            assert!(frame.is_some_and(|f| f.from == 1 && f.session == 7));
+        }
+        assert!(manager.next_wakeup(now) > now, "poll left work due");
     }
 });

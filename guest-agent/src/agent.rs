@@ -71,6 +71,8 @@ pub enum AgentError {
     Discard(#[source] shm::LogError),
     #[error("cannot set up the service network")]
     Network(#[source] crate::service_ip::AddressError),
+    #[error("cannot start the interconnect")]
+    Interconnect(#[source] crate::interconnect::StartError),
     #[error("region {path} cannot be used")]
     Node {
         path: PathBuf,
@@ -114,6 +116,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         service: mut service_writer,
         replays,
         stopped,
+        interconnect: interconnect_area,
     } = writer;
     let replay_book = ReplayBook::new(replays);
     let node_id = own.header().node_id;
@@ -285,6 +288,14 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             "held by another node"
         }
     );
+    let (negotiation, questions) = crate::interconnect::negotiation::pair();
+    let veto: Arc<dyn crate::interconnect::negotiation::Veto> =
+        Arc::new(crate::failover::veto::NodeVeto {
+            node_id,
+            control: control.clone(),
+            nvram: Arc::clone(&nvram),
+        });
+    let interconnect_on = args.options.interconnect.enabled();
     if let Some(control) = &control {
         let monitor = FailoverMonitor {
             node_id,
@@ -307,12 +318,26 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             pending_cache_drop: None,
             addresses,
             stopped,
+            negotiation: interconnect_on.then(|| negotiation.clone()),
         };
         std::thread::Builder::new()
             .name("failover".into())
             .spawn(move || monitor.run())
             .map_err(AgentError::Thread)?;
     }
+    // The links to the peers, and the connection manager over them.
+    crate::interconnect::start(crate::interconnect::Parts {
+        options: &args.options.interconnect,
+        me: node_id as u16,
+        process_mode: args.process_mode(),
+        socket_dir: args.ic_socket_dir.as_deref(),
+        sys_class_net: &args.sys_class_net,
+        peers: &peers,
+        area: interconnect_area,
+        control: control.clone(),
+        negotiation: Some((questions, veto)),
+    })
+    .map_err(AgentError::Interconnect)?;
     heartbeat.beat();
     log::info!(
         "node {} up: own region {}, peers {}, control {} (epoch {}), boot id {:#018x}",

@@ -49,6 +49,14 @@ pub struct Args {
     #[arg(long, default_value = "/sys/block", hide = true)]
     pub sys_block: PathBuf,
 
+    /// Process mode: the directory of the interconnect's sockets (one per node and link).
+    #[arg(long, value_name = "DIR")]
+    pub ic_socket_dir: Option<PathBuf>,
+
+    /// Where network devices are listed (to find the interconnect's NICs by MAC).
+    #[arg(long, default_value = "/sys/class/net", hide = true)]
+    pub sys_class_net: PathBuf,
+
     /// Address the NBD server listens on.
     #[arg(long, default_value = "0.0.0.0:10809")]
     pub listen: std::net::SocketAddr,

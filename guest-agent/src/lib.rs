@@ -4,13 +4,15 @@
 //! (regions are files in a directory). It owns its node's region (heartbeat, log, acks),
 //! serves its volume over NBD with NVRAM write-back ([`nvram`], [`nbd`]), and carries out
 //! hostd's takeover and giveback commands ([`failover`]), holding the service IPs of the
-//! identities it serves in bridge mode ([`service_ip`]).
+//! identities it serves in bridge mode ([`service_ip`]). It talks to its peers over the
+//! interconnect's links ([`interconnect`]).
 
 pub mod agent;
 pub mod args;
 pub mod export;
 pub mod export_file;
 pub mod failover;
+pub mod interconnect;
 pub mod nbd;
 pub mod nvram;
 pub mod regions;

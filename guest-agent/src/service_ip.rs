@@ -141,7 +141,7 @@ impl ServiceAddresses for IpCommand {
     }
 }
 
-fn ip_args(args: &[&str]) -> Vec<String> {
+pub(crate) fn ip_args(args: &[&str]) -> Vec<String> {
     std::iter::once("ip")
         .chain(args.iter().copied())
         .map(str::to_owned)
@@ -171,7 +171,7 @@ fn announce_command(address: Ipv4Net, device: &str) -> Vec<String> {
 
 /// Runs `argv`. With `absent_ok`, the kernel's "no such address" (`ip addr del` of an
 /// address not there) counts as done: returns whether anything changed.
-fn run(argv: &[String], absent_ok: bool) -> Result<bool, AddressError> {
+pub(crate) fn run(argv: &[String], absent_ok: bool) -> Result<bool, AddressError> {
     let command = argv.join(" ");
     let output = Command::new(&argv[0])
         .args(&argv[1..])

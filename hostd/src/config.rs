@@ -54,6 +54,11 @@
 //! [network]                 # user (default) | bridge: see config/network.rs, docs/network.md
 //! mode = "user"
 //!
+//! [interconnect]           # links between the agents: see config/interconnect.rs, docs/interconnect.md
+//! links = 2                 # point-to-point network links between every two nodes (0 to 3)
+//! mailbox = true            # and the shared-memory mailbox as one more
+//! heartbeat_ms = 50         # two silent intervals: degraded; three: down
+//!
 //! [[node]]
 //! name = "a"
 //! nbd_port = 10809
@@ -83,14 +88,17 @@
 //! `"media"` does that everywhere: a host crash then loses only the log's unflushed
 //! records, and write IOPS are bounded by the disk.
 
+mod interconnect;
 mod network;
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use wire::agent::{AgentOptions, Release};
+use wire::interconnect::InterconnectOptions;
 use wire::network::{Ipv4Net, ServiceIps};
 
+pub use interconnect::InterconnectConfig;
 pub use network::{NetworkConfig, NetworkMode};
 
 /// Errors loading a configuration.
@@ -452,6 +460,7 @@ pub struct Config {
     pub flusher: FlusherSettings,
     pub metrics: MetricsSettings,
     pub network: NetworkConfig,
+    pub interconnect: InterconnectConfig,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
@@ -469,6 +478,7 @@ impl Default for Config {
             flusher: FlusherSettings::default(),
             metrics: MetricsSettings::default(),
             network: NetworkConfig::default(),
+            interconnect: InterconnectConfig::default(),
             nodes: vec![
                 NodeConfig {
                     name: "a".into(),
@@ -591,6 +601,7 @@ impl Config {
             }
         }
         self.validate_takeover_by()?;
+        self.interconnect.validate()?;
         let mib = self.regions.node_mib;
         if !(1..=4096).contains(&mib) || !mib.is_power_of_two() {
             return invalid(format!(
@@ -791,6 +802,16 @@ impl Config {
             flush_paused: self.flusher.paused,
             release: self.flusher.release,
             sync_interval_ms: self.flusher.sync_interval_ms,
+            // The peers are each node's own (the daemon knows the topology).
+            interconnect: InterconnectOptions {
+                links: self.interconnect.links,
+                mailbox: self.interconnect.mailbox,
+                heartbeat_ms: self.interconnect.heartbeat_ms,
+                stream_ms: self.interconnect.stream_ms,
+                ping_ms: self.interconnect.ping_ms,
+                bulk: self.interconnect.bulk,
+                ..InterconnectOptions::default()
+            },
             ..AgentOptions::default()
         }
     }

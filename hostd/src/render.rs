@@ -123,6 +123,11 @@ pub fn status_table(status: &ClusterStatus) -> String {
             let _ = writeln!(out, "node {} {stopped}", n.name);
         }
     }
+    for n in &status.nodes {
+        for line in interconnect_lines(n) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     if let Some(pid) = status.storage_pid {
         let _ = writeln!(out, "storage daemon pid {pid}");
     }
@@ -130,6 +135,47 @@ pub fn status_table(status: &ClusterStatus) -> String {
         let _ = writeln!(out, "{}", disk_line(disk));
     }
     out
+}
+
+/// A node's interconnect, one line per peer: each link's state and round trip, and what
+/// the test clients saw.
+fn interconnect_lines(node: &wire::control::NodeStatus) -> Vec<String> {
+    let mut peers: Vec<&str> = node.links.iter().map(|l| l.peer.as_str()).collect();
+    peers.dedup();
+    peers
+        .into_iter()
+        .map(|peer| {
+            let links: Vec<String> = node
+                .links
+                .iter()
+                .filter(|l| l.peer == peer)
+                .map(|l| {
+                    let mut text = format!("{} {} {}", l.kind, l.link, l.state);
+                    if l.state == "up" && l.rtt_us > 0 {
+                        text.push_str(&format!(" {:.2} ms", l.rtt_us as f64 / 1000.0));
+                    }
+                    if l.cut {
+                        text.push_str(" (cut)");
+                    }
+                    text
+                })
+                .collect();
+            let mut line = format!("interconnect {} -> {peer}: {}", node.name, links.join(", "));
+            if let Some(c) = node.link_clients.iter().find(|c| c.peer == peer) {
+                line.push_str(&format!(
+                    "; stream {} received, {} errors, longest gap {:.1} ms ({:.1} ms in the last 5 s); ping p50 {:.2} ms p99 {:.2} ms; bulk in {} MiB",
+                    c.stream_received,
+                    c.stream_errors,
+                    c.stream_max_gap_us as f64 / 1000.0,
+                    c.stream_recent_gap_us as f64 / 1000.0,
+                    c.ping_p50_us as f64 / 1000.0,
+                    c.ping_p99_us as f64 / 1000.0,
+                    c.bulk_bytes_in >> 20
+                ));
+            }
+            line
+        })
+        .collect()
 }
 
 /// One disk's reservation: who holds it and who may write.
@@ -441,6 +487,8 @@ mod tests {
             service_ip: None,
             service_mac: None,
             stopped_serving: None,
+            links: Vec::new(),
+            link_clients: Vec::new(),
             takeover_possible: true,
             takeover_reason: "taker b is up".into(),
             console: "c".into(),
@@ -568,6 +616,8 @@ mod tests {
             service_ip: Some("10.77.0.11".into()),
             service_mac: Some("52:54:00:00:77:01".into()),
             stopped_serving: None,
+            links: Vec::new(),
+            link_clients: Vec::new(),
             served_by: Some("b".into()),
             ..node("a")
         };

@@ -78,8 +78,9 @@ fn process_campaign_of_every_kind_is_valid() {
         FaultKind::HostdRestart,
         FaultKind::TornTail,
         FaultKind::DoubleKill,
+        FaultKind::LinkDown,
     ];
-    let (out, report) = valid_campaign(7, 12, 2, kinds);
+    let (out, report) = valid_campaign(7, 14, 2, kinds);
     assert!(report.takeovers.count >= 4, "{report}");
     assert!(out.path().join("report.json").exists());
     // The figures: the clients over time, and the takeovers' timeline (there were some).

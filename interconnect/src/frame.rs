@@ -1,25 +1,38 @@
-//! A link's frames: a 48-byte header, little-endian, then the payload.
+//! A link's frames: a 56-byte header, little-endian, then the payload.
 //!
 //! ```text
-//!  0  magic "IVIC"          4  version u16     6  kind u8    7  flags u8 (0)
-//!  8  from node u16        10  to node u16    12  link u16  14  channel u16
-//! 16  session u64 (the sender's, new at each start of its agent)
-//! 24  seq u64 (Data: the message's number in its channel; Heartbeat: the beat's number;
-//!     Hello/HelloAck: the sender's capabilities)
-//! 32  ack u64 (Data, Ack: every message of the channel up to this number arrived)
-//! 40  payload length u32   44  crc32c u32 of the header (this field zero) and the payload
+//!  0  magic "IVIC"          4  version u16 (2)  6  kind u8    7  flags u8 (0)
+//!  8  from node u16        10  to node u16     12  link u16  14  channel u16
+//! 16  session u64: the sender's, larger at each start of its agent
+//! 24  to_session u64: the receiver's session as the sender knows it (0: not known yet)
+//! 32  seq u64 (Data: the message's number in its channel; Hello/HelloAck: the sender's
+//!     capabilities; 0 otherwise)
+//! 40  ack u64 (Data, Ack: every message of the channel up to this number arrived)
+//! 48  payload length u32   52  crc32c u32 of the header (this field zero) and the payload
 //! ```
+//!
+//! Version 2: version 1 had no `to_session` (a 48-byte header). The two sessions bind a
+//! frame to one start of each node, so neither side takes the other's frames meant for an
+//! earlier start.
 //!
 //! Decoding checks every field it can before trusting any: the length against the bytes
 //! there and the limit, the crc, the kind. A frame of another version decodes far enough to
-//! say which version (so a session can refuse the peer with a reason) and no further.
+//! say which version (so a session can refuse the peer with a reason) and no further: the
+//! version is read from the first six bytes, before the length, since another version's
+//! header may be shorter.
 
 /// "IVIC": ivha interconnect.
 pub const MAGIC: [u8; 4] = *b"IVIC";
 /// The version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of the header.
-pub const HEADER_LEN: usize = 48;
+pub const HEADER_LEN: usize = 56;
+/// Where the payload length is.
+const LEN_AT: usize = 48;
+/// Where the crc is.
+const CRC_AT: usize = 52;
+/// Bytes that say magic and version: enough to refuse another version.
+const VERSION_END: usize = 6;
 /// The largest payload a frame carries (fits a 64 KiB datagram with the header).
 pub const MAX_PAYLOAD: usize = 65_000;
 
@@ -32,7 +45,7 @@ pub enum Kind {
     HelloAck,
     /// Refuses the peer's Hello; the payload says why, in words.
     Refuse,
-    /// The link is alive; `seq` counts the beats.
+    /// The link is alive; the payload carries clock stamps for the round trip.
     Heartbeat,
     /// A channel's message number `seq`, carrying `ack` for the other direction.
     Data,
@@ -73,7 +86,10 @@ pub struct Frame {
     pub to: u16,
     pub link: u16,
     pub channel: u16,
+    /// The sender's session.
     pub session: u64,
+    /// The receiver's session as the sender knows it; 0 when it knows none yet.
+    pub to_session: u64,
     pub seq: u64,
     pub ack: u64,
     pub payload: Vec<u8>,
@@ -126,7 +142,8 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 }
 
 impl Frame {
-    /// A frame of `kind` from `from` to `to` on `link`, every other field zero.
+    /// A frame of `kind` from `from` (of `session`) to `to` on `link`, every other field
+    /// zero.
     pub fn new(kind: Kind, from: u16, to: u16, link: u16, session: u64) -> Self {
         Self {
             kind,
@@ -135,6 +152,7 @@ impl Frame {
             link,
             channel: 0,
             session,
+            to_session: 0,
             seq: 0,
             ack: 0,
             payload: Vec::new(),
@@ -155,7 +173,7 @@ impl Frame {
         for word in [self.from, self.to, self.link, self.channel] {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
-        for word in [self.session, self.seq, self.ack] {
+        for word in [self.session, self.to_session, self.seq, self.ack] {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
         // The length was checked against MAX_PAYLOAD, which fits a u32.
@@ -163,13 +181,13 @@ impl Frame {
         bytes.extend_from_slice(&[0; 4]);
         bytes.extend_from_slice(&self.payload);
         let crc = crc32c::crc32c(&bytes);
-        bytes[44..48].copy_from_slice(&crc.to_le_bytes());
+        bytes[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         Ok(bytes)
     }
 
     /// Reads one frame that is exactly `bytes` (a datagram, or a record a stream reader cut).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() < HEADER_LEN {
+        if bytes.len() < VERSION_END {
             return Err(DecodeError::Short { len: bytes.len() });
         }
         if bytes[0..4] != MAGIC {
@@ -179,7 +197,10 @@ impl Frame {
         if version != VERSION {
             return Err(DecodeError::Version { version });
         }
-        let said = u32_at(bytes, 40) as usize;
+        if bytes.len() < HEADER_LEN {
+            return Err(DecodeError::Short { len: bytes.len() });
+        }
+        let said = u32_at(bytes, LEN_AT) as usize;
         if said > MAX_PAYLOAD {
             return Err(DecodeError::TooLong { len: said });
         }
@@ -188,8 +209,8 @@ impl Frame {
             return Err(DecodeError::Length { said, there });
         }
         let mut sealed = bytes.to_vec();
-        sealed[44..48].copy_from_slice(&[0; 4]);
-        if crc32c::crc32c(&sealed) != u32_at(bytes, 44) {
+        sealed[CRC_AT..HEADER_LEN].copy_from_slice(&[0; 4]);
+        if crc32c::crc32c(&sealed) != u32_at(bytes, CRC_AT) {
             return Err(DecodeError::Crc);
         }
         let code = bytes[6];
@@ -204,8 +225,9 @@ impl Frame {
             link: u16_at(bytes, 12),
             channel: u16_at(bytes, 14),
             session: u64_at(bytes, 16),
-            seq: u64_at(bytes, 24),
-            ack: u64_at(bytes, 32),
+            to_session: u64_at(bytes, 24),
+            seq: u64_at(bytes, 32),
+            ack: u64_at(bytes, 40),
             payload: bytes[HEADER_LEN..].to_vec(),
         })
     }
@@ -224,6 +246,7 @@ mod tests {
             link: 1,
             channel: 7,
             session: 0xfeed_beef,
+            to_session: 0xcafe,
             seq: 42,
             ack: 41,
             payload: b"takeover a?".to_vec(),
@@ -274,7 +297,7 @@ mod tests {
         flipped[30] ^= 1;
         assert_eq!(Frame::decode(&flipped), Err(DecodeError::Crc));
         let mut long = bytes.clone();
-        long[40..44].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        long[LEN_AT..CRC_AT].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         assert!(matches!(
             Frame::decode(&long),
             Err(DecodeError::TooLong { .. })
@@ -295,9 +318,9 @@ mod tests {
     fn resealed(at: usize, value: u8) -> Vec<u8> {
         let mut bytes = data().encode().unwrap();
         bytes[at] = value;
-        bytes[44..48].copy_from_slice(&[0; 4]);
+        bytes[CRC_AT..HEADER_LEN].copy_from_slice(&[0; 4]);
         let crc = crc32c::crc32c(&bytes);
-        bytes[44..48].copy_from_slice(&crc.to_le_bytes());
+        bytes[CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         bytes
     }
 
@@ -312,5 +335,27 @@ mod tests {
             Frame::decode(&resealed(7, 0xd2)),
             Err(DecodeError::Flags { flags: 0xd2 })
         );
+    }
+
+    #[test]
+    fn the_two_sessions_sit_where_the_layout_says() {
+        let bytes = data().encode().unwrap();
+        assert_eq!(u64_at(&bytes, 16), 0xfeed_beef);
+        assert_eq!(u64_at(&bytes, 24), 0xcafe);
+        assert_eq!(u64_at(&bytes, 32), 42);
+        assert_eq!(u64_at(&bytes, 40), 41);
+    }
+
+    /// A version 1 frame has a shorter header: it is still refused for its version, so
+    /// the peer hears why, not as malformed bytes.
+    #[test]
+    fn a_short_frame_of_another_version_says_its_version() {
+        let mut old = data().encode().unwrap()[..48].to_vec();
+        old[4..6].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(
+            Frame::decode(&old),
+            Err(DecodeError::Version { version: 1 })
+        );
+        assert_eq!(Frame::decode(b"IVI"), Err(DecodeError::Short { len: 3 }));
     }
 }

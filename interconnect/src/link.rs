@@ -5,6 +5,10 @@
 //! side sends a heartbeat every interval; a link that has heard nothing from the peer for
 //! `degraded_after` intervals is degraded, for `down_after` intervals down. A down link
 //! keeps saying Hello in the background and is up again at the peer's first answer.
+//!
+//! A link that comes back is not trusted at once: it is *settled* only once it has carried
+//! the peer's frames over `return_after` intervals since it came back (see
+//! [`Link::settled`]), so placement does not send channels back to a link that flaps.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +28,9 @@ pub struct LinkConfig {
     pub degraded_after: u32,
     /// Intervals without a frame from the peer before the link is down.
     pub down_after: u32,
+    /// Intervals a link that came back must carry the peer's frames before channels
+    /// return to it (placement's hysteresis).
+    pub return_after: u32,
 }
 
 impl Default for LinkConfig {
@@ -32,6 +39,7 @@ impl Default for LinkConfig {
             heartbeat: Duration::from_millis(50),
             degraded_after: 2,
             down_after: 3,
+            return_after: 3,
         }
     }
 }
@@ -67,8 +75,10 @@ pub struct LinkCounters {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Frames that were not frames, were of another version, for another node, or from a
-    /// peer claiming to be another node: dropped.
+    /// peer claiming to be another node, or of another session: dropped.
     pub dropped: u64,
+    /// Times the link went up (from opening, degraded or down).
+    pub ups: u64,
 }
 
 /// One link's session and state.
@@ -79,6 +89,10 @@ pub struct Link {
     config: LinkConfig,
     last_heard: Option<Instant>,
     last_sent: Option<Instant>,
+    /// When the link last went up; None while it is not up.
+    up_since: Option<Instant>,
+    /// When it last answered a frame of an unannounced session with a Hello.
+    answered: Option<Instant>,
     /// Why the peer refused this node, or this node the peer, in words.
     pub refused: Option<String>,
     pub counters: LinkCounters,
@@ -103,6 +117,8 @@ impl Link {
             config,
             last_heard: None,
             last_sent: None,
+            up_since: None,
+            answered: None,
             refused: None,
             counters: LinkCounters::default(),
             rtt: None,
@@ -133,6 +149,9 @@ impl Link {
                 self.state = LinkState::Degraded;
             }
         }
+        if self.state != LinkState::Up {
+            self.up_since = None;
+        }
         let due = self
             .last_sent
             .is_none_or(|sent| now.saturating_duration_since(sent) >= self.config.heartbeat);
@@ -152,7 +171,55 @@ impl Link {
         let before = self.state;
         self.state = LinkState::Up;
         self.refused = None;
-        (before != LinkState::Up).then_some(LinkState::Up)
+        if before == LinkState::Up {
+            return None;
+        }
+        self.up_since = Some(now);
+        self.counters.ups += 1;
+        Some(LinkState::Up)
+    }
+
+    /// Whether channels may return to it: up, and either up for the first time, or it has
+    /// carried the peer's frames for `return_after` intervals since it came back. Measured
+    /// to the last frame heard, not to now: a link stays up for `degraded_after` intervals
+    /// after its last frame, and that silence must not count as carrying.
+    pub fn settled(&self) -> bool {
+        match (self.up_since, self.last_heard) {
+            (Some(since), Some(heard)) => {
+                self.counters.ups <= 1
+                    || heard.saturating_duration_since(since)
+                        >= self.config.heartbeat * self.config.return_after
+            }
+            _ => false,
+        }
+    }
+
+    /// When [`Link::tick`] next has something to do: a beat, or a state the silence would
+    /// change.
+    pub fn next_due(&self, now: Instant) -> Instant {
+        let interval = self.config.heartbeat;
+        let mut due = self.last_sent.map_or(now, |sent| sent + interval);
+        if let Some(heard) = self.last_heard {
+            if self.state == LinkState::Up {
+                due = due.min(heard + interval * self.config.degraded_after);
+            }
+            if matches!(self.state, LinkState::Up | LinkState::Degraded) {
+                due = due.min(heard + interval * self.config.down_after);
+            }
+        }
+        due
+    }
+
+    /// Whether to answer a frame of an unannounced session with a Hello now: at most once
+    /// an interval, so a stream of such frames is not answered frame for frame.
+    pub fn may_answer_hello(&mut self, now: Instant) -> bool {
+        let may = self
+            .answered
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.config.heartbeat);
+        if may {
+            self.answered = Some(now);
+        }
+        may
     }
 
     /// The peer refused this node (or this node the peer): down until the peer answers.
@@ -160,6 +227,7 @@ impl Link {
         let before = self.state;
         self.state = LinkState::Down;
         self.last_heard = None;
+        self.up_since = None;
         self.refused = Some(why);
         (before != LinkState::Down).then_some(LinkState::Down)
     }
@@ -205,6 +273,7 @@ mod tests {
             heartbeat: Duration::from_millis(10),
             degraded_after: 2,
             down_after: 3,
+            return_after: 3,
         }
     }
 
@@ -259,5 +328,57 @@ mod tests {
         // A short or odd payload changes nothing.
         a.heartbeat_arrived(&[1, 2, 3], start, 11_000);
         assert_eq!(a.rtt, Some(Duration::from_millis(6)));
+    }
+
+    #[test]
+    fn a_link_that_came_back_settles_only_after_carrying_frames() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut link = Link::new(0, config());
+        assert!(!link.settled());
+        link.heard(start);
+        assert!(link.settled(), "the first time up needs no proof");
+        link.tick(start + ms(30));
+        assert_eq!(link.state(), LinkState::Down);
+        assert!(!link.settled());
+        // Back at 40 ms: one frame, then silence. Still up at 55 ms, but not settled.
+        link.heard(start + ms(40));
+        link.heard(start + ms(45));
+        link.tick(start + ms(55));
+        assert_eq!(link.state(), LinkState::Up);
+        assert!(!link.settled());
+        // Frames over three intervals: settled.
+        for at in [50, 60, 70] {
+            link.heard(start + ms(at));
+        }
+        assert!(link.settled());
+        assert_eq!(link.counters.ups, 2);
+    }
+
+    #[test]
+    fn the_next_due_time_is_the_next_beat_or_state_change() {
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let mut link = Link::new(0, config());
+        assert_eq!(link.next_due(start), start);
+        link.tick(start);
+        assert_eq!(link.next_due(start), start + ms(10));
+        link.heard(start + ms(1));
+        link.tick(start + ms(10));
+        assert_eq!(link.next_due(start + ms(10)), start + ms(20));
+        link.tick(start + ms(20));
+        // Degraded at 21 ms comes before the beat at 30.
+        assert_eq!(link.next_due(start + ms(20)), start + ms(21));
+        assert_eq!(link.tick(start + ms(21)).1, Some(LinkState::Degraded));
+        assert_eq!(link.next_due(start + ms(21)), start + ms(30));
+    }
+
+    #[test]
+    fn hellos_in_answer_are_at_most_one_an_interval() {
+        let start = Instant::now();
+        let mut link = Link::new(0, config());
+        assert!(link.may_answer_hello(start));
+        assert!(!link.may_answer_hello(start + Duration::from_millis(9)));
+        assert!(link.may_answer_hello(start + Duration::from_millis(10)));
     }
 }

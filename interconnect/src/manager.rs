@@ -1,17 +1,25 @@
 //! The connection manager of one node for one peer: its links, its channels, and which
 //! channel travels on which link.
 //!
-//! Placement: a channel has a class. With two links or more up, bulk channels take the
-//! first and control channels the second, so a bulk transfer never queues a control
-//! message behind it; with one link up, every channel shares it. A channel leaves a link as
-//! soon as the link is no longer up (degraded: two heartbeat intervals of silence) if
-//! another is up, and everything it had not got acknowledged goes again on the new link;
-//! the receiver drops what it has seen, so each message arrives once, in order. Channels go
-//! back when links return. A control channel that sends more than `heavy_bytes_per_s` is
-//! treated as bulk (the adaptive balancing: a heavy client leaves the control link).
+//! Sessions: each frame carries this node's session and the peer's as this node knows it;
+//! [`crate::session`] says which frames to take, which are stale, and when the peer
+//! started again (every channel then starts over).
+//!
+//! Placement (the module `placement`): a channel has a class. With two links or more in
+//! service, bulk channels take the first and control channels the second, so a bulk
+//! transfer never queues a control message behind it; with one link, every channel shares
+//! it. A channel leaves a link as soon as the link is no longer up (degraded: two heartbeat
+//! intervals of silence) if another is up, and everything it had not got acknowledged goes
+//! again on the new link; the receiver drops what it has seen, so each message arrives
+//! once, in order. Channels go back when a link that returned has settled (carried frames
+//! for `return_after` intervals), so a flapping link does not pull them to and fro. A
+//! control channel that sends more than `heavy_bytes_per_s` is treated as bulk until its
+//! rate falls to half that (the adaptive balancing: a heavy client leaves the control
+//! link, and does not flap around the mark).
 //!
 //! Bad input (bytes that are not a frame, another version, frames for another node, a
-//! peer claiming another node's id or link, a stale session's frames) is dropped and
+//! peer claiming another node's id or link, a stale session's frames, frames meant for an
+//! earlier start of this node, acknowledgements of messages never sent) is dropped and
 //! counted; another version is also answered with a Refuse that says why.
 
 use std::collections::BTreeMap;
@@ -20,6 +28,8 @@ use std::time::{Duration, Instant};
 use crate::channel::{Full, Receiver, Sender};
 use crate::frame::{DecodeError, Frame, Kind, MAX_PAYLOAD, VERSION};
 use crate::link::{Beat, CAPABILITIES, Link, LinkConfig, LinkState, REQUIRED};
+use crate::placement::Placement;
+use crate::session::{self, Verdict};
 
 /// What a channel carries, for placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +48,11 @@ pub struct ManagerConfig {
     pub retransmit: Duration,
     /// Unacknowledged messages a channel may have.
     pub window: usize,
-    /// A control channel sending more than this is placed as bulk.
+    /// Messages of a channel on the way at once (sent, neither acknowledged nor timed
+    /// out): a resend of the whole window goes out this many at a time, oldest first.
+    pub flight: usize,
+    /// A control channel sending more than this is placed as bulk (until it sends half
+    /// this or less).
     pub heavy_bytes_per_s: u64,
 }
 
@@ -48,6 +62,7 @@ impl Default for ManagerConfig {
             link: LinkConfig::default(),
             retransmit: Duration::from_millis(200),
             window: 1024,
+            flight: 32,
             heavy_bytes_per_s: 1 << 20,
         }
     }
@@ -91,8 +106,15 @@ pub struct Dropped {
     pub misaddressed: u64,
     /// Frames of an earlier session of the peer (replayed or late).
     pub stale: u64,
+    /// Frames naming another session of this node: meant for an earlier start of it.
+    pub not_ours: u64,
+    /// Frames of a later session of the peer before its Hello: answered with a Hello.
+    pub unannounced: u64,
     /// Data for a channel that is not open here.
     pub unknown_channel: u64,
+    /// Acknowledgements of messages not sent yet: ignored (a Data frame's message is still
+    /// taken).
+    pub ack_beyond_sent: u64,
 }
 
 #[derive(Debug)]
@@ -101,34 +123,53 @@ struct ChannelState {
     sender: Sender,
     receiver: Receiver,
     link: Option<usize>,
+    /// Times it was placed on a link after its first placement.
+    moves: u64,
     /// The receiver's acknowledgement moved and has not been sent.
     ack_due: bool,
     /// Bytes queued in the current second, and the rate of the last whole one.
     bytes_this_second: u64,
     second_started: Instant,
     rate: u64,
+    /// Placed as bulk for its rate (see `ManagerConfig::heavy_bytes_per_s`).
+    heavy: bool,
 }
 
 impl ChannelState {
-    fn new(class: Class, window: usize, now: Instant) -> Self {
+    fn new(class: Class, window: usize, flight: usize, now: Instant) -> Self {
         Self {
             class,
-            sender: Sender::new(window),
+            sender: Sender::paced(window, flight),
             receiver: Receiver::new(window as u64),
             link: None,
+            moves: 0,
             ack_due: false,
             bytes_this_second: 0,
             second_started: now,
             rate: 0,
+            heavy: false,
         }
     }
 
     /// The class placement uses: a heavy control channel counts as bulk.
-    fn placed_as(&self, heavy: u64) -> Class {
+    fn placed_as(&self) -> Class {
+        if self.heavy { Class::Bulk } else { self.class }
+    }
+
+    /// Closes the current second's rate once it is whole; heavy above `heavy`, light
+    /// again at half of it, so a rate near the mark does not flap.
+    fn measure(&mut self, now: Instant, heavy: u64) {
+        let elapsed = now.saturating_duration_since(self.second_started);
+        if elapsed < Duration::from_secs(1) {
+            return;
+        }
+        self.rate = self.bytes_this_second * 1000 / (elapsed.as_millis().max(1) as u64);
+        self.bytes_this_second = 0;
+        self.second_started = now;
         if self.rate > heavy {
-            Class::Bulk
-        } else {
-            self.class
+            self.heavy = true;
+        } else if self.rate <= heavy / 2 {
+            self.heavy = false;
         }
     }
 }
@@ -144,6 +185,26 @@ pub struct ChannelReport {
     pub duplicates: u64,
     /// Bytes per second queued over the last whole second.
     pub rate: u64,
+    /// Times it moved to a link after its first placement.
+    pub moves: u64,
+}
+
+/// Who a frame is from and for: what every outgoing frame carries.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    me: u16,
+    peer: u16,
+    session: u64,
+    peer_session: u64,
+}
+
+impl Ends {
+    fn frame(self, kind: Kind, link: usize) -> Frame {
+        Frame {
+            to_session: self.peer_session,
+            ..Frame::new(kind, self.me, self.peer, link as u16, self.session)
+        }
+    }
 }
 
 /// The connection manager of node `me` for peer `peer`.
@@ -155,6 +216,7 @@ pub struct Manager {
     config: ManagerConfig,
     start: Instant,
     links: Vec<Link>,
+    placement: Placement,
     channels: BTreeMap<u16, ChannelState>,
     peer_session: Option<u64>,
     outbox: Vec<(usize, Frame)>,
@@ -163,7 +225,10 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// A manager over `links` links; `session` is this start's random id.
+    /// A manager over `links` links. `session` is this start's id: it must be larger at
+    /// each start of this node (the peer takes a smaller one for a late frame of an earlier
+    /// start), e.g. [`session::session_id`]: nanoseconds since the Unix epoch. 0 means
+    /// "not known" on the wire, so it is taken as 1.
     pub fn new(
         me: u16,
         peer: u16,
@@ -175,12 +240,13 @@ impl Manager {
         Self {
             me,
             peer,
-            session,
+            session: session.max(1),
             config,
             start: now,
             links: (0..links)
                 .map(|i| Link::new(i as u16, config.link))
                 .collect(),
+            placement: Placement::new(links),
             channels: BTreeMap::new(),
             peer_session: None,
             outbox: Vec::new(),
@@ -189,11 +255,31 @@ impl Manager {
         }
     }
 
+    /// This node.
+    pub fn me(&self) -> u16 {
+        self.me
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> u16 {
+        self.peer
+    }
+
+    /// This start's session id.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The peer's session, once heard.
+    pub fn peer_session(&self) -> Option<u64> {
+        self.peer_session
+    }
+
     /// Opens channel `id` of `class` (the peer opens the same id).
     pub fn open(&mut self, id: u16, class: Class, now: Instant) {
-        self.channels
-            .entry(id)
-            .or_insert_with(|| ChannelState::new(class, self.config.window, now));
+        self.channels.entry(id).or_insert_with(|| {
+            ChannelState::new(class, self.config.window, self.config.flight, now)
+        });
     }
 
     /// Queues `payload` on channel `id`; returns its number there.
@@ -235,6 +321,7 @@ impl Manager {
                 retransmissions: c.sender.retransmissions,
                 duplicates: c.receiver.duplicates,
                 rate: c.rate,
+                moves: c.moves,
             })
             .collect()
     }
@@ -244,8 +331,24 @@ impl Manager {
         now.saturating_duration_since(self.start).as_micros() as u64 + 1
     }
 
+    fn ends(&self) -> Ends {
+        Ends {
+            me: self.me,
+            peer: self.peer,
+            session: self.session,
+            peer_session: self.peer_session.unwrap_or(0),
+        }
+    }
+
     fn frame(&self, kind: Kind, link: usize) -> Frame {
-        Frame::new(kind, self.me, self.peer, link as u16, self.session)
+        self.ends().frame(kind, link)
+    }
+
+    fn hello(&self, link: usize) -> Frame {
+        Frame {
+            seq: CAPABILITIES,
+            ..self.frame(Kind::Hello, link)
+        }
     }
 
     fn link_event(&mut self, link: usize, change: Option<LinkState>) {
@@ -267,6 +370,22 @@ impl Manager {
         });
     }
 
+    /// Counts a frame dropped on `link`.
+    fn drop_on(&mut self, link: usize, reason: fn(&mut Dropped) -> &mut u64) {
+        *reason(&mut self.dropped) += 1;
+        self.links[link].counters.dropped += 1;
+    }
+
+    /// The peer started again as `session`: its channels start over, and so do ours.
+    fn restart(&mut self, session: u64, now: Instant) {
+        self.peer_session = Some(session);
+        let window = self.config.window;
+        for channel in self.channels.values_mut() {
+            *channel = ChannelState::new(channel.class, window, self.config.flight, now);
+        }
+        self.events.push(Event::PeerRestarted);
+    }
+
     /// Takes the bytes that arrived on `link` at `now`; returns the messages delivered,
     /// in order, by channel.
     pub fn receive(&mut self, link: usize, bytes: &[u8], now: Instant) -> Vec<(u16, Vec<u8>)> {
@@ -279,8 +398,7 @@ impl Manager {
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
             Err(DecodeError::Version { version }) => {
-                self.dropped.version += 1;
-                self.links[link].counters.dropped += 1;
+                self.drop_on(link, |d| &mut d.version);
                 let why = format!(
                     "the peer speaks interconnect version {version}; this node speaks {VERSION}"
                 );
@@ -295,34 +413,38 @@ impl Manager {
                 return delivered;
             }
             Err(_) => {
-                self.dropped.malformed += 1;
-                self.links[link].counters.dropped += 1;
+                self.drop_on(link, |d| &mut d.malformed);
                 return delivered;
             }
         };
         if frame.to != self.me || frame.from != self.peer || usize::from(frame.link) != link {
-            self.dropped.misaddressed += 1;
-            self.links[link].counters.dropped += 1;
+            self.drop_on(link, |d| &mut d.misaddressed);
             return delivered;
         }
-        match self.peer_session {
-            Some(known) if known != frame.session => {
-                if frame.kind == Kind::Hello {
-                    // The peer started again: its channels start over, and so do ours.
-                    self.peer_session = Some(frame.session);
-                    let window = self.config.window;
-                    for channel in self.channels.values_mut() {
-                        *channel = ChannelState::new(channel.class, window, now);
-                    }
-                    self.events.push(Event::PeerRestarted);
-                } else {
-                    self.dropped.stale += 1;
-                    self.links[link].counters.dropped += 1;
-                    return delivered;
+        match session::judge(self.session, self.peer_session, &frame) {
+            Verdict::Current => {}
+            Verdict::First => self.peer_session = Some(frame.session),
+            Verdict::Restart => self.restart(frame.session, now),
+            Verdict::Unannounced => {
+                self.drop_on(link, |d| &mut d.unannounced);
+                if self.links[link].may_answer_hello(now) {
+                    // Naming the new session: the peer drops a Hello that names its old one.
+                    let hello = Frame {
+                        to_session: frame.session,
+                        ..self.hello(link)
+                    };
+                    self.outbox.push((link, hello));
                 }
+                return delivered;
             }
-            Some(_) => {}
-            None => self.peer_session = Some(frame.session),
+            Verdict::Stale => {
+                self.drop_on(link, |d| &mut d.stale);
+                return delivered;
+            }
+            Verdict::NotOurs => {
+                self.drop_on(link, |d| &mut d.not_ours);
+                return delivered;
+            }
         }
         self.links[link].counters.frames_in += 1;
         if frame.kind == Kind::Refuse {
@@ -341,8 +463,10 @@ impl Manager {
         match frame.kind {
             Kind::Hello => {
                 if frame.seq & REQUIRED == REQUIRED {
-                    let mut ack = self.frame(Kind::HelloAck, link);
-                    ack.seq = CAPABILITIES;
+                    let ack = Frame {
+                        seq: CAPABILITIES,
+                        ..self.frame(Kind::HelloAck, link)
+                    };
                     self.outbox.push((link, ack));
                 } else {
                     let mut refuse = self.frame(Kind::Refuse, link);
@@ -362,7 +486,9 @@ impl Manager {
             }
             Kind::Data | Kind::Ack => match self.channels.get_mut(&frame.channel) {
                 Some(channel) => {
-                    channel.sender.acknowledged(frame.ack);
+                    if channel.sender.acknowledged(frame.ack).is_err() {
+                        self.dropped.ack_beyond_sent += 1;
+                    }
                     if frame.kind == Kind::Data {
                         let mut out = Vec::new();
                         channel.receiver.arrive(frame.seq, frame.payload, &mut out);
@@ -380,35 +506,74 @@ impl Manager {
 
     /// Moves channels to the links placement wants (see the module documentation).
     fn place(&mut self) {
-        let up: Vec<usize> = (0..self.links.len())
-            .filter(|&l| self.links[l].state() == LinkState::Up)
-            .collect();
-        let usable: Vec<usize> = if up.is_empty() {
-            (0..self.links.len())
-                .filter(|&l| self.links[l].usable())
-                .collect()
-        } else {
-            up
-        };
-        let heavy = self.config.heavy_bytes_per_s;
+        let usable = self.placement.usable(&self.links);
         for channel in self.channels.values_mut() {
-            let target = match (usable.len(), channel.placed_as(heavy)) {
-                (0, _) => None,
-                (1, _) | (_, Class::Bulk) => Some(usable[0]),
-                (_, Class::Control) => Some(usable[1]),
-            };
+            let target = Placement::target(&usable, channel.placed_as());
             if target == channel.link {
                 continue;
             }
             // Off a link that is no longer up, what it carried may be lost: all again.
+            // Between two links that are up, the retransmission timeout covers a loss.
             let left_dead = channel
                 .link
                 .is_some_and(|l| self.links[l].state() != LinkState::Up);
             if left_dead {
                 channel.sender.resend_all();
             }
+            if channel.link.is_some() && target.is_some() {
+                channel.moves += 1;
+            }
             channel.link = target;
         }
+    }
+
+    /// Whether placement would move a channel now.
+    fn placement_due(&self) -> bool {
+        let usable = self.placement.clone().usable(&self.links);
+        self.channels
+            .values()
+            .any(|c| Placement::target(&usable, c.placed_as()) != c.link)
+    }
+
+    /// The earliest time [`Manager::poll`] has something to do: a frame to send (a Hello or
+    /// heartbeat, an answer, an acknowledgement, a message new or due again), a link whose
+    /// silence changes its state, a channel to place, a rate to measure. `now` when
+    /// something is due already. A runtime sleeps until then, or until bytes arrive or a
+    /// client sends; call it again after each `receive`, `send` and `poll`.
+    /// How long a message sent on `link` waits for its acknowledgement before it goes
+    /// again: the configured time, or three of the link's round trips if longer. A link
+    /// slowed by load (a guest short of CPU) then gets time to answer instead of a resend
+    /// of everything in flight, which would only load it more.
+    fn retransmit_timeout(&self, link: usize) -> Duration {
+        let rtt = self.links.get(link).and_then(|l| l.rtt).unwrap_or_default();
+        self.config.retransmit.max(rtt * 3)
+    }
+
+    pub fn next_wakeup(&self, now: Instant) -> Instant {
+        if !self.outbox.is_empty() || self.placement_due() {
+            return now;
+        }
+        let mut next = now + self.config.link.heartbeat;
+        for link in &self.links {
+            next = next.min(link.next_due(now));
+        }
+        for channel in self.channels.values() {
+            // An idle channel's rate stays 0: no need to wake to measure it.
+            if channel.bytes_this_second > 0 || channel.rate > 0 {
+                next = next.min(channel.second_started + Duration::from_secs(1));
+            }
+            if channel.link.is_none() {
+                continue;
+            }
+            if channel.ack_due {
+                return now;
+            }
+            let Some(link) = channel.link else { continue };
+            if let Some(due) = channel.sender.next_due(now, self.retransmit_timeout(link)) {
+                next = next.min(due);
+            }
+        }
+        next.max(now)
     }
 
     /// What to send now, by link: hellos, heartbeats, acknowledgements and due messages.
@@ -418,8 +583,7 @@ impl Manager {
             self.link_event(link, change);
             match beat {
                 Some(Beat::Hello) => {
-                    let mut hello = self.frame(Kind::Hello, link);
-                    hello.seq = CAPABILITIES;
+                    let hello = self.hello(link);
                     self.outbox.push((link, hello));
                 }
                 Some(Beat::Heartbeat) => {
@@ -431,34 +595,35 @@ impl Manager {
                 None => {}
             }
         }
+        let heavy = self.config.heavy_bytes_per_s;
         for channel in self.channels.values_mut() {
-            let elapsed = now.saturating_duration_since(channel.second_started);
-            if elapsed >= Duration::from_secs(1) {
-                channel.rate =
-                    channel.bytes_this_second * 1000 / (elapsed.as_millis().max(1) as u64);
-                channel.bytes_this_second = 0;
-                channel.second_started = now;
-            }
+            channel.measure(now, heavy);
         }
         self.place();
-        let (me, peer, session, retransmit) =
-            (self.me, self.peer, self.session, self.config.retransmit);
+        let ends = self.ends();
+        let timeouts: Vec<Duration> = (0..self.links.len())
+            .map(|link| self.retransmit_timeout(link))
+            .collect();
         for (&id, channel) in &mut self.channels {
             let Some(link) = channel.link else { continue };
-            let due = channel.sender.due(now, retransmit);
+            let due = channel.sender.due(now, timeouts[link]);
             let ack = channel.receiver.ack();
             if due.is_empty() && channel.ack_due {
-                let mut frame = Frame::new(Kind::Ack, me, peer, link as u16, session);
-                frame.channel = id;
-                frame.ack = ack;
+                let frame = Frame {
+                    channel: id,
+                    ack,
+                    ..ends.frame(Kind::Ack, link)
+                };
                 self.outbox.push((link, frame));
             }
             for (seq, payload) in due {
-                let mut frame = Frame::new(Kind::Data, me, peer, link as u16, session);
-                frame.channel = id;
-                frame.seq = seq;
-                frame.ack = ack;
-                frame.payload = payload;
+                let frame = Frame {
+                    channel: id,
+                    seq,
+                    ack,
+                    payload,
+                    ..ends.frame(Kind::Data, link)
+                };
                 self.outbox.push((link, frame));
             }
             channel.ack_due = false;

@@ -254,6 +254,16 @@ struct TapNet {
     mac: String,
 }
 
+/// A NIC on a point-to-point datagram link between two QEMUs (`-netdev dgram` over Unix
+/// sockets): frames go to `remote`, the peer QEMU's `local`.
+#[derive(Debug, Clone)]
+struct DgramNet {
+    id: String,
+    local: PathBuf,
+    remote: PathBuf,
+    mac: String,
+}
+
 /// The descriptor number the first tap has in QEMU (the next ones follow).
 pub const TAP_FD_BASE: i32 = 10;
 
@@ -283,6 +293,7 @@ pub struct QemuCommand {
     disks: Vec<Disk>,
     nets: Vec<UserNet>,
     taps: Vec<TapNet>,
+    dgram_nets: Vec<DgramNet>,
     pvpanic: bool,
     rng: bool,
     panic_action: Option<PanicAction>,
@@ -311,6 +322,7 @@ impl QemuCommand {
             disks: Vec::new(),
             nets: Vec::new(),
             taps: Vec::new(),
+            dgram_nets: Vec::new(),
             pvpanic: false,
             rng: false,
             panic_action: None,
@@ -463,6 +475,26 @@ impl QemuCommand {
         self.nets.push(UserNet {
             id: netdev_id.to_owned(),
             forwards: forwards.to_vec(),
+        });
+        self
+    }
+
+    /// Adds a virtio-net NIC with MAC address `mac` on a point-to-point datagram link: QEMU
+    /// binds the Unix socket `local` (which must not exist) and sends every frame to
+    /// `remote`, the other end's `local`; frames sent while the other end is absent are
+    /// lost, as on a wire. Netdev and NIC are both named `id` (QMP `set_link` takes it).
+    pub fn dgram_net(
+        mut self,
+        id: &str,
+        local: impl Into<PathBuf>,
+        remote: impl Into<PathBuf>,
+        mac: &str,
+    ) -> Self {
+        self.dgram_nets.push(DgramNet {
+            id: id.to_owned(),
+            local: local.into(),
+            remote: remote.into(),
+            mac: mac.to_owned(),
         });
         self
     }
@@ -665,6 +697,20 @@ impl QemuCommand {
                 tap.id, tap.mac
             ));
         }
+        for n in &self.dgram_nets {
+            args.push("-netdev");
+            args.push(join(&[
+                OsStr::new(&format!("dgram,id={},local.type=unix,local.path=", n.id)),
+                &escape(n.local.as_os_str()),
+                OsStr::new(",remote.type=unix,remote.path="),
+                &escape(n.remote.as_os_str()),
+            ]));
+            args.push("-device");
+            args.push(format!(
+                "virtio-net-pci,netdev={0},id={0},mac={1}",
+                n.id, n.mac
+            ));
+        }
         if self.pvpanic {
             args.push("-device");
             args.push("pvpanic");
@@ -778,16 +824,17 @@ impl QemuCommand {
                 });
             }
         }
-        for tap in &self.taps {
-            let octets: Vec<&str> = tap.mac.split(':').collect();
+        let nics = self.taps.iter().map(|t| (&t.id, &t.mac));
+        for (id, mac) in nics.chain(self.dgram_nets.iter().map(|n| (&n.id, &n.mac))) {
+            let octets: Vec<&str> = mac.split(':').collect();
             let ok = octets.len() == 6
                 && octets
                     .iter()
                     .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
             if !ok {
                 return Err(CmdlineError::InvalidMac {
-                    id: tap.id.clone(),
-                    mac: tap.mac.clone(),
+                    id: id.clone(),
+                    mac: mac.clone(),
                 });
             }
         }
@@ -1076,6 +1123,29 @@ mod tests {
         let bad = QemuCommand::new("q").tap_net("br0", fd, "52:54:00:77:01");
         let error = bad.args().unwrap_err().to_string();
         assert!(error.contains("is not a MAC address"), "{error}");
+    }
+
+    #[test]
+    fn dgram_nics_name_both_ends_and_their_mac() {
+        let command = QemuCommand::new("q").dgram_net(
+            "ic0n1",
+            "/s,t/q0-0-1",
+            "/s,t/q0-1-0",
+            "52:54:01:00:00:01",
+        );
+        let args = strings(&command);
+        assert_eq!(
+            values(&args, "-netdev"),
+            [
+                "dgram,id=ic0n1,local.type=unix,local.path=/s,,t/q0-0-1,remote.type=unix,remote.path=/s,,t/q0-1-0"
+            ]
+        );
+        assert_eq!(
+            values(&args, "-device"),
+            ["virtio-net-pci,netdev=ic0n1,id=ic0n1,mac=52:54:01:00:00:01"]
+        );
+        let bad = QemuCommand::new("q").dgram_net("ic0n1", "/a", "/b", "52:54");
+        assert!(bad.args().unwrap_err().to_string().contains("ic0n1"));
     }
 
     #[test]

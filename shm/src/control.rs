@@ -56,6 +56,10 @@ pub enum CommandKind {
     Release,
     /// Stop writing for the identity at once (fenced).
     StopWriting,
+    /// Before a planned takeover: ask the identity's holder (the argument: its node id)
+    /// over the interconnect whether it will give the identity up, and acknowledge with its
+    /// answer.
+    Negotiate,
     /// A code this build does not know (a newer hostd, or corruption).
     Unknown(u64),
 }
@@ -67,6 +71,7 @@ impl CommandKind {
             CommandKind::TakeOver => 1,
             CommandKind::Release => 2,
             CommandKind::StopWriting => 3,
+            CommandKind::Negotiate => 4,
             CommandKind::Unknown(code) => code,
         }
     }
@@ -77,6 +82,7 @@ impl CommandKind {
             1 => CommandKind::TakeOver,
             2 => CommandKind::Release,
             3 => CommandKind::StopWriting,
+            4 => CommandKind::Negotiate,
             other => CommandKind::Unknown(other),
         }
     }
@@ -242,6 +248,15 @@ impl ControlRegion {
         })
     }
 
+    /// The links hostd has cut for node `index`, a bitmask of link indexes (fault injection;
+    /// 0 for a node out of range, and in regions older than these words).
+    pub fn links_cut(&self, index: usize) -> u64 {
+        if index >= self.header.nodes.len() {
+            return 0;
+        }
+        self.mapping.load(control_live::links_cut(index))
+    }
+
     /// The writer's handle. Only hostd calls this, once.
     pub fn writer(&self) -> Result<ControlWriter, ControlError> {
         if self.mapping.access() != Access::ReadWrite {
@@ -286,6 +301,22 @@ impl ControlWriter {
         })?;
         let node = owner.node.map_or(0, |n| u64::from(n) + 1);
         writer.publish(&self.region.mapping, [node, owner.epoch]);
+        Ok(())
+    }
+
+    /// Cuts node `node`'s links whose bits are set in `mask`, and restores the others: the
+    /// node's agent stops sending and receiving on a cut link.
+    pub fn set_links_cut(&mut self, node: usize, mask: u64) -> Result<(), ControlError> {
+        let count = self.region.header.nodes.len();
+        let word = (node < count)
+            .then(|| self.region.mapping.word(control_live::links_cut(node)))
+            .flatten()
+            .ok_or(ControlError::NoSuch {
+                what: "node",
+                index: node,
+                count,
+            })?;
+        word.store(mask, Ordering::Release);
         Ok(())
     }
 
@@ -454,6 +485,17 @@ mod tests {
         assert_eq!(agent_view.command(1), Some(cmd));
         assert!(agent_view.writer().is_err());
         assert!(matches!(w.issue(5, cmd), Err(ControlError::NoSuch { .. })));
+        assert_eq!(agent_view.links_cut(1), 0);
+        w.set_links_cut(1, 0b101).unwrap();
+        assert_eq!(agent_view.links_cut(1), 0b101);
+        assert_eq!(agent_view.links_cut(0), 0, "one word per node");
+        w.set_links_cut(1, 0).unwrap();
+        assert_eq!(agent_view.links_cut(1), 0);
+        assert!(matches!(
+            w.set_links_cut(2, 1),
+            Err(ControlError::NoSuch { .. })
+        ));
+        assert_eq!(agent_view.links_cut(9), 0);
         assert!(matches!(
             w.set_owner(
                 9,

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::control::{Command, ControlRegion, Owner};
 use crate::header::StaticHeader;
+use crate::interconnect::{InterconnectConfig, LinkStateCode, LinkStatus};
 use crate::layout::{CONTROL_MAGIC, NODE_MAGIC};
 use crate::log::record::{RECORD_HEADER_LEN, RecordHeader, RecordKind, WRITE_PREFIX_LEN};
 use crate::log::{Cursor, LogError, LogScanner};
@@ -101,11 +102,32 @@ pub struct NodeReport {
     pub ack: Option<Ack>,
     /// What the agent last read in each peer's region, by node id.
     pub peers: Vec<PeerObservation>,
+    /// The interconnect area's contents (`None`: the region has none).
+    pub interconnect: Option<InterconnectReport>,
     pub records: Vec<RecordSummary>,
     /// True when `max_records` cut the list short.
     pub records_truncated: bool,
     pub unpublished_tail: Option<UnpublishedTail>,
     pub problem: Option<Problem>,
+}
+
+/// What the interconnect area holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct InterconnectReport {
+    pub config: Option<InterconnectConfig>,
+    /// Number of the last message posted in the mailbox.
+    pub mailbox_head: u64,
+    /// Every link status the agent published.
+    pub links: Vec<LinkReport>,
+}
+
+/// One published link status.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkReport {
+    pub peer: usize,
+    pub link: usize,
+    #[serde(flatten)]
+    pub status: LinkStatus,
 }
 
 /// A decoded control region.
@@ -205,6 +227,7 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
         peers: (0..crate::layout::MAX_NODES as u32)
             .filter_map(|node| region.peer_of(node))
             .collect(),
+        interconnect: inspect_interconnect(&region),
         ..NodeReport::default()
     };
     let (flushed, head) = match cursors {
@@ -253,6 +276,23 @@ pub fn inspect_node(mapping: Mapping, options: InspectOptions) -> NodeReport {
     // The cursors passed their checks above: the head is worth looking past.
     report.unpublished_tail = unpublished_tail(&region, head);
     report
+}
+
+fn inspect_interconnect(region: &NodeRegion) -> Option<InterconnectReport> {
+    let mut links = Vec::new();
+    for peer in 0..crate::layout::MAX_NODES {
+        for link in 0..crate::layout::node_interconnect::MAX_LINKS {
+            let status = region.link_status(peer, link);
+            if let Some(status) = status.filter(|s| s.state != LinkStateCode::Absent) {
+                links.push(LinkReport { peer, link, status });
+            }
+        }
+    }
+    Some(InterconnectReport {
+        config: region.interconnect_config(),
+        mailbox_head: region.mailbox_head()?,
+        links,
+    })
 }
 
 /// What can still be said about a record whose crc failed.

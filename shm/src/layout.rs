@@ -2,8 +2,10 @@
 //!
 //! Both regions start with a 4 KiB header page. Its first 128 bytes are a static header,
 //! written once when the region is formatted and covered by a crc32c; the rest of the page
-//! holds the live words, each written by exactly one party. In a node region the ring fills
-//! everything after the header page.
+//! holds the live words, each written by exactly one party. In a node region of at least
+//! [`node_interconnect::MIN_REGION`] bytes the interconnect area follows the header page and
+//! the ring fills the rest; in a smaller one (or one formatted before the area existed) the
+//! ring fills everything after the header page.
 //!
 //! All multi-byte fields are little-endian; all live words are naturally aligned `u64`s.
 
@@ -43,6 +45,18 @@ pub mod node_header {
     pub const NODE_ID: usize = 48;
     pub const NAME: usize = 56;
     pub const CREATED_UNIX_NS: usize = 72;
+    /// Offset of the interconnect area (u64); zero in a region without one: too small, or
+    /// formatted before the area existed (those bytes were zero then).
+    pub const IC_OFFSET: usize = 80;
+    /// Size of the interconnect area (u64), link table and mailbox included.
+    pub const IC_SIZE: usize = 88;
+    /// Slots in the mailbox ring (u32).
+    pub const MAILBOX_SLOTS: usize = 96;
+    /// Size of one mailbox slot (u32), its header included.
+    pub const MAILBOX_SLOT_SIZE: usize = 100;
+
+    const _: () = assert!(CREATED_UNIX_NS + 8 <= IC_OFFSET);
+    const _: () = assert!(MAILBOX_SLOT_SIZE + 4 <= super::STATIC_HEADER_CRC_OFFSET);
 }
 
 /// Live words of a node region, all written by that node's agent.
@@ -125,6 +139,94 @@ pub mod node_live {
     const _: () = assert!(STOPPED_SERVING.end() <= WRITE_PROBE);
 }
 
+/// The interconnect area of a node region: the link-status table, then the mailbox. Offsets
+/// here are from the area's start (see `crate::interconnect::InterconnectGeometry`); every
+/// word in it is written by the region's agent only.
+pub mod node_interconnect {
+    use super::*;
+
+    /// Regions smaller than this get no area: their ring is too small to give any up.
+    pub const MIN_REGION: u64 = 1 << 20;
+    /// Links per peer the table has room for.
+    pub const MAX_LINKS: usize = 4;
+
+    /// Table header: `(links configured, heartbeat interval ms, session, unix ms of the last
+    /// publish)`, at the area's start.
+    pub const CONFIG: u64 = 0;
+    /// Status of link 0 of peer 0; one `Published<8>` per (peer node id, link index).
+    pub const LINKS: u64 = 128;
+    /// Distance between two link statuses.
+    pub const LINK_STRIDE: u64 = 144;
+    /// What the agent's interconnect test clients saw from peer 0; one `Published<8>` per
+    /// peer node id, after the link statuses.
+    pub const CLIENTS: u64 = link(MAX_NODES, 0);
+    /// Size of the link table, page aligned so the mailbox starts on a page.
+    pub const LINK_TABLE_SIZE: u64 = 8192;
+
+    /// The mailbox's head word: the number of the last message posted (0: none yet).
+    pub const MAILBOX_HEAD: u64 = LINK_TABLE_SIZE;
+    /// The mailbox header (the head word and room to grow), a page.
+    pub const MAILBOX_HEADER_SIZE: u64 = 4096;
+    /// The first mailbox slot.
+    pub const SLOTS: u64 = MAILBOX_HEAD + MAILBOX_HEADER_SIZE;
+    /// Size of a slot as this build formats it.
+    pub const SLOT_SIZE: u64 = 8192;
+    /// A slot starts with `(message number, to | len << 32)`; the frame follows.
+    pub const SLOT_HEADER_LEN: u64 = 16;
+    /// Largest slot a reader accepts from a header (bounds a hostile header's claims).
+    pub const MAX_SLOT_SIZE: u64 = 1 << 20;
+    /// Bounds of the mailbox's slots, sized from the region (see [`mailbox_size`]).
+    pub const MIN_MAILBOX: u64 = 64 << 10;
+    pub const MAX_MAILBOX: u64 = 512 << 10;
+
+    /// Offset of link `link` of peer `peer` from the area's start.
+    pub const fn link(peer: usize, link: usize) -> u64 {
+        LINKS + (peer * MAX_LINKS + link) as u64 * LINK_STRIDE
+    }
+
+    /// Offset of peer `peer`'s test-client statistics from the area's start.
+    pub const fn clients(peer: usize) -> u64 {
+        CLIENTS + peer as u64 * LINK_STRIDE
+    }
+
+    /// Bytes of mailbox slots in a region of `region_size` bytes: a sixteenth, within
+    /// [`MIN_MAILBOX`] and [`MAX_MAILBOX`], in whole slots.
+    pub const fn mailbox_size(region_size: u64) -> u64 {
+        let size = region_size / 16;
+        let size = if size < MIN_MAILBOX {
+            MIN_MAILBOX
+        } else if size > MAX_MAILBOX {
+            MAX_MAILBOX
+        } else {
+            size
+        };
+        size / SLOT_SIZE * SLOT_SIZE
+    }
+
+    /// Size of the area in a region of `region_size` bytes (0: none).
+    pub const fn area_size(region_size: u64) -> u64 {
+        if region_size < MIN_REGION {
+            0
+        } else {
+            SLOTS + mailbox_size(region_size)
+        }
+    }
+
+    const _: () = assert!(published_size(4) <= LINKS);
+    const _: () = assert!(published_size(8) <= LINK_STRIDE);
+    const _: () = assert!(LINK_STRIDE % 8 == 0 && LINKS % 8 == 0);
+    const _: () = assert!(link(MAX_NODES - 1, MAX_LINKS - 1) + LINK_STRIDE <= CLIENTS);
+    const _: () = assert!(clients(MAX_NODES - 1) + LINK_STRIDE <= LINK_TABLE_SIZE);
+    const _: () = assert!(LINK_TABLE_SIZE % 4096 == 0 && SLOTS % 4096 == 0);
+    const _: () = assert!(SLOT_SIZE % 4096 == 0 && SLOT_SIZE <= MAX_SLOT_SIZE);
+    const _: () = assert!(MIN_MAILBOX % SLOT_SIZE == 0 && MAX_MAILBOX % SLOT_SIZE == 0);
+    // The ring keeps at least 90% of the smallest region with an area, and of the largest.
+    const _: () = assert!((HEADER_PAGE + area_size(MIN_REGION)) * 10 <= MIN_REGION);
+    const _: () = assert!((HEADER_PAGE + area_size(2 * MIN_REGION)) * 10 <= 2 * MIN_REGION);
+    const _: () = assert!(area_size(MIN_REGION - 4096) == 0);
+    const _: () = assert!(area_size(4 << 30) == SLOTS + MAX_MAILBOX);
+}
+
 /// Static control header fields (byte offsets).
 pub mod control_header {
     pub const MAGIC: usize = 0;
@@ -159,6 +261,9 @@ pub mod control_live {
     pub const OWNERS: u64 = 1088;
     /// Distance between two command slots.
     pub const COMMAND_STRIDE: u64 = 128;
+    /// Links hostd has cut for node 0: a bitmask of link indexes (fault injection in the
+    /// process backend); one word per node, see [`links_cut`].
+    pub const LINKS_CUT: u64 = 1600;
     /// Command slot of node 0: `(command seq, kind, identity, epoch, argument)`.
     pub const COMMANDS: u64 = 2048;
 
@@ -172,8 +277,14 @@ pub mod control_live {
         Published::at(COMMANDS + index as u64 * COMMAND_STRIDE)
     }
 
+    /// The links-cut word of node `index`.
+    pub const fn links_cut(index: usize) -> u64 {
+        LINKS_CUT + index as u64 * 8
+    }
+
     const _: () = assert!(OWNER_STRIDE >= published_size(2));
-    const _: () = assert!(OWNERS + MAX_IDENTITIES as u64 * OWNER_STRIDE <= COMMANDS);
+    const _: () = assert!(OWNERS + MAX_IDENTITIES as u64 * OWNER_STRIDE <= LINKS_CUT);
+    const _: () = assert!(links_cut(MAX_NODES) <= COMMANDS);
     const _: () = assert!(COMMAND_STRIDE >= published_size(5));
     const _: () = assert!(COMMANDS + MAX_NODES as u64 * COMMAND_STRIDE <= HEADER_PAGE);
 }

@@ -5,6 +5,8 @@
 //! - a **node region** per node ([`node`]): header, heartbeat, acknowledgements of hostd's
 //!   commands, and the write log ([`log`]) the node appends every write to before it
 //!   acknowledges it to a client. The node's partner reads it to replay after a crash.
+//!   Regions of 1 MiB and more also hold the node's interconnect area ([`interconnect`]):
+//!   the state of its links to its peers, and a mailbox of frames for them.
 //! - the **control region** ([`control`]): hostd's epoch, identity owners and commands.
 //!
 //! Regions are mapped from tmpfs files, sealed memfds or a guest's ivshmem BAR
@@ -20,6 +22,7 @@
 pub mod control;
 pub mod header;
 pub mod inspect;
+pub mod interconnect;
 pub mod layout;
 pub mod log;
 pub mod mapping;
@@ -30,13 +33,19 @@ pub use control::{
     Command, CommandKind, ControlError, ControlRegion, ControlWriter, Owner, TakeOverArgument,
 };
 pub use inspect::{InspectOptions, RegionKind, RegionReport, identify, inspect};
+pub use interconnect::{
+    BROADCAST, InterconnectConfig, InterconnectGeometry, InterconnectWriter, LinkClients,
+    LinkStateCode, LinkStatus, LinkTableError, LinkTableWriter, MailboxError, MailboxReader,
+    MailboxWriter,
+};
+pub use layout::node_interconnect::MAX_LINKS;
 pub use log::{
     Appended, BackPressure, Cursor, Entry, Extent, FlushedWriter, Geometry, LogAppender, LogError,
     LogScanner, Record, RecordKind,
 };
 pub use mapping::{Access, Mapping, MappingError};
 pub use node::{
-    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Replay, ReplayStatus,
-    ReplayWriter, ServiceCounters, ServiceWriter, StopReason, StoppedServing, StoppedServingWriter,
-    Synced, SyncedWriter,
+    Ack, Heartbeat, NodeError, NodeRegion, NodeWriter, PeerObservation, Refusal, Replay,
+    ReplayStatus, ReplayWriter, ServiceCounters, ServiceWriter, StopReason, StoppedServing,
+    StoppedServingWriter, Synced, SyncedWriter,
 };

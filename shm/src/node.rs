@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::header::{self, HeaderError, StaticHeader};
+use crate::interconnect::{InterconnectGeometry, InterconnectWriter};
 use crate::layout::{FORMAT_VERSION, HEADER_PAGE, NAME_LEN, NODE_MAGIC, node_header, node_live};
 use crate::log::{Cursor, FlushedWriter, Geometry, LogAppender, LogError, LogScanner};
 use crate::mapping::{Access, Mapping};
@@ -48,6 +49,8 @@ pub struct NodeHeader {
     pub created_unix_ns: u64,
     #[serde(flatten)]
     pub geometry: Geometry,
+    /// The interconnect area (`None`: the region has none, see [`crate::interconnect`]).
+    pub interconnect: Option<InterconnectGeometry>,
 }
 
 /// A heartbeat as last published.
@@ -79,6 +82,60 @@ pub mod ack_status {
     pub const FAILED: u64 = 2;
     /// The command or identity is not known to the agent.
     pub const UNKNOWN: u64 = 3;
+    /// A negotiation's answer: the holder refused; `first_seq` holds the
+    /// [`Refusal`](super::Refusal) as its word.
+    pub const REFUSED: u64 = 4;
+    /// A negotiation's answer: no interconnect link to the holder is up, or it did not
+    /// answer in time.
+    pub const UNREACHABLE: u64 = 5;
+}
+
+/// Why a holder refused to give an identity up (a negotiated takeover's veto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// It does not hold the identity (the control region names another owner).
+    NotHolder,
+    /// Its flusher failed to write the identity's disk: a release could not flush.
+    DiskFailing,
+    /// Its log is full and writes wait for the flusher: a release would take long.
+    LogFull,
+    /// A reason this build does not know (a newer agent gave it).
+    Unknown(u64),
+}
+
+impl Refusal {
+    pub fn to_word(self) -> u64 {
+        match self {
+            Refusal::NotHolder => 1,
+            Refusal::DiskFailing => 2,
+            Refusal::LogFull => 3,
+            Refusal::Unknown(word) => word,
+        }
+    }
+
+    pub fn from_word(word: u64) -> Self {
+        match word {
+            1 => Refusal::NotHolder,
+            2 => Refusal::DiskFailing,
+            3 => Refusal::LogFull,
+            other => Refusal::Unknown(other),
+        }
+    }
+
+    /// The reason in words.
+    pub fn describe(self) -> String {
+        match self {
+            Refusal::NotHolder => "it does not hold the identity".into(),
+            Refusal::DiskFailing => {
+                "its disk refused the flusher's writes: a release could not flush the log".into()
+            }
+            Refusal::LogFull => {
+                "its log is full and writes wait for the flusher: a release would take long".into()
+            }
+            Refusal::Unknown(word) => format!("reason {word}, unknown to this build"),
+        }
+    }
 }
 
 /// What an agent says about the last command hostd gave it.
@@ -113,6 +170,23 @@ pub struct NodeStats {
     /// When the append waiting for ring space now began (ns since the Unix epoch, the
     /// agent's clock); 0 while the log has room.
     pub log_full_since_unix_ns: u64,
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::Refusal;
+
+    #[test]
+    fn refusals_read_back() {
+        for refusal in [
+            Refusal::NotHolder,
+            Refusal::DiskFailing,
+            Refusal::LogFull,
+            Refusal::Unknown(9),
+        ] {
+            assert_eq!(Refusal::from_word(refusal.to_word()), refusal);
+        }
+    }
 }
 
 /// Why an agent stopped serving an identity it had served.
@@ -219,9 +293,12 @@ impl NodeRegion {
             return Err(NodeError::BadName { name: name.into() });
         }
         let region_size = mapping.len();
-        let ring_size = region_size - HEADER_PAGE;
+        // The interconnect area, if the region is large enough for one, then the ring.
+        let interconnect = InterconnectGeometry::for_region(region_size);
+        let ring_offset = interconnect.map_or(HEADER_PAGE, |ic| ic.end());
+        let ring_size = region_size - ring_offset;
         let geometry = Geometry {
-            ring_offset: HEADER_PAGE,
+            ring_offset,
             ring_size,
             max_payload: Geometry::default_max_payload(ring_size),
         };
@@ -235,9 +312,18 @@ impl NodeRegion {
         h.put_u32(node_header::NODE_ID, node_id);
         h.put_name(node_header::NAME, name);
         h.put_u64(node_header::CREATED_UNIX_NS, unix_ns());
+        if let Some(ic) = interconnect {
+            h.put_u64(node_header::IC_OFFSET, ic.offset);
+            h.put_u64(node_header::IC_SIZE, ic.size);
+            h.put_u32(node_header::MAILBOX_SLOTS, ic.mailbox_slots);
+            h.put_u32(node_header::MAILBOX_SLOT_SIZE, ic.slot_size);
+        }
         // Zero the live words first, then the header: a region is only recognised once its
         // magic is there, so a crash mid-format leaves something that does not open.
         header::clear_header_page(&mapping);
+        if let Some(ic) = interconnect {
+            ic.zero(&mapping);
+        }
         h.store(&mapping);
         Self::open(mapping)
     }
@@ -266,6 +352,11 @@ impl NodeRegion {
 
     pub fn mapping(&self) -> &Mapping {
         &self.mapping
+    }
+
+    /// The mapping, for readers that outlive this value.
+    pub(crate) fn shared_mapping(&self) -> Arc<Mapping> {
+        Arc::clone(&self.mapping)
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -477,7 +568,12 @@ impl NodeRegion {
             writer: PublishedWriter::new(node_live::STOPPED_SERVING, &self.mapping),
             mapping: Arc::clone(&self.mapping),
         };
+        let interconnect = self
+            .header
+            .interconnect
+            .map(|geometry| InterconnectWriter::resume(&self.mapping, geometry));
         Ok(NodeWriter {
+            interconnect,
             replays,
             stopped,
             appender,
@@ -503,6 +599,8 @@ pub struct NodeWriter {
     pub service: ServiceWriter,
     pub replays: ReplayWriter,
     pub stopped: StoppedServingWriter,
+    /// The link table and the mailbox (`None`: the region has no interconnect area).
+    pub interconnect: Option<InterconnectWriter>,
 }
 
 /// Publishes heartbeats.
@@ -735,6 +833,14 @@ fn read_header(mapping: &Mapping) -> Result<NodeHeader, HeaderError> {
     geometry
         .validate(region_size)
         .map_err(HeaderError::Geometry)?;
+    let interconnect = InterconnectGeometry::from_header(
+        h.u64(node_header::IC_OFFSET),
+        h.u64(node_header::IC_SIZE),
+        h.u32(node_header::MAILBOX_SLOTS),
+        h.u32(node_header::MAILBOX_SLOT_SIZE),
+        geometry.ring_offset,
+    )
+    .map_err(HeaderError::Geometry)?;
     Ok(NodeHeader {
         version,
         region_size,
@@ -742,6 +848,7 @@ fn read_header(mapping: &Mapping) -> Result<NodeHeader, HeaderError> {
         name: h.name(node_header::NAME)?,
         created_unix_ns: h.u64(node_header::CREATED_UNIX_NS),
         geometry,
+        interconnect,
     })
 }
 
@@ -824,7 +931,12 @@ mod tests {
         assert_eq!(formatted.header(), reopened.header());
         assert_eq!(reopened.header().name, "b");
         assert_eq!(reopened.header().node_id, 1);
-        assert_eq!(reopened.geometry().ring_size, (1 << 20) - 4096);
+        // The interconnect area takes 76 KiB of a 1 MiB region: 8 KiB of link table, a
+        // page of mailbox header and 8 slots of 8 KiB.
+        let ic = reopened.header().interconnect.unwrap();
+        assert_eq!((ic.offset, ic.size, ic.mailbox_slots), (4096, 76 << 10, 8));
+        assert_eq!(reopened.geometry().ring_offset, 80 << 10);
+        assert_eq!(reopened.geometry().ring_size, (1 << 20) - (80 << 10));
         assert_eq!(reopened.head(), Some(Cursor::default()));
     }
 

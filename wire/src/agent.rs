@@ -10,6 +10,7 @@
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::interconnect::InterconnectOptions;
 use crate::network::{Ipv4Net, ServiceIps};
 
 /// Kernel arguments `/init` reads itself; the agent ignores them.
@@ -112,6 +113,10 @@ pub struct AgentOptions {
     #[arg(long, default_value_t = 200, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub arp_interval_ms: u64,
+
+    /// The interconnect between the agents.
+    #[command(flatten)]
+    pub interconnect: InterconnectOptions,
 }
 
 impl Default for AgentOptions {
@@ -131,6 +136,7 @@ impl Default for AgentOptions {
             service_dev: "eth0".to_owned(),
             arp_count: 5,
             arp_interval_ms: 200,
+            interconnect: InterconnectOptions::default(),
         }
     }
 }
@@ -187,6 +193,7 @@ impl AgentOptions {
         if let Some(address) = self.node_address {
             flags.push(("node-address", Some(address.to_string())));
         }
+        flags.extend(self.interconnect.flags());
         flags
     }
 
@@ -263,6 +270,16 @@ mod tests {
             service_dev: "eth1".into(),
             arp_count: 3,
             arp_interval_ms: 50,
+            interconnect: InterconnectOptions {
+                links: 2,
+                mailbox: true,
+                heartbeat_ms: 20,
+                mailbox_poll_ms: 3,
+                peers: vec![0, 2],
+                stream_ms: 1,
+                ping_ms: 10,
+                bulk: 2,
+            },
         }
     }
 

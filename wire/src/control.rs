@@ -45,6 +45,12 @@ pub enum Request {
     Unfence {
         node: String,
     },
+    /// Cut one of the node's interconnect links, or restore it (fault injection).
+    Link {
+        node: String,
+        link: u16,
+        up: bool,
+    },
 }
 
 /// How `hostd kill` hurts a node.
@@ -77,6 +83,10 @@ pub enum Response {
     Moved(MoveReport),
     /// What `fence` or `unfence` did.
     Fenced {
+        message: String,
+    },
+    /// What `link` did.
+    Linked {
         message: String,
     },
     Error {
@@ -224,9 +234,56 @@ pub struct NodeStatus {
     /// and why, as the agent recorded it in its region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_serving: Option<String>,
+    /// This node's interconnect links to each peer, as its agent published them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkStatus>,
+    /// What the interconnect's test clients saw from each peer (when they run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link_clients: Vec<LinkClientStatus>,
     pub takeover_possible: bool,
     pub takeover_reason: String,
     pub console: String,
+}
+
+/// One interconnect link from a node to a peer, as the node's agent published it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub peer: String,
+    pub link: u16,
+    /// `network` or `mailbox`.
+    pub kind: String,
+    /// `opening`, `up`, `degraded`, `down`, `refused`, or `unknown` (nothing published).
+    pub state: String,
+    /// Cut by `hostd link NODE LINK down`.
+    pub cut: bool,
+    /// The last heartbeat round trip (0: none measured yet).
+    pub rtt_us: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// Frames dropped (malformed, misaddressed, stale) or lost by the transport.
+    pub dropped: u64,
+    /// Retransmissions of the channels placed on it.
+    pub retransmissions: u64,
+    /// Channels placed on it.
+    pub channels: u64,
+    /// Since when it is in that state (Unix ms).
+    pub since_unix_ms: u64,
+}
+
+/// What a node's interconnect test clients saw from a peer (docs/interconnect.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkClientStatus {
+    pub peer: String,
+    pub stream_received: u64,
+    /// Stream messages out of order or seen twice.
+    pub stream_errors: u64,
+    pub stream_max_gap_us: u64,
+    pub pings: u64,
+    pub ping_p50_us: u64,
+    pub ping_p99_us: u64,
+    pub bulk_bytes_in: u64,
+    /// The longest time between two stream messages over the last few seconds.
+    pub stream_recent_gap_us: u64,
 }
 
 /// What `down` did.
@@ -365,6 +422,8 @@ mod tests {
             service_ip: None,
             service_mac: None,
             stopped_serving: None,
+            links: Vec::new(),
+            link_clients: Vec::new(),
             takeover_possible: false,
             takeover_reason: String::new(),
             console: String::new(),

@@ -104,6 +104,16 @@ pub enum Event {
         holder: Option<String>,
         reason: String,
     },
+    /// Node `node`'s agent saw its interconnect link `link` to `peer` change state (as
+    /// published in its region; hostd reads it each tick). `reachable`: whether any link
+    /// to that peer is still up.
+    InterconnectLink {
+        node: String,
+        peer: String,
+        link: u16,
+        state: String,
+        reachable: bool,
+    },
 }
 
 impl Event {
@@ -121,6 +131,7 @@ impl Event {
             | Event::RestartsExhausted { node, .. }
             | Event::DiskRegistered { node, .. }
             | Event::DiskPreempted { node, .. }
+            | Event::InterconnectLink { node, .. }
             | Event::Replayed { node, .. } => Some(node),
             Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
             Event::PairStarting { .. }
@@ -300,6 +311,13 @@ mod tests {
                 by: "b".into(),
                 holder: Some("b".into()),
                 reason: "fenced: its QEMU exited".into(),
+            },
+            Event::InterconnectLink {
+                node: "a".into(),
+                peer: "b".into(),
+                link: 1,
+                state: "down".into(),
+                reachable: true,
             },
         ];
         for (n, event) in events.into_iter().enumerate() {

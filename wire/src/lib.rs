@@ -6,6 +6,7 @@
 //! - [`events`]: hostd's event log, `events.jsonl`;
 //! - [`state_dir`]: where a cluster keeps its files, and [`records`]: the run records hostd
 //!   leaves there (`run/NODE.json`);
+//! - [`interconnect`]: the agents' interconnect settings and how its links are addressed;
 //! - [`network`]: service IPs, as the configuration, status and the agent's settings
 //!   name them;
 //! - [`storage`]: the storage daemon's plan and control socket ([`json_line`]: the client
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod control;
 pub mod error_chain;
 pub mod events;
+pub mod interconnect;
 pub mod json_line;
 pub mod nbd;
 pub mod network;

@@ -62,6 +62,11 @@ impl StateDir {
         self.root.join("blkd")
     }
 
+    /// The interconnect's sockets (short names: a socket path has at most 107 bytes).
+    pub fn interconnect_dir(&self) -> PathBuf {
+        self.root.join("ic")
+    }
+
     /// Directory of the region files.
     pub fn regions_dir(&self) -> PathBuf {
         self.root.join("regions")

@@ -145,6 +145,7 @@ impl Chain {
             pending_cache_drop: None,
             addresses: Box::new(crate::service_ip::NoServiceAddresses),
             stopped: writer.stopped,
+            negotiation: None,
         };
         Self {
             dir,

@@ -12,12 +12,16 @@
 //! - `Release(identity)`: stop taking writes for it, disconnect its clients, have the
 //!   flusher write and sync everything logged, acknowledge with the flushed seq.
 //! - `StopWriting(identity)`: stop taking writes for it and disconnect its clients.
+//! - `Negotiate(identity, holder)`: before a planned takeover, ask the holder over the
+//!   interconnect whether it gives the identity up; acknowledge with its answer (a
+//!   holder's own answer comes from its [`veto`]).
 //!
 //! Independently of commands, an identity whose owner in the control region is no longer
 //! this node is fenced at once (and every write checks the owner before it is logged).
 
 pub mod quarantine;
 pub mod replay;
+pub mod veto;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -25,6 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shm::node::{Ack, AckWriter, ack_status};
+
+use crate::interconnect::negotiation::{Answer, NegotiationClient};
 use shm::{
     Command, CommandKind, ControlRegion, NodeRegion, StopReason, StoppedServing,
     StoppedServingWriter, TakeOverArgument,
@@ -45,6 +51,9 @@ pub const POLL: Duration = Duration::from_millis(2);
 /// How often it is read otherwise. Each wakeup of an idle TCG guest costs the host a
 /// quarter of a millisecond of CPU or more: polling every 2 ms took 12 % of a core per guest.
 pub const IDLE_POLL: Duration = Duration::from_millis(25);
+/// How long a negotiation waits for the holder's answer (the connection manager gives up
+/// on it a little before).
+const NEGOTIATION_WAIT: Duration = Duration::from_secs(3);
 /// How long the monitor polls at [`POLL`] after a command.
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// A peer heartbeat that has not moved for this long (2.5 default intervals) makes the
@@ -117,6 +126,8 @@ pub struct FailoverMonitor {
     pub addresses: Box<dyn ServiceAddresses>,
     /// Where the monitor says why it stopped serving an identity (hostd shows it).
     pub stopped: StoppedServingWriter,
+    /// Asks holders over the interconnect before a planned takeover; None: no interconnect.
+    pub negotiation: Option<NegotiationClient>,
 }
 
 impl FailoverMonitor {
@@ -212,6 +223,10 @@ impl FailoverMonitor {
             ),
             CommandKind::Release => self.release(identity, &mut ack),
             CommandKind::StopWriting => self.stop_writing(identity),
+            CommandKind::Negotiate => {
+                self.negotiate(identity, command.argument, command.epoch, &mut ack);
+                Ok(())
+            }
             CommandKind::None | CommandKind::Unknown(_) => {
                 ack.status = ack_status::UNKNOWN;
                 Ok(())
@@ -226,6 +241,30 @@ impl FailoverMonitor {
             ack.status = ack_status::FAILED;
         }
         ack
+    }
+
+    /// Asks node `holder` whether it gives `identity` up; the answer goes in `ack`.
+    fn negotiate(&mut self, identity: u32, holder: u64, epoch: u64, ack: &mut Ack) {
+        let answer = match (&self.negotiation, u16::try_from(holder)) {
+            (Some(client), Ok(holder)) => client.ask(holder, identity, epoch, NEGOTIATION_WAIT),
+            (None, _) => Answer::Unreachable("this node runs no interconnect".into()),
+            (_, Err(_)) => Answer::Unreachable(format!("node {holder} is no node")),
+        };
+        match answer {
+            Answer::Agreed => log::info!("node {holder} gives identity {identity} up"),
+            Answer::Refused(refusal) => {
+                log::warn!(
+                    "node {holder} refuses to give identity {identity} up: {}",
+                    refusal.describe()
+                );
+                ack.status = ack_status::REFUSED;
+                ack.first_seq = refusal.to_word();
+            }
+            Answer::Unreachable(why) => {
+                log::warn!("cannot ask node {holder} about identity {identity}: {why}");
+                ack.status = ack_status::UNREACHABLE;
+            }
+        }
     }
 
     fn take_over(
@@ -780,6 +819,7 @@ mod tests {
                 pending_cache_drop: None,
                 addresses: Box::new(addresses.clone()),
                 stopped: writer.stopped,
+                negotiation: None,
             };
             Self {
                 dir,

@@ -258,6 +258,12 @@ impl Nvram {
         }
     }
 
+    /// Whether `export`'s disk refused a write or sync and nothing has taken that note yet.
+    pub fn has_disk_error(&self, export: u32) -> bool {
+        1u64.checked_shl(export)
+            .is_some_and(|bit| self.disk_errors.load(Ordering::Acquire) & bit != 0)
+    }
+
     /// Whether `export`'s disk refused a write or sync since the last call for it.
     pub fn take_disk_error(&self, export: u32) -> bool {
         let Some(bit) = 1u64.checked_shl(export) else {

@@ -7,6 +7,7 @@ mod events;
 pub use events::{EventsError, render_log_for_fuzzing};
 mod failover;
 mod inspect;
+mod link;
 mod status;
 mod up;
 
@@ -69,6 +70,10 @@ pub enum Command {
     /// stopped first; `hostd giveback NODE` then restarts it and gives its identity back.
     Unfence(failover::UnfenceArgs),
 
+    /// Cut one of a node's interconnect links (`down`) or restore it (`up`): fault
+    /// injection for tests and drills. A cut link is shown in `hostd status`.
+    Link(link::LinkArgs),
+
     /// Run the daemon in the foreground without progress output (what `up --detach` starts).
     #[command(hide = true)]
     Daemon(up::DaemonArgs),
@@ -99,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Giveback(args) => failover::giveback(&state, args),
         Command::Fence(args) => failover::fence(&state, args),
         Command::Unfence(args) => failover::unfence(&state, args),
+        Command::Link(args) => link::run(&state, args),
         Command::Daemon(args) => up::run_daemon(&state, args),
         Command::Inspect(args) => inspect::run(&state, args),
         Command::Events(args) => events::run(&state, args),

@@ -115,6 +115,8 @@ pub struct Cluster {
     bridge: Option<BridgeNetwork>,
     /// The storage daemon serving the disks; None when QEMU or the agents open them.
     storage: Option<Box<dyn Storage>>,
+    /// The interconnect links' states last seen, to record their changes.
+    link_watch: super::interconnect::LinkWatch,
 }
 
 /// A takeover whose background replay hostd waits to see finish (to record it).
@@ -213,6 +215,7 @@ impl Cluster {
             metrics: Metrics::default(),
             bridge: None,
             storage: None,
+            link_watch: Default::default(),
         })
     }
 
@@ -302,6 +305,86 @@ impl Cluster {
 
     pub fn topology(&self) -> &Topology {
         &self.topology
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The interconnect links recorded as cut for `node` (bit `k`: link `k`).
+    pub fn links_cut(&self, node: NodeId) -> u64 {
+        self.control.links_cut(node.index())
+    }
+
+    /// Records the interconnect links cut for `node`; agents cut the links hostd cannot.
+    pub fn set_links_cut(&mut self, node: NodeId, mask: u64) {
+        // Every configured node has its word: a node id out of range is a bug, logged.
+        if let Err(error) = self.control_writer.set_links_cut(node.index(), mask) {
+            log::error!("cannot record node {node:?}'s cut links: {error}");
+        }
+    }
+
+    /// Node `node`'s interconnect links to its peers, as its agent published them.
+    pub fn links_of(&self, node: NodeId) -> Vec<wire::control::LinkStatus> {
+        let peers: Vec<(NodeId, &str)> = self
+            .topology
+            .interconnect_peers(node)
+            .into_iter()
+            .map(|peer| (peer, self.topology.name(peer)))
+            .collect();
+        super::interconnect::links(
+            &self.config.interconnect,
+            &self.nodes[node.index()].region,
+            &peers,
+            self.links_cut(node),
+        )
+    }
+
+    /// What node `node`'s interconnect test clients saw from each peer (when they run).
+    pub fn link_clients_of(&self, node: NodeId) -> Vec<wire::control::LinkClientStatus> {
+        if self.config.interconnect.stream_ms == 0
+            && self.config.interconnect.ping_ms == 0
+            && self.config.interconnect.bulk == 0
+        {
+            return Vec::new();
+        }
+        let region = &self.nodes[node.index()].region;
+        self.topology
+            .interconnect_peers(node)
+            .into_iter()
+            .filter_map(|peer| {
+                let stats = region.link_clients(peer.index())?;
+                Some(wire::control::LinkClientStatus {
+                    peer: self.topology.name(peer).to_owned(),
+                    stream_received: stats.stream_received,
+                    stream_errors: stats.stream_errors,
+                    stream_max_gap_us: stats.stream_max_gap_us,
+                    pings: stats.pings,
+                    ping_p50_us: stats.ping_p50_us,
+                    ping_p99_us: stats.ping_p99_us,
+                    bulk_bytes_in: stats.bulk_bytes_in,
+                    stream_recent_gap_us: stats.stream_recent_gap_us,
+                })
+            })
+            .collect()
+    }
+
+    /// Records every interconnect link that changed state on a node that is up.
+    pub fn observe_links(&mut self) {
+        if !self.config.interconnect.enabled() {
+            return;
+        }
+        for node in self.topology.nodes() {
+            if self.nodes[node.index()].state() != NodeState::Up {
+                self.link_watch.forget(node.index());
+                continue;
+            }
+            let links = self.links_of(node);
+            let name = self.topology.name(node).to_owned();
+            for event in self.link_watch.changes(node.index(), &name, &links) {
+                self.record(&event);
+            }
+        }
     }
 
     pub fn node(&self, node: NodeId) -> &NodeHealth {
@@ -472,9 +555,19 @@ impl Cluster {
             .filter(|args| !args.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
+        let mut options = self.config.agent_options_for(node.index());
+        if self.config.interconnect.enabled() {
+            options.interconnect.peers = self
+                .topology
+                .interconnect_peers(node)
+                .iter()
+                .map(|peer| peer.index() as u16)
+                .collect();
+        }
         SpawnPlan {
             name: config.name.clone(),
-            options: self.config.agent_options_for(node.index()),
+            interconnect_dir: self.state.interconnect_dir(),
+            options,
             region: self.files[node.index()].region.clone(),
             disk: self.files[node.index()].disk.clone(),
             disk_socket: self.disk_socket(node, node),
@@ -532,7 +625,10 @@ impl Cluster {
 
     /// Waits until `node`'s control channel answers.
     pub fn connect_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
-        Ok(self.backend.connect(node)?)
+        self.backend.connect(node)?;
+        // A new QEMU's NICs are up: links cut before it started are cut again.
+        super::links::reapply_cuts(self, node);
+        Ok(())
     }
 
     /// Cuts `node` off its disks (its keys preempted), then kills and reaps it; only a
@@ -1010,6 +1106,8 @@ impl Cluster {
                                 stopped.reason.describe()
                             )
                         }),
+                    links: self.links_of(node),
+                    link_clients: self.link_clients_of(node),
                     takeover_possible,
                     takeover_reason,
                     console: health.console.display().to_string(),

@@ -20,6 +20,8 @@ mod fencing;
 mod health;
 mod heartbeat_figures;
 mod inject;
+mod interconnect;
+mod links;
 mod metrics;
 mod moves;
 pub mod prepare;
@@ -237,6 +239,13 @@ fn main_loop(
                     Request::Fence { node, keep_running } => {
                         let response = match fencing::fence(cluster, &node, keep_running) {
                             Ok(message) => Response::Fenced { message },
+                            Err(error) => error_response(&error),
+                        };
+                        send(reply, response);
+                    }
+                    Request::Link { node, link, up } => {
+                        let response = match links::set_link(cluster, &node, link, up) {
+                            Ok(message) => Response::Linked { message },
                             Err(error) => error_response(&error),
                         };
                         send(reply, response);

@@ -27,6 +27,9 @@ const TAKEOVER_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_SERVING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a release may take (the old owner flushes its whole log).
 const RELEASE_ACK_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a taker gets to ask the holder over the interconnect (its agent waits 3 s for
+/// the answer).
+const NEGOTIATE_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node whose takeover of an identity failed is passed over for it, so that the
 /// next node of the list is tried (and one that keeps failing does not cost an epoch per tick).
 const REFUSED_TAKEOVER_BACKOFF: Duration = Duration::from_secs(5);
@@ -134,6 +137,7 @@ impl Moves {
         restore_addresses(cluster);
         self.restart_for_orphans(cluster);
         report_finished_replays(cluster);
+        cluster.observe_links();
     }
 
     /// Restarts a fenced node when an identity has no live node that could serve it
@@ -658,9 +662,10 @@ pub fn planned_takeover(
             }
         },
     };
+    let negotiated = negotiate(cluster, identity, node, taker)?;
     let reason = match to {
-        Some(to) => format!("planned takeover (hostd takeover --to {to})"),
-        None => "planned takeover (hostd takeover)".into(),
+        Some(to) => format!("planned takeover (hostd takeover --to {to}), {negotiated}"),
+        None => format!("planned takeover (hostd takeover), {negotiated}"),
     };
     let report = move_identity(
         cluster,
@@ -672,6 +677,71 @@ pub fn planned_takeover(
     )?;
     cluster.record(&Event::Takeover(report.clone()));
     Ok(report)
+}
+
+/// Before a planned takeover, the taker asks the holder over the interconnect whether it
+/// gives `identity` up (ONTAP's negotiated takeover). A refusal stops the takeover with the
+/// holder's reason; a holder the taker cannot reach is not asked (hostd still has it
+/// release first), and the report says so. Returns how it went, in words.
+fn negotiate(
+    cluster: &mut Cluster,
+    identity: IdentityId,
+    holder: NodeId,
+    taker: NodeId,
+) -> Result<String, MoveError> {
+    if !cluster.config().interconnect.enabled() {
+        return Ok("not negotiated (no interconnect)".into());
+    }
+    let (holder_name, taker_name) = (
+        cluster.topology().name(holder).to_owned(),
+        cluster.topology().name(taker).to_owned(),
+    );
+    let epoch = cluster.epoch();
+    let asked = cluster
+        .issue(
+            taker,
+            CommandKind::Negotiate,
+            identity,
+            epoch,
+            holder.index() as u64,
+        )
+        .and_then(|seq| cluster.await_ack(taker, seq, NEGOTIATE_ACK_TIMEOUT));
+    match asked {
+        Ok(_) => Ok(format!("agreed by {holder_name} over the interconnect")),
+        Err(CommandError::AckFailed {
+            status: ack_status::REFUSED,
+            ..
+        }) => {
+            let refusal = cluster
+                .node(taker)
+                .region
+                .ack()
+                .map_or(shm::Refusal::Unknown(0), |ack| {
+                    shm::Refusal::from_word(ack.first_seq)
+                });
+            Err(MoveError::Refused(format!(
+                "{holder_name} refuses to give its identity up, asked by {taker_name} over the interconnect: {}",
+                refusal.describe()
+            )))
+        }
+        Err(CommandError::AckFailed {
+            status: ack_status::UNREACHABLE,
+            ..
+        }) => {
+            log::warn!(
+                "{taker_name} could not reach {holder_name} over the interconnect: the takeover goes on unnegotiated"
+            );
+            Ok(format!(
+                "not negotiated ({taker_name} could not reach {holder_name} over the interconnect)"
+            ))
+        }
+        // An agent that does not know the command (an older build) or failed at it: the
+        // release below is as safe as before negotiation existed.
+        Err(CommandError::AckFailed { status, .. }) => Ok(format!(
+            "not negotiated ({taker_name}'s agent answered status {status})"
+        )),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// A `TakeOver` command's argument: the fenced old owner whose log to replay, if any, and

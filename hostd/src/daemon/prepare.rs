@@ -58,6 +58,8 @@ pub enum PrepareError {
         found: Vec<String>,
         expected: Vec<String>,
     },
+    #[error("the interconnect's sockets in {} would have paths of {longest} bytes, over the {MAX_SOCKET_PATH} a socket address holds: use a shorter state directory", path.display())]
+    SocketPath { path: PathBuf, longest: usize },
     #[error("cannot create disk image {path}")]
     Disk {
         path: PathBuf,
@@ -131,11 +133,33 @@ pub fn prepare(
                 ControlRegion::format(m, &names, &names).map_err(|e| region_error(&control, e))
             })?;
     }
+    if config.interconnect.enabled() {
+        interconnect_dir(&state.interconnect_dir())?;
+    }
     if let Some(bridge) = bridge {
         bridge.ensure()?;
     }
     Ok((files, control))
 }
+
+/// The interconnect's socket directory; its sockets' paths must fit a socket address.
+fn interconnect_dir(dir: &Path) -> Result<(), PrepareError> {
+    // The longest name in it: `q{link}-{node}-{peer}`.
+    let longest = dir.join("q9-99-99").as_os_str().len();
+    if longest > MAX_SOCKET_PATH {
+        return Err(PrepareError::SocketPath {
+            path: dir.to_owned(),
+            longest,
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| PrepareError::StateDir {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// The longest path a Unix socket address holds (108 bytes with the terminating zero).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// An existing control region must be readable by this build and name the configured
 /// nodes, in order: its owners and command slots are by node position.
@@ -177,6 +201,7 @@ pub fn purge(state: &StateDir, disks: &[PathBuf]) -> bool {
         remove(disk);
     }
     remove(&state.sockets_dir());
+    remove(&state.interconnect_dir());
     // The storage daemon's plan, sockets and reservations: the disks they fence are gone.
     remove(&state.storage_dir());
     ok &= crate::network::purge(state);

@@ -287,6 +287,56 @@ fn a_failed_release_rolls_back() {
     assert_eq!(h.cluster.epoch(), 1);
 }
 
+/// The holder refuses a negotiated takeover: nothing moves, no release is asked for, and
+/// the error gives the holder's reason; once it agrees, the takeover goes on and says so.
+#[test]
+fn a_holder_that_refuses_the_negotiation_keeps_its_identity() {
+    let mut h = Harness::pair();
+    h.up();
+    h.fake
+        .set(B, |b| b.holder_refuses = Some(shm::Refusal::LogFull));
+    let error = moves::planned_takeover(&mut h.cluster, "a", None).unwrap_err();
+    let text = wire::error_chain::one_line(&error);
+    assert!(
+        text.contains(
+            "a refuses to give its identity up, asked by b over the interconnect: its log is full"
+        ),
+        "{text}"
+    );
+    assert_eq!(h.owner(A), Some(A));
+    assert_eq!(h.cluster.epoch(), 0);
+    let calls = h.fake.calls();
+    let asked = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                node: B,
+                kind: CommandKind::Negotiate,
+                ..
+            }
+        )
+    });
+    assert!(asked < calls.len());
+    assert!(
+        !calls.iter().any(|c| matches!(
+            c,
+            Call::Command {
+                kind: CommandKind::Release,
+                ..
+            } | Call::Unforward { .. }
+        )),
+        "{calls:#?}"
+    );
+    h.fake.set(B, |b| b.holder_refuses = None);
+    let report = moves::planned_takeover(&mut h.cluster, "a", None).unwrap();
+    assert!(
+        report.reason.contains("agreed by a over the interconnect"),
+        "{}",
+        report.reason
+    );
+    assert_eq!(h.owner(A), Some(B));
+}
+
 /// The taker refuses a planned takeover after the old owner released the identity: the old
 /// owner serves it again (owner, command, address) instead of nobody.
 #[test]

@@ -112,6 +112,20 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
             ),
             reason,
         ),
+        Event::InterconnectLink {
+            node,
+            peer,
+            link,
+            state,
+            reachable,
+        } => format!(
+            "interconnect {node} -> {peer}: link {link} {state}{}",
+            if *reachable {
+                ""
+            } else {
+                "; no link to the peer is up (interconnect down)"
+            }
+        ),
     };
     format!("{stamp}  {body}")
 }

@@ -35,6 +35,8 @@ pub struct Behaviour {
     pub answer: Answer,
     /// Whether its process dies as soon as it starts (a crash loop).
     pub dies_at_start: bool,
+    /// Asked to negotiate a takeover, it answers that the holder refused, for this reason.
+    pub holder_refuses: Option<shm::Refusal>,
 }
 
 /// One logged call or command, in order.
@@ -147,6 +149,7 @@ impl FakeBackend {
                         beats: true,
                         answer: Answer::Ok,
                         dies_at_start: false,
+                        holder_refuses: None,
                     }))
                 })
                 .collect(),
@@ -482,7 +485,17 @@ fn start_agent(
                 identity: command.identity,
                 epoch: command.epoch,
             });
+            let mut first_seq = 1;
             let status = match behaviour.answer {
+                Answer::Ok if command.kind == CommandKind::Negotiate => {
+                    match behaviour.holder_refuses {
+                        Some(refusal) => {
+                            first_seq = refusal.to_word();
+                            ack_status::REFUSED
+                        }
+                        None => ack_status::OK,
+                    }
+                }
                 Answer::Ok => ack_status::OK,
                 Answer::Fail => ack_status::FAILED,
                 Answer::Never => continue,
@@ -495,7 +508,7 @@ fn start_agent(
                 command_seq: command.seq,
                 epoch: command.epoch,
                 status,
-                first_seq: 1,
+                first_seq,
                 last_seq: 0,
             });
         }

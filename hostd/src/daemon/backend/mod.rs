@@ -42,6 +42,9 @@ pub struct SpawnPlan {
     pub kernel_args: String,
     /// The guest's console log.
     pub console: PathBuf,
+    /// Where the interconnect's sockets live (QEMU's `-netdev dgram` ends, or the agent
+    /// processes' sockets).
+    pub interconnect_dir: PathBuf,
 }
 
 /// Where a node's process keeps its sockets and its own output, for as long as the state
@@ -258,6 +261,19 @@ pub trait NodeBackend: std::fmt::Debug + Send {
     /// Whether the agents listen on the identities' host ports themselves (the process
     /// backend): then a takeover command carries the port.
     fn agents_listen(&self) -> bool;
+
+    /// Sets node `node`'s NICs of interconnect link `link` (one per peer in `peers`) up or
+    /// down, where the backend has NICs; Ok(false) where it has none (the agent cuts the
+    /// link, told through the control region).
+    fn set_network_link(
+        &mut self,
+        _node: NodeId,
+        _link: u16,
+        _peers: &[u16],
+        _up: bool,
+    ) -> Result<bool, BackendError> {
+        Ok(false)
+    }
 
     /// Panics the guest's kernel.
     fn panic(&mut self, node: NodeId) -> Result<(), BackendError>;

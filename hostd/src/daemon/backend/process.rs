@@ -67,6 +67,9 @@ impl ProcessBackend {
             None => "127.0.0.1:0".to_owned(),
         };
         command.arg("--listen").arg(listen);
+        if plan.options.interconnect.enabled() {
+            command.arg("--ic-socket-dir").arg(&plan.interconnect_dir);
+        }
         command.args(plan.options.to_args());
         command
     }

@@ -102,6 +102,7 @@ impl QemuBackend {
         &self,
         paths: &NodePaths,
         plan: &SpawnPlan,
+        me: u16,
         tap: Option<(Arc<OwnedFd>, String)>,
     ) -> Result<std::process::Command, BackendError> {
         let mut append = format!(
@@ -175,6 +176,10 @@ impl QemuBackend {
             Some((fd, mac)) => command.tap_net("br0", fd, &mac),
             None => command.user_net("n0", &forwards),
         };
+        // The interconnect's NICs after the service NIC, which stays eth0.
+        for (id, local, remote, mac) in interconnect_nics(plan, me) {
+            command = command.dgram_net(&id, local, remote, &mac);
+        }
         command
             .pvpanic()
             // Only the event: QEMU's default action ends the process before the kernel has
@@ -187,6 +192,34 @@ impl QemuBackend {
                 node: plan.name.clone(),
                 source: Box::new(source),
             })
+    }
+
+    /// Sets the interconnect NICs of `link` on node `node` up or down (QMP `set_link`: the
+    /// guest sees its carrier go, and frames in both directions are dropped).
+    pub fn set_interconnect_link(
+        &mut self,
+        node: NodeId,
+        link: u16,
+        peers: &[u16],
+        up: bool,
+    ) -> Result<(), BackendError> {
+        let name = self.name(node);
+        let qmp = self.qmp[node.index()]
+            .as_mut()
+            .ok_or_else(|| BackendError::NoQmp { node: name.clone() })?;
+        for &peer in peers {
+            let id = nic_id(link, peer);
+            qmp.execute(
+                "set_link",
+                Some(serde_json::json!({ "name": id, "up": up })),
+            )
+            .map_err(|source| BackendError::QmpCommand {
+                node: name.clone(),
+                command: format!("set_link {id}"),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
     }
 
     /// Runs an HMP command through QMP; `accepted` judges its text reply.
@@ -251,7 +284,11 @@ impl NodeBackend for QemuBackend {
             )),
             None => None,
         };
-        let command = self.command(&paths, plan, tap)?;
+        let command = self.command(&paths, plan, node.index() as u16, tap)?;
+        // QEMU binds its ends of the interconnect; an earlier QEMU of this node left them.
+        for (_, local, _, _) in interconnect_nics(plan, node.index() as u16) {
+            let _ = std::fs::remove_file(local);
+        }
         log::debug!("node {}: {}", plan.name, display_command(&command));
         let _ = std::fs::remove_file(&paths.qmp_socket);
         self.drop_qmp(node);
@@ -416,6 +453,17 @@ impl NodeBackend for QemuBackend {
         )
     }
 
+    fn set_network_link(
+        &mut self,
+        node: NodeId,
+        link: u16,
+        peers: &[u16],
+        up: bool,
+    ) -> Result<bool, BackendError> {
+        self.set_interconnect_link(node, link, peers, up)
+            .map(|()| true)
+    }
+
     fn agents_listen(&self) -> bool {
         false
     }
@@ -564,6 +612,33 @@ fn forwarded_ports(table: &str) -> Vec<u16> {
                 .windows(2)
                 .find(|w| w[0] == "127.0.0.1")
                 .and_then(|w| w[1].parse().ok())
+        })
+        .collect()
+}
+
+/// The QEMU id of node's NIC for `link` to `peer`.
+fn nic_id(link: u16, peer: u16) -> String {
+    format!("ic{link}n{peer}")
+}
+
+/// Node `me`'s interconnect NICs: for each network link and peer, its id, its socket, the
+/// peer's socket (where its frames go) and its MAC.
+fn interconnect_nics(plan: &SpawnPlan, me: u16) -> Vec<(String, PathBuf, PathBuf, String)> {
+    use wire::interconnect::{format_mac, netdev_socket_name, nic_mac};
+    let ic = &plan.options.interconnect;
+    if !ic.enabled() {
+        return Vec::new();
+    }
+    let dir = &plan.interconnect_dir;
+    (0..ic.links)
+        .flat_map(|link| ic.peers.iter().map(move |&peer| (link, peer)))
+        .map(|(link, peer)| {
+            (
+                nic_id(link, peer),
+                dir.join(netdev_socket_name(link, me, peer)),
+                dir.join(netdev_socket_name(link, peer, me)),
+                format_mac(nic_mac(link, me, peer)),
+            )
         })
         .collect()
 }

@@ -1,0 +1,37 @@
+//! This node's veto on a peer's negotiated takeover of an identity it holds: it refuses
+//! when it could not release the identity cleanly.
+
+use std::sync::Arc;
+
+use shm::{ControlRegion, Refusal};
+
+use crate::interconnect::negotiation::Veto;
+use crate::nvram::Nvram;
+
+/// Answers from the control region and the node's log.
+#[derive(Debug)]
+pub struct NodeVeto {
+    pub node_id: u32,
+    pub control: Option<ControlRegion>,
+    pub nvram: Arc<Nvram>,
+}
+
+impl Veto for NodeVeto {
+    fn check(&self, identity: u32) -> Option<Refusal> {
+        let holds = self.control.as_ref().is_none_or(|control| {
+            control
+                .owner(identity as usize)
+                .is_some_and(|owner| owner.node == Some(self.node_id))
+        });
+        if !holds {
+            return Some(Refusal::NotHolder);
+        }
+        if self.nvram.has_disk_error(identity) {
+            return Some(Refusal::DiskFailing);
+        }
+        if self.nvram.writes_waiting() > 0 {
+            return Some(Refusal::LogFull);
+        }
+        None
+    }
+}

@@ -1,0 +1,159 @@
+//! The interconnect as hostd sees it: each node's links to its peers, read from what the
+//! node's agent publishes in its region, with the cuts hostd recorded; and an event each
+//! time a link changes state.
+
+use std::collections::BTreeMap;
+
+use shm::{LinkStateCode, NodeRegion};
+use wire::control::LinkStatus;
+use wire::events::Event;
+
+use super::topology::NodeId;
+use crate::config::InterconnectConfig;
+
+/// The words of a state, as status and events name it.
+pub fn state_name(code: LinkStateCode) -> &'static str {
+    match code {
+        LinkStateCode::Absent => "unknown",
+        LinkStateCode::Opening => "opening",
+        LinkStateCode::Up => "up",
+        LinkStateCode::Degraded => "degraded",
+        LinkStateCode::Down => "down",
+        LinkStateCode::Refused => "refused",
+        LinkStateCode::Cut => "cut",
+        LinkStateCode::Unknown(_) => "unknown",
+    }
+}
+
+/// Node `node`'s links to each of `peers` (index, name), as its region says.
+pub fn links(
+    config: &InterconnectConfig,
+    region: &NodeRegion,
+    peers: &[(NodeId, &str)],
+    cut_mask: u64,
+) -> Vec<LinkStatus> {
+    if !config.enabled() {
+        return Vec::new();
+    }
+    let count = config.links + u16::from(config.mailbox);
+    peers
+        .iter()
+        .flat_map(|&(peer, name)| {
+            (0..count).map(move |link| {
+                let published = region
+                    .link_status(peer.index(), usize::from(link))
+                    .unwrap_or_default();
+                LinkStatus {
+                    peer: name.to_owned(),
+                    link,
+                    kind: if link < config.links {
+                        "network".to_owned()
+                    } else {
+                        "mailbox".to_owned()
+                    },
+                    state: state_name(published.state).to_owned(),
+                    cut: cut_mask & (1 << link) != 0,
+                    rtt_us: published.rtt_us,
+                    bytes_out: published.bytes_out,
+                    bytes_in: published.bytes_in,
+                    dropped: published.dropped,
+                    retransmissions: published.retransmissions,
+                    channels: published.channels,
+                    since_unix_ms: published.since_unix_ms,
+                }
+            })
+        })
+        .collect()
+}
+
+/// The last state seen of every (node, peer, link), to record changes.
+#[derive(Debug, Default)]
+pub struct LinkWatch {
+    seen: BTreeMap<(usize, String, u16), String>,
+}
+
+impl LinkWatch {
+    /// The events of node `node`'s links that changed state since the last call, given
+    /// its links now. Call it only for nodes that are up: a dead agent's table is its last
+    /// word, not news.
+    pub fn changes(&mut self, node: usize, name: &str, links: &[LinkStatus]) -> Vec<Event> {
+        let mut events = Vec::new();
+        for link in links.iter().filter(|link| link.state != "unknown") {
+            let key = (node, link.peer.clone(), link.link);
+            let before = self.seen.insert(key, link.state.clone());
+            // A node's first table is its start, not a change.
+            if before.as_ref().is_none_or(|before| *before == link.state) {
+                continue;
+            }
+            let reachable = links
+                .iter()
+                .any(|other| other.peer == link.peer && other.state == "up");
+            events.push(Event::InterconnectLink {
+                node: name.to_owned(),
+                peer: link.peer.clone(),
+                link: link.link,
+                state: link.state.clone(),
+                reachable,
+            });
+        }
+        events
+    }
+
+    /// Forgets node `node`'s links (it stopped): its next agent's table is a start.
+    pub fn forget(&mut self, node: usize) {
+        self.seen.retain(|(n, _, _), _| *n != node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(peer: &str, link: u16, state: &str) -> LinkStatus {
+        LinkStatus {
+            peer: peer.into(),
+            link,
+            kind: "network".into(),
+            state: state.into(),
+            cut: false,
+            rtt_us: 0,
+            bytes_out: 0,
+            bytes_in: 0,
+            dropped: 0,
+            retransmissions: 0,
+            channels: 0,
+            since_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn changes_are_events_and_a_start_is_not() {
+        let mut watch = LinkWatch::default();
+        let start = [link("b", 0, "up"), link("b", 1, "up")];
+        assert!(watch.changes(0, "a", &start).is_empty());
+        let one_down = [link("b", 0, "down"), link("b", 1, "up")];
+        let events = watch.changes(0, "a", &one_down);
+        assert_eq!(
+            events,
+            vec![Event::InterconnectLink {
+                node: "a".into(),
+                peer: "b".into(),
+                link: 0,
+                state: "down".into(),
+                reachable: true,
+            }]
+        );
+        let both_down = [link("b", 0, "down"), link("b", 1, "down")];
+        let events = watch.changes(0, "a", &both_down);
+        assert!(matches!(
+            &events[..],
+            [Event::InterconnectLink {
+                link: 1,
+                reachable: false,
+                ..
+            }]
+        ));
+        watch.forget(0);
+        assert!(watch.changes(0, "a", &start).is_empty());
+    }
+}
