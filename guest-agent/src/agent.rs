@@ -288,7 +288,8 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             "held by another node"
         }
     );
-    let (negotiation, questions) = crate::interconnect::negotiation::pair();
+    let (negotiation, questions) =
+        crate::interconnect::negotiation::pair().map_err(AgentError::Thread)?;
     let veto: Arc<dyn crate::interconnect::negotiation::Veto> =
         Arc::new(crate::failover::veto::NodeVeto {
             node_id,

@@ -54,6 +54,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether `bytes`, a frame of any version, says it is a Refuse: every version so far
+    /// keeps the kind at byte 6, and a Refuse must never be answered with one (two builds
+    /// of different versions would refuse each other forever).
+    pub fn is_refuse(bytes: &[u8]) -> bool {
+        bytes.get(6) == Some(&Kind::Refuse.code())
+    }
+
     fn code(self) -> u8 {
         match self {
             Kind::Hello => 1,

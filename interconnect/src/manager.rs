@@ -127,6 +127,11 @@ struct ChannelState {
     moves: u64,
     /// The receiver's acknowledgement moved and has not been sent.
     ack_due: bool,
+    /// The link the peer's last message of this channel came on: a lone acknowledgement
+    /// goes back that way, which is known to work from the peer, whatever link this side
+    /// has placed the channel on (it may not have found that link dead yet, and the peer's
+    /// messages could not leave its window meanwhile).
+    ack_link: Option<usize>,
     /// Bytes queued in the current second, and the rate of the last whole one.
     bytes_this_second: u64,
     second_started: Instant,
@@ -144,6 +149,7 @@ impl ChannelState {
             link: None,
             moves: 0,
             ack_due: false,
+            ack_link: None,
             bytes_this_second: 0,
             second_started: now,
             rate: 0,
@@ -402,13 +408,16 @@ impl Manager {
                 let why = format!(
                     "the peer speaks interconnect version {version}; this node speaks {VERSION}"
                 );
-                let mut refuse = self.frame(Kind::Refuse, link);
-                refuse.payload = format!(
-                    "node {} speaks interconnect version {VERSION}, not {version}",
-                    self.me
-                )
-                .into_bytes();
-                self.outbox.push((link, refuse));
+                // Answered at most once an interval, and never a Refuse itself.
+                if !Kind::is_refuse(bytes) && self.links[link].may_answer_hello(now) {
+                    let mut refuse = self.frame(Kind::Refuse, link);
+                    refuse.payload = format!(
+                        "node {} speaks interconnect version {VERSION}, not {version}",
+                        self.me
+                    )
+                    .into_bytes();
+                    self.outbox.push((link, refuse));
+                }
                 self.hold_refused(link, why);
                 return delivered;
             }
@@ -494,6 +503,7 @@ impl Manager {
                         channel.receiver.arrive(frame.seq, frame.payload, &mut out);
                         // A duplicate is acknowledged again: the first ack may be lost.
                         channel.ack_due = true;
+                        channel.ack_link = Some(link);
                         delivered.extend(out.into_iter().map(|m| (frame.channel, m)));
                     }
                 }
@@ -507,8 +517,9 @@ impl Manager {
     /// Moves channels to the links placement wants (see the module documentation).
     fn place(&mut self) {
         let usable = self.placement.usable(&self.links);
-        for channel in self.channels.values_mut() {
-            let target = Placement::target(&usable, channel.placed_as());
+        let classes: Vec<Class> = self.channels.values().map(|c| c.placed_as()).collect();
+        let targets = self.placement.assign(&usable, &classes);
+        for (channel, target) in self.channels.values_mut().zip(targets) {
             if target == channel.link {
                 continue;
             }
@@ -529,10 +540,35 @@ impl Manager {
 
     /// Whether placement would move a channel now.
     fn placement_due(&self) -> bool {
-        let usable = self.placement.clone().usable(&self.links);
-        self.channels
-            .values()
-            .any(|c| Placement::target(&usable, c.placed_as()) != c.link)
+        let mut placement = self.placement.clone();
+        let usable = placement.usable(&self.links);
+        let classes: Vec<Class> = self.channels.values().map(|c| c.placed_as()).collect();
+        placement
+            .assign(&usable, &classes)
+            .into_iter()
+            .zip(self.channels.values())
+            .any(|(target, c)| target != c.link)
+    }
+
+    /// Says whether `link` may carry bulk channels while another link can (a link that
+    /// holds little, such as the region mailbox, should not).
+    pub fn set_bulk_allowed(&mut self, link: usize, allowed: bool) {
+        self.placement.set_bulk_allowed(link, allowed);
+    }
+
+    /// How long a message sent on `link` waits for its acknowledgement before it goes
+    /// again: the configured time, or three of the link's round trips if longer (at most
+    /// ten times the configured time). A link
+    /// slowed by load (a guest short of CPU) then gets time to answer instead of a resend
+    /// of everything in flight, which would only load it more.
+    fn retransmit_timeout(&self, link: usize) -> Duration {
+        let rtt = self.links.get(link).and_then(|l| l.rtt).unwrap_or_default();
+        // Capped: the round trip is the peer's word (its echo), and a lying or confused
+        // peer must not stop retransmission on the link.
+        self.config
+            .retransmit
+            .max(rtt * 3)
+            .min(self.config.retransmit * 10)
     }
 
     /// The earliest time [`Manager::poll`] has something to do: a frame to send (a Hello or
@@ -540,15 +576,6 @@ impl Manager {
     /// silence changes its state, a channel to place, a rate to measure. `now` when
     /// something is due already. A runtime sleeps until then, or until bytes arrive or a
     /// client sends; call it again after each `receive`, `send` and `poll`.
-    /// How long a message sent on `link` waits for its acknowledgement before it goes
-    /// again: the configured time, or three of the link's round trips if longer. A link
-    /// slowed by load (a guest short of CPU) then gets time to answer instead of a resend
-    /// of everything in flight, which would only load it more.
-    fn retransmit_timeout(&self, link: usize) -> Duration {
-        let rtt = self.links.get(link).and_then(|l| l.rtt).unwrap_or_default();
-        self.config.retransmit.max(rtt * 3)
-    }
-
     pub fn next_wakeup(&self, now: Instant) -> Instant {
         if !self.outbox.is_empty() || self.placement_due() {
             return now;
@@ -609,12 +636,13 @@ impl Manager {
             let due = channel.sender.due(now, timeouts[link]);
             let ack = channel.receiver.ack();
             if due.is_empty() && channel.ack_due {
+                let back = channel.ack_link.unwrap_or(link);
                 let frame = Frame {
                     channel: id,
                     ack,
-                    ..ends.frame(Kind::Ack, link)
+                    ..ends.frame(Kind::Ack, back)
                 };
-                self.outbox.push((link, frame));
+                self.outbox.push((back, frame));
             }
             for (seq, payload) in due {
                 let frame = Frame {

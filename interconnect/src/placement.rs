@@ -7,8 +7,11 @@
 //! not pull channels back each time it answers. With no link in service, channels use the
 //! degraded links.
 //!
-//! By class: bulk channels take the first link of those in use, control channels the
-//! second, so no control message waits behind a bulk transfer; with one link, all share it.
+//! By class: bulk channels are spread over the links in use that take bulk (the first to
+//! the first, the second to the second, ...), so two bulk clients get two links; control
+//! channels take the link that carries the fewest bulk channels (of those that take bulk:
+//! the fast ones; the later one on a tie), so no control message waits behind a bulk
+//! transfer while a link without one exists; with one link, all share it.
 
 use crate::link::{Link, LinkState};
 use crate::manager::Class;
@@ -17,13 +20,66 @@ use crate::manager::Class;
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
     in_service: Vec<bool>,
+    /// Links that may carry bulk while another can.
+    bulk_allowed: Vec<bool>,
 }
 
 impl Placement {
     pub(crate) fn new(links: usize) -> Self {
         Self {
             in_service: vec![false; links],
+            bulk_allowed: vec![true; links],
         }
+    }
+
+    pub(crate) fn set_bulk_allowed(&mut self, link: usize, allowed: bool) {
+        if let Some(slot) = self.bulk_allowed.get_mut(link) {
+            *slot = allowed;
+        }
+    }
+
+    /// The link of each channel (in order, placed as `classes`) among `usable`.
+    pub(crate) fn assign(&self, usable: &[usize], classes: &[Class]) -> Vec<Option<usize>> {
+        let fast: Vec<usize> = usable
+            .iter()
+            .copied()
+            .filter(|&l| self.bulk_allowed.get(l).copied().unwrap_or(true))
+            .collect();
+        let fast = if fast.is_empty() {
+            usable.to_vec()
+        } else {
+            fast
+        };
+        let mut bulk_on = vec![0usize; self.in_service.len()];
+        let mut bulk_seen = 0;
+        let mut targets: Vec<Option<usize>> = classes
+            .iter()
+            .map(|class| {
+                (*class == Class::Bulk && !fast.is_empty()).then(|| {
+                    let link = fast[bulk_seen % fast.len()];
+                    bulk_seen += 1;
+                    if let Some(count) = bulk_on.get_mut(link) {
+                        *count += 1;
+                    }
+                    link
+                })
+            })
+            .collect();
+        // Control: the fast link with the fewest bulk channels, the later one on a tie.
+        let control = match usable {
+            [] => None,
+            [only] => Some(*only),
+            _ => fast
+                .iter()
+                .copied()
+                .min_by_key(|&l| (bulk_on.get(l).copied().unwrap_or(0), std::cmp::Reverse(l))),
+        };
+        for (target, class) in targets.iter_mut().zip(classes) {
+            if *class == Class::Control {
+                *target = control;
+            }
+        }
+        targets
     }
 
     /// Takes links out of service and into it by their states now; returns the links
@@ -43,15 +99,6 @@ impl Placement {
             (0..links.len()).filter(|&l| links[l].usable()).collect()
         } else {
             serving
-        }
-    }
-
-    /// The link a channel placed as `class` takes among `usable`.
-    pub(crate) fn target(usable: &[usize], class: Class) -> Option<usize> {
-        match (usable, class) {
-            ([], _) => None,
-            ([only], _) | ([only, ..], Class::Bulk) => Some(*only),
-            ([_, second, ..], Class::Control) => Some(*second),
         }
     }
 }
@@ -103,10 +150,45 @@ mod tests {
     }
 
     #[test]
-    fn bulk_takes_the_first_link_and_control_the_second() {
-        assert_eq!(Placement::target(&[], Class::Bulk), None);
-        assert_eq!(Placement::target(&[2], Class::Control), Some(2));
-        assert_eq!(Placement::target(&[0, 1], Class::Bulk), Some(0));
-        assert_eq!(Placement::target(&[0, 1, 2], Class::Control), Some(1));
+    fn bulk_spreads_over_the_fast_links_and_control_takes_the_least_loaded() {
+        use Class::{Bulk, Control};
+        let mut placement = Placement::new(3);
+        assert_eq!(placement.assign(&[], &[Bulk, Control]), vec![None, None]);
+        assert_eq!(
+            placement.assign(&[2], &[Bulk, Control]),
+            vec![Some(2), Some(2)],
+            "one link: all share it"
+        );
+        assert_eq!(
+            placement.assign(&[0, 1], &[Control, Bulk]),
+            vec![Some(1), Some(0)],
+            "bulk first, control second"
+        );
+        assert_eq!(
+            placement.assign(&[0, 1], &[Control]),
+            vec![Some(1)],
+            "no bulk: control keeps the second link"
+        );
+        assert_eq!(
+            placement.assign(&[0, 1], &[Bulk, Bulk, Control]),
+            vec![Some(0), Some(1), Some(1)],
+            "two bulk channels, two links"
+        );
+        // The mailbox (link 2) takes no bulk while a network link can.
+        placement.set_bulk_allowed(2, false);
+        assert_eq!(
+            placement.assign(&[0, 1, 2], &[Bulk, Bulk, Control]),
+            vec![Some(0), Some(1), Some(1)]
+        );
+        assert_eq!(
+            placement.assign(&[0, 2], &[Bulk, Control]),
+            vec![Some(0), Some(0)],
+            "control stays on a fast link, beside bulk"
+        );
+        assert_eq!(
+            placement.assign(&[2], &[Bulk, Control]),
+            vec![Some(2), Some(2)],
+            "the mailbox alone carries everything"
+        );
     }
 }

@@ -427,3 +427,30 @@ fn a_burst_on_a_link_that_keeps_only_its_newest_frames_is_paced_and_delivered() 
         now - start
     );
 }
+
+/// Two builds of different versions do not refuse each other forever: a Refuse of another
+/// version is never answered, and other frames of it at most once an interval.
+#[test]
+fn refusals_between_versions_do_not_echo() {
+    let mut net = Net::new();
+    net.run(30);
+    let mut foreign_refuse = Frame::new(Kind::Refuse, 1, 0, 0, 0xb1).encode().unwrap();
+    foreign_refuse[4] = 3;
+    net.a.receive(0, &foreign_refuse, net.now);
+    let answered = |frames: Vec<(usize, Vec<u8>)>| {
+        frames
+            .iter()
+            .filter(|(link, bytes)| {
+                *link == 0 && Frame::decode(bytes).is_ok_and(|f| f.kind == Kind::Refuse)
+            })
+            .count()
+    };
+    assert_eq!(answered(net.a.poll(net.now)), 0, "a Refuse is not answered");
+    let mut foreign_hello = Frame::new(Kind::Hello, 1, 0, 0, 0xb1).encode().unwrap();
+    foreign_hello[4] = 3;
+    for _ in 0..20 {
+        net.a.receive(0, &foreign_hello, net.now);
+    }
+    assert_eq!(answered(net.a.poll(net.now)), 1, "one answer an interval");
+    assert_eq!(net.a.dropped.version, 21);
+}

@@ -252,7 +252,8 @@ pub struct LinkStatus {
     pub link: u16,
     /// `network` or `mailbox`.
     pub kind: String,
-    /// `opening`, `up`, `degraded`, `down`, `refused`, or `unknown` (nothing published).
+    /// `opening`, `up`, `degraded`, `down`, `refused`, `cut` (by the node's agent), `stale`
+    /// (the agent stopped publishing), or `unknown` (nothing published).
     pub state: String,
     /// Cut by `hostd link NODE LINK down`.
     pub cut: bool,

@@ -224,7 +224,7 @@ impl FailoverMonitor {
             CommandKind::Release => self.release(identity, &mut ack),
             CommandKind::StopWriting => self.stop_writing(identity),
             CommandKind::Negotiate => {
-                self.negotiate(identity, command.argument, command.epoch, &mut ack);
+                self.negotiate(identity, command.argument, &mut ack);
                 Ok(())
             }
             CommandKind::None | CommandKind::Unknown(_) => {
@@ -244,9 +244,9 @@ impl FailoverMonitor {
     }
 
     /// Asks node `holder` whether it gives `identity` up; the answer goes in `ack`.
-    fn negotiate(&mut self, identity: u32, holder: u64, epoch: u64, ack: &mut Ack) {
+    fn negotiate(&mut self, identity: u32, holder: u64, ack: &mut Ack) {
         let answer = match (&self.negotiation, u16::try_from(holder)) {
-            (Some(client), Ok(holder)) => client.ask(holder, identity, epoch, NEGOTIATION_WAIT),
+            (Some(client), Ok(holder)) => client.ask(holder, identity, NEGOTIATION_WAIT),
             (None, _) => Answer::Unreachable("this node runs no interconnect".into()),
             (_, Err(_)) => Answer::Unreachable(format!("node {holder} is no node")),
         };

@@ -152,7 +152,7 @@ impl Clients {
         let counter = u64::from_le_bytes(bytes);
         self.stats.stream_received += 1;
         if let Some((last, at)) = self.stream_last {
-            if counter != last + 1 {
+            if last.checked_add(1) != Some(counter) {
                 self.stats.stream_errors += 1;
             }
             let gap = now.saturating_duration_since(at).as_micros() as u64;
@@ -240,6 +240,10 @@ mod tests {
         );
         clients.stream_arrived(b"short", now);
         assert_eq!(clients.stats.stream_errors, 3);
+        // A peer's counter at its end wraps nothing and panics nothing.
+        clients.stream_arrived(&u64::MAX.to_le_bytes(), now + Duration::from_secs(40));
+        clients.stream_arrived(&u64::MAX.to_le_bytes(), now + Duration::from_secs(40));
+        assert_eq!(clients.stats.stream_errors, 5);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use shm::{ControlRegion, InterconnectWriter, NodeRegion};
 use mailbox_link::MailboxLink;
 use negotiation::{Negotiator, Veto};
 use runtime::{LinkSlot, Runtime, StatusSink};
-use transport::{Transport, UdpLink, UnixLink};
+use transport::{DeadLink, Transport, UdpLink, UnixLink};
 
 use interconnect::link::LinkConfig;
 use interconnect::manager::ManagerConfig;
@@ -84,26 +84,7 @@ pub struct Parts<'a> {
     pub area: Option<InterconnectWriter>,
     pub control: Option<ControlRegion>,
     /// The failover monitor's negotiation questions, and this node's veto on the peers'.
-    pub negotiation: Option<(crossbeam_channel::Receiver<negotiation::Ask>, Arc<dyn Veto>)>,
-}
-
-/// A link that could not be opened: it carries nothing, so the peer sees it down, and the
-/// link numbers stay the same on both ends.
-#[derive(Debug)]
-struct DeadLink;
-
-impl Transport for DeadLink {
-    fn kind(&self) -> &'static str {
-        "none"
-    }
-    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        None
-    }
-    fn send(&mut self, _peer: u16, _frame: &[u8]) {}
-    fn receive(&mut self, _out: &mut Vec<(u16, Vec<u8>)>) {}
-    fn counters(&self) -> transport::TransportCounters {
-        transport::TransportCounters::default()
-    }
+    pub negotiation: Option<(negotiation::Questions, Arc<dyn Veto>)>,
 }
 
 /// Opens every link and starts the connection manager's thread; does nothing when the
@@ -121,22 +102,38 @@ pub fn start(parts: Parts<'_>) -> Result<(), StartError> {
             (true, None) => return Err(StartError::NoSocketDir),
             (true, Some(dir)) => {
                 for link in 0..options.links {
-                    transports.push(opened(link, UnixLink::open(link, me, dir)));
+                    let dir = dir.to_owned();
+                    transports.push(opened(
+                        link,
+                        UnixLink::open(link, me, &dir),
+                        Box::new(move || {
+                            UnixLink::open(link, me, &dir)
+                                .map(|t| Box::new(t) as Box<dyn Transport>)
+                        }),
+                    ));
                 }
             }
             (false, _) => {
                 let nics = nics::find(parts.sys_class_net, me);
-                if let Err(error) = nics::set_up(&nics, me) {
-                    log::warn!(
-                        "interconnect: cannot set up the NICs: {}",
-                        wire::error_chain::one_line(&error)
-                    );
-                }
+                nics::set_up(&nics, me);
                 for link in 0..options.links {
                     if !nics.iter().any(|nic| nic.link == link) {
-                        log::warn!("interconnect: no NIC of link {link}; it stays down");
+                        log::warn!("interconnect: no NIC of link {link} yet");
                     }
-                    transports.push(opened(link, UdpLink::open(link, me)));
+                    let sys = parts.sys_class_net.to_owned();
+                    transports.push(opened(
+                        link,
+                        UdpLink::open(link, me),
+                        Box::new(move || {
+                            // A NIC that came late gets its address first.
+                            let nics: Vec<nics::Nic> = nics::find(&sys, me)
+                                .into_iter()
+                                .filter(|nic| nic.link == link)
+                                .collect();
+                            nics::set_up(&nics, me);
+                            UdpLink::open(link, me).map(|t| Box::new(t) as Box<dyn Transport>)
+                        }),
+                    ));
                 }
             }
         }
@@ -163,17 +160,18 @@ pub fn start(parts: Parts<'_>) -> Result<(), StartError> {
                 settings.manager.flight = settings.manager.flight.min(fits);
                 Box::new(MailboxLink::new(me, writer, parts.peers))
             }
-            None => Box::new(DeadLink),
+            None => Box::new(DeadLink::new(None)),
         });
     }
     let links = transports
         .into_iter()
         .enumerate()
         .map(|(index, transport)| {
-            // A guest's NICs are cut at the NIC (the heartbeats see it); hostd's word cuts
-            // what has no NIC.
-            let cut: Box<dyn Fn() -> bool + Send> = match (&parts.control, transport.kind()) {
-                (Some(control), kind) if kind != "udp" => {
+            // A guest's network links are cut at their NICs (the heartbeats see it);
+            // hostd's word cuts what has no NIC: the mailbox, process mode's sockets.
+            let at_nic = !parts.process_mode && index < usize::from(options.links);
+            let cut: Box<dyn Fn() -> bool + Send> = match &parts.control {
+                Some(control) if !at_nic => {
                     let control = control.clone();
                     let node = usize::from(me);
                     Box::new(move || control.links_cut(node) & (1 << index) != 0)
@@ -197,7 +195,16 @@ pub fn start(parts: Parts<'_>) -> Result<(), StartError> {
     let runtime = Runtime::new(settings, links, sink, negotiator, session, Instant::now());
     std::thread::Builder::new()
         .name("interconnect".into())
-        .spawn(move || runtime.run())
+        .spawn(move || {
+            // A bug here must not pass unnoticed: the agent goes on serving (its data
+            // path does not need the interconnect), the error is logged, and the link
+            // table, no longer published, goes stale in hostd's status.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.run())).is_err() {
+                log::error!(
+                    "interconnect: the connection manager failed; its links are no longer run"
+                );
+            }
+        })
         .map_err(StartError::Thread)?;
     Ok(())
 }
@@ -205,15 +212,16 @@ pub fn start(parts: Parts<'_>) -> Result<(), StartError> {
 fn opened<T: Transport + 'static>(
     link: u16,
     result: Result<T, transport::OpenError>,
+    reopen: transport::Reopen,
 ) -> Box<dyn Transport> {
     match result {
         Ok(transport) => Box::new(transport),
         Err(error) => {
             log::warn!(
-                "interconnect: link {link} stays down: {}",
+                "interconnect: link {link} is down until it can be opened: {}",
                 wire::error_chain::one_line(&error)
             );
-            Box::new(DeadLink)
+            Box::new(DeadLink::new(Some(reopen)))
         }
     }
 }

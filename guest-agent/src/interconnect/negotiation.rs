@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixDatagram;
+
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use interconnect::manager::Manager;
 use shm::Refusal;
@@ -22,8 +25,8 @@ pub const NEGOTIATION_CHANNEL: u16 = 3;
 /// little-endian words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Message {
-    /// "Will you give `identity` up?" (`epoch`: the control region's, as the asker read it).
-    Request { id: u64, identity: u32, epoch: u64 },
+    /// "Will you give `identity` up?"
+    Request { id: u64, identity: u32 },
     /// The answer to request `id`: None agrees.
     Answer { id: u64, refusal: Option<Refusal> },
 }
@@ -32,15 +35,10 @@ impl Message {
     pub fn encode(self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(25);
         match self {
-            Message::Request {
-                id,
-                identity,
-                epoch,
-            } => {
+            Message::Request { id, identity } => {
                 bytes.push(1);
                 bytes.extend_from_slice(&id.to_le_bytes());
                 bytes.extend_from_slice(&u64::from(identity).to_le_bytes());
-                bytes.extend_from_slice(&epoch.to_le_bytes());
             }
             Message::Answer { id, refusal } => {
                 bytes.push(2);
@@ -63,10 +61,9 @@ impl Message {
             })
             .collect();
         match (tag, rest.len() % 8, &words[..]) {
-            (1, 0, &[id, identity, epoch]) => Some(Message::Request {
+            (1, 0, &[id, identity]) => Some(Message::Request {
                 id,
                 identity: u32::try_from(identity).ok()?,
-                epoch,
             }),
             (2, 0, &[id, refusal]) => Some(Message::Answer {
                 id,
@@ -97,7 +94,6 @@ pub trait Veto: Send + Sync + std::fmt::Debug {
 pub struct Ask {
     pub peer: u16,
     pub identity: u32,
-    pub epoch: u64,
     pub reply: Sender<Answer>,
 }
 
@@ -105,27 +101,49 @@ pub struct Ask {
 #[derive(Debug, Clone)]
 pub struct NegotiationClient {
     asks: Sender<Ask>,
+    /// Wakes the connection manager's thread, which may be waiting for frames.
+    wake: Arc<UnixDatagram>,
+}
+
+/// The connection manager's end: the questions, and a socket readable when one is put.
+#[derive(Debug)]
+pub struct Questions {
+    asks: Receiver<Ask>,
+    wake: UnixDatagram,
 }
 
 /// A client and the connection manager's end of its questions.
-pub fn pair() -> (NegotiationClient, Receiver<Ask>) {
+pub fn pair() -> std::io::Result<(NegotiationClient, Questions)> {
     let (asks, questions) = unbounded();
-    (NegotiationClient { asks }, questions)
+    let (wake, woken) = UnixDatagram::pair()?;
+    woken.set_nonblocking(true)?;
+    wake.set_nonblocking(true)?;
+    Ok((
+        NegotiationClient {
+            asks,
+            wake: Arc::new(wake),
+        },
+        Questions {
+            asks: questions,
+            wake: woken,
+        },
+    ))
 }
 
 impl NegotiationClient {
     /// Asks node `peer` whether it gives `identity` up; waits at most `timeout`.
-    pub fn ask(&self, peer: u16, identity: u32, epoch: u64, timeout: Duration) -> Answer {
+    pub fn ask(&self, peer: u16, identity: u32, timeout: Duration) -> Answer {
         let (reply, answer) = bounded(1);
         let ask = Ask {
             peer,
             identity,
-            epoch,
             reply,
         };
         if self.asks.send(ask).is_err() {
             return Answer::Unreachable("the interconnect is not running".into());
         }
+        // A full socket already has a wake-up in it.
+        let _ = self.wake.send(&[1]);
         answer
             .recv_timeout(timeout)
             .unwrap_or_else(|_| Answer::Unreachable(format!("no answer within {timeout:?}")))
@@ -135,7 +153,7 @@ impl NegotiationClient {
 /// The connection manager's side: sends questions, answers the peers', matches answers.
 #[derive(Debug)]
 pub struct Negotiator {
-    questions: Receiver<Ask>,
+    questions: Questions,
     veto: Arc<dyn Veto>,
     /// Questions sent and not answered: id → (peer, reply, deadline).
     pending: BTreeMap<u64, (u16, Sender<Answer>, Instant)>,
@@ -145,7 +163,7 @@ pub struct Negotiator {
 
 impl Negotiator {
     /// `timeout`: how long a question waits for its answer before it is unreachable.
-    pub fn new(questions: Receiver<Ask>, veto: Arc<dyn Veto>, timeout: Duration) -> Self {
+    pub fn new(questions: Questions, veto: Arc<dyn Veto>, timeout: Duration) -> Self {
         Self {
             questions,
             veto,
@@ -155,9 +173,16 @@ impl Negotiator {
         }
     }
 
+    /// A descriptor readable when a question waits.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.questions.wake.as_fd()
+    }
+
     /// The questions waiting, taken.
     pub fn take_questions(&mut self) -> Vec<Ask> {
-        self.questions.try_iter().collect()
+        let mut drained = [0u8; 64];
+        while self.questions.wake.recv(&mut drained).is_ok() {}
+        self.questions.asks.try_iter().collect()
     }
 
     /// Sends `ask` on `manager` (its peer's), or answers it at once when `reachable` is
@@ -170,7 +195,6 @@ impl Negotiator {
                 let message = Message::Request {
                     id,
                     identity: ask.identity,
-                    epoch: ask.epoch,
                 };
                 match manager.send(NEGOTIATION_CHANNEL, message.encode()) {
                     Ok(_) => {
@@ -278,11 +302,7 @@ mod tests {
     #[test]
     fn messages_read_back_and_garbage_is_none() {
         for message in [
-            Message::Request {
-                id: 7,
-                identity: 1,
-                epoch: 9,
-            },
+            Message::Request { id: 7, identity: 1 },
             Message::Answer {
                 id: 7,
                 refusal: None,
@@ -315,15 +335,15 @@ mod tests {
         for m in [&mut asker, &mut holder] {
             m.open(NEGOTIATION_CHANNEL, Class::Control, now);
         }
-        let (client, questions) = pair();
+        let (client, questions) = pair().unwrap();
         let mut mine = Negotiator::new(questions, Arc::new(Refuses(None)), Duration::from_secs(1));
-        let (_unused, theirs_questions) = pair();
+        let (_unused, theirs_questions) = pair().unwrap();
         let mut theirs = Negotiator::new(
             theirs_questions,
             Arc::new(Refuses(veto)),
             Duration::from_secs(1),
         );
-        let asked = std::thread::spawn(move || client.ask(1, 0, 3, Duration::from_secs(5)));
+        let asked = std::thread::spawn(move || client.ask(1, 0, Duration::from_secs(5)));
         // The monitor's question arrives on the runtime's side.
         let ask = loop {
             if let Some(ask) = mine.take_questions().pop() {
@@ -367,7 +387,7 @@ mod tests {
         let now = Instant::now();
         let mut manager = Manager::new(0, 1, 1, 1, ManagerConfig::default(), now);
         manager.open(NEGOTIATION_CHANNEL, Class::Control, now);
-        let (_client, questions) = pair();
+        let (_client, questions) = pair().unwrap();
         let mut negotiator = Negotiator::new(
             questions,
             Arc::new(Refuses(None)),
@@ -378,7 +398,6 @@ mod tests {
             Ask {
                 peer: 1,
                 identity: 0,
-                epoch: 1,
                 reply,
             },
             Some((&mut manager, true)),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use wire::interconnect::{link_address, parse_nic_mac};
 
-use crate::service_ip::{AddressError, ip_args, run};
+use crate::service_ip::{ip_args, run};
 
 /// One interconnect NIC of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,14 +53,23 @@ pub fn commands(nic: &Nic, me: u16) -> [Vec<String>; 2] {
     ]
 }
 
-/// Brings every NIC up; returns the links that have at least one NIC configured.
-pub fn set_up(nics: &[Nic], me: u16) -> Result<(), AddressError> {
+/// Brings every NIC up with its address; a NIC that fails is logged and the others go on
+/// (its link is re-opened later, see [`super::transport::Reopen`]).
+pub fn set_up(nics: &[Nic], me: u16) {
     for nic in nics {
-        for command in commands(nic, me) {
-            run(&command, false)?;
+        let done = commands(nic, me)
+            .iter()
+            .try_for_each(|command| run(command, false).map(drop));
+        if let Err(error) = done {
+            log::warn!(
+                "interconnect: cannot set up {} (link {} to node {}): {}",
+                nic.device,
+                nic.link,
+                nic.peer,
+                wire::error_chain::one_line(&error)
+            );
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

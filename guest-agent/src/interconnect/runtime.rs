@@ -87,6 +87,10 @@ impl Runtime {
         now: Instant,
     ) -> Self {
         let count = links.len();
+        // The mailbox holds little: no bulk on it while another link can carry it.
+        let timed: Vec<usize> = (0..count)
+            .filter(|&index| links[index].transport.kind() == "mailbox")
+            .collect();
         sink.config(
             count as u16,
             settings.manager.link.heartbeat.as_millis() as u64,
@@ -105,6 +109,9 @@ impl Runtime {
                     interconnect::manager::Class::Control,
                     now,
                 );
+                for &index in &timed {
+                    manager.set_bulk_allowed(index, false);
+                }
                 let clients = Clients::new(settings.clients, &mut manager, now);
                 let since = vec![(LinkState::Opening, unix_ms); count];
                 (
@@ -132,6 +139,12 @@ impl Runtime {
     /// One round: what arrived is delivered, what is due is sent. Returns when the next
     /// round is due at the latest.
     pub fn step(&mut self, now: Instant) -> Instant {
+        for (index, slot) in self.links.iter_mut().enumerate() {
+            if let Some(revived) = slot.transport.revive() {
+                log::info!("interconnect: link {index} opened ({})", revived.kind());
+                slot.transport = revived;
+            }
+        }
         for (index, slot) in self.links.iter_mut().enumerate() {
             self.inbox.clear();
             slot.transport.receive(&mut self.inbox);
@@ -210,8 +223,25 @@ impl Runtime {
             self.publish();
             self.next_publish = now + self.settings.publish_every;
         }
-        if self.links.iter().any(|slot| slot.transport.fd().is_none()) {
-            next = next.min(now + self.settings.timer_poll);
+        // A link without a descriptor (the mailbox) is read on a timer: often while a
+        // channel is placed on it, else twice a heartbeat interval, which is enough to
+        // keep it up and costs an idle guest little.
+        let timed: Vec<u16> = (0..self.links.len() as u16)
+            .filter(|&index| self.links[usize::from(index)].transport.fd().is_none())
+            .collect();
+        if !timed.is_empty() {
+            let carrying = self.peers.values().any(|peer| {
+                peer.manager
+                    .channels()
+                    .iter()
+                    .any(|c| c.link.is_some_and(|link| timed.contains(&link)))
+            });
+            let every = if carrying {
+                self.settings.timer_poll
+            } else {
+                self.settings.manager.link.heartbeat / 2
+            };
+            next = next.min(now + every);
         }
         next.min(self.next_publish)
     }
@@ -257,18 +287,20 @@ impl Runtime {
         loop {
             let now = Instant::now();
             if now < next {
-                wait(&self.links, next - now);
+                let woken = self.negotiator.as_ref().map(Negotiator::fd);
+                wait(&self.links, woken, next - now);
             }
             next = self.step(Instant::now());
         }
     }
 }
 
-/// Waits until a link's descriptor is readable or `timeout` passes.
-fn wait(links: &[LinkSlot], timeout: Duration) {
+/// Waits until a link's descriptor (or `woken`) is readable or `timeout` passes.
+fn wait(links: &[LinkSlot], woken: Option<BorrowedFd<'_>>, timeout: Duration) {
     let fds: Vec<BorrowedFd<'_>> = links
         .iter()
         .filter_map(|slot| slot.transport.fd())
+        .chain(woken)
         .collect();
     let mut polled: Vec<PollFd<'_>> = fds
         .iter()

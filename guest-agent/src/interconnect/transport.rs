@@ -61,6 +61,71 @@ pub trait Transport: Send + std::fmt::Debug {
     /// Appends every frame that arrived, with the node it came from.
     fn receive(&mut self, out: &mut Vec<(u16, Vec<u8>)>);
     fn counters(&self) -> TransportCounters;
+    /// A dead link's replacement, once it can be opened (see [`DeadLink`]).
+    fn revive(&mut self) -> Option<Box<dyn Transport>> {
+        None
+    }
+}
+
+/// How a dead link tries to open again.
+pub type Reopen = Box<dyn FnMut() -> Result<Box<dyn Transport>, OpenError> + Send>;
+
+/// A link that could not be opened: it carries nothing, so the peer sees it down and the
+/// link numbers stay the same on both ends; it tries to open again every
+/// [`REOPEN_EVERY`] (a NIC that came late, a socket directory made late).
+pub struct DeadLink {
+    reopen: Option<Reopen>,
+    next_try: std::time::Instant,
+}
+
+/// How often a dead link tries to open again.
+pub const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl DeadLink {
+    /// A link that stays dead (`reopen` None) or tries `reopen` now and then.
+    pub fn new(reopen: Option<Reopen>) -> Self {
+        Self {
+            reopen,
+            next_try: std::time::Instant::now() + REOPEN_EVERY,
+        }
+    }
+}
+
+impl std::fmt::Debug for DeadLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLink")
+            .field("reopens", &self.reopen.is_some())
+            .finish()
+    }
+}
+
+impl Transport for DeadLink {
+    fn kind(&self) -> &'static str {
+        "none"
+    }
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn send(&mut self, _peer: u16, _frame: &[u8]) {}
+    fn receive(&mut self, _out: &mut Vec<(u16, Vec<u8>)>) {}
+    fn counters(&self) -> TransportCounters {
+        TransportCounters::default()
+    }
+    fn revive(&mut self) -> Option<Box<dyn Transport>> {
+        let now = std::time::Instant::now();
+        let reopen = self.reopen.as_mut()?;
+        if now < self.next_try {
+            return None;
+        }
+        self.next_try = now + REOPEN_EVERY;
+        match reopen() {
+            Ok(transport) => Some(transport),
+            Err(error) => {
+                log::debug!("interconnect: {}", wire::error_chain::one_line(&error));
+                None
+            }
+        }
+    }
 }
 
 /// Link `link` of a guest: a UDP socket on the node's address of that link; the NICs'

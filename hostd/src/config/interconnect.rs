@@ -50,9 +50,11 @@ impl InterconnectConfig {
                 self.links
             ));
         }
-        if !(2..=10_000).contains(&self.heartbeat_ms) {
+        // Retransmissions wait four heartbeats: past 250 ms a lost negotiation question
+        // would not be resent before the taker gives up on it (2 s).
+        if !(2..=250).contains(&self.heartbeat_ms) {
             return invalid(format!(
-                "interconnect.heartbeat_ms = {}: from 2 to 10000",
+                "interconnect.heartbeat_ms = {}: from 2 to 250",
                 self.heartbeat_ms
             ));
         }

@@ -324,6 +324,41 @@ impl Cluster {
         }
     }
 
+    /// Sets node `node`'s network link `link` up or down at its NICs, where the backend has
+    /// NICs and the node runs; Ok(false) otherwise (its agent cuts it, or it is cut when the
+    /// node starts).
+    pub fn set_network_link(
+        &mut self,
+        node: NodeId,
+        link: u16,
+        up: bool,
+    ) -> Result<bool, super::backend::BackendError> {
+        if self.backend.pid(node).is_none() {
+            return Ok(false);
+        }
+        let peers: Vec<u16> = self
+            .topology
+            .interconnect_peers(node)
+            .iter()
+            .map(|peer| peer.index() as u16)
+            .collect();
+        self.backend.set_network_link(node, link, &peers, up)
+    }
+
+    /// Cuts again, at the NICs of a node just started, the network links recorded as cut.
+    fn reapply_link_cuts(&mut self, node: NodeId) {
+        let mask = self.links_cut(node);
+        for link in (0..self.config.interconnect.links).filter(|link| mask & (1 << link) != 0) {
+            if let Err(error) = self.set_network_link(node, link, false) {
+                log::warn!(
+                    "node {}: cannot cut link {link} again: {}",
+                    self.topology.name(node),
+                    wire::error_chain::one_line(&error)
+                );
+            }
+        }
+    }
+
     /// Node `node`'s interconnect links to its peers, as its agent published them.
     pub fn links_of(&self, node: NodeId) -> Vec<wire::control::LinkStatus> {
         let peers: Vec<(NodeId, &str)> = self
@@ -627,7 +662,7 @@ impl Cluster {
     pub fn connect_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
         self.backend.connect(node)?;
         // A new QEMU's NICs are up: links cut before it started are cut again.
-        super::links::reapply_cuts(self, node);
+        self.reapply_link_cuts(node);
         Ok(())
     }
 

@@ -11,6 +11,9 @@ use wire::events::Event;
 use super::topology::NodeId;
 use crate::config::InterconnectConfig;
 
+/// How old a link table may be before status calls its links stale.
+const STALE_AFTER_MS: u64 = 1500;
+
 /// The words of a state, as status and events name it.
 pub fn state_name(code: LinkStateCode) -> &'static str {
     match code {
@@ -36,6 +39,13 @@ pub fn links(
         return Vec::new();
     }
     let count = config.links + u16::from(config.mailbox);
+    // The agent publishes every 100 ms: a table much older than that is no longer run (the
+    // agent is stopped or its connection manager failed), whatever it last said.
+    let stale = region.interconnect_config().is_some_and(|published| {
+        published.published_unix_ms > 0
+            && wire::time::now_unix_ms().saturating_sub(published.published_unix_ms)
+                > STALE_AFTER_MS
+    });
     peers
         .iter()
         .flat_map(|&(peer, name)| {
@@ -51,7 +61,11 @@ pub fn links(
                     } else {
                         "mailbox".to_owned()
                     },
-                    state: state_name(published.state).to_owned(),
+                    state: if stale && published.state != LinkStateCode::Absent {
+                        "stale".to_owned()
+                    } else {
+                        state_name(published.state).to_owned()
+                    },
                     cut: cut_mask & (1 << link) != 0,
                     rtt_us: published.rtt_us,
                     bytes_out: published.bytes_out,
@@ -78,7 +92,10 @@ impl LinkWatch {
     /// word, not news.
     pub fn changes(&mut self, node: usize, name: &str, links: &[LinkStatus]) -> Vec<Event> {
         let mut events = Vec::new();
-        for link in links.iter().filter(|link| link.state != "unknown") {
+        for link in links
+            .iter()
+            .filter(|link| link.state != "unknown" && link.state != "stale")
+        {
             let key = (node, link.peer.clone(), link.link);
             let before = self.seen.insert(key, link.state.clone());
             // A node's first table is its start, not a change.

@@ -8,7 +8,6 @@ use wire::events::Event;
 
 use super::backend::BackendError;
 use super::cluster::Cluster;
-use super::topology::NodeId;
 
 /// Why a link could not be set.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +49,15 @@ pub fn set_link(
             last: count - 1,
         });
     }
+    // At the NIC first: a cut that could not be made is not recorded as made.
+    let at_nic = link < ic.links
+        && cluster
+            .set_network_link(node, link, up)
+            .map_err(|source| LinkError::Backend {
+                node: name.to_owned(),
+                link,
+                source,
+            })?;
     let mask = cluster.links_cut(node);
     let mask = if up {
         mask & !(1 << link)
@@ -57,12 +65,6 @@ pub fn set_link(
         mask | (1 << link)
     };
     cluster.set_links_cut(node, mask);
-    let at_nic = link < ic.links
-        && apply_at_nic(cluster, node, link, up).map_err(|source| LinkError::Backend {
-            node: name.to_owned(),
-            link,
-            source,
-        })?;
     cluster.record(&Event::FaultInjected {
         node: name.to_owned(),
         signal: format!("link{link}_{}", if up { "up" } else { "down" }),
@@ -74,6 +76,8 @@ pub fn set_link(
     };
     let how = if at_nic {
         "at its NICs (QMP set_link)"
+    } else if link < ic.links && cluster.pid(node).is_none() {
+        "when it starts (it is not running)"
     } else {
         "by its agent (control region)"
     };
@@ -81,42 +85,4 @@ pub fn set_link(
         "node {name}: {kind} {link} {} {how}",
         if up { "restored" } else { "cut" }
     ))
-}
-
-/// Sets a network link at the node's NICs where the backend has them; Ok(false) where it
-/// has none (the agent cuts it).
-fn apply_at_nic(
-    cluster: &mut Cluster,
-    node: NodeId,
-    link: u16,
-    up: bool,
-) -> Result<bool, BackendError> {
-    if cluster.pid(node).is_none() {
-        // Not running: the cut is recorded and applied when it starts.
-        return Ok(false);
-    }
-    let peers: Vec<u16> = cluster
-        .topology()
-        .interconnect_peers(node)
-        .iter()
-        .map(|peer| peer.index() as u16)
-        .collect();
-    cluster
-        .backend_mut()
-        .set_network_link(node, link, &peers, up)
-}
-
-/// Cuts again, at the NICs of a node just started, the network links recorded as cut.
-pub fn reapply_cuts(cluster: &mut Cluster, node: NodeId) {
-    let links = cluster.config().interconnect.links;
-    let mask = cluster.links_cut(node);
-    for link in (0..links).filter(|link| mask & (1 << link) != 0) {
-        if let Err(error) = apply_at_nic(cluster, node, link, false) {
-            log::warn!(
-                "node {}: cannot cut link {link} again: {}",
-                cluster.topology().name(node),
-                wire::error_chain::one_line(&error)
-            );
-        }
-    }
 }

@@ -33,6 +33,10 @@ pub use links::{
 };
 pub use mailbox::{BROADCAST, MailboxError, MailboxReader, MailboxWriter};
 
+/// Most mailbox slots a header may claim: what the largest mailbox holds in this build's
+/// slots, with room for a later build's smaller slots.
+const MAX_SLOTS: u64 = 1024;
+
 /// Where the interconnect area lies in a node region, as its static header records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct InterconnectGeometry {
@@ -86,7 +90,10 @@ impl InterconnectGeometry {
             && offset
                 .checked_add(size)
                 .is_some_and(|end| end <= ring_offset);
+        // The slot count is bounded too: a reader scans up to every slot each read, and a
+        // hostile header must not make that a loop of millions.
         let slots_ok = mailbox_slots > 0
+            && u64::from(mailbox_slots) <= MAX_SLOTS
             && slot % 8 == 0
             && (SLOT_HEADER_LEN + 8..=MAX_SLOT_SIZE).contains(&slot)
             && needed <= size;

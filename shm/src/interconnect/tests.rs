@@ -127,6 +127,7 @@ fn an_area_that_does_not_fit_is_refused() {
         (4096, 76 << 10, 1, 8191),            // slot not in words
         (u64::MAX, 4096, 8, 8192),            // past everything
         (4096, u64::MAX, u32::MAX, u32::MAX), // hostile sizes
+        (4096, 76 << 10, 2000, 24),           // more slots than any reader scans
     ] {
         let mapping = Mapping::create_memfd("bad", 1 << 20).unwrap();
         format_old_layout(&mapping);
