@@ -98,8 +98,6 @@ pub enum Refusal {
     NotHolder,
     /// Its flusher failed to write the identity's disk: a release could not flush.
     DiskFailing,
-    /// Its log is full and writes wait for the flusher: a release would take long.
-    LogFull,
     /// A reason this build does not know (a newer agent gave it).
     Unknown(u64),
 }
@@ -109,7 +107,6 @@ impl Refusal {
         match self {
             Refusal::NotHolder => 1,
             Refusal::DiskFailing => 2,
-            Refusal::LogFull => 3,
             Refusal::Unknown(word) => word,
         }
     }
@@ -118,7 +115,6 @@ impl Refusal {
         match word {
             1 => Refusal::NotHolder,
             2 => Refusal::DiskFailing,
-            3 => Refusal::LogFull,
             other => Refusal::Unknown(other),
         }
     }
@@ -129,9 +125,6 @@ impl Refusal {
             Refusal::NotHolder => "it does not hold the identity".into(),
             Refusal::DiskFailing => {
                 "its disk refused the flusher's writes: a release could not flush the log".into()
-            }
-            Refusal::LogFull => {
-                "its log is full and writes wait for the flusher: a release would take long".into()
             }
             Refusal::Unknown(word) => format!("reason {word}, unknown to this build"),
         }
@@ -181,7 +174,6 @@ mod refusal_tests {
         for refusal in [
             Refusal::NotHolder,
             Refusal::DiskFailing,
-            Refusal::LogFull,
             Refusal::Unknown(9),
         ] {
             assert_eq!(Refusal::from_word(refusal.to_word()), refusal);

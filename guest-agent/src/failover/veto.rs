@@ -26,11 +26,10 @@ impl Veto for NodeVeto {
         if !holds {
             return Some(Refusal::NotHolder);
         }
+        // A full log is no reason: a release drains it, which makes a planned takeover the
+        // way out of a paused or stuck flusher.
         if self.nvram.has_disk_error(identity) {
             return Some(Refusal::DiskFailing);
-        }
-        if self.nvram.writes_waiting() > 0 {
-            return Some(Refusal::LogFull);
         }
         None
     }

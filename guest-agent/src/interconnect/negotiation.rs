@@ -309,7 +309,7 @@ mod tests {
             },
             Message::Answer {
                 id: 8,
-                refusal: Some(Refusal::LogFull),
+                refusal: Some(Refusal::DiskFailing),
             },
         ] {
             assert_eq!(Message::decode(&message.encode()), Some(message));

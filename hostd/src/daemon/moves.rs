@@ -720,7 +720,7 @@ fn negotiate(
                     shm::Refusal::from_word(ack.first_seq)
                 });
             Err(MoveError::Refused(format!(
-                "{holder_name} refuses to give its identity up, asked by {taker_name} over the interconnect: {}",
+                "{holder_name} refuses to give its identity up, asked by {taker_name} over the interconnect: {} (`hostd fence {holder_name}` moves it unplanned, replaying its log)",
                 refusal.describe()
             )))
         }

@@ -294,13 +294,13 @@ fn a_holder_that_refuses_the_negotiation_keeps_its_identity() {
     let mut h = Harness::pair();
     h.up();
     h.fake
-        .set(B, |b| b.holder_refuses = Some(shm::Refusal::LogFull));
+        .set(B, |b| b.holder_refuses = Some(shm::Refusal::DiskFailing));
     let error = moves::planned_takeover(&mut h.cluster, "a", None).unwrap_err();
     let text = wire::error_chain::one_line(&error);
     assert!(
         text.contains(
-            "a refuses to give its identity up, asked by b over the interconnect: its log is full"
-        ),
+            "a refuses to give its identity up, asked by b over the interconnect: its disk refused"
+        ) && text.contains("hostd fence a"),
         "{text}"
     );
     assert_eq!(h.owner(A), Some(A));
