@@ -150,8 +150,9 @@ fn interconnect_lines(node: &wire::control::NodeStatus) -> Vec<String> {
                 .iter()
                 .filter(|l| l.peer == peer)
                 .map(|l| {
-                    let mut text = format!("{} {} {}", l.kind, l.link, l.state);
-                    if l.state == "up" && l.rtt_us > 0 {
+                    let mut text =
+                        format!("{} {} {}", l.kind.as_str(), l.link, l.state.as_str());
+                    if l.state == wire::control::LinkState::Up && l.rtt_us > 0 {
                         text.push_str(&format!(" {:.2} ms", l.rtt_us as f64 / 1000.0));
                     }
                     if l.cut {

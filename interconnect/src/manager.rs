@@ -315,6 +315,16 @@ impl Manager {
         std::mem::take(&mut self.events)
     }
 
+    /// Messages of channel `id` waiting for the peer's acknowledgement (0: no such channel).
+    pub fn in_flight(&self, id: u16) -> usize {
+        self.channels.get(&id).map_or(0, |c| c.sender.in_flight())
+    }
+
+    /// Whether any channel is placed on `link`.
+    pub fn carries(&self, link: usize) -> bool {
+        self.channels.values().any(|c| c.link == Some(link))
+    }
+
     /// Each open channel's figures.
     pub fn channels(&self) -> Vec<ChannelReport> {
         self.channels

@@ -245,16 +245,65 @@ pub struct NodeStatus {
     pub console: String,
 }
 
+/// What carries an interconnect link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// A point-to-point NIC pair (a guest), or a Unix datagram socket (process mode).
+    Network,
+    /// The regions' shared-memory mailbox.
+    Mailbox,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Network => "network",
+            LinkKind::Mailbox => "mailbox",
+        }
+    }
+}
+
+/// Where an interconnect link stands, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Opening,
+    Up,
+    Degraded,
+    Down,
+    /// The peer refused it, or it the peer.
+    Refused,
+    /// Cut by the node's agent (`hostd link NODE LINK down`).
+    Cut,
+    /// The agent stopped publishing its links: what it said last is old.
+    Stale,
+    /// Nothing published (or a state this build does not know).
+    Unknown,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Opening => "opening",
+            LinkState::Up => "up",
+            LinkState::Degraded => "degraded",
+            LinkState::Down => "down",
+            LinkState::Refused => "refused",
+            LinkState::Cut => "cut",
+            LinkState::Stale => "stale",
+            LinkState::Unknown => "unknown",
+        }
+    }
+}
+
 /// One interconnect link from a node to a peer, as the node's agent published it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkStatus {
     pub peer: String,
     pub link: u16,
-    /// `network` or `mailbox`.
-    pub kind: String,
-    /// `opening`, `up`, `degraded`, `down`, `refused`, `cut` (by the node's agent), `stale`
-    /// (the agent stopped publishing), or `unknown` (nothing published).
-    pub state: String,
+    pub kind: LinkKind,
+    pub state: LinkState,
     /// Cut by `hostd link NODE LINK down`.
     pub cut: bool,
     /// The last heartbeat round trip (0: none measured yet).

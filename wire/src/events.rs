@@ -111,7 +111,7 @@ pub enum Event {
         node: String,
         peer: String,
         link: u16,
-        state: String,
+        state: crate::control::LinkState,
         reachable: bool,
     },
 }
@@ -316,7 +316,7 @@ mod tests {
                 node: "a".into(),
                 peer: "b".into(),
                 link: 1,
-                state: "down".into(),
+                state: crate::control::LinkState::Down,
                 reachable: true,
             },
         ];

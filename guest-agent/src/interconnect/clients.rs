@@ -48,7 +48,7 @@ pub struct Clients {
     ping_next: Instant,
     ping_sent: u64,
     rtts: VecDeque<u64>,
-    pub stats: ClientStats,
+    stats: ClientStats,
 }
 
 impl Clients {
@@ -79,6 +79,18 @@ impl Clients {
 
     fn micros(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.start).as_micros() as u64
+    }
+
+    /// What the clients saw, as published (the round trips' percentiles computed now, not
+    /// at every answer).
+    pub fn stats(&self) -> ClientStats {
+        let mut sorted: Vec<u64> = self.rtts.iter().copied().collect();
+        sorted.sort_unstable();
+        ClientStats {
+            ping_p50_us: percentile(&sorted, 50),
+            ping_p99_us: percentile(&sorted, 99),
+            ..self.stats
+        }
     }
 
     /// The peer started again: its stream starts over.
@@ -117,14 +129,9 @@ impl Clients {
             next = Some(next.map_or(self.ping_next, |n| n.min(self.ping_next)));
         }
         if self.config.bulk_channels > 0 {
-            let reports = manager.channels();
             for i in 0..self.config.bulk_channels {
                 let id = BULK_CHANNELS + i;
-                let in_flight = reports
-                    .iter()
-                    .find(|c| c.id == id)
-                    .map_or(0, |c| c.in_flight);
-                for _ in in_flight..BULK_IN_FLIGHT {
+                for _ in manager.in_flight(id)..BULK_IN_FLIGHT {
                     if manager.send(id, vec![0xb5; BULK_MESSAGE]).is_err() {
                         break;
                     }
@@ -198,10 +205,6 @@ impl Clients {
                 }
                 self.rtts.push_back(rtt);
                 self.stats.pings += 1;
-                let mut sorted: Vec<u64> = self.rtts.iter().copied().collect();
-                sorted.sort_unstable();
-                self.stats.ping_p50_us = percentile(&sorted, 50);
-                self.stats.ping_p99_us = percentile(&sorted, 99);
             }
             _ => {}
         }

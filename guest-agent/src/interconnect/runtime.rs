@@ -226,16 +226,11 @@ impl Runtime {
         // A link without a descriptor (the mailbox) is read on a timer: often while a
         // channel is placed on it, else twice a heartbeat interval, which is enough to
         // keep it up and costs an idle guest little.
-        let timed: Vec<u16> = (0..self.links.len() as u16)
-            .filter(|&index| self.links[usize::from(index)].transport.fd().is_none())
-            .collect();
-        if !timed.is_empty() {
-            let carrying = self.peers.values().any(|peer| {
-                peer.manager
-                    .channels()
-                    .iter()
-                    .any(|c| c.link.is_some_and(|link| timed.contains(&link)))
-            });
+        let timed = |index: &usize| self.links[*index].transport.fd().is_none();
+        if (0..self.links.len()).any(|index| timed(&index)) {
+            let carrying = (0..self.links.len())
+                .filter(timed)
+                .any(|index| self.peers.values().any(|peer| peer.manager.carries(index)));
             let every = if carrying {
                 self.settings.timer_poll
             } else {
@@ -277,7 +272,7 @@ impl Runtime {
                 };
                 self.sink.link(id, index as u16, &report);
             }
-            self.sink.clients(id, &peer.clients.stats);
+            self.sink.clients(id, &peer.clients.stats());
         }
     }
 

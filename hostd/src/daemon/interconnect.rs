@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use shm::{LinkStateCode, NodeRegion};
-use wire::control::LinkStatus;
+use wire::control::{LinkKind, LinkState, LinkStatus};
 use wire::events::Event;
 
 use super::topology::NodeId;
@@ -14,17 +14,16 @@ use crate::config::InterconnectConfig;
 /// How old a link table may be before status calls its links stale.
 const STALE_AFTER_MS: u64 = 1500;
 
-/// The words of a state, as status and events name it.
-pub fn state_name(code: LinkStateCode) -> &'static str {
+/// A published state as status names it.
+pub fn state_of(code: LinkStateCode) -> LinkState {
     match code {
-        LinkStateCode::Absent => "unknown",
-        LinkStateCode::Opening => "opening",
-        LinkStateCode::Up => "up",
-        LinkStateCode::Degraded => "degraded",
-        LinkStateCode::Down => "down",
-        LinkStateCode::Refused => "refused",
-        LinkStateCode::Cut => "cut",
-        LinkStateCode::Unknown(_) => "unknown",
+        LinkStateCode::Opening => LinkState::Opening,
+        LinkStateCode::Up => LinkState::Up,
+        LinkStateCode::Degraded => LinkState::Degraded,
+        LinkStateCode::Down => LinkState::Down,
+        LinkStateCode::Refused => LinkState::Refused,
+        LinkStateCode::Cut => LinkState::Cut,
+        LinkStateCode::Absent | LinkStateCode::Unknown(_) => LinkState::Unknown,
     }
 }
 
@@ -57,14 +56,14 @@ pub fn links(
                     peer: name.to_owned(),
                     link,
                     kind: if link < config.links {
-                        "network".to_owned()
+                        LinkKind::Network
                     } else {
-                        "mailbox".to_owned()
+                        LinkKind::Mailbox
                     },
                     state: if stale && published.state != LinkStateCode::Absent {
-                        "stale".to_owned()
+                        LinkState::Stale
                     } else {
-                        state_name(published.state).to_owned()
+                        state_of(published.state)
                     },
                     cut: cut_mask & (1 << link) != 0,
                     rtt_us: published.rtt_us,
@@ -83,7 +82,7 @@ pub fn links(
 /// The last state seen of every (node, peer, link), to record changes.
 #[derive(Debug, Default)]
 pub struct LinkWatch {
-    seen: BTreeMap<(usize, String, u16), String>,
+    seen: BTreeMap<(usize, String, u16), LinkState>,
 }
 
 impl LinkWatch {
@@ -94,22 +93,22 @@ impl LinkWatch {
         let mut events = Vec::new();
         for link in links
             .iter()
-            .filter(|link| link.state != "unknown" && link.state != "stale")
+            .filter(|link| !matches!(link.state, LinkState::Unknown | LinkState::Stale))
         {
             let key = (node, link.peer.clone(), link.link);
-            let before = self.seen.insert(key, link.state.clone());
+            let before = self.seen.insert(key, link.state);
             // A node's first table is its start, not a change.
             if before.as_ref().is_none_or(|before| *before == link.state) {
                 continue;
             }
             let reachable = links
                 .iter()
-                .any(|other| other.peer == link.peer && other.state == "up");
+                .any(|other| other.peer == link.peer && other.state == LinkState::Up);
             events.push(Event::InterconnectLink {
                 node: name.to_owned(),
                 peer: link.peer.clone(),
                 link: link.link,
-                state: link.state.clone(),
+                state: link.state,
                 reachable,
             });
         }
@@ -126,12 +125,12 @@ impl LinkWatch {
 mod tests {
     use super::*;
 
-    fn link(peer: &str, link: u16, state: &str) -> LinkStatus {
+    fn link(peer: &str, link: u16, state: LinkState) -> LinkStatus {
         LinkStatus {
             peer: peer.into(),
             link,
-            kind: "network".into(),
-            state: state.into(),
+            kind: LinkKind::Network,
+            state,
             cut: false,
             rtt_us: 0,
             bytes_out: 0,
@@ -146,9 +145,9 @@ mod tests {
     #[test]
     fn changes_are_events_and_a_start_is_not() {
         let mut watch = LinkWatch::default();
-        let start = [link("b", 0, "up"), link("b", 1, "up")];
+        let start = [link("b", 0, LinkState::Up), link("b", 1, LinkState::Up)];
         assert!(watch.changes(0, "a", &start).is_empty());
-        let one_down = [link("b", 0, "down"), link("b", 1, "up")];
+        let one_down = [link("b", 0, LinkState::Down), link("b", 1, LinkState::Up)];
         let events = watch.changes(0, "a", &one_down);
         assert_eq!(
             events,
@@ -156,11 +155,11 @@ mod tests {
                 node: "a".into(),
                 peer: "b".into(),
                 link: 0,
-                state: "down".into(),
+                state: LinkState::Down,
                 reachable: true,
             }]
         );
-        let both_down = [link("b", 0, "down"), link("b", 1, "down")];
+        let both_down = [link("b", 0, LinkState::Down), link("b", 1, LinkState::Down)];
         let events = watch.changes(0, "a", &both_down);
         assert!(matches!(
             &events[..],

@@ -214,11 +214,11 @@ impl Topology {
     /// The nodes `node` has interconnect links to: those it watches and those watching it
     /// (links are two-way, so both ends must have them).
     pub fn interconnect_peers(&self, node: NodeId) -> Vec<NodeId> {
+        let watched = self.watched_by(node);
         self.nodes()
             .filter(|&other| {
                 other != node
-                    && (self.watched_by(node).contains(&other)
-                        || self.watched_by(other).contains(&node))
+                    && (watched.contains(&other) || self.watched_by(other).contains(&node))
             })
             .collect()
     }

@@ -119,7 +119,8 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
             state,
             reachable,
         } => format!(
-            "interconnect {node} -> {peer}: link {link} {state}{}",
+            "interconnect {node} -> {peer}: link {link} {}{}",
+            state.as_str(),
             if *reachable {
                 ""
             } else {

@@ -102,7 +102,7 @@ impl QemuBackend {
         &self,
         paths: &NodePaths,
         plan: &SpawnPlan,
-        me: u16,
+        interconnect: &[InterconnectNic],
         tap: Option<(Arc<OwnedFd>, String)>,
     ) -> Result<std::process::Command, BackendError> {
         let mut append = format!(
@@ -177,8 +177,8 @@ impl QemuBackend {
             None => command.user_net("n0", &forwards),
         };
         // The interconnect's NICs after the service NIC, which stays eth0.
-        for (id, local, remote, mac) in interconnect_nics(plan, me) {
-            command = command.dgram_net(&id, local, remote, &mac);
+        for (id, local, remote, mac) in interconnect {
+            command = command.dgram_net(id, local, remote, mac);
         }
         command
             .pvpanic()
@@ -284,11 +284,12 @@ impl NodeBackend for QemuBackend {
             )),
             None => None,
         };
-        let command = self.command(&paths, plan, node.index() as u16, tap)?;
+        let nics = interconnect_nics(plan, node.index() as u16);
         // QEMU binds its ends of the interconnect; an earlier QEMU of this node left them.
-        for (_, local, _, _) in interconnect_nics(plan, node.index() as u16) {
+        for (_, local, _, _) in &nics {
             let _ = std::fs::remove_file(local);
         }
+        let command = self.command(&paths, plan, &nics, tap)?;
         log::debug!("node {}: {}", plan.name, display_command(&command));
         let _ = std::fs::remove_file(&paths.qmp_socket);
         self.drop_qmp(node);
@@ -621,9 +622,12 @@ fn nic_id(link: u16, peer: u16) -> String {
     format!("ic{link}n{peer}")
 }
 
-/// Node `me`'s interconnect NICs: for each network link and peer, its id, its socket, the
-/// peer's socket (where its frames go) and its MAC.
-fn interconnect_nics(plan: &SpawnPlan, me: u16) -> Vec<(String, PathBuf, PathBuf, String)> {
+/// An interconnect NIC: its id, its socket, the peer's socket (where its frames go) and its
+/// MAC.
+type InterconnectNic = (String, PathBuf, PathBuf, String);
+
+/// Node `me`'s interconnect NICs, one for each network link and peer.
+fn interconnect_nics(plan: &SpawnPlan, me: u16) -> Vec<InterconnectNic> {
     use wire::interconnect::{format_mac, netdev_socket_name, nic_mac};
     let ic = &plan.options.interconnect;
     if !ic.enabled() {
