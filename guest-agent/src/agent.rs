@@ -116,6 +116,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         service: mut service_writer,
         replays,
         stopped,
+        claims: _claims,
         interconnect: interconnect_area,
     } = writer;
     let replay_book = ReplayBook::new(replays);

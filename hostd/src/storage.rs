@@ -119,6 +119,7 @@ pub fn plan(
         control_socket: dir.join("control.sock"),
         reservations: dir.join("reservations.json"),
         disks,
+        coordinator: None,
     })
 }
 
@@ -355,7 +356,7 @@ impl StorageDaemon {
         match self.call(request, REQUEST_TIMEOUT)? {
             StorageResponse::Done { changed, disk } => Ok((changed, disk)),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),
-            StorageResponse::Status { .. } => Err(StorageError::UnexpectedAnswer),
+            _ => Err(StorageError::UnexpectedAnswer),
         }
     }
 }
@@ -419,7 +420,7 @@ impl Storage for StorageDaemon {
         match self.call(&StorageRequest::Status, STATUS_TIMEOUT)? {
             StorageResponse::Status { disks, .. } => Ok(disks),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),
-            StorageResponse::Done { .. } => Err(StorageError::UnexpectedAnswer),
+            _ => Err(StorageError::UnexpectedAnswer),
         }
     }
 

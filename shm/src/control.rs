@@ -145,6 +145,27 @@ pub struct Owner {
     pub epoch: u64,
 }
 
+/// hostd's presence, as it publishes it every tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HostdPresence {
+    /// Bumped every tick: an agent judges hostd's presence by whether it moves.
+    pub counter: u64,
+    pub unix_ns: u64,
+    /// How long the counter may stand still before agents take hostd for absent (0: they
+    /// never act without it).
+    pub absent_after_ms: u64,
+    /// How long a peer's region heartbeat must stand still, with every interconnect link
+    /// to it silent, before an agent takes it for dead while hostd is absent.
+    pub peer_dead_after_ms: u64,
+}
+
+impl HostdPresence {
+    /// Whether agents may take over from each other while hostd is away.
+    pub fn allows_moves_without_hostd(&self) -> bool {
+        self.absent_after_ms > 0 && self.peer_dead_after_ms > 0
+    }
+}
+
 /// The static part of the control region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ControlHeader {
@@ -257,6 +278,18 @@ impl ControlRegion {
         self.mapping.load(control_live::links_cut(index))
     }
 
+    /// hostd's presence (`None` in a region hostd never published it in).
+    pub fn hostd(&self) -> Option<HostdPresence> {
+        let [counter, unix_ns, absent_after_ms, peer_dead_after_ms] =
+            control_live::HOSTD.read(&self.mapping)?;
+        (counter > 0).then_some(HostdPresence {
+            counter,
+            unix_ns,
+            absent_after_ms,
+            peer_dead_after_ms,
+        })
+    }
+
     /// The writer's handle. Only hostd calls this, once.
     pub fn writer(&self) -> Result<ControlWriter, ControlError> {
         if self.mapping.access() != Access::ReadWrite {
@@ -271,6 +304,8 @@ impl ControlRegion {
             commands: (0..self.header.nodes.len())
                 .map(|i| PublishedWriter::new(control_live::command(i), &self.mapping))
                 .collect(),
+            hostd: PublishedWriter::new(control_live::HOSTD, &self.mapping),
+            hostd_counter: self.hostd().map_or(0, |h| h.counter),
             region: self.clone(),
         })
     }
@@ -282,6 +317,8 @@ pub struct ControlWriter {
     region: ControlRegion,
     owners: Vec<PublishedWriter<2>>,
     commands: Vec<PublishedWriter<5>>,
+    hostd: PublishedWriter<4>,
+    hostd_counter: u64,
 }
 
 impl ControlWriter {
@@ -290,6 +327,27 @@ impl ControlWriter {
         if let Some(word) = self.region.mapping.word(control_live::EPOCH) {
             word.store(epoch, Ordering::Release);
         }
+    }
+
+    /// Says hostd is here: bumps the presence counter, with the agents' thresholds.
+    pub fn beat(&mut self, absent_after_ms: u64, peer_dead_after_ms: u64) -> HostdPresence {
+        self.hostd_counter += 1;
+        let presence = HostdPresence {
+            counter: self.hostd_counter,
+            unix_ns: crate::node::unix_ns(),
+            absent_after_ms,
+            peer_dead_after_ms,
+        };
+        self.hostd.publish(
+            &self.region.mapping,
+            [
+                presence.counter,
+                presence.unix_ns,
+                presence.absent_after_ms,
+                presence.peer_dead_after_ms,
+            ],
+        );
+        presence
     }
 
     pub fn set_owner(&mut self, identity: usize, owner: Owner) -> Result<(), ControlError> {

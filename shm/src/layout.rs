@@ -112,6 +112,21 @@ pub mod node_live {
     /// (see `crate::node::StoppedServing`). Regions older than it read as zero.
     pub const STOPPED_SERVING: Published<4> = Published::at(2560);
 
+    /// This node's claims, one per identity index: `(generation, victim node id + 1)`, the
+    /// coordinator's generation at which this node claimed the identity while hostd was
+    /// away; zero when it never did (and in regions older than these words).
+    pub const CLAIMS: u64 = 3136;
+    /// Distance between two claims.
+    pub const CLAIM_STRIDE: u64 = 40;
+    /// Whether this node ejected itself: `(generation seen, reason, unix time ns)`; zero
+    /// when it did not (see `crate::node::Ejection`).
+    pub const EJECTED: Published<3> = Published::at(3520);
+
+    /// This node's claim of identity `identity`.
+    pub const fn claim(identity: usize) -> Published<2> {
+        Published::at(CLAIMS + identity as u64 * CLAIM_STRIDE)
+    }
+
     /// What this node last read in node `node`'s region.
     pub const fn peer(node: usize) -> Published<3> {
         Published::at(PEERS + node as u64 * PEER_STRIDE)
@@ -137,6 +152,10 @@ pub mod node_live {
     const _: () = assert!(published_size(3) <= PEER_STRIDE);
     const _: () = assert!(peer(MAX_NODES - 1).end() <= STOPPED_SERVING.offset());
     const _: () = assert!(STOPPED_SERVING.end() <= WRITE_PROBE);
+    const _: () = assert!(WRITE_PROBE + 8 <= CLAIMS);
+    const _: () = assert!(published_size(2) <= CLAIM_STRIDE);
+    const _: () = assert!(claim(MAX_IDENTITIES - 1).end() <= EJECTED.offset());
+    const _: () = assert!(EJECTED.end() <= HEADER_PAGE);
 }
 
 /// The interconnect area of a node region: the link-status table, then the mailbox. Offsets
@@ -264,6 +283,11 @@ pub mod control_live {
     /// Links hostd has cut for node 0: a bitmask of link indexes (fault injection in the
     /// process backend); one word per node, see [`links_cut`].
     pub const LINKS_CUT: u64 = 1600;
+    /// hostd's presence: `(counter, unix time ns, absent after ms, peer dead after ms)`.
+    /// hostd bumps the counter every tick; an agent that sees it stand still for `absent
+    /// after` takes hostd for absent, and may then claim a peer whose heartbeat stood still
+    /// for `peer dead after` (0 in either: agents never act without hostd).
+    pub const HOSTD: Published<4> = Published::at(1664);
     /// Command slot of node 0: `(command seq, kind, identity, epoch, argument)`.
     pub const COMMANDS: u64 = 2048;
 
@@ -284,7 +308,8 @@ pub mod control_live {
 
     const _: () = assert!(OWNER_STRIDE >= published_size(2));
     const _: () = assert!(OWNERS + MAX_IDENTITIES as u64 * OWNER_STRIDE <= LINKS_CUT);
-    const _: () = assert!(links_cut(MAX_NODES) <= COMMANDS);
+    const _: () = assert!(links_cut(MAX_NODES) <= HOSTD.offset());
+    const _: () = assert!(HOSTD.end() <= COMMANDS);
     const _: () = assert!(COMMAND_STRIDE >= published_size(5));
     const _: () = assert!(COMMANDS + MAX_NODES as u64 * COMMAND_STRIDE <= HEADER_PAGE);
 }

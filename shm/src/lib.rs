@@ -7,7 +7,9 @@
 //!   acknowledges it to a client. The node's partner reads it to replay after a crash.
 //!   Regions of 1 MiB and more also hold the node's interconnect area ([`interconnect`]):
 //!   the state of its links to its peers, and a mailbox of frames for them.
-//! - the **control region** ([`control`]): hostd's epoch, identity owners and commands.
+//! - the **control region** ([`control`]): hostd's epoch, identity owners and commands,
+//!   and hostd's presence; while hostd is away, agents publish the identities they claimed
+//!   in their own regions ([`claims`]).
 //!
 //! Regions are mapped from tmpfs files, sealed memfds or a guest's ivshmem BAR
 //! ([`mapping`]). Multi-word values are published crash-safely by one writer
@@ -19,6 +21,7 @@
 //! fencing a matter of stopping one writer. Writers publish with release stores; readers
 //! use acquire loads; nothing uses compare-and-swap across processes.
 
+pub mod claims;
 pub mod control;
 pub mod header;
 pub mod inspect;
@@ -29,8 +32,10 @@ pub mod mapping;
 pub mod node;
 pub mod published;
 
+pub use claims::{Claim, ClaimWriter, EjectReason, Ejection, newest_owner};
 pub use control::{
-    Command, CommandKind, ControlError, ControlRegion, ControlWriter, Owner, TakeOverArgument,
+    Command, CommandKind, ControlError, ControlRegion, ControlWriter, HostdPresence, Owner,
+    TakeOverArgument,
 };
 pub use inspect::{InspectOptions, RegionKind, RegionReport, identify, inspect};
 pub use interconnect::{

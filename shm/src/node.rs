@@ -564,7 +564,9 @@ impl NodeRegion {
             .header
             .interconnect
             .map(|geometry| InterconnectWriter::resume(&self.mapping, geometry));
+        let claims = crate::claims::ClaimWriter::resume(&self.mapping);
         Ok(NodeWriter {
+            claims,
             interconnect,
             replays,
             stopped,
@@ -591,6 +593,8 @@ pub struct NodeWriter {
     pub service: ServiceWriter,
     pub replays: ReplayWriter,
     pub stopped: StoppedServingWriter,
+    /// Claims won at the coordinator, and this node's ejection.
+    pub claims: crate::claims::ClaimWriter,
     /// The link table and the mailbox (`None`: the region has no interconnect area).
     pub interconnect: Option<InterconnectWriter>,
 }

@@ -9,6 +9,7 @@
 //! - [`interconnect`]: the agents' interconnect settings and how its links are addressed;
 //! - [`network`]: service IPs, as the configuration, status and the agent's settings
 //!   name them;
+//! - [`coordinator`]: the storage daemon's coordinator (membership, owners, claims);
 //! - [`storage`]: the storage daemon's plan and control socket ([`json_line`]: the client
 //!   side of both control sockets);
 //! - [`nbd`]: the NBD protocol's constants, shared by the agent's server and the campaign's
@@ -18,6 +19,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod coordinator;
 pub mod error_chain;
 pub mod events;
 pub mod interconnect;

@@ -19,6 +19,30 @@ pub struct StoragePlan {
     /// Where the reservations are kept (synced on every change).
     pub reservations: PathBuf,
     pub disks: Vec<PlannedDisk>,
+    /// The coordinator, when the cluster's agents may take over from each other without
+    /// hostd (absent in plans written before it existed).
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorPlan>,
+}
+
+/// Where the coordinator keeps its state and how each node reaches it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorPlan {
+    /// Its state, synced on every change (`STATE_DIR/blkd/coordinator.json`).
+    pub state: PathBuf,
+    /// Identities, each born owned by the node of the same index (where there is one).
+    pub identities: u32,
+    pub nodes: Vec<CoordinatorNode>,
+}
+
+/// One node's place at the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorNode {
+    pub node: u32,
+    /// The node's own socket (see `crate::coordinator`).
+    pub socket: PathBuf,
+    /// The nodes that may claim this node's identities, most preferred first.
+    pub takers: Vec<u32>,
 }
 
 /// One disk image and the nodes that may attach it.
@@ -55,6 +79,25 @@ pub enum StorageRequest {
     /// Registrant `by` removes `victim`'s key from `disk` (preempt and abort): once the
     /// answer comes, `victim` has no write in progress there and every later one fails.
     Preempt { disk: String, victim: u32, by: u32 },
+    /// The coordinator's state.
+    Coordinator,
+    /// hostd moves `identity` to `node` (`None`: nobody) at `generation`, which must be
+    /// newer than the coordinator's: a claim an agent won since hostd last looked makes
+    /// this fail, and hostd adopts that claim instead of overriding it.
+    Assign {
+        identity: u32,
+        node: Option<u32>,
+        generation: u64,
+    },
+    /// hostd's control region is ahead of the coordinator (a state directory from before
+    /// the coordinator, or its state lost): the coordinator takes hostd's owners at
+    /// `generation` if that is not older than its own.
+    Sync {
+        generation: u64,
+        owners: Vec<crate::coordinator::IdentityOwner>,
+    },
+    /// `node` is a member again (hostd restarted it after another node claimed it).
+    Rejoin { node: u32 },
 }
 
 /// The daemon's answer.
@@ -70,6 +113,15 @@ pub enum StorageResponse {
         changed: bool,
         /// The disk's reservation after it.
         disk: DiskReservationStatus,
+    },
+    /// The coordinator's state after the request.
+    Coordinator {
+        state: crate::coordinator::CoordinatorState,
+    },
+    /// An `Assign` or `Sync` older than the coordinator's state, which is returned: hostd
+    /// adopts it.
+    Stale {
+        state: crate::coordinator::CoordinatorState,
     },
     Error {
         message: String,
@@ -125,6 +177,13 @@ mod tests {
                 victim: 0,
                 by: 1,
             },
+            StorageRequest::Coordinator,
+            StorageRequest::Assign {
+                identity: 0,
+                node: Some(1),
+                generation: 4,
+            },
+            StorageRequest::Rejoin { node: 0 },
         ] {
             let line = serde_json::to_string(&request).unwrap();
             assert_eq!(
