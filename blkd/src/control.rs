@@ -98,6 +98,11 @@ pub fn handle(table: &Table, request: &StorageRequest) -> StorageResponse {
         StorageRequest::Preempt { disk, victim, by } => {
             (disk, table.change(disk, |d| d.preempt(*victim, *by)))
         }
+        _ => {
+            return StorageResponse::Error {
+                message: "this daemon runs no coordinator".into(),
+            };
+        }
     };
     match result {
         Ok(change) => {

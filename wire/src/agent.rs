@@ -117,6 +117,99 @@ pub struct AgentOptions {
     /// The interconnect between the agents.
     #[command(flatten)]
     pub interconnect: InterconnectOptions,
+
+    /// Where the coordinator is, for takeovers while hostd is away: `virtio` (a guest's
+    /// virtio-serial port named `ivha.coordinator`) or the path of the node's coordinator
+    /// socket (process mode). Unset: the agent never takes over without hostd.
+    #[arg(long, value_name = "virtio|PATH")]
+    pub coordinator: Option<CoordinatorAddress>,
+
+    /// Process mode: the host port of each identity's address (`a=10809,b=10810`). An
+    /// agent that takes an identity over without hostd listens on it.
+    #[arg(long, default_value = "", value_name = "NAME=PORT,...")]
+    pub identity_ports: IdentityPorts,
+}
+
+/// How an agent reaches the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordinatorAddress {
+    /// The guest's virtio-serial port named [`crate::coordinator::PORT_NAME`].
+    Virtio,
+    /// A Unix stream socket (process mode).
+    Socket(std::path::PathBuf),
+}
+
+impl std::str::FromStr for CoordinatorAddress {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "" => Err("the coordinator's address is empty (virtio, or a socket path)".into()),
+            "virtio" => Ok(CoordinatorAddress::Virtio),
+            path if path.starts_with('/') => Ok(CoordinatorAddress::Socket(path.into())),
+            other => Err(format!(
+                "{other:?} is no coordinator address: virtio, or an absolute socket path"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CoordinatorAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CoordinatorAddress::Virtio => f.write_str("virtio"),
+            CoordinatorAddress::Socket(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// The host port of each identity's address, by identity name (process mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityPorts(pub Vec<(String, u16)>);
+
+impl IdentityPorts {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The port of identity `name`.
+    pub fn port(&self, name: &str) -> Option<u16> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, port)| *port)
+    }
+}
+
+impl std::str::FromStr for IdentityPorts {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let mut ports = Vec::new();
+        for item in value.split(',').filter(|item| !item.is_empty()) {
+            let (name, port) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not NAME=PORT"))?;
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port > 0)
+                .ok_or_else(|| format!("{port:?} is no port (1 to 65535) in {item:?}"))?;
+            if name.is_empty() || ports.iter().any(|(n, _)| n == name) {
+                return Err(format!("{item:?}: the name is empty or given twice"));
+            }
+            ports.push((name.to_owned(), port));
+        }
+        Ok(Self(ports))
+    }
+}
+
+impl std::fmt::Display for IdentityPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|(name, port)| format!("{name}={port}"))
+            .collect();
+        f.write_str(&items.join(","))
+    }
 }
 
 impl Default for AgentOptions {
@@ -137,6 +230,8 @@ impl Default for AgentOptions {
             arp_count: 5,
             arp_interval_ms: 200,
             interconnect: InterconnectOptions::default(),
+            coordinator: None,
+            identity_ports: IdentityPorts::default(),
         }
     }
 }
@@ -194,6 +289,12 @@ impl AgentOptions {
             flags.push(("node-address", Some(address.to_string())));
         }
         flags.extend(self.interconnect.flags());
+        if let Some(coordinator) = &self.coordinator {
+            flags.push(("coordinator", Some(coordinator.to_string())));
+        }
+        if !self.identity_ports.is_empty() {
+            flags.push(("identity-ports", Some(self.identity_ports.to_string())));
+        }
         flags
     }
 
@@ -280,7 +381,26 @@ mod tests {
                 ping_ms: 10,
                 bulk: 2,
             },
+            coordinator: Some(CoordinatorAddress::Virtio),
+            identity_ports: "a=10809,b=10810".parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn coordinator_addresses_and_identity_ports_are_checked() {
+        assert_eq!(
+            "/s/coord-a.sock".parse::<CoordinatorAddress>(),
+            Ok(CoordinatorAddress::Socket("/s/coord-a.sock".into()))
+        );
+        assert!("relative.sock".parse::<CoordinatorAddress>().is_err());
+        assert!("".parse::<CoordinatorAddress>().is_err());
+        let ports: IdentityPorts = "a=1,b=2".parse().unwrap();
+        assert_eq!(ports.port("b"), Some(2));
+        assert_eq!(ports.to_string(), "a=1,b=2");
+        for bad in ["a", "a=0", "a=x", "a=1,a=2", "=3"] {
+            assert!(bad.parse::<IdentityPorts>().is_err(), "{bad}");
+        }
+        assert_eq!("".parse::<IdentityPorts>(), Ok(IdentityPorts::default()));
     }
 
     #[test]
