@@ -31,7 +31,8 @@ meta_package=linux-image-cloud-amd64
 # Modules each image needs; their dependencies are added from modules.dep. The client needs
 # no filesystem module: ext4, jbd2, crc16 and crc32c are built into the cloud kernel
 # (CONFIG_EXT4_FS=y); a module that is built in is skipped with a note.
-guest_modules=(virtio_pci virtio_net virtio_blk virtio_rng pvpanic_mmio pvpanic_pci)
+# virtio_console: the virtio-serial port to the coordinator (takeovers while hostd is away).
+guest_modules=(virtio_pci virtio_net virtio_blk virtio_rng virtio_console pvpanic_mmio pvpanic_pci)
 client_modules=(virtio_pci virtio_blk)
 # Debian packages this script needs (command → package).
 declare -A needed_tools=([busybox]=busybox-static [cpio]=cpio [depmod]=kmod [gzip]=gzip [dpkg-deb]=dpkg)

@@ -1,6 +1,6 @@
-//! The daemon's control socket: hostd registers keys, reserves and preempts here, and asks
-//! for the reservations' state. One JSON request line, one JSON response line
-//! ([`wire::storage`]).
+//! The daemon's control socket: hostd registers keys, reserves and preempts here, asks for
+//! the reservations' state, and reads and moves the coordinator's owners. One JSON request
+//! line, one JSON response line ([`wire::storage`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use wire::storage::{DiskReservationStatus, RegisteredKey, StorageRequest, StorageResponse};
 
+use crate::coordination::Coordination;
 use crate::reservation::Change;
 use crate::table::{DiskView, Table};
 
@@ -50,11 +51,11 @@ pub fn listen(path: &Path) -> Result<UnixListener, ControlSocketError> {
 
 /// Answers requests on `listener` forever, one connection at a time (every request is
 /// short; a preemption waits only for the victim's write in progress).
-pub fn serve(listener: &UnixListener, table: &Table) {
+pub fn serve(listener: &UnixListener, table: &Table, coordination: Option<&Coordination>) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                if let Err(error) = answer(stream, table) {
+                if let Err(error) = answer(stream, table, coordination) {
                     log::warn!("control connection: {error}");
                 }
             }
@@ -63,13 +64,17 @@ pub fn serve(listener: &UnixListener, table: &Table) {
     }
 }
 
-fn answer(stream: UnixStream, table: &Table) -> std::io::Result<()> {
+fn answer(
+    stream: UnixStream,
+    table: &Table,
+    coordination: Option<&Coordination>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
     let response = match serde_json::from_str::<StorageRequest>(line.trim()) {
-        Ok(request) => handle(table, &request),
+        Ok(request) => handle(table, coordination, &request),
         Err(error) => StorageResponse::Error {
             message: format!("malformed request: {error}"),
         },
@@ -79,8 +84,12 @@ fn answer(stream: UnixStream, table: &Table) -> std::io::Result<()> {
     (&stream).write_all(out.as_bytes())
 }
 
-/// Carries out one request.
-pub fn handle(table: &Table, request: &StorageRequest) -> StorageResponse {
+/// Carries out one request; `coordination` is the daemon's coordinator, if its plan has one.
+pub fn handle(
+    table: &Table,
+    coordination: Option<&Coordination>,
+    request: &StorageRequest,
+) -> StorageResponse {
     let (disk, result) = match request {
         StorageRequest::Status => {
             return match table.views() {
@@ -98,11 +107,10 @@ pub fn handle(table: &Table, request: &StorageRequest) -> StorageResponse {
         StorageRequest::Preempt { disk, victim, by } => {
             (disk, table.change(disk, |d| d.preempt(*victim, *by)))
         }
-        _ => {
-            return StorageResponse::Error {
-                message: "this daemon runs no coordinator".into(),
-            };
-        }
+        StorageRequest::Coordinator
+        | StorageRequest::Assign { .. }
+        | StorageRequest::Sync { .. }
+        | StorageRequest::Rejoin { .. } => return coordinate(coordination, request),
     };
     match result {
         Ok(change) => {
@@ -124,13 +132,35 @@ pub fn handle(table: &Table, request: &StorageRequest) -> StorageResponse {
     }
 }
 
+/// The coordinator's requests.
+fn coordinate(coordination: Option<&Coordination>, request: &StorageRequest) -> StorageResponse {
+    let Some(coordination) = coordination else {
+        return StorageResponse::Error {
+            message: "this daemon runs no coordinator".into(),
+        };
+    };
+    match request {
+        StorageRequest::Coordinator => coordination.state(),
+        StorageRequest::Assign {
+            identity,
+            node,
+            generation,
+        } => coordination.assign(*identity, *node, *generation),
+        StorageRequest::Sync { generation, owners } => coordination.sync(*generation, owners),
+        StorageRequest::Rejoin { node } => coordination.rejoin(*node),
+        other => StorageResponse::Error {
+            message: format!("{other:?} is no coordinator request"),
+        },
+    }
+}
+
 fn error_response(error: &dyn std::error::Error) -> StorageResponse {
     StorageResponse::Error {
         message: wire::error_chain::one_line(error),
     }
 }
 
-fn log_change(disk: &str, change: Change) {
+pub(crate) fn log_change(disk: &str, change: Change) {
     match change {
         Change::None => {}
         Change::Registered { key } => log::info!(
@@ -195,12 +225,13 @@ mod tests {
         let table = table(dir.path());
         for node in [0, 1] {
             assert!(matches!(
-                handle(&table, &register("a", node)),
+                handle(&table, None, &register("a", node)),
                 StorageResponse::Done { changed: true, .. }
             ));
         }
         let reserved = handle(
             &table,
+            None,
             &StorageRequest::Reserve {
                 disk: "a".into(),
                 node: 0,
@@ -212,6 +243,7 @@ mod tests {
         assert_eq!(disk.holder, Some(0));
         let preempted = handle(
             &table,
+            None,
             &StorageRequest::Preempt {
                 disk: "a".into(),
                 victim: 0,
@@ -230,7 +262,8 @@ mod tests {
                 generation: 1
             }]
         );
-        let StorageResponse::Status { disks, .. } = handle(&table, &StorageRequest::Status) else {
+        let StorageResponse::Status { disks, .. } = handle(&table, None, &StorageRequest::Status)
+        else {
             panic!("no status");
         };
         assert_eq!(disks.len(), 2);
@@ -243,6 +276,7 @@ mod tests {
         let table = table(dir.path());
         let StorageResponse::Error { message } = handle(
             &table,
+            None,
             &StorageRequest::Reserve {
                 disk: "a".into(),
                 node: 0,
@@ -251,7 +285,7 @@ mod tests {
             panic!("reserved without a key");
         };
         assert_eq!(message, "disk a: node 0 is not registered");
-        let StorageResponse::Error { message } = handle(&table, &register("zz", 0)) else {
+        let StorageResponse::Error { message } = handle(&table, None, &register("zz", 0)) else {
             panic!("registered on a disk that does not exist");
         };
         assert_eq!(message, "there is no disk named \"zz\"");
@@ -266,7 +300,7 @@ mod tests {
         thread::scope(|scope| {
             scope.spawn(|| {
                 for stream in listener.incoming().take(3) {
-                    answer(stream.unwrap(), &table).unwrap();
+                    answer(stream.unwrap(), &table, None).unwrap();
                 }
             });
             let timeout = Duration::from_secs(5);

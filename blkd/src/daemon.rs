@@ -1,5 +1,6 @@
-//! The daemon's life: read the plan hostd wrote, load the reservations, serve every
-//! (disk, node) socket from a thread of its own, and answer the control socket.
+//! The daemon's life: read the plan hostd wrote, load the reservations (and the
+//! coordinator's state, if the plan has a coordinator), serve every (disk, node) socket and
+//! every node's coordinator socket from threads of their own, and answer the control socket.
 //!
 //! Each attachment's thread serves one QEMU at a time and accepts the next connection when
 //! it leaves, so a killed and restarted QEMU (or a restarted daemon, which QEMU reconnects
@@ -8,11 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use wire::storage::StoragePlan;
+use wire::storage::{CoordinatorPlan, StoragePlan};
 
 use crate::backend::{self, BlockBackend};
 use crate::control;
+use crate::coordination::Coordination;
+use crate::coordinator::{self, Coordinator};
 use crate::disk::{BlockFile, RawFile};
+use crate::node_socket;
+use crate::stonith::{HostProcesses, Stonith};
 use crate::table::{LoadError, Table};
 
 /// Queues per device: the guests are small, and requests complete in order per queue.
@@ -45,6 +50,16 @@ pub enum StartError {
     DuplicateDisk(String),
     #[error("cannot load the reservations")]
     Reservations(#[from] LoadError),
+    #[error("the plan's coordinator is not valid")]
+    CoordinatorPlan(#[from] coordinator::PlanError),
+    #[error("cannot load the coordinator")]
+    Coordinator(#[from] coordinator::OpenError),
+    #[error("cannot serve node {node}'s coordinator socket")]
+    NodeSocket {
+        node: u32,
+        #[source]
+        source: control::ControlSocketError,
+    },
     #[error("cannot open disk {disk}")]
     OpenDisk {
         disk: String,
@@ -77,6 +92,9 @@ pub fn read_plan(path: &Path) -> Result<StoragePlan, StartError> {
         if !names.insert(disk.name.as_str()) {
             return Err(StartError::DuplicateDisk(disk.name.clone()));
         }
+    }
+    if let Some(coordinator) = &plan.coordinator {
+        coordinator::check_plan(coordinator)?;
     }
     Ok(plan)
 }
@@ -147,12 +165,65 @@ pub fn run(plan: &StoragePlan) -> Result<(), StartError> {
             })
             .map_err(|source| StartError::Thread { socket, source })?;
     }
+    let coordination = match &plan.coordinator {
+        Some(coordinator) => Some(coordinate(coordinator, &table, names)?),
+        None => None,
+    };
     let listener = control::listen(&plan.control_socket)?;
     log::info!(
-        "serving {} disk(s); control socket {}",
+        "serving {} disk(s){}; control socket {}",
         plan.disks.len(),
+        if coordination.is_some() {
+            " and the coordinator"
+        } else {
+            ""
+        },
         plan.control_socket.display()
     );
-    control::serve(&listener, &table);
+    control::serve(&listener, &table, coordination.as_deref());
     Ok(())
+}
+
+/// Loads the coordinator and serves each node's socket from a thread of its own.
+fn coordinate(
+    plan: &CoordinatorPlan,
+    table: &Arc<Table>,
+    disks: Vec<String>,
+) -> Result<Arc<Coordination>, StartError> {
+    let coordinator = Coordinator::open(plan)?;
+    let generation = coordinator.state().generation;
+    let stonith = plan
+        .kill_victims
+        .then(|| Stonith::new(Box::new(HostProcesses)));
+    let coordination = Arc::new(Coordination::new(
+        coordinator,
+        Arc::clone(table),
+        disks,
+        stonith,
+    ));
+    for node in &plan.nodes {
+        let id = node.node;
+        let listener = control::listen(&node.socket)
+            .map_err(|source| StartError::NodeSocket { node: id, source })?;
+        std::thread::Builder::new()
+            .name(format!("coordinator-{id}-accept"))
+            .spawn({
+                let coordination = Arc::clone(&coordination);
+                move || node_socket::serve(&listener, id, &coordination)
+            })
+            .map_err(|source| StartError::Thread {
+                socket: node.socket.clone(),
+                source,
+            })?;
+    }
+    log::info!(
+        "coordinator at generation {generation}; {} node socket(s){}",
+        plan.nodes.len(),
+        if plan.kill_victims {
+            "; a won claim kills its victim's process"
+        } else {
+            ""
+        }
+    );
+    Ok(coordination)
 }

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -223,19 +222,10 @@ impl Table {
     }
 }
 
-/// Writes `file` to `path` atomically and durably: a temporary file, synced, renamed over
-/// `path`, and the directory synced.
+/// Writes `file` to `path` atomically and durably.
 fn save(path: &Path, file: &TableFile) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temporary = path.with_extension("json.tmp");
-    {
-        let mut out = fs::File::create(&temporary)?;
-        out.write_all(&bytes)?;
-        out.sync_all()?;
-    }
-    fs::rename(&temporary, path)?;
-    fs::File::open(dir)?.sync_all()
+    crate::durable::replace(path, &bytes)
 }
 
 /// One node's permission to change one disk, checked per request.

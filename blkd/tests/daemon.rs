@@ -36,6 +36,7 @@ fn plan(dir: &Path) -> StoragePlan {
         control_socket: dir.join("control.sock"),
         reservations: dir.join("reservations.json"),
         disks: vec![disk("a"), disk("b")],
+        coordinator: None,
     }
 }
 

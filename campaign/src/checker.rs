@@ -5,6 +5,11 @@
 //! block's history is a single sequential client's (apart from writes whose outcome is
 //! unknown, which may still land later). Times come from several threads, so anything that
 //! needs time order sorts by `t` rather than trusting file order.
+//!
+//! The checks of ownership from what the agents published and what the clients saw, not
+//! from hostd's record, are in [`ownership`].
+
+mod ownership;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -198,11 +203,22 @@ pub enum AnomalyKind {
     WriteAfterFence,
     /// Two nodes served the same identity at once.
     DualServing,
+    /// A write acknowledged by a node after another node's ownership of its identity was
+    /// published (a claim or hostd's record), with nothing giving it back in between.
+    AckWithoutOwnership,
+    /// Two owners of one identity at one generation, or two nodes' claims at one
+    /// generation.
+    SplitClaim,
+    /// A claim by a node that had lost its membership (it was claimed from, or ejected
+    /// itself) in the same life.
+    ClaimByNonMember,
+    /// An identity moved during a fault that kills nothing.
+    UnexpectedMove,
 }
 
 impl AnomalyKind {
     /// Every kind, in report order.
-    pub const ALL: [AnomalyKind; 8] = [
+    pub const ALL: [AnomalyKind; 12] = [
         AnomalyKind::LostWrite,
         AnomalyKind::NeverInvoked,
         AnomalyKind::CorruptBlock,
@@ -211,6 +227,10 @@ impl AnomalyKind {
         AnomalyKind::FailedWriteLanded,
         AnomalyKind::WriteAfterFence,
         AnomalyKind::DualServing,
+        AnomalyKind::AckWithoutOwnership,
+        AnomalyKind::SplitClaim,
+        AnomalyKind::ClaimByNonMember,
+        AnomalyKind::UnexpectedMove,
     ];
 
     /// The kind's name, as in JSON.
@@ -224,6 +244,10 @@ impl AnomalyKind {
             AnomalyKind::FailedWriteLanded => "failed_write_landed",
             AnomalyKind::WriteAfterFence => "write_after_fence",
             AnomalyKind::DualServing => "dual_serving",
+            AnomalyKind::AckWithoutOwnership => "ack_without_ownership",
+            AnomalyKind::SplitClaim => "split_claim",
+            AnomalyKind::ClaimByNonMember => "claim_by_non_member",
+            AnomalyKind::UnexpectedMove => "unexpected_move",
         }
     }
 }
@@ -265,6 +289,9 @@ pub struct Anomaly {
     /// The operation concerned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<u64>,
+    /// The node concerned: the one that acknowledged or claimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// For `dual_serving`, when and who.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<ServingWindow>,
@@ -289,6 +316,9 @@ impl fmt::Display for Anomaly {
         }
         if let Some(op) = self.op {
             write!(f, " op {op}")?;
+        }
+        if let Some(node) = &self.node {
+            write!(f, " node {node}")?;
         }
         write!(f, ": {}", self.explanation)
     }
@@ -384,9 +414,11 @@ pub fn check(history: &History, finals: &FinalContents) -> Result<CheckOutcome, 
     let mut checker = Checker::new(history);
     checker.check_final_contents(finals);
     checker.check_reads();
-    let intervals = checker.serve_intervals();
-    checker.check_fences(&intervals);
-    checker.check_dual_serving(&intervals);
+    // A claim starts its node's serving while hostd is away, when hostd records nothing:
+    // no identity is unserved from it on (hostd's own record alone judges dual serving).
+    checker.check_fences(&checker.serve_intervals(true));
+    checker.check_dual_serving(&checker.serve_intervals(false));
+    checker.anomalies.extend(ownership::check(history));
 
     let operations = checker.op_counts();
     let mut anomalies = checker.anomalies;
@@ -648,6 +680,7 @@ impl<'h> Checker<'h> {
             writer: None,
             seq: None,
             op: None,
+            node: None,
             window: None,
             explanation,
         };
@@ -974,13 +1007,20 @@ impl<'h> Checker<'h> {
         }
     }
 
-    /// Serving intervals per identity, from `serve_start`/`serve_end` in time order.
-    fn serve_intervals(&self) -> BTreeMap<&'h str, Vec<ServeInterval<'h>>> {
+    /// Serving intervals per identity, from `serve_start`/`serve_end` in time order; with
+    /// `claims`, a claim also starts its node's serving (it serves after publishing it, so
+    /// the read before it was seen is a lower bound, as hostd's starts are).
+    fn serve_intervals(&self, claims: bool) -> BTreeMap<&'h str, Vec<ServeInterval<'h>>> {
         let mut events: Vec<(u64, usize, &'h str, &'h str, bool)> = Vec::new();
+        let run_t = self.history.run().t;
         for (index, entry) in self.history.entries().iter().enumerate() {
             match entry {
                 Entry::ServeStart(s) => events.push((s.t, index, &s.identity, &s.node, true)),
                 Entry::ServeEnd(e) => events.push((e.t, index, &e.identity, &e.node, false)),
+                Entry::Claim(c) if claims => {
+                    let start = c.since.unwrap_or(run_t);
+                    events.push((start, index, &c.identity, &c.node, true));
+                }
                 _ => {}
             }
         }

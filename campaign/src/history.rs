@@ -34,6 +34,12 @@ pub enum Entry {
     ServeEnd(ServeEnd),
     /// A takeover completed, with its timings.
     Takeover(Takeover),
+    /// hostd's owner record of an identity in the control region changed (the sampler).
+    Owner(OwnerSeen),
+    /// A node's region published a claim of an identity (the sampler).
+    Claim(ClaimSeen),
+    /// A node's region published that the node ejected itself (the sampler).
+    Ejected(EjectionSeen),
     /// The run finished; last if present.
     End(End),
 }
@@ -50,6 +56,9 @@ impl Entry {
             Entry::ServeStart(e) => e.t,
             Entry::ServeEnd(e) => e.t,
             Entry::Takeover(e) => e.t,
+            Entry::Owner(e) => e.t,
+            Entry::Claim(e) => e.t,
+            Entry::Ejected(e) => e.t,
             Entry::End(e) => e.t,
         }
     }
@@ -66,6 +75,9 @@ impl Entry {
             Entry::ServeStart(_) => "serve_start",
             Entry::ServeEnd(_) => "serve_end",
             Entry::Takeover(_) => "takeover",
+            Entry::Owner(_) => "owner",
+            Entry::Claim(_) => "claim",
+            Entry::Ejected(_) => "ejected",
             Entry::End(_) => "end",
         }
     }
@@ -140,6 +152,10 @@ pub struct Invoke {
     /// None for reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The node that accepted the connection the operation is sent on, when the campaign
+    /// could tell (see `attribution`): only that node can answer it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// The `ok` entry: operation `op` succeeded.
@@ -191,6 +207,10 @@ pub struct Fault {
     /// What exactly was done, for humans.
     #[serde(default)]
     pub detail: String,
+    /// The faults that kill hostd first (`hostd_down_kill`, `zombie`, `both_stop`): when
+    /// the node itself was hit (killed and gone, or stopped), `t` being hostd's kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_t: Option<u64>,
 }
 
 /// The `serve_start` entry. `t` is a lower bound: recorded before the node could serve.
@@ -236,6 +256,69 @@ pub struct Takeover {
     pub fault_to_serving_ms: f64,
     /// From hostd detecting the failure to the identity being served again.
     pub detect_to_serving_ms: f64,
+}
+
+/// The `owner` entry: the sampler saw hostd's owner record of `identity` (control region)
+/// change. It was published after `since` (the start of the sampler's previous read, None
+/// for what the first read found) and by `t`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerSeen {
+    /// When the sampler had read it.
+    pub t: u64,
+    /// Published after this; None if it was there at the first read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// The identity.
+    pub identity: String,
+    /// Its owner; None while nobody serves it.
+    pub node: Option<String>,
+    /// The epoch (a coordinator generation) at which this ownership began.
+    pub epoch: u64,
+}
+
+/// The `claim` entry: the sampler saw `node`'s region publish a claim of `identity`, won at
+/// the coordinator at `generation` while hostd was away. Published after `since` and by `t`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimSeen {
+    /// When the sampler had read it.
+    pub t: u64,
+    /// Published after this; None if it was there at the first read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// The claiming node.
+    pub node: String,
+    /// The identity claimed.
+    pub identity: String,
+    /// The coordinator's generation of the claim (one sequence with hostd's epochs).
+    pub generation: u64,
+    /// The node it was claimed from.
+    pub victim: String,
+    /// The claiming node's boot id (its agent's life), when it was the same at both reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<u64>,
+    /// The victim's boot id when it was the same at both reads: the life that lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub victim_boot_id: Option<u64>,
+}
+
+/// The `ejected` entry: the sampler saw `node`'s region say that its agent ejected itself
+/// (it serves nothing until hostd restarts it). Published after `since` and by `t`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EjectionSeen {
+    /// When the sampler had read it.
+    pub t: u64,
+    /// Published after this; None if it was there at the first read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// The node.
+    pub node: String,
+    /// The newest generation the agent knew of.
+    pub generation: u64,
+    /// Why, as the agent said (`not_member`, `claimed`, ...).
+    pub reason: String,
+    /// The node's boot id when it was the same at both reads: the life that ejected itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<u64>,
 }
 
 /// The `end` entry: the run finished.
@@ -608,7 +691,13 @@ impl Validator {
                 }
             }
             Entry::End(_) => self.seen_end = true,
-            Entry::Fault(_) | Entry::ServeStart(_) | Entry::ServeEnd(_) | Entry::Takeover(_) => {}
+            Entry::Fault(_)
+            | Entry::ServeStart(_)
+            | Entry::ServeEnd(_)
+            | Entry::Takeover(_)
+            | Entry::Owner(_)
+            | Entry::Claim(_)
+            | Entry::Ejected(_) => {}
         }
         Ok(())
     }
@@ -756,6 +845,7 @@ mod tests {
                                 fault: "kill".into(),
                                 node: "a".into(),
                                 detail: "x".repeat(500),
+                                node_t: None,
                             }))
                             .unwrap();
                     }

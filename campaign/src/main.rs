@@ -64,14 +64,14 @@ struct RunArgs {
     cycles: u64,
     /// Fault kinds to draw from (comma-separated): kill, stop, panic, agent_kill,
     /// hostd_restart, torn_tail, double_kill, kill_taker, kill_two, blkd_restart,
-    /// link_down. `panic` and blkd_restart need QEMU guests; kill_taker and kill_two need 3 nodes or more
-    /// (left out of a pair's run).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill,kill_taker,kill_two,blkd_restart,link_down"
-    )]
-    faults: Vec<FaultKind>,
+    /// link_down, hostd_down_kill, zombie, both_stop, links_down. `panic` and blkd_restart
+    /// need QEMU guests; kill_taker and kill_two need 3 nodes or more (left out of a pair's
+    /// run); hostd_down_kill, zombie, both_stop and links_down need the agents to take over
+    /// without hostd: bridge mode or the process backend (refused in user networking).
+    /// Default: kill,stop,panic,agent_kill,hostd_restart,torn_tail,double_kill,kill_taker,
+    /// kill_two,blkd_restart,link_down.
+    #[arg(long, value_delimiter = ',', value_name = "KIND,KIND,...")]
+    faults: Option<Vec<FaultKind>>,
     /// Nodes in the cluster, named a, b, c, ...: 2 (a pair) to 8.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
     nodes: u8,
@@ -126,6 +126,8 @@ enum CommandError {
     Json(#[from] serde_json::Error),
     #[error("the campaign run failed")]
     Run(#[from] campaign::run::RunError),
+    #[error("--faults names faults that cannot apply to this cluster")]
+    Unfit(#[source] campaign::run::RunError),
     #[error("the run stopped before its last cycle: {0}")]
     Aborted(String),
     #[error("the probe failed")]
@@ -236,9 +238,25 @@ fn run(args: &RunArgs) -> Result<Verdict, CommandError> {
         }
         None => free_ports(nodes)?,
     };
+    let kinds = match &args.faults {
+        // Named: a kind that cannot apply in this mode is refused, not left out.
+        Some(kinds) => {
+            let unfit = campaign::run::unfit_kinds(kinds, &args.backend, args.network);
+            if !unfit.is_empty() {
+                let names: Vec<&str> = unfit.iter().map(|kind| kind.name()).collect();
+                return Err(CommandError::Unfit(
+                    campaign::run::RunError::NeedsFailoverWithoutHostd {
+                        kinds: names.join(", "),
+                    },
+                ));
+            }
+            kinds.clone()
+        }
+        None => default_faults(&args.backend, args.network),
+    };
     // The double faults need a third node: a pair's run leaves them out (its schedule is
     // the same as without them).
-    let kinds = FaultKind::fitting(&args.faults, nodes);
+    let kinds = FaultKind::fitting(&kinds, nodes);
     if kinds.is_empty() {
         return Err(CommandError::NoFaults { nodes });
     }
@@ -300,6 +318,31 @@ fn figures(args: &FiguresArgs) -> Result<Verdict, CommandError> {
     }
     // Not a verdict: exit 0 when the figures are drawn.
     Ok(Verdict::Valid)
+}
+
+/// The fault kinds of a run that names none.
+const DEFAULT_FAULTS: [FaultKind; 11] = [
+    FaultKind::Kill,
+    FaultKind::Stop,
+    FaultKind::Panic,
+    FaultKind::AgentKill,
+    FaultKind::HostdRestart,
+    FaultKind::TornTail,
+    FaultKind::DoubleKill,
+    FaultKind::KillTaker,
+    FaultKind::KillTwo,
+    FaultKind::BlkdRestart,
+    FaultKind::LinkDown,
+];
+
+/// The default kinds that can apply on `backend` with `network`: those that need the agents
+/// to take over without hostd are left out where they do not.
+fn default_faults(backend: &str, network: campaign::run::Network) -> Vec<FaultKind> {
+    let unfit = campaign::run::unfit_kinds(&DEFAULT_FAULTS, backend, network);
+    DEFAULT_FAULTS
+        .into_iter()
+        .filter(|kind| !unfit.contains(kind))
+        .collect()
 }
 
 /// The `--ports` of `run`: distinct, nonzero, one per node (the count is checked against
@@ -422,5 +465,62 @@ mod tests {
         let ports = free_ports(8).unwrap();
         assert_eq!(ports.len(), 8);
         assert!(ports.iter().all(|p| *p != 0));
+    }
+
+    #[test]
+    fn faults_without_hostd_are_refused_where_agents_wait_for_hostd() {
+        // Named in user networking with QEMU guests: refused before anything starts.
+        for kind in ["hostd_down_kill", "zombie", "both_stop", "links_down"] {
+            let args = run_args(&["--faults", &format!("kill,{kind}")]).unwrap();
+            let error = wire::error_chain::one_line(&run(&args).unwrap_err());
+            assert!(
+                error.starts_with(&format!(
+                    "--faults names faults that cannot apply to this cluster: {kind}: these \
+                     faults need the agents to take over without hostd"
+                )),
+                "{error}"
+            );
+            assert!(error.contains("--network bridge"), "{error}");
+        }
+        // Accepted by the parser for the process backend and bridge mode.
+        let args = run_args(&["--faults", "zombie,both-stop", "--backend", "process"]).unwrap();
+        assert_eq!(
+            args.faults,
+            Some(vec![FaultKind::Zombie, FaultKind::BothStop])
+        );
+        assert!(
+            campaign::run::unfit_kinds(&FaultKind::ALL, "qemu", campaign::run::Network::Bridge)
+                .is_empty()
+        );
+        assert!(
+            campaign::run::unfit_kinds(&FaultKind::ALL, "process", campaign::run::Network::User)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_defaults_are_the_kinds_there_were() {
+        let args = run_args(&[]).unwrap();
+        assert_eq!(args.faults, None);
+        for (backend, network) in [
+            ("qemu", campaign::run::Network::User),
+            ("qemu", campaign::run::Network::Bridge),
+            ("process", campaign::run::Network::User),
+        ] {
+            assert_eq!(default_faults(backend, network), DEFAULT_FAULTS);
+        }
+        // Were the faults made while hostd is away among the defaults, user networking
+        // would leave them out.
+        let unfit =
+            campaign::run::unfit_kinds(&FaultKind::ALL, "qemu", campaign::run::Network::User);
+        assert_eq!(
+            unfit,
+            [
+                FaultKind::HostdDownKill,
+                FaultKind::Zombie,
+                FaultKind::BothStop,
+                FaultKind::LinksDown
+            ]
+        );
     }
 }

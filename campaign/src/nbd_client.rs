@@ -90,6 +90,11 @@ impl NbdClient {
         NbdClient::negotiate(stream, export, &addr.to_string())
     }
 
+    /// The connection's own address and the server's.
+    pub fn addresses(&self) -> io::Result<(SocketAddr, SocketAddr)> {
+        Ok((self.stream.local_addr()?, self.stream.peer_addr()?))
+    }
+
     /// Sends `NBD_CMD_DISC` (which has no reply) and closes the connection; errors are ignored.
     pub fn disconnect(mut self) {
         if !self.broken {

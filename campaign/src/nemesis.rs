@@ -7,6 +7,10 @@
 //! The campaign's cluster uses hostd's default takeover order: the nodes that may take over
 //! a node's identity are the other nodes in ring order after it (a → b → c → a). In a pair
 //! the taker is simply the other node.
+//!
+//! The faults made while hostd is away are in [`away`].
+
+mod away;
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,8 +21,10 @@ use serde::Serialize;
 use wire::control::{ClusterStatus, NodeState};
 
 use crate::hostd::{Hostd, HostdError, summary};
+use crate::regions::RegionsError;
 use crate::rng::Rng;
 use crate::torn_tail;
+use crate::workload::IdentityAcks;
 
 /// The kinds of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -57,11 +63,26 @@ pub enum FaultKind {
     /// down`), restore them after a while: a dead link is no dead node, so no identity
     /// moves.
     LinkDown,
+    /// SIGKILL hostd, then the node: its first taker claims and serves its identity without
+    /// hostd; hostd started again adopts the claim.
+    HostdDownKill,
+    /// SIGKILL hostd, SIGSTOP the node past the agents' detection time: its first taker
+    /// claims and serves its identity; SIGCONT the node, which must eject itself (its
+    /// writes after waking fail); hostd started again fences and restarts it.
+    Zombie,
+    /// SIGKILL hostd, SIGSTOP the node and the next one in the ring past detection, SIGCONT
+    /// both together: at most one wins (a third node, if any, takes both over), every loser
+    /// ejects itself; hostd started again adopts the outcome.
+    BothStop,
+    /// Cut every interconnect link of the node and SIGKILL hostd, for longer than
+    /// detection: both nodes live, so nobody may take over; hostd started again, links
+    /// restored.
+    LinksDown,
 }
 
 impl FaultKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Panic,
@@ -73,6 +94,10 @@ impl FaultKind {
         FaultKind::KillTwo,
         FaultKind::BlkdRestart,
         FaultKind::LinkDown,
+        FaultKind::HostdDownKill,
+        FaultKind::Zombie,
+        FaultKind::BothStop,
+        FaultKind::LinksDown,
     ];
 
     /// The name used in the history and on the command line.
@@ -89,6 +114,10 @@ impl FaultKind {
             FaultKind::KillTwo => "kill_two",
             FaultKind::BlkdRestart => "blkd_restart",
             FaultKind::LinkDown => "link_down",
+            FaultKind::HostdDownKill => "hostd_down_kill",
+            FaultKind::Zombie => "zombie",
+            FaultKind::BothStop => "both_stop",
+            FaultKind::LinksDown => "links_down",
         }
     }
 
@@ -113,6 +142,19 @@ impl FaultKind {
     /// Whether the fault needs real QEMU guests (a kernel to panic, a storage daemon).
     pub fn needs_vm(self) -> bool {
         matches!(self, FaultKind::Panic | FaultKind::BlkdRestart)
+    }
+
+    /// Whether the fault tests the agents taking over from each other while hostd is away,
+    /// which they do only where they can move an address themselves: in bridge mode or with
+    /// the process backend (in user networking only hostd can move a port).
+    pub fn needs_failover_without_hostd(self) -> bool {
+        matches!(
+            self,
+            FaultKind::HostdDownKill
+                | FaultKind::Zombie
+                | FaultKind::BothStop
+                | FaultKind::LinksDown
+        )
     }
 }
 
@@ -146,18 +188,21 @@ pub struct PlannedFault {
     pub node: String,
     /// How long the node stays stopped (`stop`) or hostd stays dead (`hostd_restart`); how
     /// long after the takeover the taker dies (`double_kill`, `kill_taker`); how long after
-    /// the first node the second dies (`kill_two`).
+    /// the first node the second dies (`kill_two`), or after hostd the node
+    /// (`hostd_down_kill`); how long past the agents' detection time the nodes stay stopped
+    /// (`zombie`, `both_stop`) or the links cut (`links_down`).
     pub pause_ms: u64,
     /// `torn_tail`: whether the record past the head is complete (crc right, head never
     /// published) rather than cut short.
     pub complete_record: bool,
     /// How long the writers run before the fault.
     pub warmup_ms: u64,
-    /// `kill_two`: the second node it kills.
+    /// `kill_two`: the second node it kills; `both_stop`: the second node it stops (the
+    /// next one in the ring).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub second: Option<String>,
-    /// `link_down`: the links it cuts (every link of the default interconnect when it
-    /// cuts them all).
+    /// `link_down`, `links_down`: the links it cuts (every link of the default interconnect
+    /// when it cuts them all).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<u16>,
 }
@@ -205,10 +250,22 @@ pub fn schedule(
                 // Quick succession: the second dies before or just after the first's
                 // takeover.
                 FaultKind::KillTwo => rng.between(0, 300),
+                // 0: the node dies with hostd; up to 2 s: before or after the agents take
+                // hostd for absent.
+                FaultKind::HostdDownKill => rng.between(0, 2000),
+                // Past the agents' detection time, which only the running cluster knows.
+                FaultKind::Zombie | FaultKind::BothStop | FaultKind::LinksDown => {
+                    rng.between(500, 3000)
+                }
                 _ => 0,
             };
             // Drawn only for the kind (never in a pair), so the other kinds' draws stay.
-            let second = (kind == FaultKind::KillTwo).then(|| unrelated(&mut rng, nodes, index));
+            let second = match kind {
+                FaultKind::KillTwo => Some(unrelated(&mut rng, nodes, index)),
+                // The next in the ring: the node's first taker (no draw).
+                FaultKind::BothStop => Some(nodes[(index + 1) % nodes.len()].clone()),
+                _ => None,
+            };
             // Drawn only for the kind too: one link, or all of them (the interconnect down).
             let (pause_ms, links) = if kind == FaultKind::LinkDown {
                 let links = if rng.percent(50) {
@@ -217,6 +274,9 @@ pub fn schedule(
                     vec![rng.below(u64::from(LINKS)) as u16]
                 };
                 (rng.between(300, 4000), links)
+            } else if kind == FaultKind::LinksDown {
+                // Every link, so the interconnect is down (no draw).
+                (pause_ms, (0..LINKS).collect())
             } else {
                 (pause_ms, Vec::new())
             };
@@ -280,6 +340,30 @@ pub enum NemesisError {
         expected: String,
         got: String,
     },
+    #[error("cannot read the cluster's regions")]
+    Regions(#[from] RegionsError),
+    #[error(
+        "hostd lets no agent take over without it (its presence in the control region gives no detection times): the fault needs bridge mode or the process backend, with the storage daemon's coordinator; {presence}"
+    )]
+    NoFailoverWithoutHostd { presence: String },
+    #[error(
+        "{node} woke after losing its identities while hostd was away, but did not eject itself within {timeout:?}; regions: {regions}"
+    )]
+    NotEjected {
+        node: String,
+        timeout: Duration,
+        regions: String,
+    },
+    #[error("{first} and {second} both won: each owns the other's identity; regions: {regions}")]
+    BothWon {
+        first: String,
+        second: String,
+        regions: String,
+    },
+    #[error("{kind} alone moved an identity (both nodes were alive): {what}")]
+    MovedWithoutDeath { kind: FaultKind, what: String },
+    #[error("hostd, started again, did not adopt what the agents decided: {0}")]
+    NotAdopted(String),
 }
 
 /// What a fault did, for the history.
@@ -293,6 +377,8 @@ pub struct FaultOutcome {
     /// The nodes the fault killed whose identities must move to a live node other than
     /// them (the double faults in a cluster of 3 or more); empty for the others.
     pub killed: Vec<String>,
+    /// The faults that kill hostd first: when the node itself was hit.
+    pub node_t: Option<u64>,
 }
 
 /// The other nodes of `status` in ring order after `node` (status order is configuration
@@ -353,11 +439,14 @@ fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<(), NemesisError
 /// Injects `fault`; returns once it has hit (a stopped node is continued again, a killed
 /// hostd restarted; `kill_taker`: the taker's identities moved on), without waiting for the
 /// cluster to recover.
-/// `torn` is the record a `torn_tail` fault leaves (a block of the node's own export).
+/// `torn` is the record a `torn_tail` fault leaves (a block of the node's own export);
+/// `acks` what the clients got acknowledged (the faults made while hostd is away wait
+/// for the taker to serve them).
 pub fn inject(
     hostd: &Hostd,
     fault: &PlannedFault,
     torn: torn_tail::TornWrite,
+    acks: &IdentityAcks,
 ) -> Result<FaultOutcome, NemesisError> {
     use nix::sys::signal::Signal;
     let node = fault.node.as_str();
@@ -365,7 +454,16 @@ pub fn inject(
     let boot_id = Hostd::node(&status, node).map(|n| n.boot_id);
     let t = wire::time::now_unix_us();
     let mut killed = Vec::new();
+    let mut node_t = None;
     let detail = match fault.kind {
+        FaultKind::HostdDownKill
+        | FaultKind::Zombie
+        | FaultKind::BothStop
+        | FaultKind::LinksDown => {
+            let outcome = away::inject(hostd, fault, &status, acks)?;
+            node_t = outcome.node_t;
+            outcome.detail
+        }
         FaultKind::Kill | FaultKind::Panic => {
             let said = hostd.run(&["kill", node, "--signal", fault.kind.name()])?;
             said.lines().next().unwrap_or_default().to_owned()
@@ -549,28 +647,10 @@ pub fn inject(
             )
         }
         FaultKind::HostdRestart => {
-            let hostd_pid = status.hostd_pid;
-            if hostd_pid == 0 {
-                return Err(NemesisError::DidNotFire(format!(
-                    "hostd status has no hostd_pid: {}",
-                    summary(&status)
-                )));
-            }
             let epoch = status.epoch;
-            signal(hostd_pid, Signal::SIGKILL)?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while process_alive(hostd_pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            let hostd_pid = kill_hostd(&status)?;
             std::thread::sleep(Duration::from_millis(fault.pause_ms));
-            hostd.up(None)?;
-            let adopted = hostd.status()?;
-            if !adopted.adopted {
-                return Err(NemesisError::DidNotFire(format!(
-                    "the restarted hostd did not adopt the cluster: {}",
-                    summary(&adopted)
-                )));
-            }
+            let adopted = start_hostd(hostd)?;
             if adopted.epoch != epoch {
                 return Err(NemesisError::DidNotFire(format!(
                     "the restart alone moved an identity (epoch {epoch} → {})",
@@ -588,7 +668,39 @@ pub fn inject(
         detail,
         epoch_before: status.epoch,
         killed,
+        node_t,
     })
+}
+
+/// SIGKILLs hostd and waits until it is gone (at most 10 s); returns its pid.
+fn kill_hostd(status: &ClusterStatus) -> Result<u32, NemesisError> {
+    let hostd_pid = status.hostd_pid;
+    if hostd_pid == 0 {
+        return Err(NemesisError::DidNotFire(format!(
+            "hostd status has no hostd_pid: {}",
+            summary(status)
+        )));
+    }
+    signal(hostd_pid, nix::sys::signal::Signal::SIGKILL)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(hostd_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(hostd_pid)
+}
+
+/// Starts hostd again (`hostd up` without a configuration); it must adopt the running
+/// cluster.
+fn start_hostd(hostd: &Hostd) -> Result<ClusterStatus, NemesisError> {
+    hostd.up(None)?;
+    let adopted = hostd.status()?;
+    if !adopted.adopted {
+        return Err(NemesisError::DidNotFire(format!(
+            "the restarted hostd did not adopt the cluster: {}",
+            summary(&adopted)
+        )));
+    }
+    Ok(adopted)
 }
 
 /// Waits until every thread of `pid` is stopped (state `T` or `t`), at most `timeout`.
@@ -624,13 +736,19 @@ pub fn recover(
     let expects_takeover = match fault.kind {
         FaultKind::Kill | FaultKind::Panic | FaultKind::TornTail => true,
         FaultKind::Stop => fault.pause_ms > HEARTBEAT_TIMEOUT_MS,
+        // The faults made while hostd is away saw their moves (from the regions) and hostd
+        // adopt them before they returned.
         FaultKind::AgentKill
         | FaultKind::HostdRestart
         | FaultKind::BlkdRestart
         | FaultKind::LinkDown
         | FaultKind::DoubleKill
         | FaultKind::KillTaker
-        | FaultKind::KillTwo => false,
+        | FaultKind::KillTwo
+        | FaultKind::HostdDownKill
+        | FaultKind::Zombie
+        | FaultKind::BothStop
+        | FaultKind::LinksDown => false,
     };
     if !outcome.killed.is_empty() {
         // Two nodes died and a live one is left: it (or they) took both identities over.
@@ -669,7 +787,10 @@ pub fn recover(
     std::thread::sleep(dwell);
     if matches!(
         fault.kind,
-        FaultKind::HostdRestart | FaultKind::BlkdRestart | FaultKind::LinkDown
+        FaultKind::HostdRestart
+            | FaultKind::BlkdRestart
+            | FaultKind::LinkDown
+            | FaultKind::LinksDown
     ) {
         // A takeover caused by the fault alone would come a heartbeat timeout later.
         std::thread::sleep(Duration::from_millis(HEARTBEAT_TIMEOUT_MS + 500).saturating_sub(dwell));
@@ -681,8 +802,13 @@ pub fn recover(
             )));
         }
     }
-    // Two dead nodes boot again one after the other.
-    let limit = Duration::from_secs(120) * outcome.killed.len().max(1) as u32;
+    // Two dead (or ejected) nodes boot again one after the other.
+    let restarts = if fault.kind == FaultKind::BothStop {
+        2
+    } else {
+        outcome.killed.len().max(1)
+    };
+    let limit = Duration::from_secs(120) * restarts as u32;
     let deadline = Instant::now() + limit;
     loop {
         let status = hostd.status()?;
@@ -779,7 +905,11 @@ mod tests {
         // kinds before it still give the pinned one.
         let before_blkd: Vec<FaultKind> = FaultKind::ALL
             .into_iter()
-            .filter(|&k| k != FaultKind::BlkdRestart && k != FaultKind::LinkDown)
+            .filter(|&k| {
+                k != FaultKind::BlkdRestart
+                    && k != FaultKind::LinkDown
+                    && !k.needs_failover_without_hostd()
+            })
             .collect();
         for kinds in [&PAIR_KINDS[..], &before_blkd[..]] {
             assert_eq!(
@@ -809,8 +939,79 @@ mod tests {
         assert!(
             schedule(5, 50, &FaultKind::ALL, &nodes())
                 .iter()
-                .all(|f| f.kind.min_nodes() <= 2 && f.second.is_none())
+                .all(|f| f.kind.min_nodes() <= 2
+                    && (f.second.is_none() || f.kind == FaultKind::BothStop))
         );
+        // Every kind there was before the faults made while hostd is away: the schedules
+        // the code before them drew, for a pair and for 3 nodes.
+        let before_away: Vec<FaultKind> = FaultKind::ALL
+            .into_iter()
+            .filter(|k| !k.needs_failover_without_hostd())
+            .collect();
+        assert_eq!(before_away.len(), 11);
+        assert_eq!(
+            digest(&schedule(42, 30, &before_away, &nodes())),
+            (0x8a76_500b, 2935)
+        );
+        assert_eq!(
+            digest(&schedule(42, 60, &before_away, &cluster(3))),
+            (0x3cc4_fd50, 5951)
+        );
+    }
+
+    /// The faults made while hostd is away: their parameters, drawn only for them (a
+    /// schedule without them is the one it was: `a_pair_schedule_has_not_changed`).
+    #[test]
+    fn faults_without_hostd_are_drawn_apart() {
+        let away = [
+            FaultKind::HostdDownKill,
+            FaultKind::Zombie,
+            FaultKind::BothStop,
+            FaultKind::LinksDown,
+        ];
+        assert_eq!(
+            FaultKind::ALL
+                .into_iter()
+                .filter(|k| k.needs_failover_without_hostd())
+                .collect::<Vec<_>>(),
+            away
+        );
+        for n in [2, 3, 5] {
+            let nodes = cluster(n);
+            let plan = schedule(21, 120, &away, &nodes);
+            for kind in away {
+                assert!(plan.iter().any(|f| f.kind == kind), "{n} nodes: no {kind}");
+            }
+            for fault in &plan {
+                let at = nodes.iter().position(|n| *n == fault.node).unwrap_or(99);
+                match fault.kind {
+                    FaultKind::HostdDownKill => {
+                        assert!(fault.pause_ms <= 2000);
+                        assert_eq!((fault.second.as_deref(), fault.links.len()), (None, 0));
+                    }
+                    FaultKind::Zombie => {
+                        assert!((500..=3000).contains(&fault.pause_ms));
+                        assert_eq!((fault.second.as_deref(), fault.links.len()), (None, 0));
+                    }
+                    // The node and its first taker, the next in the ring.
+                    FaultKind::BothStop => {
+                        assert!((500..=3000).contains(&fault.pause_ms));
+                        assert_eq!(
+                            fault.second.as_deref(),
+                            Some(nodes[(at + 1) % nodes.len()].as_str())
+                        );
+                    }
+                    // Every link: the interconnect is down.
+                    FaultKind::LinksDown => {
+                        assert!((500..=3000).contains(&fault.pause_ms));
+                        assert_eq!(fault.links, [0, 1, 2]);
+                        assert_eq!(fault.second, None);
+                    }
+                    other => panic!("{other} was not asked for"),
+                }
+            }
+            assert_eq!(plan, schedule(21, 120, &away, &nodes));
+        }
     }
 
     #[test]
@@ -843,6 +1044,7 @@ mod tests {
                         assert!(fault.pause_ms <= 2000);
                         assert_eq!(fault.second, None);
                     }
+                    FaultKind::BothStop => assert!(fault.second.is_some()),
                     _ => assert_eq!(fault.second, None),
                 }
             }
@@ -850,7 +1052,9 @@ mod tests {
             let json = serde_json::to_string(&one).unwrap_or_default();
             assert_eq!(
                 json.matches("\"second\"").count(),
-                one.iter().filter(|f| f.kind == FaultKind::KillTwo).count()
+                one.iter()
+                    .filter(|f| matches!(f.kind, FaultKind::KillTwo | FaultKind::BothStop))
+                    .count()
             );
         }
         // With 4 nodes, kill_two's nodes are not neighbours in the ring (neither is the
@@ -878,6 +1082,16 @@ mod tests {
         }
         assert_eq!("agent-kill".parse::<FaultKind>(), Ok(FaultKind::AgentKill));
         assert_eq!("kill-taker".parse::<FaultKind>(), Ok(FaultKind::KillTaker));
+        assert_eq!(
+            "hostd-down-kill".parse::<FaultKind>(),
+            Ok(FaultKind::HostdDownKill)
+        );
+        assert!(
+            "meteor"
+                .parse::<FaultKind>()
+                .unwrap_err()
+                .contains("links_down")
+        );
         assert!(
             "meteor"
                 .parse::<FaultKind>()

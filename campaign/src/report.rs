@@ -1,7 +1,7 @@
 //! The per-run report: what the run did (faults, operations, takeover times) and what the
 //! checker concluded, as JSON and for humans.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::Serialize;
@@ -32,6 +32,86 @@ pub struct Report {
     pub verdict: Verdict,
     /// Takeover timings.
     pub takeovers: TakeoverStats,
+    /// Takeovers the agents made while hostd was away.
+    pub takeovers_without_hostd: AgentTakeoverStats,
+}
+
+/// The takeovers of the faults that hit a node while hostd was away (`hostd_down_kill`,
+/// `zombie`): from the node's kill or stop (the fault's `node_t`) to the first claim of its
+/// identity by another node the sampler read (an upper bound: read within one sampling
+/// interval of its publication), and to the first acknowledgement of an operation on it
+/// invoked after the hit (what a client sees).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentTakeoverStats {
+    /// Faults whose node's identity was claimed.
+    pub count: usize,
+    pub hit_to_claim_ms: Percentiles,
+    pub hit_to_first_ok_ms: Percentiles,
+}
+
+impl AgentTakeoverStats {
+    /// The statistics of `history`.
+    pub fn of(history: &History) -> Self {
+        let mut faults: Vec<(u64, &str, Option<u64>)> = Vec::new();
+        let mut claims: Vec<(u64, &str, &str)> = Vec::new();
+        let mut invoked: HashMap<u64, (u64, &str)> = HashMap::new();
+        let mut acked: Vec<(u64, u64, &str)> = Vec::new();
+        for entry in history.entries() {
+            match entry {
+                Entry::Fault(fault) => {
+                    faults.push((fault.t, fault.node.as_str(), fault.node_t));
+                }
+                Entry::Claim(claim) => claims.push((claim.t, &claim.identity, &claim.node)),
+                Entry::Invoke(invoke) => {
+                    if let Some(spec) = history.writer(invoke.writer) {
+                        invoked.insert(invoke.op, (invoke.t, spec.identity.as_str()));
+                    }
+                }
+                Entry::Ok(ok) => {
+                    if let Some(&(t, identity)) = invoked.get(&ok.op) {
+                        acked.push((t, ok.t, identity));
+                    }
+                }
+                _ => {}
+            }
+        }
+        faults.sort_unstable();
+        let mut to_claim = Vec::new();
+        let mut to_ok = Vec::new();
+        for (index, &(_, node, node_t)) in faults.iter().enumerate() {
+            let Some(hit) = node_t else { continue };
+            // Within the fault's cycle: before the next fault.
+            let until = faults.get(index + 1).map_or(u64::MAX, |next| next.0);
+            let claimed = claims
+                .iter()
+                .filter(|(t, identity, by)| {
+                    *identity == node && *by != node && (hit..until).contains(t)
+                })
+                .map(|(t, ..)| *t)
+                .min();
+            let Some(claimed) = claimed else { continue };
+            to_claim.push(ms_between(hit, claimed));
+            let first_ok = acked
+                .iter()
+                .filter(|(invoked, done, identity)| {
+                    *identity == node && *invoked >= hit && *done < until
+                })
+                .map(|(_, done, _)| *done)
+                .min();
+            if let Some(done) = first_ok {
+                to_ok.push(ms_between(hit, done));
+            }
+        }
+        AgentTakeoverStats {
+            count: to_claim.len(),
+            hit_to_claim_ms: Percentiles::of(&to_claim),
+            hit_to_first_ok_ms: Percentiles::of(&to_ok),
+        }
+    }
+}
+
+fn ms_between(from_us: u64, to_us: u64) -> f64 {
+    to_us.saturating_sub(from_us) as f64 / 1000.0
 }
 
 /// Takeover timings from the `takeover` entries.
@@ -114,6 +194,7 @@ impl Report {
                 fault_to_serving_ms: Percentiles::of(&fault_to_serving),
                 detect_to_serving_ms: Percentiles::of(&detect_to_serving),
             },
+            takeovers_without_hostd: AgentTakeoverStats::of(history),
         }
     }
 
@@ -181,6 +262,12 @@ impl fmt::Display for Report {
             "  detect to serving: {}",
             self.takeovers.detect_to_serving_ms
         )?;
+        let away = &self.takeovers_without_hostd;
+        if away.count > 0 {
+            writeln!(f, "takeovers without hostd: {}", away.count)?;
+            writeln!(f, "  node hit to claim: {}", away.hit_to_claim_ms)?;
+            writeln!(f, "  node hit to first ok: {}", away.hit_to_first_ok_ms)?;
+        }
         writeln!(f, "verdict: {}", self.verdict)
     }
 }

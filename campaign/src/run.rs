@@ -4,7 +4,8 @@
 //!
 //! Files of a run (in `out_dir`): `history.jsonl`, `final/IDENTITY.img`, `report.json`,
 //! `schedule.json`, `figures/` (see [`plots`]), and in `logs/` hostd's `events.jsonl`,
-//! `hostd.log` and the guest consoles.
+//! `hostd.log` and the guest consoles. While the writers run, the [`Sampler`] records what
+//! the regions say about ownership into the history.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use wire::records::RunRecord;
 
 use wire::error_chain::one_line as error_chain;
 
+use crate::attribution::Attribution;
 use crate::checker::{self, CheckOutcome, FinalContents};
 use crate::history::{
     End, Entry, Fault, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover, WriterSpec,
@@ -28,6 +30,7 @@ use crate::plots;
 use crate::progress::Progress;
 use crate::report::Report;
 use crate::rng::Rng;
+use crate::sampler::Sampler;
 use crate::torn_tail::TornWrite;
 use crate::workload::{Workload, WriterConfig};
 
@@ -81,6 +84,32 @@ impl RunConfig {
     pub fn nodes(&self) -> Vec<String> {
         node_names(self.ports.len())
     }
+
+    /// Whether the agents take over from each other while hostd is away in this run.
+    pub fn failover_without_hostd(&self) -> bool {
+        failover_without_hostd(&self.backend, self.network)
+    }
+}
+
+/// Whether agents take over from each other while hostd is away in a cluster on `backend`
+/// reached through `network`: only where they can move an address themselves, in bridge
+/// mode (the service IP) or with the process backend (they listen on the ports). In user
+/// networking only hostd can move a port, so the agents wait for it.
+pub fn failover_without_hostd(backend: &str, network: Network) -> bool {
+    backend == "process" || network == Network::Bridge
+}
+
+/// The kinds of `kinds` that cannot apply on `backend` with `network`: those that need the
+/// agents to take over without hostd, where they do not.
+pub fn unfit_kinds(kinds: &[FaultKind], backend: &str, network: Network) -> Vec<FaultKind> {
+    if failover_without_hostd(backend, network) {
+        return Vec::new();
+    }
+    kinds
+        .iter()
+        .copied()
+        .filter(|kind| kind.needs_failover_without_hostd())
+        .collect()
 }
 
 /// The names of a cluster of `count` nodes: a, b, c, ... (at most 26).
@@ -114,6 +143,10 @@ pub enum RunError {
     History(#[from] crate::history::HistoryError),
     #[error("a cluster has 2 to {MAX_NODES} nodes, not {0} (one port per node)")]
     Nodes(usize),
+    #[error(
+        "{kinds}: these faults need the agents to take over without hostd, which they do only in bridge mode (--network bridge) or with the process backend (--backend process); in user networking only hostd can move a port, so the agents wait for it"
+    )]
+    NeedsFailoverWithoutHostd { kinds: String },
     #[error("cannot start the cluster")]
     Up(#[source] crate::hostd::HostdError),
     #[error("cannot start the workload")]
@@ -151,6 +184,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 pub fn run(config: &RunConfig) -> Result<RunOutcome, RunError> {
     if !(2..=MAX_NODES).contains(&config.ports.len()) {
         return Err(RunError::Nodes(config.ports.len()));
+    }
+    let unfit = unfit_kinds(&config.kinds, &config.backend, config.network);
+    if !unfit.is_empty() {
+        let names: Vec<&str> = unfit.iter().map(|kind| kind.name()).collect();
+        return Err(RunError::NeedsFailoverWithoutHostd {
+            kinds: names.join(", "),
+        });
     }
     if config.network == Network::Bridge && in_hosts_namespace() {
         return Err(RunError::HostNamespace);
@@ -255,6 +295,15 @@ fn drive(
         let why = format!("the cluster never became healthy: {error}");
         return (Some(why), Vec::new());
     }
+    // Before the writers: its first read is what they start from.
+    let sampler = match Sampler::start(&hostd.state_dir, history.clone()) {
+        Ok(sampler) => sampler,
+        Err(error) => {
+            let why = format!("cannot start the region sampler: {error}");
+            return (Some(why), Vec::new());
+        }
+    };
+    let attribution = attribution(config, hostd);
     let configs = writers
         .iter()
         .map(|spec| WriterConfig {
@@ -263,15 +312,18 @@ fn drive(
             run_id,
             seed: config.seed,
             read_percent: 25,
+            attribution: attribution.clone(),
         })
         .collect();
     let workload = match Workload::start(configs, history.clone()) {
         Ok(workload) => workload,
         Err(error) => {
+            sampler.stop();
             let why = format!("cannot start the workload: {error}");
             return (Some(why), Vec::new());
         }
     };
+    let acks = workload.acks();
     let mut aborted = None;
     let mut fault_times = Vec::new();
     let mut progress = Progress::new("campaign", "cycles", plan.len() as u64);
@@ -285,7 +337,7 @@ fn drive(
             fault.node,
             workload.acked()
         );
-        let outcome = match nemesis::inject(hostd, fault, torn) {
+        let outcome = match nemesis::inject(hostd, fault, torn, &acks) {
             Ok(outcome) => outcome,
             Err(error) => {
                 aborted = Some(format!(
@@ -306,6 +358,7 @@ fn drive(
             fault: fault.kind.name().to_owned(),
             node: fault.node.clone(),
             detail: outcome.detail.clone(),
+            node_t: outcome.node_t,
         }));
         if let Err(error) = recorded {
             aborted = Some(format!("cannot record the fault: {error}"));
@@ -327,7 +380,23 @@ fn drive(
     // A last stretch of writes against the healthy cluster.
     std::thread::sleep(Duration::from_millis(500));
     workload.stop();
+    sampler.stop();
     (aborted, fault_times)
+}
+
+/// How the writers tell which node accepted their connection: the neighbour table in bridge
+/// mode, else the process holding the server's socket (an agent, or a QEMU whose user
+/// network accepted it).
+fn attribution(config: &RunConfig, hostd: &Hostd) -> Attribution {
+    match config.network {
+        Network::Bridge => Attribution::Neighbour {
+            nodes: config.nodes(),
+        },
+        Network::User => Attribution::SocketOwner {
+            run_dir: hostd.state_dir.join("run"),
+            nodes: config.nodes(),
+        },
+    }
 }
 
 /// `a, b` for a list of files.

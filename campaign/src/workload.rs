@@ -5,6 +5,8 @@
 //! A client has one operation in flight. Any error other than a definite refusal from the
 //! server (the operation may or may not have happened: a timeout, a connection cut by a
 //! fault) is `unknown`, and the client reconnects to the identity's unchanged address.
+//! Each operation names the node that accepted its connection, when that can be told
+//! ([`Attribution`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::attribution::Attribution;
 use crate::block::{self, BLOCK_SIZE};
 use crate::history::{
     Action, Entry, ErrorCompletion, HistoryWriter, Invoke, OkCompletion, WriterSpec,
@@ -33,6 +36,8 @@ pub struct WriterConfig {
     pub seed: u64,
     /// Percentage of operations that are reads.
     pub read_percent: u64,
+    /// How to tell which node accepted a connection.
+    pub attribution: Attribution,
 }
 
 /// The running writers.
@@ -41,6 +46,42 @@ pub struct Workload {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     acked: Arc<AtomicU64>,
+    progress: Arc<IdentityAcks>,
+}
+
+/// Per identity, the newest invocation time of an acknowledged operation: the nemesis
+/// waits on it for clients to be served again after a fault.
+#[derive(Debug, Default)]
+pub struct IdentityAcks {
+    identities: Vec<(String, AtomicU64)>,
+}
+
+impl IdentityAcks {
+    /// Nothing acknowledged yet on any of `identities`.
+    pub fn new(identities: impl IntoIterator<Item = String>) -> Self {
+        let mut this = Self::default();
+        for identity in identities {
+            if !this.identities.iter().any(|(known, _)| *known == identity) {
+                this.identities.push((identity, AtomicU64::new(0)));
+            }
+        }
+        this
+    }
+
+    /// Notes an acknowledged operation on `identity` invoked at `invoked` (µs).
+    pub fn note(&self, identity: &str, invoked: u64) {
+        if let Some((_, newest)) = self.identities.iter().find(|(i, _)| i == identity) {
+            newest.fetch_max(invoked, Ordering::Relaxed);
+        }
+    }
+
+    /// The newest invocation time (µs) of an acknowledged operation on `identity`; 0 if none.
+    pub fn newest_invoked(&self, identity: &str) -> u64 {
+        self.identities
+            .iter()
+            .find(|(i, _)| i == identity)
+            .map_or(0, |(_, newest)| newest.load(Ordering::Relaxed))
+    }
 }
 
 /// Op ids shared by all writers of a run.
@@ -59,14 +100,22 @@ impl Workload {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(OpIds::default());
         let acked = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(IdentityAcks::new(
+            writers.iter().map(|config| config.spec.identity.clone()),
+        ));
         let mut threads = Vec::new();
         for config in writers {
-            let shared = (stop.clone(), ops.clone(), acked.clone(), history.clone());
+            let counters = Counters {
+                ops: ops.clone(),
+                acked: acked.clone(),
+                progress: progress.clone(),
+            };
+            let shared = (stop.clone(), history.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("writer-{}", config.spec.writer))
                 .spawn(move || {
-                    let (stop, ops, acked, history) = shared;
-                    run_writer(&config, &history, &ops, &acked, &stop);
+                    let (stop, history) = shared;
+                    run_writer(&config, &history, &counters, &stop);
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
@@ -76,6 +125,7 @@ impl Workload {
                         stop,
                         threads,
                         acked,
+                        progress,
                     }
                     .stop();
                     return Err(error);
@@ -86,12 +136,18 @@ impl Workload {
             stop,
             threads,
             acked,
+            progress,
         })
     }
 
     /// Acknowledged operations so far (all writers).
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// What has been acknowledged on each identity.
+    pub fn acks(&self) -> Arc<IdentityAcks> {
+        self.progress.clone()
     }
 
     /// Stops every writer after its current operation and waits for them.
@@ -110,21 +166,35 @@ fn record(history: &HistoryWriter, entry: &Entry) {
     }
 }
 
+/// What the writers share.
+struct Counters {
+    ops: Arc<OpIds>,
+    acked: Arc<AtomicU64>,
+    progress: Arc<IdentityAcks>,
+}
+
 fn run_writer(
     config: &WriterConfig,
     history: &HistoryWriter,
-    ops: &OpIds,
-    acked: &AtomicU64,
+    counters: &Counters,
     stop: &AtomicBool,
 ) {
     let spec = &config.spec;
     let mut rng = Rng::new(config.seed, 1000 + u64::from(spec.writer));
     let mut client: Option<NbdClient> = None;
+    // The node that accepted the connection, when known.
+    let mut server: Option<String> = None;
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if client.is_none() {
-            match NbdClient::connect(config.address, &spec.identity, OP_TIMEOUT) {
-                Ok(connected) => client = Some(connected),
+            match config
+                .attribution
+                .connect(config.address, &spec.identity, OP_TIMEOUT)
+            {
+                Ok((connected, accepted_by)) => {
+                    client = Some(connected);
+                    server = accepted_by;
+                }
                 Err(_) => {
                     // The address is moving or the node restarting: try again shortly.
                     std::thread::sleep(Duration::from_millis(20));
@@ -136,7 +206,7 @@ fn run_writer(
             continue;
         };
         let block = spec.first_block + rng.below(spec.blocks);
-        let op = ops.next();
+        let op = counters.ops.next();
         let offset = block * BLOCK_SIZE as u64;
         let read = rng.percent(config.read_percent);
         let invoke = Invoke {
@@ -149,7 +219,9 @@ fn run_writer(
                 seq += 1;
                 seq
             }),
+            server: server.clone(),
         };
+        let invoked = invoke.t;
         let data = invoke
             .seq
             .map(|seq| block::encode(config.run_id, spec.writer, seq, block));
@@ -163,7 +235,8 @@ fn run_writer(
         let t = wire::time::now_unix_us();
         match result {
             Ok(value) => {
-                acked.fetch_add(1, Ordering::Relaxed);
+                counters.acked.fetch_add(1, Ordering::Relaxed);
+                counters.progress.note(&spec.identity, invoked);
                 record(history, &Entry::Ok(OkCompletion { t, op, value }));
             }
             Err(error) => {

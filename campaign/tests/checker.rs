@@ -109,6 +109,7 @@ impl Builder {
             action,
             block,
             seq,
+            server: None,
         }));
         op
     }
@@ -184,6 +185,7 @@ impl Builder {
             fault: "kill".into(),
             node: node.into(),
             detail: "SIGKILL qemu".into(),
+            node_t: None,
         }));
     }
 
@@ -474,6 +476,7 @@ fn duplicate_op_invoke_is_caught() {
         action: Action::Write,
         block: 1,
         seq: Some(seq + 1),
+        server: None,
     }));
     let outcome = b.check();
     assert_caught(&outcome, AnomalyKind::Duplicate);

@@ -82,6 +82,7 @@ impl Run {
             fault: "kill_taker".into(),
             node: node.into(),
             detail: "SIGKILL a; b took it over; SIGKILL b; c took a and b over".into(),
+            node_t: None,
         }));
     }
 
@@ -98,6 +99,7 @@ impl Run {
             action: Action::Write,
             block,
             seq: Some(seq),
+            server: None,
         }));
         let t = self.tick();
         self.entries

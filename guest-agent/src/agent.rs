@@ -14,9 +14,11 @@ use shm::{
 };
 
 use crate::args::Args;
+use crate::coordinator::{self, CoordinatorClient};
 use crate::export::ExportRegistry;
 use crate::failover::quarantine::{Quarantine, old_log_replayed};
 use crate::failover::replay::{self, ReplayBook, ReplayJob};
+use crate::failover::without_hostd::WithoutHostd;
 use crate::failover::{FailoverMonitor, Identity};
 use crate::nbd::{Server, ServerConfig};
 use crate::nvram::flusher::{Flusher, FlusherConfig, Release};
@@ -116,7 +118,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         service: mut service_writer,
         replays,
         stopped,
-        claims: _claims,
+        claims,
         interconnect: interconnect_area,
     } = writer;
     let replay_book = ReplayBook::new(replays);
@@ -124,6 +126,9 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
     let ownership = control.as_ref().map(|control| Ownership {
         control: control.clone(),
         node: node_id,
+        regions: std::iter::once(own.clone())
+            .chain(peers.iter().cloned())
+            .collect(),
     });
     let owns = |identity: u32| ownership.as_ref().is_none_or(|o| o.owns(identity));
     let old_log = if owns(node_id) {
@@ -132,7 +137,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         // Another node took this node's identity over while it was down, replaying this
         // log onto the disk and writing more since: what is left here is stale once that
         // replay has finished.
-        discard_replayed_log(&own, &peers, control.as_ref(), &mut flushed)?
+        discard_replayed_log(&own, &peers, ownership.as_ref(), &mut flushed)?
     };
 
     // The node's own export: its disk, behind NVRAM write-back; and each peer's disk,
@@ -293,11 +298,39 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
         crate::interconnect::negotiation::pair().map_err(AgentError::Thread)?;
     let veto: Arc<dyn crate::interconnect::negotiation::Veto> =
         Arc::new(crate::failover::veto::NodeVeto {
-            node_id,
-            control: control.clone(),
+            ownership: ownership.clone(),
             nvram: Arc::clone(&nvram),
         });
     let interconnect_on = args.options.interconnect.enabled();
+    let without_hostd = match (&args.options.coordinator, &control) {
+        (Some(address), Some(_)) => {
+            let mut client = CoordinatorClient::new(
+                coordinator::channel(address, &args.sys_virtio_ports),
+                coordinator::first_number(),
+            );
+            // The daemon learns this agent's process from the connection: a claim of this
+            // node can then fence it where the storage cannot (the process backend).
+            client.connect_now();
+            log::info!(
+                "coordinator: {} (takeovers without hostd, when hostd allows them)",
+                client.describe()
+            );
+            Some(WithoutHostd::new(
+                client,
+                args.options.identity_ports.clone(),
+                claims,
+                interconnect_on,
+                Instant::now(),
+            ))
+        }
+        (Some(address), None) => {
+            log::warn!(
+                "--coordinator {address} is of no use without a control region: no takeovers without hostd"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     if let Some(control) = &control {
         let monitor = FailoverMonitor {
             node_id,
@@ -321,6 +354,7 @@ pub fn run(args: &Args) -> Result<(), AgentError> {
             addresses,
             stopped,
             negotiation: interconnect_on.then(|| negotiation.clone()),
+            without_hostd,
         };
         std::thread::Builder::new()
             .name("failover".into())
@@ -457,15 +491,17 @@ enum OldLog {
 fn discard_replayed_log(
     own: &NodeRegion,
     peers: &[NodeRegion],
-    control: Option<&ControlRegion>,
+    ownership: Option<&Ownership>,
     flushed: &mut shm::FlushedWriter,
 ) -> Result<OldLog, AgentError> {
-    let Some(owner) = control.and_then(|c| c.owner(own.header().node_id as usize)) else {
+    let Some((ownership, owner)) =
+        ownership.and_then(|o| Some((o, o.owner(own.header().node_id)?)))
+    else {
         return Ok(OldLog::Ours);
     };
     let owner_name = owner
         .node
-        .and_then(|n| control?.header().nodes.get(n as usize).cloned())
+        .and_then(|n| ownership.control.header().nodes.get(n as usize).cloned())
         .unwrap_or_else(|| "nobody".to_owned());
     let (_, head) = own.log_cursors().map_err(AgentError::Discard)?;
     if flushed.flushed() == head {
@@ -697,11 +733,16 @@ mod tests {
             )
             .unwrap();
         let mut replays = partner.writer(2).unwrap().replays;
+        let ownership = Ownership {
+            control: control.clone(),
+            node: 0,
+            regions: vec![own.clone(), partner.clone()],
+        };
         let mut decide = || {
             discard_replayed_log(
                 &own,
                 std::slice::from_ref(&partner),
-                Some(&control),
+                Some(&ownership),
                 &mut writer.flushed,
             )
         };

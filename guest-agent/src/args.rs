@@ -57,6 +57,10 @@ pub struct Args {
     #[arg(long, default_value = "/sys/class/net", hide = true)]
     pub sys_class_net: PathBuf,
 
+    /// Where virtio-serial ports are listed (to find the coordinator's port by name).
+    #[arg(long, default_value = "/sys/class/virtio-ports", hide = true)]
+    pub sys_virtio_ports: PathBuf,
+
     /// Address the NBD server listens on.
     #[arg(long, default_value = "0.0.0.0:10809")]
     pub listen: std::net::SocketAddr,

@@ -5,10 +5,13 @@
 //! serves its volume over NBD with NVRAM write-back ([`nvram`], [`nbd`]), and carries out
 //! hostd's takeover and giveback commands ([`failover`]), holding the service IPs of the
 //! identities it serves in bridge mode ([`service_ip`]). It talks to its peers over the
-//! interconnect's links ([`interconnect`]).
+//! interconnect's links ([`interconnect`]). While hostd is away, it claims a dead peer's
+//! identities at the coordinator ([`coordinator`]) and takes them over, or ejects itself
+//! when it finds it lost ([`failover::without_hostd`]).
 
 pub mod agent;
 pub mod args;
+pub mod coordinator;
 pub mod export;
 pub mod export_file;
 pub mod failover;

@@ -237,3 +237,159 @@ fn a_takeover_the_control_region_does_not_back_is_refused() {
     assert_eq!(stale, shm::node::ack_status::FAILED);
     assert_eq!(current, shm::node::ack_status::OK);
 }
+
+/// hostd is away (its presence stood still) and node a died with a write in its log: b,
+/// a's taker, claims a at its coordinator socket, says so in its region, replays a's
+/// record onto a's disk and listens on a's port.
+#[test]
+fn a_dead_peer_is_taken_over_without_hostd() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::{Duration, Instant};
+
+    use shm::{BackPressure, Claim, Entry, ReplayStatus};
+    use wire::coordinator::{
+        CoordinatorState, IdentityOwner, MemberRecord, NodeAnswer, NodeRequest,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = NodeRegion::format(
+        Mapping::create_file(&dir.path().join("a.region"), 1 << 20).unwrap(),
+        0,
+        "a",
+    )
+    .unwrap();
+    NodeRegion::format(
+        Mapping::create_file(&dir.path().join("b.region"), 1 << 20).unwrap(),
+        1,
+        "b",
+    )
+    .unwrap();
+    let control = ControlRegion::format(
+        Mapping::create_file(&dir.path().join("control.region"), 65536).unwrap(),
+        &["a", "b"],
+        &["a", "b"],
+    )
+    .unwrap();
+    for disk in ["a.img", "b.img"] {
+        std::fs::File::create(dir.path().join(disk))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let mut a_writer = a.writer(1).unwrap();
+    let entry = Entry::Write {
+        export: 0,
+        offset: 0,
+        data: &[5; 4096],
+    };
+    a_writer
+        .appender
+        .append(&entry, BackPressure::default())
+        .unwrap();
+    drop(a_writer);
+    control.writer().unwrap().beat(200, 200);
+
+    // The coordinator: both members, each the other's taker; b's claim of a is won.
+    let socket = dir.path().join("coord-b.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let state = CoordinatorState {
+            generation: 0,
+            nodes: (0..2)
+                .map(|node| MemberRecord {
+                    node,
+                    member: true,
+                    since: 0,
+                    takers: vec![1 - node],
+                })
+                .collect(),
+            owners: (0..2)
+                .map(|identity| IdentityOwner {
+                    identity,
+                    node: Some(identity),
+                    generation: 0,
+                })
+                .collect(),
+        };
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut writer = stream.try_clone().unwrap();
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let answer = match serde_json::from_str::<NodeRequest>(&line).unwrap() {
+                    NodeRequest::State => NodeAnswer::State {
+                        state: state.clone(),
+                    },
+                    NodeRequest::Claim { number, .. } => NodeAnswer::Won {
+                        number,
+                        generation: 1,
+                        identities: vec![0],
+                        preempted: vec![],
+                        not_preempted: vec![],
+                    },
+                };
+                let mut text = serde_json::to_string(&answer).unwrap();
+                text.push('\n');
+                if writer.write_all(text.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("b.log")).unwrap();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
+        .args([
+            "--node",
+            "b",
+            "--heartbeat-ms",
+            "10",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--region-dir")
+        .arg(dir.path())
+        .arg("--disk")
+        .arg(dir.path().join("b.img"))
+        .arg("--peer-disk")
+        .arg(format!("a={}", dir.path().join("a.img").display()))
+        .arg("--coordinator")
+        .arg(&socket)
+        .arg("--identity-ports")
+        .arg(format!("a={port}"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let b = open(&dir.path().join("b.region"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let taken = loop {
+        let replayed = b
+            .replay_of(0)
+            .is_some_and(|r| r.status == ReplayStatus::Replayed);
+        if replayed && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+    assert!(taken, "b did not take a over:\n{log}");
+    assert_eq!(
+        b.claim(0),
+        Some(Claim {
+            generation: 1,
+            victim: 0
+        }),
+        "{log}"
+    );
+    let disk = std::fs::read(dir.path().join("a.img")).unwrap();
+    assert!(disk[..4096].iter().all(|b| *b == 5), "a's write replayed");
+}

@@ -59,6 +59,11 @@
 //! mailbox = true            # and the shared-memory mailbox as one more
 //! heartbeat_ms = 50         # two silent intervals: degraded; three: down
 //!
+//! [failover]                # takeovers while hostd is away: see config/failover.rs, docs/takeover.md
+//! without_hostd = true      # agents claim a dead peer at the coordinator (bridge mode, process backend)
+//! hostd_absent_ms = 1500    # hostd's presence standing still this long: hostd is away (500 to 600000)
+//! peer_dead_ms = 1000       # a peer silent this long, every link down: dead (default: heartbeat's floor)
+//!
 //! [[node]]
 //! name = "a"
 //! nbd_port = 10809
@@ -88,6 +93,7 @@
 //! `"media"` does that everywhere: a host crash then loses only the log's unflushed
 //! records, and write IOPS are bounded by the disk.
 
+mod failover;
 mod interconnect;
 mod network;
 
@@ -98,6 +104,7 @@ use wire::agent::{AgentOptions, Release};
 use wire::interconnect::InterconnectOptions;
 use wire::network::{Ipv4Net, ServiceIps};
 
+pub use failover::FailoverConfig;
 pub use interconnect::InterconnectConfig;
 pub use network::{NetworkConfig, NetworkMode};
 
@@ -461,6 +468,7 @@ pub struct Config {
     pub metrics: MetricsSettings,
     pub network: NetworkConfig,
     pub interconnect: InterconnectConfig,
+    pub failover: FailoverConfig,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
@@ -479,6 +487,7 @@ impl Default for Config {
             metrics: MetricsSettings::default(),
             network: NetworkConfig::default(),
             interconnect: InterconnectConfig::default(),
+            failover: FailoverConfig::default(),
             nodes: vec![
                 NodeConfig {
                     name: "a".into(),
@@ -624,6 +633,9 @@ impl Config {
             return invalid("qemu.cpus must be at least 1".into());
         }
         self.heartbeat.validate().map_err(ConfigError::Invalid)?;
+        self.failover
+            .validate(&self.heartbeat)
+            .map_err(ConfigError::Invalid)?;
         if self.nbd.poll_us > 10_000 {
             return invalid(format!(
                 "nbd.poll_us {} must be at most 10000 (10 ms)",
@@ -674,7 +686,13 @@ impl Config {
             .map(|n| n.kernel_args.as_str())
             .chain([self.qemu.kernel_args.as_str()]);
         for args in all_args {
-            for key in ["node", "service_ips", "node_address"] {
+            for key in [
+                "node",
+                "service_ips",
+                "node_address",
+                "coordinator",
+                "identity_ports",
+            ] {
                 if args.contains(&format!("ivha.{key}=")) {
                     return invalid(format!(
                         "kernel_args must not set ivha.{key}: hostd sets it"
@@ -713,13 +731,29 @@ impl Config {
         Ok(())
     }
 
-    /// Checks each node's `takeover_by` list against the node names (which must be unique
-    /// already).
     /// Whether the storage daemon serves the disks (QEMU guests with `served_by = "blkd"`).
     pub fn uses_storage_daemon(&self) -> bool {
         self.backend == Backend::Qemu && self.disks.served_by == DiskServer::Blkd
     }
 
+    /// Whether the storage daemon keeps a coordinator, so that every move is a claim there
+    /// and the agents may claim a dead peer while hostd is away: `failover.without_hostd`,
+    /// where a daemon runs (QEMU guests whose disks it serves) or may run for the
+    /// coordinator alone (the process backend). With `served_by = "qemu"` there is none.
+    pub fn runs_coordinator(&self) -> bool {
+        self.failover.without_hostd
+            && (self.backend == Backend::Process || self.uses_storage_daemon())
+    }
+
+    /// Whether an agent can move an identity's address by itself: it holds the service IP
+    /// (bridge mode) or listens on the port (process backend). In user mode only hostd
+    /// moves a port (`hostfwd`), so the agents wait for hostd there.
+    pub fn agents_move_addresses(&self) -> bool {
+        self.backend == Backend::Process || self.network.is_bridge()
+    }
+
+    /// Checks each node's `takeover_by` list against the node names (which must be unique
+    /// already).
     fn validate_takeover_by(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         for node in &self.nodes {
@@ -933,6 +967,20 @@ mod tests {
                 "[[node]]\nname = \"a\"\nnbd_port = 1\nkernel_args = \"ivha.heartbeat_ms=x\"\n[[node]]\nname = \"b\"\nnbd_port = 2\n",
                 "node a: kernel_args",
             ),
+            (
+                "[failover]\nhostd_absent_ms = 100\n",
+                "failover.hostd_absent_ms 100 must be from 500 to 600000",
+            ),
+            (
+                "[failover]\npeer_dead_ms = 150\n",
+                "failover.peer_dead_ms 150 must be from twice heartbeat.interval_ms (200)",
+            ),
+            ("[failover]\nwithout_hostd = \"yes\"\n", "invalid type"),
+            ("[failover]\nabsent_ms = 1\n", "unknown field"),
+            (
+                "[qemu]\nkernel_args = \"ivha.coordinator=virtio\"\n",
+                "must not set ivha.coordinator",
+            ),
         ];
         for (text, expected) in cases {
             let error = Config::parse(text).and_then(|c| c.validate()).unwrap_err();
@@ -960,6 +1008,36 @@ mod tests {
         assert_eq!(floor("[heartbeat]\nmin_timeout_ms = 300\n"), 300);
         // The fixed detector ignores the phi settings.
         floor("[heartbeat]\ndetector = \"fixed\"\nmin_timeout_ms = 1\nphi_threshold = 0.0\n");
+    }
+
+    #[test]
+    fn failover_without_hostd_needs_a_coordinator_and_agents_that_move_addresses() {
+        let config = Config::parse("").unwrap();
+        assert!(config.failover.without_hostd);
+        assert_eq!(config.failover.hostd_absent_ms, 1500);
+        // The peer's death defaults to the heartbeat's floor.
+        assert_eq!(config.failover.peer_dead_ms(&config.heartbeat), 1000);
+        let slow = Config::parse("[heartbeat]\ninterval_ms = 1000\ntimeout_ms = 5000\n").unwrap();
+        assert_eq!(slow.failover.peer_dead_ms(&slow.heartbeat), 2000);
+        let set = Config::parse("[failover]\npeer_dead_ms = 700\nhostd_absent_ms = 900\n").unwrap();
+        set.validate().unwrap();
+        assert_eq!(set.failover.peer_dead_ms(&set.heartbeat), 700);
+        // QEMU guests on the storage daemon keep a coordinator; user mode moves no address
+        // without hostd.
+        assert!(config.runs_coordinator());
+        assert!(!config.agents_move_addresses());
+        let process = Config::parse("backend = \"process\"\n").unwrap();
+        assert!(process.runs_coordinator() && process.agents_move_addresses());
+        let own_images = Config::parse("[disks]\nserved_by = \"qemu\"\n").unwrap();
+        assert!(!own_images.runs_coordinator());
+        let off =
+            Config::parse("backend = \"process\"\n[failover]\nwithout_hostd = false\n").unwrap();
+        assert!(!off.runs_coordinator());
+        // A configuration saved before the section existed reads with its defaults.
+        let mut json: serde_json::Value = serde_json::to_value(&config).unwrap();
+        json.as_object_mut().unwrap().remove("failover");
+        let back: Config = serde_json::from_value(json).unwrap();
+        assert_eq!(back, config);
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub fn status_table(status: &ClusterStatus) -> String {
             let _ = writeln!(out, "node {} {stopped}", n.name);
         }
     }
+    for line in coordinator_lines(status) {
+        let _ = writeln!(out, "{line}");
+    }
     for n in &status.nodes {
         for line in interconnect_lines(n) {
             let _ = writeln!(out, "{line}");
@@ -177,6 +180,34 @@ fn interconnect_lines(node: &wire::control::NodeStatus) -> Vec<String> {
             line
         })
         .collect()
+}
+
+/// The coordinator: its generation, the nodes that are no members or ejected themselves,
+/// and the claims hostd has not adopted yet.
+fn coordinator_lines(status: &ClusterStatus) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(generation) = status.coordinator_generation {
+        let mut line = format!("coordinator  generation {generation}");
+        if !status.non_members.is_empty() {
+            line.push_str(&format!(
+                "; no members: {} (claimed while hostd was away; hostd restarts them as standbys)",
+                status.non_members.join(", ")
+            ));
+        }
+        lines.push(line);
+    }
+    for n in &status.nodes {
+        if let Some(ejected) = &n.ejected {
+            lines.push(format!("node {} {ejected}", n.name));
+        }
+    }
+    for claim in &status.unadopted_claims {
+        lines.push(format!(
+            "claim not adopted yet: {} claimed {} from {} at generation {}",
+            claim.by, claim.identity, claim.from, claim.generation
+        ));
+    }
+    lines
 }
 
 /// One disk's reservation: who holds it and who may write.
@@ -488,6 +519,7 @@ mod tests {
             service_ip: None,
             service_mac: None,
             stopped_serving: None,
+            ejected: None,
             links: Vec::new(),
             link_clients: Vec::new(),
             takeover_possible: true,
@@ -543,7 +575,45 @@ mod tests {
             nodes,
             storage_pid: None,
             disks: Vec::new(),
+            coordinator_generation: None,
+            non_members: Vec::new(),
+            unadopted_claims: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_coordinator_shows_its_generation_ejections_and_claims_not_adopted() {
+        assert!(!status_table(&cluster(Vec::new())).contains("coordinator"));
+        let ejected = NodeStatus {
+            ejected: Some(
+                "ejected itself at generation 3: the coordinator says it is no member".into(),
+            ),
+            ..node("a")
+        };
+        let table = status_table(&ClusterStatus {
+            coordinator_generation: Some(3),
+            non_members: vec!["a".into()],
+            unadopted_claims: vec![wire::control::ClaimStatus {
+                identity: "a".into(),
+                by: "b".into(),
+                from: "a".into(),
+                generation: 3,
+            }],
+            ..cluster(vec![ejected, node("b")])
+        });
+        assert!(
+            table
+                .contains("coordinator  generation 3; no members: a (claimed while hostd was away"),
+            "{table}"
+        );
+        assert!(
+            table.contains("node a ejected itself at generation 3: the coordinator says"),
+            "{table}"
+        );
+        assert!(
+            table.contains("claim not adopted yet: b claimed a from a at generation 3\n"),
+            "{table}"
+        );
     }
 
     #[test]

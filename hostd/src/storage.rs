@@ -1,6 +1,9 @@
 //! The storage daemon as hostd runs it: the plan (which node attaches which disk, over
 //! which socket), starting it before the guests and adopting it across hostd restarts, and
-//! the reservation requests: a node's key at each start, preemption at each fence.
+//! the reservation requests: a node's key at each start, preemption at each fence. It also
+//! keeps the coordinator (`wire::coordinator`): every move of hostd's is an `Assign` there,
+//! and hostd reads it to adopt what the agents claimed while it was away. With the process
+//! backend it runs for the coordinator alone (no disks).
 //!
 //! The daemon is a process of its own (`ivha-blkd`), never a thread of hostd: hostd may
 //! die, the disks must not. Like a QEMU, it outlives a killed hostd and is found again
@@ -12,8 +15,10 @@ use std::time::{Duration, Instant};
 
 use qemu::QemuChild;
 use serde::{Deserialize, Serialize};
+use wire::coordinator::{CoordinatorState, IdentityOwner};
 use wire::storage::{
-    Attachment, DiskReservationStatus, PlannedDisk, StoragePlan, StorageRequest, StorageResponse,
+    Attachment, CoordinatorNode, CoordinatorPlan, DiskReservationStatus, PlannedDisk, StoragePlan,
+    StorageRequest, StorageResponse,
 };
 
 use crate::daemon::prepare::NodeFiles;
@@ -31,6 +36,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const PROBES_BEFORE_REPLACING: u32 = 3;
 /// How long `hostd status` waits for the disks' reservations.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long hostd's loop waits for the coordinator's state (it asks about once a second).
+const COORDINATOR_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a stopped daemon may take to exit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -69,6 +76,29 @@ pub enum StorageError {
         "the disks are not served by the storage daemon (disks.served_by = \"qemu\", or the process backend): only a kill fences"
     )]
     NoDaemon,
+    #[error(
+        "the storage daemon keeps no coordinator (failover.without_hostd is off, or disks.served_by = \"qemu\")"
+    )]
+    NoCoordinator,
+}
+
+/// What the daemon should serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// The disk images (QEMU guests with `served_by = "blkd"`).
+    pub disks: bool,
+    /// The coordinator (`Config::runs_coordinator`).
+    pub coordinator: bool,
+}
+
+/// The coordinator's answer to a change hostd asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coordinated {
+    /// Carried out; the state after it.
+    Accepted(CoordinatorState),
+    /// Refused: the coordinator is at a newer generation than asked (an agent claimed
+    /// something while hostd was away). hostd adopts this state.
+    Stale(CoordinatorState),
 }
 
 /// What lets a restarted hostd find the daemon.
@@ -80,14 +110,17 @@ struct DaemonRecord {
 
 /// The plan for `files` (per node, in order): disk `i` is node `i`'s; it is attached by
 /// its node and by every node that may take that node over, each over a socket of its own.
+/// With `served.coordinator`, each node gets its coordinator socket too.
 pub fn plan(
     state: &StateDir,
     topology: &Topology,
     files: &[NodeFiles],
+    served: Served,
 ) -> Result<StoragePlan, StorageError> {
     let dir = state.storage_dir();
     let mut disks = Vec::new();
-    for owner in topology.nodes() {
+    let owners = topology.nodes().filter(|_| served.disks);
+    for owner in owners {
         let name = topology.name(owner).to_owned();
         let attachments = topology
             .nodes()
@@ -115,11 +148,50 @@ pub fn plan(
             attachments,
         });
     }
+    let coordinator = served
+        .coordinator
+        .then(|| coordinator_plan(&dir, topology, !served.disks))
+        .transpose()?;
     Ok(StoragePlan {
         control_socket: dir.join("control.sock"),
         reservations: dir.join("reservations.json"),
         disks,
-        coordinator: None,
+        coordinator,
+    })
+}
+
+/// The coordinator's part of the plan: its state file, and per node its socket and takers.
+/// `kill_victims`: no disk fences a claimed node (the process backend), so the daemon
+/// kills it.
+fn coordinator_plan(
+    dir: &Path,
+    topology: &Topology,
+    kill_victims: bool,
+) -> Result<CoordinatorPlan, StorageError> {
+    let nodes = topology
+        .nodes()
+        .map(|node| {
+            let socket = dir.join(wire::coordinator::socket_name(topology.name(node)));
+            let len = socket.as_os_str().len();
+            if len > qemu::cmdline::MAX_SOCKET_PATH {
+                return Err(StorageError::SocketPathTooLong { path: socket, len });
+            }
+            Ok(CoordinatorNode {
+                node: node.index() as u32,
+                socket,
+                takers: topology
+                    .takeover_by(node)
+                    .iter()
+                    .map(|taker| taker.index() as u32)
+                    .collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(CoordinatorPlan {
+        state: dir.join("coordinator.json"),
+        identities: topology.len() as u32,
+        nodes,
+        kill_victims,
     })
 }
 
@@ -191,6 +263,30 @@ pub trait Storage: std::fmt::Debug + Send {
     ) -> Result<Vec<(u32, DiskReservationStatus)>, StorageError>;
     /// Stops it (after the guests).
     fn stop(&mut self);
+    /// Whether it serves the disks (with the process backend it runs for the coordinator
+    /// alone).
+    fn serves_disks(&self) -> bool;
+    /// Whether it keeps the coordinator.
+    fn keeps_coordinator(&self) -> bool;
+    /// Node `node`'s coordinator socket; None without a coordinator.
+    fn coordinator_socket(&self, node: NodeId) -> Option<PathBuf>;
+    /// The coordinator's state.
+    fn coordinator(&self) -> Result<CoordinatorState, StorageError>;
+    /// hostd moves `identity` to `node` at `generation` (its new epoch).
+    fn assign(
+        &self,
+        identity: u32,
+        node: Option<u32>,
+        generation: u64,
+    ) -> Result<Coordinated, StorageError>;
+    /// Seeds the coordinator from the control region, which is ahead of it.
+    fn sync(
+        &self,
+        generation: u64,
+        owners: Vec<IdentityOwner>,
+    ) -> Result<Coordinated, StorageError>;
+    /// `node` is a member again (hostd restarts it after another node claimed it).
+    fn rejoin(&self, node: NodeId) -> Result<CoordinatorState, StorageError>;
 }
 
 /// The storage daemon of one cluster.
@@ -347,6 +443,19 @@ impl StorageDaemon {
     ) -> Result<StorageResponse, StorageError> {
         wire::storage::call(&self.plan.control_socket, request, timeout)
             .map_err(StorageError::Unreachable)
+    }
+
+    /// Asks the coordinator something: refused without one.
+    fn coordinate(&self, request: &StorageRequest) -> Result<Coordinated, StorageError> {
+        if self.plan.coordinator.is_none() {
+            return Err(StorageError::NoCoordinator);
+        }
+        match self.call(request, COORDINATOR_TIMEOUT)? {
+            StorageResponse::Coordinator { state } => Ok(Coordinated::Accepted(state)),
+            StorageResponse::Stale { state } => Ok(Coordinated::Stale(state)),
+            StorageResponse::Error { message } => Err(StorageError::Refused { message }),
+            _ => Err(StorageError::UnexpectedAnswer),
+        }
     }
 
     fn change(
@@ -506,6 +615,61 @@ impl Storage for StorageDaemon {
         }
         Ok(preempted)
     }
+
+    fn serves_disks(&self) -> bool {
+        !self.plan.disks.is_empty()
+    }
+
+    fn keeps_coordinator(&self) -> bool {
+        self.plan.coordinator.is_some()
+    }
+
+    fn coordinator_socket(&self, node: NodeId) -> Option<PathBuf> {
+        self.plan
+            .coordinator
+            .as_ref()?
+            .nodes
+            .iter()
+            .find(|n| n.node == node.index() as u32)
+            .map(|n| n.socket.clone())
+    }
+
+    fn coordinator(&self) -> Result<CoordinatorState, StorageError> {
+        match self.coordinate(&StorageRequest::Coordinator)? {
+            Coordinated::Accepted(state) => Ok(state),
+            Coordinated::Stale(_) => Err(StorageError::UnexpectedAnswer),
+        }
+    }
+
+    fn assign(
+        &self,
+        identity: u32,
+        node: Option<u32>,
+        generation: u64,
+    ) -> Result<Coordinated, StorageError> {
+        self.coordinate(&StorageRequest::Assign {
+            identity,
+            node,
+            generation,
+        })
+    }
+
+    fn sync(
+        &self,
+        generation: u64,
+        owners: Vec<IdentityOwner>,
+    ) -> Result<Coordinated, StorageError> {
+        self.coordinate(&StorageRequest::Sync { generation, owners })
+    }
+
+    fn rejoin(&self, node: NodeId) -> Result<CoordinatorState, StorageError> {
+        match self.coordinate(&StorageRequest::Rejoin {
+            node: node.index() as u32,
+        })? {
+            Coordinated::Accepted(state) => Ok(state),
+            Coordinated::Stale(_) => Err(StorageError::UnexpectedAnswer),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -523,8 +687,13 @@ mod tests {
                 disk: PathBuf::from(format!("/d/{n}.img")),
             })
             .collect();
-        let plan = plan(&state, &topology, &files).unwrap();
+        let disks_only = Served {
+            disks: true,
+            coordinator: false,
+        };
+        let plan = plan(&state, &topology, &files, disks_only).unwrap();
         assert_eq!(plan.disks.len(), 3);
+        assert_eq!(plan.coordinator, None);
         let a = &plan.disks[0];
         assert_eq!(a.name, "a");
         assert_eq!(a.serial, "ivha-a");
@@ -543,13 +712,71 @@ mod tests {
 
         let named = Topology::new(["a".to_owned(), "sixteen-letters1".to_owned()]);
         assert!(matches!(
-            super::plan(&state, &named, &files[..2]),
+            super::plan(&state, &named, &files[..2], disks_only),
             Err(StorageError::SerialTooLong { .. })
         ));
         let long = StateDir::new(format!("/{}", "x".repeat(100)));
         assert!(matches!(
-            super::plan(&long, &topology, &files),
+            super::plan(&long, &topology, &files, disks_only),
             Err(StorageError::SocketPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn the_coordinator_has_a_socket_per_node_and_each_node_s_takers() {
+        let topology = Topology::with_takeover_order(
+            ["a".to_owned(), "b".to_owned(), "c".to_owned()],
+            vec![vec![1], vec![2, 0], vec![0, 1]],
+        );
+        let state = StateDir::new("/run/ivha");
+        let files: Vec<NodeFiles> = ["a", "b", "c"]
+            .iter()
+            .map(|n| NodeFiles {
+                region: PathBuf::from(format!("/r/{n}")),
+                disk: PathBuf::from(format!("/d/{n}.img")),
+            })
+            .collect();
+        let both = Served {
+            disks: true,
+            coordinator: true,
+        };
+        let plan = plan(&state, &topology, &files, both).unwrap();
+        assert_eq!(plan.disks.len(), 3);
+        let coordinator = plan.coordinator.unwrap();
+        assert!(!coordinator.kill_victims, "the disks fence a claimed node");
+        assert_eq!(
+            coordinator.state,
+            PathBuf::from("/run/ivha/blkd/coordinator.json")
+        );
+        assert_eq!(coordinator.identities, 3);
+        let takers: Vec<(u32, Vec<u32>)> = coordinator
+            .nodes
+            .iter()
+            .map(|n| (n.node, n.takers.clone()))
+            .collect();
+        assert_eq!(takers, [(0, vec![1]), (1, vec![2, 0]), (2, vec![0, 1])]);
+        assert_eq!(
+            coordinator.nodes[1].socket,
+            PathBuf::from("/run/ivha/blkd/coord-b.sock")
+        );
+        // The process backend: the coordinator alone.
+        let alone = Served {
+            disks: false,
+            coordinator: true,
+        };
+        let plan = super::plan(&state, &topology, &files, alone).unwrap();
+        assert!(plan.disks.is_empty());
+        let coordinator = plan.coordinator.unwrap();
+        assert_eq!(coordinator.nodes.len(), 3);
+        assert!(
+            coordinator.kill_victims,
+            "no disk fences a claimed agent process"
+        );
+        // The coordinator's sockets are checked like the disks'.
+        let long = StateDir::new(format!("/{}", "x".repeat(90)));
+        assert!(matches!(
+            super::plan(&long, &topology, &files, alone),
+            Err(StorageError::SocketPathTooLong { len, .. }) if len > qemu::cmdline::MAX_SOCKET_PATH
         ));
     }
 }

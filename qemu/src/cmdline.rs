@@ -136,6 +136,16 @@ pub enum CmdlineError {
     /// The guest name is empty.
     #[error("the guest name must not be empty")]
     EmptyName,
+    /// A virtio-serial port's name is empty or has characters the guest would not show.
+    #[error(
+        "virtio-serial port `{id}`: name {name:?} must be 1 to 64 printable ASCII characters without ','"
+    )]
+    InvalidPortName {
+        /// The port's id.
+        id: String,
+        /// The rejected name.
+        name: String,
+    },
     /// A NIC's MAC address is not six hex octets.
     #[error("NIC `{id}`: {mac:?} is not a MAC address (six hex octets: 52:54:00:12:34:56)")]
     InvalidMac {
@@ -264,6 +274,14 @@ struct DgramNet {
     mac: String,
 }
 
+/// A virtio-serial port whose other end is a Unix socket QEMU connects to.
+#[derive(Debug, Clone)]
+struct SerialPort {
+    id: String,
+    socket: PathBuf,
+    name: String,
+}
+
 /// The descriptor number the first tap has in QEMU (the next ones follow).
 pub const TAP_FD_BASE: i32 = 10;
 
@@ -294,6 +312,7 @@ pub struct QemuCommand {
     nets: Vec<UserNet>,
     taps: Vec<TapNet>,
     dgram_nets: Vec<DgramNet>,
+    serial_ports: Vec<SerialPort>,
     pvpanic: bool,
     rng: bool,
     panic_action: Option<PanicAction>,
@@ -323,6 +342,7 @@ impl QemuCommand {
             nets: Vec::new(),
             taps: Vec::new(),
             dgram_nets: Vec::new(),
+            serial_ports: Vec::new(),
             pvpanic: false,
             rng: false,
             panic_action: None,
@@ -508,6 +528,21 @@ impl QemuCommand {
             id: netdev_id.to_owned(),
             fd: tap,
             mac: mac.to_owned(),
+        });
+        self
+    }
+
+    /// Adds a virtio-serial port named `name` (the guest finds it as
+    /// `/sys/class/virtio-ports/vport*/name`) whose other end is the Unix socket `socket`,
+    /// which QEMU connects to and reconnects to every second when it goes (`reconnect=1`,
+    /// as for vhost-user disks). Each port has a controller of its own: `-device
+    /// virtio-serial-pci,id=IDserial`, `-chardev socket,id=ID,...` and `-device
+    /// virtserialport,bus=IDserial.0,chardev=ID,name=NAME`.
+    pub fn virtio_serial_port(mut self, id: &str, socket: impl Into<PathBuf>, name: &str) -> Self {
+        self.serial_ports.push(SerialPort {
+            id: id.to_owned(),
+            socket: socket.into(),
+            name: name.to_owned(),
         });
         self
     }
@@ -711,6 +746,21 @@ impl QemuCommand {
                 n.id, n.mac
             ));
         }
+        for port in &self.serial_ports {
+            args.push("-device");
+            args.push(format!("virtio-serial-pci,id={}serial", port.id));
+            args.push("-chardev");
+            args.push(join(&[
+                OsStr::new(&format!("socket,id={},path=", port.id)),
+                &escape(port.socket.as_os_str()),
+                OsStr::new(",reconnect=1"),
+            ]));
+            args.push("-device");
+            args.push(format!(
+                "virtserialport,bus={0}serial.0,chardev={0},name={1}",
+                port.id, port.name
+            ));
+        }
         if self.pvpanic {
             args.push("-device");
             args.push("pvpanic");
@@ -782,17 +832,41 @@ impl QemuCommand {
             }
         }
         let mut ids = BTreeSet::new();
+        let port_ids: Vec<String> = self
+            .serial_ports
+            .iter()
+            .flat_map(|p| [p.id.clone(), format!("{}serial", p.id)])
+            .collect();
         let all_ids = self
             .regions
             .iter()
             .map(|r| &r.id)
             .chain(self.disks.iter().map(|d| &d.id))
             .chain(self.nets.iter().map(|n| &n.id))
-            .chain(self.taps.iter().map(|t| &t.id));
+            .chain(self.taps.iter().map(|t| &t.id))
+            .chain(&port_ids);
         for id in all_ids {
             check_id(id)?;
             if !ids.insert(id.as_str()) {
                 return Err(CmdlineError::DuplicateId { id: id.clone() });
+            }
+        }
+        for port in &self.serial_ports {
+            let ok = !port.name.is_empty()
+                && port.name.len() <= 64
+                && port.name.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+            if !ok {
+                return Err(CmdlineError::InvalidPortName {
+                    id: port.id.clone(),
+                    name: port.name.clone(),
+                });
+            }
+            let len = port.socket.as_os_str().len();
+            if len > MAX_SOCKET_PATH {
+                return Err(CmdlineError::SocketPathTooLong {
+                    path: port.socket.clone(),
+                    len,
+                });
             }
         }
         for r in &self.regions {
@@ -1262,6 +1336,54 @@ mod tests {
     fn extra_args_come_last_and_verbatim() {
         let args = strings(&QemuCommand::new("q").pvpanic().extra_arg("-S"));
         assert_eq!(args.last().map(String::as_str), Some("-S"));
+    }
+
+    #[test]
+    fn a_virtio_serial_port_connects_to_its_socket_and_reconnects() {
+        let args = strings(&QemuCommand::new("q").virtio_serial_port(
+            "coord",
+            "/s,1/blkd/coord-a.sock",
+            "ivha.coordinator",
+        ));
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "virtio-serial-pci,id=coordserial",
+                "virtserialport,bus=coordserial.0,chardev=coord,name=ivha.coordinator"
+            ]
+        );
+        assert_eq!(
+            values(&args, "-chardev"),
+            ["socket,id=coord,path=/s,,1/blkd/coord-a.sock,reconnect=1"]
+        );
+        let cases = [
+            (
+                QemuCommand::new("q").virtio_serial_port("coord", "/s", "a,b"),
+                "name \"a,b\"",
+            ),
+            (
+                QemuCommand::new("q").virtio_serial_port("coord", "/s", ""),
+                "must be 1 to 64",
+            ),
+            (
+                QemuCommand::new("q").virtio_serial_port(
+                    "coord",
+                    format!("/{}", "s".repeat(MAX_SOCKET_PATH)),
+                    "p",
+                ),
+                "Unix sockets allow",
+            ),
+            (
+                QemuCommand::new("q")
+                    .virtio_serial_port("coord", "/s", "p")
+                    .user_net("coordserial", &[]),
+                "used more than once",
+            ),
+        ];
+        for (command, needle) in cases {
+            let error = command.args().unwrap_err().to_string();
+            assert!(error.contains(needle), "{error:?} lacks {needle:?}");
+        }
     }
 
     #[test]

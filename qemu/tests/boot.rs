@@ -384,3 +384,68 @@ fn pair_shares_regions_and_disks() {
     assert_eq!(child_b.try_wait().unwrap(), None);
     // Dropping B's handle kills it.
 }
+
+/// The coordinator's port: a virtio-serial port on a Unix socket QEMU connects to. QEMU
+/// starts while nothing listens there yet (`reconnect=1`), and connects once something
+/// does, as it does to a storage daemon started again.
+#[test]
+fn a_virtio_serial_port_reaches_its_socket_once_it_listens() {
+    let Some(bin) = qemu_or_skip("a_virtio_serial_port_reaches_its_socket_once_it_listens") else {
+        return;
+    };
+    let f = Files::new();
+    let socket = f.path("coord-a.sock");
+    let qmp_socket = f.path("qmp.sock");
+    let cmd = QemuCommand::new(&bin)
+        .machine("q35")
+        .accel(Accel::Tcg)
+        .memory_mib(64)
+        .virtio_serial_port("coord", &socket, "ivha.coordinator")
+        .qmp_socket(&qmp_socket);
+    let mut child = spawn(&cmd, &f.path("qemu.log"));
+    let mut qmp = connect_or_explain(&mut child, &qmp_socket);
+    let status = qmp.execute("query-status", None).unwrap();
+    assert_eq!(status["status"], "running", "{status}\n{}", log_of(&child));
+    let pci = qmp.execute("query-pci", None).unwrap();
+    let serial = pci_devices(&pci)
+        .into_iter()
+        .find(|d| d["qdev_id"] == "coordserial")
+        .unwrap_or_else(|| panic!("no virtio-serial controller in {pci}"));
+    // virtio-serial: legacy 0x1003, modern 0x1043.
+    assert!(
+        [(0x1af4, 0x1003), (0x1af4, 0x1043)].contains(&ids(&serial)),
+        "{serial}"
+    );
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match listener.accept() {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "QEMU did not connect to {} within 5 s\n{}",
+                    socket.display(),
+                    log_of(&child)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let chardevs = qmp.execute("query-chardev", None).unwrap();
+    let coord = chardevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == "coord")
+        .unwrap_or_else(|| panic!("{chardevs}"));
+    assert!(
+        coord["filename"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("coord-a.sock"),
+        "{coord}"
+    );
+}

@@ -174,7 +174,10 @@ impl IdentityPorts {
 
     /// The port of identity `name`.
     pub fn port(&self, name: &str) -> Option<u16> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, port)| *port)
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, port)| *port)
     }
 }
 

@@ -117,6 +117,30 @@ pub struct ClusterStatus {
     /// Each disk's reservation, from the storage daemon (empty without one).
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// The coordinator's generation as hostd last read it (about once a second); `None`
+    /// without a coordinator, or while it does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_generation: Option<u64>,
+    /// The nodes the coordinator says are no members: another node claimed what they held
+    /// while hostd was away. hostd fences them and restarts them as standbys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_members: Vec<String>,
+    /// Claims the agents published in their regions that the control region does not say
+    /// yet (hostd adopts them at its next look at the coordinator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unadopted_claims: Vec<ClaimStatus>,
+}
+
+/// A claim an agent won at the coordinator while hostd was away, as it published it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimStatus {
+    /// The identity claimed.
+    pub identity: String,
+    /// The node that claimed it.
+    pub by: String,
+    /// The node it was claimed from.
+    pub from: String,
+    pub generation: u64,
 }
 
 /// One disk's reservation, by node name.
@@ -234,6 +258,10 @@ pub struct NodeStatus {
     /// and why, as the agent recorded it in its region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_serving: Option<String>,
+    /// Why this node's agent ejected itself, when it did: it serves nothing until hostd
+    /// restarts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<String>,
     /// This node's interconnect links to each peer, as its agent published them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkStatus>,
@@ -472,6 +500,7 @@ mod tests {
             service_ip: None,
             service_mac: None,
             stopped_serving: None,
+            ejected: None,
             links: Vec::new(),
             link_clients: Vec::new(),
             takeover_possible: false,
@@ -483,5 +512,16 @@ mod tests {
         let old = json.replace("next_taker", "partner");
         let read: NodeStatus = serde_json::from_str(&old).unwrap();
         assert_eq!(read.next_taker, "b");
+        assert!(!json.contains("ejected"), "{json}");
+    }
+
+    #[test]
+    fn cluster_status_of_an_older_hostd_reads_without_the_coordinator() {
+        let old = r#"{"epoch":2,"state_dir":"/s","hostd_pid":1,"accel":"tcg","accel_reason":"","uptime_s":1.0,"nodes":[]}"#;
+        let status: ClusterStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(status.coordinator_generation, None);
+        assert!(status.non_members.is_empty() && status.unadopted_claims.is_empty());
+        let json = serde_json::to_string(&status).unwrap();
+        assert!(!json.contains("coordinator_generation"), "{json}");
     }
 }

@@ -114,6 +114,30 @@ pub enum Event {
         state: crate::control::LinkState,
         reachable: bool,
     },
+    /// hostd adopted an owner the coordinator had newer than the control region: a claim
+    /// an agent won while hostd was away (or a move of an earlier hostd's that it did not
+    /// finish writing). The control region names `by` owner of identity `node` at
+    /// `generation` from now on.
+    ClaimAdopted {
+        /// The identity.
+        node: String,
+        /// Its owner now.
+        by: String,
+        /// The node it was claimed from (the claim's victim, else the former owner).
+        from: String,
+        generation: u64,
+        /// Whether `by` published the claim in its region (an agent's claim); false: the
+        /// coordinator's record alone.
+        published: bool,
+    },
+    /// The coordinator says node `node` is no member since `generation`: `by` claimed
+    /// what it held while hostd was away. hostd fenced it (if it still ran) and restarts
+    /// it as a standby.
+    MembershipLost {
+        node: String,
+        by: Option<String>,
+        generation: u64,
+    },
 }
 
 impl Event {
@@ -132,6 +156,8 @@ impl Event {
             | Event::DiskRegistered { node, .. }
             | Event::DiskPreempted { node, .. }
             | Event::InterconnectLink { node, .. }
+            | Event::ClaimAdopted { node, .. }
+            | Event::MembershipLost { node, .. }
             | Event::Replayed { node, .. } => Some(node),
             Event::Takeover(report) | Event::Giveback(report) => Some(&report.node),
             Event::PairStarting { .. }
@@ -318,6 +344,18 @@ mod tests {
                 link: 1,
                 state: crate::control::LinkState::Down,
                 reachable: true,
+            },
+            Event::ClaimAdopted {
+                node: "a".into(),
+                by: "b".into(),
+                from: "a".into(),
+                generation: 3,
+                published: true,
+            },
+            Event::MembershipLost {
+                node: "a".into(),
+                by: Some("b".into()),
+                generation: 3,
             },
         ];
         for (n, event) in events.into_iter().enumerate() {

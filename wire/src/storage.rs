@@ -33,6 +33,11 @@ pub struct CoordinatorPlan {
     /// Identities, each born owned by the node of the same index (where there is one).
     pub identities: u32,
     pub nodes: Vec<CoordinatorNode>,
+    /// The disks have no I/O fence for these nodes (the process backend): a won claim
+    /// SIGKILLs the victim's process, known from the peer credentials of its coordinator
+    /// connection, and waits until it is gone before answering.
+    #[serde(default)]
+    pub kill_victims: bool,
 }
 
 /// One node's place at the coordinator.

@@ -184,6 +184,7 @@ mod tests {
                 action: Action::Read,
                 block: 0,
                 seq: None,
+                server: None,
             })
         };
         let ok = |t, op| {
@@ -212,6 +213,7 @@ mod tests {
                 fault: "kill".into(),
                 node: "a".into(),
                 detail: String::new(),
+                node_t: None,
             }),
             Entry::Unknown(ErrorCompletion {
                 t: T0 + 13_000_000,

@@ -70,6 +70,7 @@ mod tests {
                 fault: "torn_tail".into(),
                 node: "a".into(),
                 detail: String::new(),
+                node_t: None,
             }),
         ])
         .unwrap();

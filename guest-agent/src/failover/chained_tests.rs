@@ -146,6 +146,7 @@ impl Chain {
             addresses: Box::new(crate::service_ip::NoServiceAddresses),
             stopped: writer.stopped,
             negotiation: None,
+            without_hostd: None,
         };
         Self {
             dir,

@@ -16,12 +16,16 @@
 //!   interconnect whether it gives the identity up; acknowledge with its answer (a
 //!   holder's own answer comes from its [`veto`]).
 //!
-//! Independently of commands, an identity whose owner in the control region is no longer
-//! this node is fenced at once (and every write checks the owner before it is logged).
+//! Independently of commands, an identity whose owner is no longer this node is fenced at
+//! once (and every write checks the owner before it is logged and after). The owner is the
+//! newest word of the control region and of the claims published in the regions this node
+//! maps ([`shm::newest_owner`]): a peer that took an identity over while hostd was away
+//! ([`without_hostd`]) says so in its own region.
 
 pub mod quarantine;
 pub mod replay;
 pub mod veto;
+pub mod without_hostd;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -32,7 +36,7 @@ use shm::node::{Ack, AckWriter, ack_status};
 
 use crate::interconnect::negotiation::{Answer, NegotiationClient};
 use shm::{
-    Command, CommandKind, ControlRegion, NodeRegion, StopReason, StoppedServing,
+    Command, CommandKind, ControlRegion, NodeRegion, Owner, StopReason, StoppedServing,
     StoppedServingWriter, TakeOverArgument,
 };
 
@@ -128,6 +132,8 @@ pub struct FailoverMonitor {
     pub stopped: StoppedServingWriter,
     /// Asks holders over the interconnect before a planned takeover; None: no interconnect.
     pub negotiation: Option<NegotiationClient>,
+    /// Takeovers while hostd is away; None: no coordinator (`--coordinator`).
+    pub without_hostd: Option<without_hostd::WithoutHostd>,
 }
 
 impl FailoverMonitor {
@@ -172,6 +178,7 @@ impl FailoverMonitor {
             }
             self.fence_lost_identities();
             self.end_quarantine_if_replayed();
+            self.act_without_hostd(Instant::now());
             let peer_quiet = peer_beats.values().any(|(beat, since)| {
                 beat.is_some() && (PEER_QUIET..PEER_QUIET + QUIET_WATCH).contains(&since.elapsed())
             });
@@ -198,15 +205,23 @@ impl FailoverMonitor {
             return ack;
         }
         if command.kind == CommandKind::TakeOver {
+            if let Some(ejection) = self.ejection() {
+                log::warn!(
+                    "command {} (take over identity {identity}) refused: this node ejected itself ({}) and waits for hostd to restart it",
+                    command.seq,
+                    ejection.reason.describe()
+                );
+                ack.status = ack_status::FAILED;
+                return ack;
+            }
             // A command hostd gave an earlier run of this agent, or a claim hostd withdrew
-            // since: the control region's owner is the newest word, and it is not this
-            // node (at this command's epoch or before).
-            let owner = self.control.owner(identity as usize);
+            // since: the newest owner is not this node (at this command's epoch or before).
+            let owner = self.owner(identity);
             let current =
                 owner.is_some_and(|o| o.node == Some(self.node_id) && o.epoch <= command.epoch);
             if !current {
                 log::warn!(
-                    "command {} (take over identity {identity} at epoch {}) is stale: the control region says {owner:?}; not acting on it",
+                    "command {} (take over identity {identity} at epoch {}) is stale: the owner is {owner:?}; not acting on it",
                     command.seq,
                     command.epoch
                 );
@@ -345,7 +360,7 @@ impl FailoverMonitor {
         // The replay and the drain above may have taken long: hostd may have given the
         // identity to another node meanwhile (its wait for this acknowledgement ended).
         // Serving it, or holding its address, now would make two holders.
-        let owner = self.control.owner(identity as usize);
+        let owner = self.owner(identity);
         if !owner.is_some_and(|o| o.node == Some(self.node_id) && o.epoch <= epoch) {
             return Err(format!(
                 "identity {identity} went to another owner ({owner:?}) while this node was taking it over"
@@ -400,7 +415,7 @@ impl FailoverMonitor {
                 .iter()
                 .filter(|(id, entry)| {
                     !entry.export.volume().writable()
-                        && self.control.owner(**id as usize).is_some_and(|o| {
+                        && self.owner(**id).is_some_and(|o| {
                             o.node == Some(dead_id) || o.node == Some(self.node_id)
                         })
                 })
@@ -507,8 +522,7 @@ impl FailoverMonitor {
     fn quarantine_replayed(&self, quarantine: &Quarantine) -> bool {
         let peers: Vec<&NodeRegion> = self.peers.values().collect();
         let current_epoch = self
-            .control
-            .owner(self.node_id as usize)
+            .owner(self.node_id)
             .map_or(quarantine.owner_epoch, |o| o.epoch);
         old_log_replayed(
             &peers,
@@ -593,33 +607,39 @@ impl FailoverMonitor {
 
     /// Fences every identity this node serves but no longer owns.
     fn fence_lost_identities(&mut self) {
-        let lost: Vec<u32> = self
+        let lost: Vec<(u32, Owner)> = self
             .identities
             .iter()
-            .filter(|(id, entry)| {
-                entry.export.volume().writable()
-                    && self
-                        .control
-                        .owner(**id as usize)
-                        .is_some_and(|o| o.node != Some(self.node_id))
+            .filter(|(_, entry)| entry.export.volume().writable())
+            .filter_map(|(id, _)| {
+                let owner = self.owner(*id)?;
+                (owner.node != Some(self.node_id)).then_some((*id, owner))
             })
-            .map(|(id, _)| *id)
             .collect();
-        for identity in lost {
+        // The newest generation of a peer's claim that took an identity from this node.
+        let mut claimed = None;
+        for (identity, owner) in lost {
             let reason = if self.nvram.take_disk_error(identity) {
                 StopReason::StorageRefused
             } else {
                 StopReason::Reassigned
             };
+            let by_claim = self.control.owner(identity as usize) != Some(owner);
             log::warn!(
-                "identity {identity} is owned by another node now (epoch {}): fencing it here; {}",
-                self.control.epoch(),
+                "identity {identity} is owned by node {} now ({} {}): fencing it here; {}",
+                owner.node.map_or("none".to_owned(), |n| n.to_string()),
+                if by_claim {
+                    "its claim at generation"
+                } else {
+                    "hostd's record at epoch"
+                },
+                owner.epoch,
                 reason.describe()
             );
             self.stopped.publish(StoppedServing {
                 identity,
                 reason,
-                epoch: self.control.epoch(),
+                epoch: owner.epoch.max(self.control.epoch()),
                 unix_ns: wire::time::now_unix_us().saturating_mul(1000),
             });
             if let Err(error) = self.stop_writing(identity) {
@@ -628,7 +648,20 @@ impl FailoverMonitor {
             if let Some(entry) = self.identities.get_mut(&identity) {
                 entry.listener = None;
             }
+            if by_claim {
+                claimed = claimed.max(Some(owner.epoch));
+            }
         }
+        if let Some(generation) = claimed {
+            self.ejected_by_claim(generation);
+        }
+    }
+
+    /// Who owns `identity`: the newest of the control region's record and the claims in
+    /// this node's region and its peers'.
+    fn owner(&self, identity: u32) -> Option<Owner> {
+        let regions = std::iter::once(self.nvram.region()).chain(self.peers.values());
+        shm::newest_owner(&self.control, regions, identity)
     }
 
     fn entry(&mut self, identity: u32) -> Result<&mut Identity, String> {
@@ -820,6 +853,7 @@ mod tests {
                 addresses: Box::new(addresses.clone()),
                 stopped: writer.stopped,
                 negotiation: None,
+                without_hostd: None,
             };
             Self {
                 dir,

@@ -3,26 +3,25 @@
 
 use std::sync::Arc;
 
-use shm::{ControlRegion, Refusal};
+use shm::Refusal;
 
 use crate::interconnect::negotiation::Veto;
-use crate::nvram::Nvram;
+use crate::nvram::{Nvram, Ownership};
 
-/// Answers from the control region and the node's log.
+/// Answers from the owners (the control region and the claims) and the node's log.
 #[derive(Debug)]
 pub struct NodeVeto {
-    pub node_id: u32,
-    pub control: Option<ControlRegion>,
+    /// None: no control region, this node holds what it serves.
+    pub ownership: Option<Ownership>,
     pub nvram: Arc<Nvram>,
 }
 
 impl Veto for NodeVeto {
     fn check(&self, identity: u32) -> Option<Refusal> {
-        let holds = self.control.as_ref().is_none_or(|control| {
-            control
-                .owner(identity as usize)
-                .is_some_and(|owner| owner.node == Some(self.node_id))
-        });
+        let holds = self
+            .ownership
+            .as_ref()
+            .is_none_or(|ownership| ownership.owns(identity));
         if !holds {
             return Some(Refusal::NotHolder);
         }

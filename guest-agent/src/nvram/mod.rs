@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use shm::{
-    BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion, RecordKind,
+    BackPressure, ControlRegion, Cursor, Entry, LogAppender, LogError, NodeRegion, Owner,
+    RecordKind,
 };
 
 use crate::export::Export;
@@ -86,22 +87,29 @@ impl Drop for FlushHold {
     }
 }
 
-/// Who may write what, from the control region: a write for an identity is logged only
-/// while the control region names this node as its owner. This is the epoch fence: once
-/// hostd has moved an identity elsewhere, a node that lagged behind (paused, partitioned)
-/// cannot log another write for it, whatever it believes.
+/// Who may write what: a write for an identity is logged only while this node owns it, by
+/// the newest word of the control region and of the claims published in the regions this
+/// node maps ([`shm::newest_owner`]). This is the epoch fence: once hostd has moved an
+/// identity elsewhere, or a peer has claimed it while hostd was away, a node that lagged
+/// behind (paused, partitioned) cannot log another write for it, whatever it believes.
 #[derive(Debug, Clone)]
 pub struct Ownership {
     pub control: ControlRegion,
     /// This node's id (the identity it owns by birth has the same index).
     pub node: u32,
+    /// The regions whose claims count: this node's own and every peer's it maps.
+    pub regions: Vec<NodeRegion>,
 }
 
 impl Ownership {
+    /// Who owns identity `export` now.
+    pub fn owner(&self, export: u32) -> Option<Owner> {
+        shm::newest_owner(&self.control, &self.regions, export)
+    }
+
     /// Whether this node owns identity `export` now.
     pub fn owns(&self, export: u32) -> bool {
-        self.control
-            .owner(export as usize)
+        self.owner(export)
             .is_some_and(|owner| owner.node == Some(self.node))
     }
 }
@@ -473,7 +481,25 @@ impl Nvram {
         self.indexed.store(appended.seq, Ordering::Release);
         drop(appender);
         self.wake_flusher(appended.unflushed);
-        updated.map_err(|_| poisoned())
+        updated.map_err(|_| poisoned())?;
+        // No acknowledgement without ownership, checked after the record is published: a
+        // peer that claims the identity publishes its claim, then reads this log. With a
+        // sequentially consistent fence on both sides, either its replay has this record,
+        // or this check sees its claim (see `shm::claims`). The record stays in the log:
+        // a write that is not acknowledged may land or not.
+        fence(Ordering::SeqCst);
+        if let Some(ownership) = &self.ownership
+            && !ownership.owns(volume.export_id)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "export {} was claimed by another node while this write was logged: not acknowledged",
+                    volume.name
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -787,5 +813,89 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+    }
+
+    /// A write waits for log space while a peer claims its identity (hostd being away).
+    /// Its record gets into the log once space is freed, and the check made after the
+    /// record was published sees the claim: the write fails, unacknowledged, and its
+    /// record stays in the log. The next write is refused before it is logged.
+    #[test]
+    fn a_write_logged_while_a_peer_claims_its_identity_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["a", "b"];
+        let control = ControlRegion::format(
+            Mapping::create_memfd("control", 1 << 20).unwrap(),
+            &names,
+            &names,
+        )
+        .unwrap();
+        let own = NodeRegion::format(Mapping::create_memfd("a", 1 << 20).unwrap(), 0, "a").unwrap();
+        let peer =
+            NodeRegion::format(Mapping::create_memfd("b", 1 << 20).unwrap(), 1, "b").unwrap();
+        std::fs::File::create(dir.path().join("a.img"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let mut writer = own.writer(1).unwrap();
+        // A full log, which nothing flushes.
+        let block = [7u8; 4096];
+        let fill = Entry::Write {
+            export: 0,
+            offset: 0,
+            data: &block,
+        };
+        loop {
+            match writer.appender.try_append(&fill) {
+                Ok(_) => {}
+                Err(LogError::Full { .. }) => break,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        let ownership = Ownership {
+            control,
+            node: 0,
+            regions: vec![own.clone(), peer.clone()],
+        };
+        let nvram = Nvram::with_ownership(
+            own.clone(),
+            writer.appender,
+            BackPressure {
+                timeout: Duration::from_secs(10),
+            },
+            Some(ownership),
+        );
+        let disk = Disk::open(&dir.path().join("a.img")).unwrap();
+        let export = nvram.add_volume(Volume::new(0, "a", disk));
+        let full = own.head().unwrap();
+        let waiting = {
+            let export = Arc::clone(&export);
+            std::thread::spawn(move || export.write(0, &[1; 4096], false))
+        };
+        // Past the check made before logging: it waits for space.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while own.stats().backpressure_waits == 0 {
+            assert!(Instant::now() < deadline, "the write never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut peer_claims = peer.writer(2).unwrap().claims;
+        peer_claims.publish(
+            0,
+            shm::Claim {
+                generation: 1,
+                victim: 0,
+            },
+        );
+        writer.flushed.advance(full).unwrap();
+        let refused = waiting.join().unwrap().unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(
+            refused.to_string().contains("claimed by another node"),
+            "{refused}"
+        );
+        let head = own.head().unwrap();
+        assert_eq!(head.seq, full.seq + 1, "the record stays in the log");
+        let refused = export.write(0, &[2; 4096], false).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(own.head().unwrap(), head, "nothing more is logged");
     }
 }

@@ -1,7 +1,10 @@
 //! The cluster as hostd holds it: its nodes' health, who owns each identity (the control
 //! region, which only hostd writes), the commands hostd gives the agents, and the
 //! backend that runs the nodes. The steps that move identities are in `moves.rs`,
-//! adoption after a restart in `adopt.rs`; both work through this type's methods.
+//! adoption after a restart in `adopt.rs`; both work through this type's methods. Keeping
+//! in step with the coordinator is in `cluster/coordinator.rs`.
+
+mod coordinator;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -61,6 +64,14 @@ pub enum LaunchError {
         #[source]
         source: StorageError,
     },
+    #[error(
+        "node {node} is no member at the coordinator (another node claimed what it held) and cannot rejoin"
+    )]
+    Rejoin {
+        node: String,
+        #[source]
+        source: StorageError,
+    },
 }
 
 /// Errors giving an agent a command.
@@ -78,6 +89,14 @@ pub enum CommandError {
     AckFailed { node: String, seq: u64, status: u64 },
     #[error("node {node} died before it acknowledged command {seq}")]
     Died { node: String, seq: u64 },
+    #[error(
+        "the coordinator refused to move {identity} at epoch {epoch}: another node claimed while hostd was away: adopted generation {generation}"
+    )]
+    ClaimedMeanwhile {
+        identity: String,
+        epoch: u64,
+        generation: u64,
+    },
 }
 
 /// The running cluster.
@@ -117,6 +136,10 @@ pub struct Cluster {
     storage: Option<Box<dyn Storage>>,
     /// The interconnect links' states last seen, to record their changes.
     link_watch: super::interconnect::LinkWatch,
+    /// What hostd knows of the coordinator (`cluster/coordinator.rs`).
+    coordinator: coordinator::CoordinatorView,
+    /// When hostd last published its presence in the control region.
+    last_beat: Instant,
 }
 
 /// A takeover whose background replay hostd waits to see finish (to record it).
@@ -216,6 +239,8 @@ impl Cluster {
             bridge: None,
             storage: None,
             link_watch: Default::default(),
+            coordinator: Default::default(),
+            last_beat: Instant::now(),
         })
     }
 
@@ -247,8 +272,12 @@ impl Cluster {
             accel,
             accel_reason,
         });
-        // Before the nodes: they attach their disks at its sockets.
+        // Before the nodes: they attach their disks and the coordinator at its sockets.
         self.check_storage();
+        // What the agents claimed while no hostd ran decides who starts with what.
+        self.adopt_coordinator();
+        // hostd is here, before any agent starts.
+        self.beat();
         if let Err(error) = records::save_config(&self.state, &self.config) {
             log::warn!(
                 "a restarted hostd will not be able to adopt this cluster: {}",
@@ -276,6 +305,7 @@ impl Cluster {
         for &node in &nodes {
             for port in self.plan(node).ports {
                 if let Err(source) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                    self.abandon_launch();
                     return Err(LaunchError::PortInUse {
                         node: self.topology.name(node).to_owned(),
                         port,
@@ -287,18 +317,28 @@ impl Cluster {
         // Every node starts before any control channel is awaited: they boot in parallel.
         for &node in &nodes {
             if let Err(error) = self.spawn_node(node) {
-                self.backend.kill_all();
+                self.abandon_launch();
                 return Err(error);
             }
         }
         for &node in &nodes {
             if let Err(error) = self.connect_node(node) {
-                self.backend.kill_all();
+                self.abandon_launch();
                 return Err(error);
             }
         }
         self.started = Instant::now();
         Ok(self)
+    }
+
+    /// A launch failed: whatever was started is killed, and the storage daemon, which
+    /// serves no node then, is stopped (a daemon left running would be adopted by the next
+    /// `up`, with the plan of this one).
+    fn abandon_launch(&mut self) {
+        self.backend.kill_all();
+        if let Some(storage) = &mut self.storage {
+            storage.stop();
+        }
     }
 
     // --- What the cluster is ------------------------------------------------------------
@@ -485,12 +525,15 @@ impl Cluster {
     }
 
     /// Makes `node` the owner of `identity` at `epoch`, which becomes the cluster's epoch.
+    /// With a coordinator the move is an `Assign` there first: a claim an agent won while
+    /// hostd was away makes it fail, and hostd adopts that claim instead.
     pub fn set_owner(
         &mut self,
         identity: IdentityId,
         node: NodeId,
         epoch: u64,
     ) -> Result<(), CommandError> {
+        self.assign(identity, node, epoch)?;
         self.control_writer.set_epoch(epoch);
         self.control_writer.set_owner(
             identity.index(),
@@ -565,6 +608,7 @@ impl Cluster {
                     timeout,
                 });
             }
+            self.keep_beating();
             std::thread::sleep(Duration::from_micros(500));
         }
     }
@@ -591,6 +635,27 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(" ");
         let mut options = self.config.agent_options_for(node.index());
+        let coordinator_socket = self
+            .storage
+            .as_ref()
+            .and_then(|s| s.coordinator_socket(node));
+        if let Some(socket) = &coordinator_socket {
+            // A guest reaches it through a virtio-serial port QEMU connects to the socket;
+            // an agent process connects to it itself, and listens on the ports of the
+            // identities it claims.
+            if self.config.backend == crate::config::Backend::Qemu {
+                options.coordinator = Some(wire::agent::CoordinatorAddress::Virtio);
+            } else {
+                options.coordinator = Some(wire::agent::CoordinatorAddress::Socket(socket.clone()));
+                options.identity_ports = wire::agent::IdentityPorts(
+                    self.config
+                        .nodes
+                        .iter()
+                        .map(|n| (n.name.clone(), n.nbd_port))
+                        .collect(),
+                );
+            }
+        }
         if self.config.interconnect.enabled() {
             options.interconnect.peers = self
                 .topology
@@ -606,6 +671,7 @@ impl Cluster {
             region: self.files[node.index()].region.clone(),
             disk: self.files[node.index()].disk.clone(),
             disk_socket: self.disk_socket(node, node),
+            coordinator_socket,
             watched,
             control_region: self.control_path.clone(),
             region_size: self.config.regions.node_mib << 20,
@@ -632,6 +698,18 @@ impl Cluster {
 
     /// Starts `node`'s process and records it for a restarted hostd.
     pub fn spawn_node(&mut self, node: NodeId) -> Result<(), LaunchError> {
+        // The daemon first: it may not have run since the last start.
+        if let Err(error) = self.ensure_storage() {
+            return Err(LaunchError::Storage {
+                node: self.topology.name(node).to_owned(),
+                source: error,
+            });
+        }
+        self.rejoin_if_no_member(node)
+            .map_err(|source| LaunchError::Rejoin {
+                node: self.topology.name(node).to_owned(),
+                source,
+            })?;
         // A node starts with its keys on the disks it attaches (fence_scsi's unfence at
         // boot): after a fence, with a newer generation.
         self.register_keys(node)
@@ -675,7 +753,12 @@ impl Cluster {
         } else {
             format!("fenced: {reason}")
         };
-        if let Err(error) = self.preempt_keys(node, None, &reason) {
+        self.fence_because(node, &reason)
+    }
+
+    /// [`Cluster::fence`] for `reason`.
+    pub fn fence_because(&mut self, node: NodeId, reason: &str) -> Result<(), BackendError> {
+        if let Err(error) = self.preempt_keys(node, None, reason) {
             // The kill that follows keeps a dead or killed process off the disks all the
             // same; only a fence that cannot kill depends on the preemption.
             log::error!(
@@ -698,7 +781,8 @@ impl Cluster {
     /// preempted, its process keeps running, and it counts as fenced, so its identities
     /// move on. Needs the storage daemon: without it nothing would stop the node writing.
     pub fn fence_at_storage(&mut self, node: NodeId, reason: &str) -> Result<(), StorageError> {
-        if self.storage.is_none() {
+        // A daemon that runs for the coordinator alone (process backend) fences no disk.
+        if !self.storage.as_ref().is_some_and(|s| s.serves_disks()) {
             return Err(StorageError::NoDaemon);
         }
         self.preempt_keys(node, None, reason)?;
@@ -768,7 +852,7 @@ impl Cluster {
     /// Waits until `node`'s agent says, in its region, that it stopped serving `identity`
     /// at `epoch` or later; false after `timeout`.
     pub fn await_stopped_serving(
-        &self,
+        &mut self,
         node: NodeId,
         identity: IdentityId,
         epoch: u64,
@@ -784,6 +868,7 @@ impl Cluster {
             if Instant::now() >= deadline {
                 return false;
             }
+            self.keep_beating();
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -1141,6 +1226,7 @@ impl Cluster {
                                 stopped.reason.describe()
                             )
                         }),
+                    ejected: self.backend.pid(node).and_then(|_| self.ejection_of(node)),
                     links: self.links_of(node),
                     link_clients: self.link_clients_of(node),
                     takeover_possible,
@@ -1162,6 +1248,9 @@ impl Cluster {
             nodes,
             storage_pid: self.storage.as_ref().and_then(|s| s.pid()),
             disks: self.disk_statuses(),
+            coordinator_generation: self.coordinator_state().map(|s| s.generation),
+            non_members: self.non_members(),
+            unadopted_claims: self.unadopted_claims(),
         }
     }
 
@@ -1170,6 +1259,8 @@ impl Cluster {
     /// Stops every node: asks each to go, then waits for all of them on one deadline and
     /// kills whatever is left.
     pub fn shut_down(&mut self, purge: bool) -> DownReport {
+        // The nodes stop one after the other: none may take the others over meanwhile.
+        self.stop_beating();
         let stopped: Vec<(String, String)> = self
             .backend
             .stop_all(QUIT_TIMEOUT)

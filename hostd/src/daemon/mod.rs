@@ -6,7 +6,8 @@
 //! - [`topology`]: node and identity ids, and who may take over whom;
 //! - [`backend`]: where nodes run (QEMU guests, agent processes, a fake for tests);
 //! - `health`: one node's liveness from its heartbeat and its backend's reports;
-//! - `cluster`: the nodes, the control region (owners, commands), sampling and status;
+//! - `cluster`: the nodes, the control region (owners, commands), sampling and status,
+//!   and keeping in step with the coordinator (`claims`: what to adopt from it);
 //! - `moves`: takeover, planned takeover and giveback; `inject`: `hostd kill`;
 //! - `fencing`: `hostd fence` and `hostd unfence` (the storage daemon's reservations);
 //! - `records` and `adopt`: what a restarted hostd finds and how it adopts the nodes;
@@ -15,6 +16,7 @@
 
 mod adopt;
 pub mod backend;
+mod claims;
 mod cluster;
 mod fencing;
 mod health;
@@ -165,15 +167,8 @@ pub fn run(
         )?),
         Backend::Process => Box::new(backend::process::ProcessBackend::new(paths)?),
     };
-    // Before the guests: they attach their disks at its sockets.
-    let storage = if config.uses_storage_daemon() {
-        let topology = topology::Topology::from_config(config);
-        let plan = crate::storage::plan(state, &topology, &files)?;
-        let daemon = crate::storage::StorageDaemon::new(state, plan)?;
-        Some(Box::new(daemon) as Box<dyn crate::storage::Storage>)
-    } else {
-        None
-    };
+    // Before the guests: they attach their disks and the coordinator at its sockets.
+    let storage = storage_daemon(config, state, &files)?;
     let cluster = cluster::Cluster::new(config, state, &files, &control, backend)?
         .with_metrics(cluster_metrics)
         .with_bridge(bridge)
@@ -188,6 +183,12 @@ pub fn run(
         let mut adopted = adopt::adopt(cluster, &running)?;
         // Its guests are attached to the daemon an earlier hostd started, if it lives.
         adopted.check_storage();
+        // Before any decision: what the agents claimed while no hostd ran is the truth
+        // (a node they claimed is fenced here, before its missing key could count as a
+        // fence kept running).
+        adopted.adopt_coordinator();
+        // hostd is back: the agents stop acting alone.
+        adopted.beat();
         adopted.reconcile_fences();
         adopted
     };
@@ -283,6 +284,37 @@ fn main_loop(
                 }
             }
         }
+    }
+}
+
+/// The storage daemon for `config`, if one runs: for the disks of QEMU guests (`served_by =
+/// "blkd"`), and for the coordinator (also alone, with the process backend). A process
+/// backend without `ivha-blkd` runs without a coordinator, as it ran without the daemon
+/// before: its agents then never take over while hostd is away.
+fn storage_daemon(
+    config: &Config,
+    state: &StateDir,
+    files: &[prepare::NodeFiles],
+) -> Result<Option<Box<dyn crate::storage::Storage>>, DaemonError> {
+    let served = crate::storage::Served {
+        disks: config.uses_storage_daemon(),
+        coordinator: config.runs_coordinator(),
+    };
+    if !served.disks && !served.coordinator {
+        return Ok(None);
+    }
+    let topology = topology::Topology::from_config(config);
+    let plan = crate::storage::plan(state, &topology, files, served)?;
+    match crate::storage::StorageDaemon::new(state, plan) {
+        Ok(daemon) => Ok(Some(Box::new(daemon))),
+        Err(error) if !served.disks => {
+            log::warn!(
+                "no takeovers while hostd is away: {}",
+                wire::error_chain::one_line(&error)
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error.into()),
     }
 }
 

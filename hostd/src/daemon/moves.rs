@@ -127,7 +127,10 @@ impl Moves {
     /// What the main loop does on every tick: fence and take over what went Down, move
     /// identities whose taker was not ready before, finish a giveback whose node is up.
     pub fn tick(&mut self, cluster: &mut Cluster) {
+        cluster.beat();
         cluster.check_storage();
+        // Before any decision: a claim the agents won while hostd was away stands.
+        cluster.probe_coordinator();
         for node in cluster.sample() {
             fail_over(cluster, node);
         }
@@ -136,16 +139,82 @@ impl Moves {
         adopt_orphans(cluster);
         restore_addresses(cluster);
         self.restart_for_orphans(cluster);
+        self.restart_non_members(cluster);
         report_finished_replays(cluster);
         cluster.observe_links();
+    }
+
+    /// Whether hostd may restart `node` by itself now, within the restart budget (the limit
+    /// within the window, and the backoff since the last restart); says once when the limit
+    /// is reached. Counts the restart and returns its number when it may.
+    fn restart_allowed(&mut self, cluster: &Cluster, node: NodeId) -> Option<u32> {
+        let limit = cluster.recovery().restart_limit as usize;
+        let window = Duration::from_secs(cluster.recovery().restart_window_s);
+        let backoff = Duration::from_millis(cluster.recovery().restart_backoff_ms);
+        let restarts = self.restarts.entry(node).or_default();
+        restarts.times.retain(|t| t.elapsed() < window);
+        if restarts.times.len() >= limit {
+            if !restarts.exhausted && limit > 0 {
+                restarts.exhausted = true;
+                let name = cluster.topology().name(node).to_owned();
+                log::error!(
+                    "node {name}: {limit} restarts within {window:?}; hostd restarts it no more (`hostd giveback {name}` does)"
+                );
+                cluster.record(&Event::RestartsExhausted {
+                    node: name,
+                    restarts: limit as u32,
+                });
+            }
+            return None;
+        }
+        let waited = restarts
+            .times
+            .last()
+            .map_or(Duration::MAX, Instant::elapsed);
+        if waited < restart_backoff(restarts.times.len(), backoff) {
+            return None;
+        }
+        restarts.times.push(Instant::now());
+        Some(restarts.times.len() as u32)
+    }
+
+    /// Restarts as standbys the nodes fenced because they lost their place while hostd was
+    /// away (the coordinator says they are no members: another node claimed what they
+    /// held; or they ejected themselves), within the restart budget. A node that is no
+    /// member rejoins before its start; one whose identity is held elsewhere waits for
+    /// `hostd giveback`.
+    fn restart_non_members(&mut self, cluster: &mut Cluster) {
+        for (node, why) in cluster.nodes_to_rejoin() {
+            let health = cluster.node(node);
+            if !health.fenced || cluster.pid(node).is_some() {
+                // Started again meanwhile (a giveback, or a restart for an orphan).
+                cluster.forget_rejoin(node);
+                continue;
+            }
+            let Some(attempt) = self.restart_allowed(cluster, node) else {
+                continue;
+            };
+            let name = cluster.topology().name(node).to_owned();
+            let reason = format!("restarted as a standby: {why}");
+            log::warn!("node {name}: {reason} (attempt {attempt})");
+            cluster.record(&Event::NodeRestarted {
+                node: name.clone(),
+                attempt,
+                reason: reason.clone(),
+            });
+            if let Err(source) = restart(cluster, node) {
+                let error = MoveError::Restart {
+                    node: name,
+                    source: Box::new(source),
+                };
+                cluster.record_failure(node.home_identity(), node, &reason, &error);
+            }
+        }
     }
 
     /// Restarts a fenced node when an identity has no live node that could serve it
     /// (its holder and every candidate are fenced or down), within the restart budget.
     fn restart_for_orphans(&mut self, cluster: &mut Cluster) {
-        let limit = cluster.recovery().restart_limit as usize;
-        let window = Duration::from_secs(cluster.recovery().restart_window_s);
-        let backoff = Duration::from_millis(cluster.recovery().restart_backoff_ms);
         let identities: Vec<IdentityId> = cluster.topology().identities().collect();
         for identity in identities {
             let Some(owner) = cluster.owner_of(identity) else {
@@ -171,31 +240,9 @@ impl Moves {
             let Some(&target) = candidates.first() else {
                 continue;
             };
-            let restarts = self.restarts.entry(target).or_default();
-            restarts.times.retain(|t| t.elapsed() < window);
-            if restarts.times.len() >= limit {
-                if !restarts.exhausted && limit > 0 {
-                    restarts.exhausted = true;
-                    let node = cluster.topology().name(target).to_owned();
-                    log::error!(
-                        "node {node}: {limit} restarts within {window:?}; hostd restarts it no more (`hostd giveback {node}` does)"
-                    );
-                    cluster.record(&Event::RestartsExhausted {
-                        node,
-                        restarts: limit as u32,
-                    });
-                }
+            let Some(attempt) = self.restart_allowed(cluster, target) else {
                 continue;
-            }
-            let waited = restarts
-                .times
-                .last()
-                .map_or(Duration::MAX, Instant::elapsed);
-            if waited < restart_backoff(restarts.times.len(), backoff) {
-                continue;
-            }
-            restarts.times.push(Instant::now());
-            let attempt = restarts.times.len() as u32;
+            };
             let name = cluster.topology().name(target).to_owned();
             let reason = format!(
                 "no live node can serve {}",
@@ -545,6 +592,10 @@ pub fn adopt_orphans(cluster: &mut Cluster) {
         );
         match report {
             Ok(report) => cluster.record(&Event::Takeover(report)),
+            // No fault of the taker's: the next tick tries again on the adopted state.
+            Err(error @ MoveError::Command(CommandError::ClaimedMeanwhile { .. })) => {
+                cluster.record_failure(identity, taker, &reason, &error);
+            }
             Err(error) => {
                 cluster.note_refused_takeover(identity, taker);
                 cluster.record_failure(identity, taker, &reason, &error);
@@ -821,7 +872,10 @@ fn move_identity(
     let epoch = cluster.epoch() + 1;
     // Before the owner changes: the agent may start serving as soon as it does.
     cluster.record_serving_started(identity, to, epoch);
-    cluster.set_owner(identity, to, epoch)?;
+    if let Err(error) = cluster.set_owner(identity, to, epoch) {
+        refused_by_the_coordinator(cluster, identity, to, &how);
+        return Err(error.into());
+    }
     if matches!(how, Move::Unplanned { .. }) && cluster.node(from).kept_running {
         // Fenced at the storage only, the old owner still runs and may be logging a write
         // it let in before the owner changed: its log is whole only once it says it
@@ -926,6 +980,29 @@ fn move_identity(
         report.timeline_ms.serving.unwrap_or_default()
     );
     Ok(report)
+}
+
+/// The coordinator refused the move of `identity` to `to` (a claim an agent won while
+/// hostd was away; hostd adopted it): `to` does not serve it, and a planned move's old
+/// owner, which released it, serves it again if it still owns it.
+fn refused_by_the_coordinator(cluster: &mut Cluster, identity: IdentityId, to: NodeId, how: &Move) {
+    cluster.record_serving_ended(identity, to, "the coordinator refused the move");
+    let Move::Planned { from, .. } = *how else {
+        return;
+    };
+    if cluster.owner_of(identity) != Some(from) {
+        return;
+    }
+    cluster.record_serving_started(identity, from, cluster.epoch());
+    let epoch = cluster.epoch();
+    if let Err(undo) = serve_flushed(cluster, identity, from, epoch) {
+        log::error!(
+            "cannot have {} serve {} again after the coordinator refused its move: {}",
+            cluster.topology().name(from),
+            cluster.topology().identity_name(identity),
+            wire::error_chain::one_line(&undo)
+        );
+    }
 }
 
 /// Gives `identity` back to `node`, which released it (flushed) a moment ago, at `epoch`.

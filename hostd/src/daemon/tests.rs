@@ -8,7 +8,7 @@ use wire::control::{NodeState, Response};
 use wire::events::Event;
 use wire::state_dir::StateDir;
 
-use super::backend::fake::{Answer, Call, FakeBackend, FakeHandle, FakeStorage};
+use super::backend::fake::{Answer, Call, FakeBackend, FakeCoordinator, FakeHandle, FakeStorage};
 use super::cluster::Cluster;
 use super::fencing::{self, FenceError};
 use super::moves::{self, Moves};
@@ -24,6 +24,8 @@ struct Harness {
     moves: Moves,
     fake: FakeHandle,
     state: StateDir,
+    /// The storage's coordinator, when it keeps one.
+    coordinator: Option<FakeCoordinator>,
     _dir: tempfile::TempDir,
 }
 
@@ -56,10 +58,26 @@ impl Harness {
         Self::launch(|_| {}, |_| {}, true)
     }
 
+    /// A pair whose (fake) storage daemon keeps a coordinator as well.
+    fn pair_with_coordinator() -> (Self, FakeCoordinator) {
+        let coordinator = FakeCoordinator::new(&[vec![B as u32], vec![A as u32]]);
+        let h = Self::launch_with(|_| {}, |_| {}, true, Some(coordinator.clone()));
+        (h, coordinator)
+    }
+
     fn launch(
         before: impl FnOnce(&FakeHandle),
         configure: impl FnOnce(&mut Config),
         storage: bool,
+    ) -> Self {
+        Self::launch_with(before, configure, storage, None)
+    }
+
+    fn launch_with(
+        before: impl FnOnce(&FakeHandle),
+        configure: impl FnOnce(&mut Config),
+        storage: bool,
+        coordinator: Option<FakeCoordinator>,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
@@ -76,8 +94,14 @@ impl Harness {
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         let (backend, fake) = FakeBackend::new(&names, &control);
         before(&fake);
-        let storage = storage
-            .then(|| Box::new(FakeStorage::new(&fake, &names)) as Box<dyn crate::storage::Storage>);
+        let storage = storage.then(|| {
+            let storage = FakeStorage::new(&fake, &names);
+            let storage = match &coordinator {
+                Some(coordinator) => storage.with_coordinator(coordinator),
+                None => storage,
+            };
+            Box::new(storage) as Box<dyn crate::storage::Storage>
+        });
         let cluster = Cluster::new(&config, &state, &files, &control, Box::new(backend))
             .unwrap()
             .with_storage(storage)
@@ -88,6 +112,7 @@ impl Harness {
             moves: Moves::default(),
             fake,
             state,
+            coordinator,
             _dir: dir,
         }
     }
@@ -1025,4 +1050,292 @@ fn a_kept_running_node_that_does_not_confirm_is_killed_before_the_takeover() {
     let kill = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
     assert!(kill < position(&calls, takeover_to(B)), "{calls:#?}");
     assert!(!h.cluster.node(node(A)).kept_running);
+}
+
+// --- Without hostd: the coordinator ----------------------------------------------------
+
+/// hostd's presence as the agents read it in the control region.
+fn presence(h: &Harness) -> shm::HostdPresence {
+    let mapping = shm::Mapping::open(&h.state.control_region(), shm::Access::ReadOnly).unwrap();
+    shm::ControlRegion::open(mapping).unwrap().hostd().unwrap()
+}
+
+/// With a coordinator that answers and agents that listen on their ports themselves, hostd
+/// gives the agents the thresholds to act on while it is away; every move is an `Assign`
+/// at the coordinator first, at hostd's new epoch.
+#[test]
+fn hostd_beats_with_the_thresholds_and_every_move_is_assigned_first() {
+    let (mut h, coordinator) = Harness::pair_with_coordinator();
+    h.up();
+    let first = presence(&h);
+    assert_eq!(first.absent_after_ms, 1500);
+    assert_eq!(
+        first.peer_dead_after_ms, 150,
+        "the heartbeat's floor, the timeout here"
+    );
+    h.run_for(Duration::from_millis(20), |_| true);
+    assert!(presence(&h).counter > first.counter, "it beats every tick");
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    let calls = h.fake.calls();
+    let assign = position(&calls, |c| {
+        *c == Call::Assign {
+            identity: A as u32,
+            node: Some(B as u32),
+            generation: 1,
+            stale: false,
+        }
+    });
+    assert!(assign < position(&calls, takeover_to(B)), "{calls:#?}");
+    let state = coordinator.state();
+    assert_eq!(state.generation, h.cluster.epoch());
+    assert_eq!(state.owner(A as u32).and_then(|o| o.node), Some(B as u32));
+    assert_eq!(h.cluster.status().coordinator_generation, Some(1));
+    // Stopping the cluster tells the agents not to take each other over meanwhile.
+    h.cluster.shut_down(false);
+    let stopped = presence(&h);
+    assert_eq!(
+        (stopped.absent_after_ms, stopped.peer_dead_after_ms),
+        (0, 0)
+    );
+}
+
+/// Without a coordinator (or in user mode) the agents wait for hostd: thresholds 0.
+#[test]
+fn without_a_coordinator_the_agents_never_act_alone() {
+    let mut h = Harness::pair_with_storage();
+    h.up();
+    let presence = presence(&h);
+    assert!(presence.counter > 0);
+    assert!(!presence.allows_moves_without_hostd(), "{presence:?}");
+    assert_eq!(h.cluster.status().coordinator_generation, None);
+}
+
+/// b claimed a at the coordinator while hostd looked away; hostd, not aware yet, moves b's
+/// identity to a: the coordinator refuses the stale move, hostd adopts the claim instead
+/// (a's identity is b's at the claim's generation), b serves its own identity again, and
+/// the move fails saying why. a, no member now, is then fenced and restarted as a standby.
+#[test]
+fn a_move_whose_assign_is_stale_adopts_the_claim_instead() {
+    let (mut h, coordinator) = Harness::pair_with_coordinator();
+    h.up();
+    let generation = coordinator.claim(B as u32, A as u32);
+    assert_eq!(generation, 1);
+    let error = moves::planned_takeover(&mut h.cluster, "b", None).unwrap_err();
+    let message = wire::error_chain::one_line(&error);
+    assert!(
+        message.contains("another node claimed while hostd was away: adopted generation 1"),
+        "{message}"
+    );
+    assert_eq!(h.owner(A), Some(B), "the claim is adopted");
+    assert_eq!(h.owner(B), Some(B), "the refused move is undone");
+    assert_eq!(h.cluster.epoch(), 1);
+    let calls = h.fake.calls();
+    let stale = position(&calls, |c| {
+        *c == Call::Assign {
+            identity: B as u32,
+            node: Some(A as u32),
+            generation: 1,
+            stale: true,
+        }
+    });
+    // a never got b's identity; b, which had released it, serves it again.
+    assert!(
+        !calls.iter().any(|c| matches!(
+            c,
+            Call::Command {
+                node: A,
+                kind: CommandKind::TakeOver,
+                identity: 1,
+                ..
+            }
+        )),
+        "{calls:#?}"
+    );
+    let released = position(&calls, |c| {
+        matches!(
+            c,
+            Call::Command {
+                node: B,
+                kind: CommandKind::Release,
+                ..
+            }
+        )
+    });
+    let served_again = calls
+        .iter()
+        .rposition(|c| {
+            matches!(
+                c,
+                Call::Command {
+                    node: B,
+                    kind: CommandKind::TakeOver,
+                    identity: 1,
+                    ..
+                }
+            )
+        })
+        .unwrap();
+    assert!(released < stale && stale < served_again, "{calls:#?}");
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::ClaimAdopted { node, by, from, generation: 1, published: false }
+            if node == "a" && by == "b" && from == "a"
+    )));
+    let fake = h.fake.clone();
+    h.run_until("a restarted as a standby", Duration::from_secs(5), |c| {
+        c.node(node(A)).state() == NodeState::Up && fake.calls().contains(&Call::Rejoin { node: A })
+    });
+    assert_eq!(h.owner(A), Some(B), "a waits for its giveback");
+}
+
+/// hostd finds a claim at its next look at the coordinator: it writes the control region
+/// to match (owner and epoch), fences the claimed node, which is no member, has it rejoin
+/// and restarts it once as a standby (without its address: b holds it). A giveback then
+/// returns a's identity at the next generation.
+#[test]
+fn adoption_writes_the_control_region_and_restarts_a_non_member_as_a_standby() {
+    let (mut h, coordinator) = Harness::pair_with_coordinator();
+    h.up();
+    let seen = h.fake.calls().len();
+    let generation = coordinator.claim(B as u32, A as u32);
+    h.run_until("a's identity adopted by b", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    assert_eq!(h.cluster.epoch(), generation);
+    h.run_until("a restarted as a standby", Duration::from_secs(5), |c| {
+        !c.node(node(A)).fenced && c.node(node(A)).state() == NodeState::Up
+    });
+    let calls = h.fake.calls().split_off(seen);
+    let preempt = position(&calls, |c| *c == Call::Preempt { node: A });
+    let fence = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
+    let rejoin = position(&calls, |c| *c == Call::Rejoin { node: A });
+    let spawn = position(&calls, |c| matches!(c, Call::Spawn { node: A, .. }));
+    assert!(
+        preempt < fence && fence < rejoin && rejoin < spawn,
+        "{calls:#?}"
+    );
+    assert_eq!(
+        calls[spawn],
+        Call::Spawn {
+            node: A,
+            ports: vec![]
+        },
+        "b holds a's address"
+    );
+    assert!(coordinator.state().node(A as u32).unwrap().member);
+    assert_eq!(h.owner(A), Some(B));
+    let events = h.events();
+    let adopted = events
+        .iter()
+        .position(|e| matches!(e, Event::ClaimAdopted { node, by, .. } if node == "a" && by == "b"))
+        .unwrap();
+    let lost = events
+        .iter()
+        .position(|e| matches!(e, Event::MembershipLost { node, by: Some(by), generation: 1 } if node == "a" && by == "b"))
+        .unwrap();
+    let restarted = events
+        .iter()
+        .position(|e| matches!(e, Event::NodeRestarted { node, reason, .. } if node == "a" && reason.contains("standby")))
+        .unwrap();
+    assert!(adopted < lost && lost < restarted, "{events:#?}");
+    // Once: a member again, it is not fenced again.
+    h.run_for(Duration::from_millis(1500), |c| !c.node(node(A)).fenced);
+    let spawns = h
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Spawn { node: A, .. }))
+        .count();
+    assert_eq!(spawns, 2, "the launch and one restart");
+    let status = h.cluster.status();
+    assert!(status.non_members.is_empty(), "{:?}", status.non_members);
+    assert_eq!(status.coordinator_generation, Some(1));
+
+    h.moves.start_giveback(&mut h.cluster, "a", None);
+    h.run_until("a holds a again", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(A))
+    });
+    assert_eq!(h.cluster.epoch(), 2);
+    assert_eq!(coordinator.state().generation, 2);
+}
+
+/// A coordinator behind the control region (its state lost, or a state directory from
+/// before it) is seeded from it: hostd's owners at hostd's epoch.
+#[test]
+fn a_control_region_ahead_of_the_coordinator_seeds_it() {
+    let (mut h, coordinator) = Harness::pair_with_coordinator();
+    h.up();
+    h.crash(A);
+    h.run_until("b holds a", Duration::from_secs(5), |c| {
+        c.owner_of(node(A).home_identity()) == Some(node(B))
+    });
+    assert_eq!(coordinator.state().generation, 1);
+    coordinator.set_state(FakeCoordinator::new(&[vec![B as u32], vec![A as u32]]).state());
+    h.run_until("the coordinator seeded", Duration::from_secs(5), |_| {
+        coordinator.state().generation == 1
+    });
+    assert!(h.fake.calls().contains(&Call::Sync { generation: 1 }));
+    let state = coordinator.state();
+    assert_eq!(
+        state.owner(A as u32).map(|o| (o.node, o.generation)),
+        Some((Some(B as u32), 1))
+    );
+    assert_eq!(
+        state.owner(B as u32).map(|o| (o.node, o.generation)),
+        Some((Some(B as u32), 0))
+    );
+    assert_eq!(h.owner(A), Some(B));
+    assert_eq!(h.cluster.epoch(), 1);
+    assert!(h.coordinator.is_some());
+}
+
+/// A running node whose agent ejected itself (it serves nothing until restarted) is shown
+/// in status, then fenced at hostd's next look (what it owned moves to a taker, as after
+/// any fence) and restarted as a standby.
+#[test]
+fn a_node_that_ejected_itself_is_restarted_as_a_standby() {
+    let (mut h, _coordinator) = Harness::pair_with_coordinator();
+    h.up();
+    let seen = h.fake.calls().len();
+    h.fake
+        .set(A, |a| a.ejects = Some(shm::EjectReason::Claimed));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ejected = loop {
+        let status = h.cluster.status();
+        if let Some(ejected) = status.nodes[A].ejected.clone() {
+            break ejected;
+        }
+        assert!(Instant::now() < deadline, "no ejection in {status:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(
+        ejected.starts_with("ejected itself at generation 0"),
+        "{ejected}"
+    );
+    h.fake.set(A, |a| a.ejects = None);
+    let fake = h.fake.clone();
+    h.run_until("a restarted", Duration::from_secs(5), |c| {
+        let spawned = fake.calls()[seen..]
+            .iter()
+            .any(|c| matches!(c, Call::Spawn { node: A, .. }));
+        spawned && c.node(node(A)).state() == NodeState::Up
+    });
+    let calls = h.fake.calls().split_off(seen);
+    let fence = position(&calls, |c| matches!(c, Call::Fence { node: A, .. }));
+    let spawn = position(&calls, |c| matches!(c, Call::Spawn { node: A, .. }));
+    assert!(fence < spawn, "{calls:#?}");
+    assert!(
+        !calls.contains(&Call::Rejoin { node: A }),
+        "a member needs no rejoin"
+    );
+    assert!(h.events().iter().any(|e| matches!(
+        e,
+        Event::NodeRestarted { node, reason, .. } if node == "a" && reason.contains("ejected itself")
+    )));
+    // What it owned moved on, as after any fence: it served nothing.
+    assert_eq!(h.owner(A), Some(B));
+    assert_eq!(h.cluster.status().nodes[A].ejected, None, "a new life");
 }

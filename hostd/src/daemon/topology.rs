@@ -348,6 +348,45 @@ mod tests {
         assert_eq!(pairs.watched_by(NodeId(3)), ids(&[2]));
     }
 
+    /// While hostd is away an agent sees a peer's claim only in the peer's region: every
+    /// node that may claim an identity a node may hold (its takers, their takers, and so
+    /// on) must be among the regions the node maps, or it could serve an identity claimed
+    /// from under it.
+    #[test]
+    fn a_node_maps_every_node_that_may_claim_what_it_may_hold() {
+        let topologies = [
+            cluster(2),
+            cluster(3),
+            cluster(5),
+            custom(&[&[1], &[2], &[1], &[0]]),
+            custom(&[&[1], &[0], &[0]]),
+            custom(&[&[1], &[0], &[3], &[2]]),
+            custom(&[&[3], &[0], &[1], &[2]]),
+        ];
+        for topology in &topologies {
+            for node in topology.nodes() {
+                let mapped = topology.watched_by(node);
+                for identity in topology.identities() {
+                    let holders = topology.may_hold(identity);
+                    if !holders.contains(&node) {
+                        continue;
+                    }
+                    // Any holder may lose it to a claim by a node of its list: those are
+                    // holders too.
+                    for claimer in holders.iter().flat_map(|&h| topology.takeover_by(h)) {
+                        assert!(
+                            *claimer == node || mapped.contains(claimer),
+                            "{topology:?}: node {node:?} may hold {identity:?}, which {claimer:?} may claim, but maps only {mapped:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // The ring of four sends n0's identity along n3 → n2 → n1: n0 maps them all.
+        let ring = custom(&[&[3], &[0], &[1], &[2]]);
+        assert_eq!(ring.watched_by(NodeId(0)), ids(&[1, 2, 3]));
+    }
+
     /// The configuration refuses such lists; a saved one that was damaged does not panic
     /// hostd: the node itself and unknown positions are left out.
     #[test]

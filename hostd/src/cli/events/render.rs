@@ -127,6 +127,30 @@ pub fn render_event(line: &EventLine, zone: &Zone) -> String {
                 "; no link to the peer is up (interconnect down)"
             }
         ),
+        Event::ClaimAdopted {
+            node,
+            by,
+            from,
+            generation,
+            published,
+        } => format!(
+            "claim adopted  {node}: {by} holds it, claimed from {from} while hostd was away (generation {generation}){}",
+            if *published {
+                ""
+            } else {
+                "; the coordinator's record, no claim in its region"
+            }
+        ),
+        Event::MembershipLost {
+            node,
+            by,
+            generation,
+        } => format!(
+            "node {node}: no member since generation {generation}{}; fenced, to be restarted as a standby",
+            by.as_deref()
+                .map(|by| format!(" ({by} claimed what it held while hostd was away)"))
+                .unwrap_or_default()
+        ),
     };
     format!("{stamp}  {body}")
 }
@@ -405,6 +429,30 @@ mod tests {
         assert_eq!(
             at(NOON, replayed),
             "12:00:00.000  replayed  a: b put a's log (seq 10..=73) on the disk, 850 ms after detection (epoch 2)"
+        );
+    }
+
+    #[test]
+    fn claims_adopted_from_the_coordinator_say_who_claimed_what() {
+        let adopted = Event::ClaimAdopted {
+            node: "a".into(),
+            by: "b".into(),
+            from: "a".into(),
+            generation: 3,
+            published: true,
+        };
+        assert_eq!(
+            at(NOON, adopted),
+            "12:00:00.000  claim adopted  a: b holds it, claimed from a while hostd was away (generation 3)"
+        );
+        let lost = Event::MembershipLost {
+            node: "a".into(),
+            by: Some("b".into()),
+            generation: 3,
+        };
+        assert_eq!(
+            at(NOON, lost),
+            "12:00:00.000  node a: no member since generation 3 (b claimed what it held while hostd was away); fenced, to be restarted as a standby"
         );
     }
 

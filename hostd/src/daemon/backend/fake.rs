@@ -37,6 +37,8 @@ pub struct Behaviour {
     pub dies_at_start: bool,
     /// Asked to negotiate a takeover, it answers that the holder refused, for this reason.
     pub holder_refuses: Option<shm::Refusal>,
+    /// It ejects itself for this reason (as a real agent does while hostd is away).
+    pub ejects: Option<shm::EjectReason>,
 }
 
 /// One logged call or command, in order.
@@ -74,6 +76,22 @@ pub enum Call {
     },
     /// The storage preempted the node's keys ([`FakeStorage`]).
     Preempt {
+        node: usize,
+    },
+    /// hostd asked the coordinator to move an identity ([`FakeCoordinator`]).
+    Assign {
+        identity: u32,
+        node: Option<u32>,
+        generation: u64,
+        /// Whether it was refused as stale.
+        stale: bool,
+    },
+    /// hostd seeded the coordinator from the control region.
+    Sync {
+        generation: u64,
+    },
+    /// A node rejoined at the coordinator.
+    Rejoin {
         node: usize,
     },
 }
@@ -150,6 +168,7 @@ impl FakeBackend {
                         answer: Answer::Ok,
                         dies_at_start: false,
                         holder_refuses: None,
+                        ejects: None,
                     }))
                 })
                 .collect(),
@@ -440,6 +459,7 @@ fn start_agent(
             .is_some_and(|o| o.node == Some(index as u32))
     };
     let mut served: Vec<bool> = (0..identities).map(|i| owns(&control, i)).collect();
+    let mut ejected = false;
     let thread = std::thread::spawn(move || {
         while !thread_stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(2));
@@ -451,6 +471,14 @@ fn start_agent(
                 continue;
             }
             writer.heartbeat.beat();
+            if let Some(reason) = behaviour.ejects.filter(|_| !ejected) {
+                ejected = true;
+                writer.claims.eject(shm::Ejection {
+                    generation: control.epoch(),
+                    reason,
+                    unix_ns: 0,
+                });
+            }
             // An identity owned elsewhere now is no longer served here, and the agent says
             // so, as a real one does.
             for (identity, serving) in served.iter_mut().enumerate() {
@@ -528,6 +556,69 @@ fn open_control(path: &Path) -> ControlRegion {
         .unwrap_or_else(|| panic!("fake: cannot open the control region {}", path.display()))
 }
 
+/// The coordinator of a [`FakeStorage`], in memory, following the rules of the real one
+/// (docs/takeover.md): the test's handle on it claims as an agent would.
+#[derive(Debug, Clone)]
+pub struct FakeCoordinator {
+    state: Arc<Mutex<wire::coordinator::CoordinatorState>>,
+}
+
+impl FakeCoordinator {
+    /// The initial state of a cluster of `takers.len()` nodes: generation 0, identity `i`
+    /// owned by node `i`, every node a member with its takers.
+    pub fn new(takers: &[Vec<u32>]) -> Self {
+        use wire::coordinator::{CoordinatorState, IdentityOwner, MemberRecord};
+        let count = takers.len() as u32;
+        let state = CoordinatorState {
+            generation: 0,
+            nodes: (0..count)
+                .map(|node| MemberRecord {
+                    node,
+                    member: true,
+                    since: 0,
+                    takers: takers[node as usize].clone(),
+                })
+                .collect(),
+            owners: (0..count)
+                .map(|identity| IdentityOwner {
+                    identity,
+                    node: Some(identity),
+                    generation: 0,
+                })
+                .collect(),
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    pub fn state(&self) -> wire::coordinator::CoordinatorState {
+        lock(&self.state).clone()
+    }
+
+    /// Replaces the state (a coordinator whose state was lost, say).
+    pub fn set_state(&self, state: wire::coordinator::CoordinatorState) {
+        *lock(&self.state) = state;
+    }
+
+    /// `by` claims everything `victim` owns, as an agent does while hostd is away; returns
+    /// the claim's generation.
+    pub fn claim(&self, by: u32, victim: u32) -> u64 {
+        let mut state = lock(&self.state);
+        state.generation += 1;
+        let generation = state.generation;
+        for member in state.nodes.iter_mut().filter(|m| m.node == victim) {
+            member.member = false;
+            member.since = generation;
+        }
+        for owner in state.owners.iter_mut().filter(|o| o.node == Some(victim)) {
+            owner.node = Some(by);
+            owner.generation = generation;
+        }
+        generation
+    }
+}
+
 /// A storage double for the cluster's unit tests: every node attaches every disk, keys
 /// live in memory, and registrations and preemptions go into the fake backend's call log
 /// (so tests see them in order with fences and commands).
@@ -538,6 +629,7 @@ pub struct FakeStorage {
     /// Per disk, the registered nodes.
     registered: Mutex<Vec<std::collections::BTreeSet<u32>>>,
     running: bool,
+    coordinator: Option<FakeCoordinator>,
 }
 
 impl FakeStorage {
@@ -548,7 +640,24 @@ impl FakeStorage {
             disks: disks.iter().map(|d| (*d).to_owned()).collect(),
             registered: Mutex::new(vec![Default::default(); disks.len()]),
             running: false,
+            coordinator: None,
         }
+    }
+
+    /// The same, keeping `coordinator`.
+    pub fn with_coordinator(mut self, coordinator: &FakeCoordinator) -> Self {
+        self.coordinator = Some(coordinator.clone());
+        self
+    }
+
+    fn coordinator_state(
+        &self,
+    ) -> Result<MutexGuard<'_, wire::coordinator::CoordinatorState>, crate::storage::StorageError>
+    {
+        self.coordinator
+            .as_ref()
+            .map(|c| lock(&c.state))
+            .ok_or(crate::storage::StorageError::NoCoordinator)
     }
 
     fn statuses(&self) -> Vec<wire::storage::DiskReservationStatus> {
@@ -625,5 +734,83 @@ impl crate::storage::Storage for FakeStorage {
 
     fn stop(&mut self) {
         self.running = false;
+    }
+
+    fn serves_disks(&self) -> bool {
+        !self.disks.is_empty()
+    }
+
+    fn keeps_coordinator(&self) -> bool {
+        self.coordinator.is_some()
+    }
+
+    fn coordinator_socket(&self, node: NodeId) -> Option<PathBuf> {
+        self.coordinator
+            .as_ref()
+            .map(|_| PathBuf::from(format!("/fake/coord-{}.sock", node.index())))
+    }
+
+    fn coordinator(
+        &self,
+    ) -> Result<wire::coordinator::CoordinatorState, crate::storage::StorageError> {
+        Ok(self.coordinator_state()?.clone())
+    }
+
+    fn assign(
+        &self,
+        identity: u32,
+        node: Option<u32>,
+        generation: u64,
+    ) -> Result<crate::storage::Coordinated, crate::storage::StorageError> {
+        let mut state = self.coordinator_state()?;
+        let stale = generation <= state.generation;
+        lock(&self.log).push(Call::Assign {
+            identity,
+            node,
+            generation,
+            stale,
+        });
+        if stale {
+            return Ok(crate::storage::Coordinated::Stale(state.clone()));
+        }
+        state.generation = generation;
+        for owner in state.owners.iter_mut().filter(|o| o.identity == identity) {
+            owner.node = node;
+            owner.generation = generation;
+        }
+        Ok(crate::storage::Coordinated::Accepted(state.clone()))
+    }
+
+    fn sync(
+        &self,
+        generation: u64,
+        owners: Vec<wire::coordinator::IdentityOwner>,
+    ) -> Result<crate::storage::Coordinated, crate::storage::StorageError> {
+        let mut state = self.coordinator_state()?;
+        lock(&self.log).push(Call::Sync { generation });
+        if generation < state.generation {
+            return Ok(crate::storage::Coordinated::Stale(state.clone()));
+        }
+        state.generation = generation;
+        state.owners = owners;
+        Ok(crate::storage::Coordinated::Accepted(state.clone()))
+    }
+
+    fn rejoin(
+        &self,
+        node: NodeId,
+    ) -> Result<wire::coordinator::CoordinatorState, crate::storage::StorageError> {
+        let mut state = self.coordinator_state()?;
+        lock(&self.log).push(Call::Rejoin { node: node.index() });
+        let generation = state.generation;
+        for member in state
+            .nodes
+            .iter_mut()
+            .filter(|m| m.node == node.index() as u32)
+        {
+            member.member = true;
+            member.since = generation;
+        }
+        Ok(state.clone())
     }
 }

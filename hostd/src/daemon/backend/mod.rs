@@ -29,6 +29,9 @@ pub struct SpawnPlan {
     pub disk: PathBuf,
     /// The storage daemon's socket for this node's own disk; None: QEMU opens `disk`.
     pub disk_socket: Option<PathBuf>,
+    /// The node's coordinator socket (the storage daemon's), when it keeps one: a guest
+    /// reaches it through a virtio-serial port, an agent process connects to it itself.
+    pub coordinator_socket: Option<PathBuf>,
     /// The nodes whose identities this node may take over: their names, regions and disks.
     pub watched: Vec<WatchedNode>,
     pub control_region: PathBuf,

@@ -171,6 +171,11 @@ impl QemuBackend {
                 None => command.disk(&id, image, &crate::storage::disk_serial(name), true),
             };
         }
+        // The coordinator, reachable without the network (the agent claims a dead peer
+        // there while hostd is away). The daemon listens before any guest starts.
+        if let Some(socket) = &plan.coordinator_socket {
+            command = command.virtio_serial_port("coord", socket, wire::coordinator::PORT_NAME);
+        }
         command = match tap {
             // The service network only: clients reach the identities at their service IPs.
             Some((fd, mac)) => command.tap_net("br0", fd, &mac),
