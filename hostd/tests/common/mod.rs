@@ -12,6 +12,7 @@ use wire::events::EventLine;
 
 pub mod ack_checker;
 pub mod blocks;
+pub mod bridge;
 
 /// One pair at a time: two TCG pairs on a small machine starve each other's heartbeats.
 static ONE_PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use shm::Owner;
-use wire::control::ClaimStatus;
+use wire::control::{ClaimStatus, NodeState};
 use wire::coordinator::CoordinatorState;
 use wire::events::Event;
 
@@ -353,7 +353,10 @@ impl Cluster {
         // nothing until it is restarted.
         for node in self.topology.nodes() {
             let health = &self.nodes[node.index()];
+            // A booting node's region still holds its previous life's note: its agent
+            // clears it when it starts writing, before its first heartbeat.
             if health.fenced
+                || matches!(health.state(), NodeState::Booting | NodeState::Down)
                 || self.backend.pid(node).is_none()
                 || self.coordinator.rejoin.contains_key(&node)
             {
