@@ -26,6 +26,9 @@ pub enum Entry {
     Fail(ErrorCompletion),
     /// An operation may or may not have happened.
     Unknown(ErrorCompletion),
+    /// The nemesis starts injecting a fault (recorded before it does; the `fault` entry
+    /// follows once it hit, none if it could not be injected).
+    FaultStart(FaultStart),
     /// The nemesis injected a fault.
     Fault(Fault),
     /// A node started serving an identity (from hostd's event log).
@@ -52,6 +55,7 @@ impl Entry {
             Entry::Invoke(e) => e.t,
             Entry::Ok(e) => e.t,
             Entry::Fail(e) | Entry::Unknown(e) => e.t,
+            Entry::FaultStart(e) => e.t,
             Entry::Fault(e) => e.t,
             Entry::ServeStart(e) => e.t,
             Entry::ServeEnd(e) => e.t,
@@ -71,6 +75,7 @@ impl Entry {
             Entry::Ok(_) => "ok",
             Entry::Fail(_) => "fail",
             Entry::Unknown(_) => "unknown",
+            Entry::FaultStart(_) => "fault_start",
             Entry::Fault(_) => "fault",
             Entry::ServeStart(_) => "serve_start",
             Entry::ServeEnd(_) => "serve_end",
@@ -191,6 +196,21 @@ pub struct ErrorCompletion {
     pub op: u64,
     /// The error, for humans.
     pub error: String,
+}
+
+/// The `fault_start` entry: the nemesis starts injecting a fault. A fault's effects begin
+/// after it; the `fault` entry (same cycle) comes once the fault hit, which may be long
+/// after (the faults made while hostd is away return once hostd is back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultStart {
+    /// When, before anything was done.
+    pub t: u64,
+    /// The nemesis cycle.
+    pub cycle: u64,
+    /// The fault's kind, as in the `fault` entry.
+    pub fault: String,
+    /// The node it hits.
+    pub node: String,
 }
 
 /// The `fault` entry: the nemesis injected a fault.
@@ -691,7 +711,8 @@ impl Validator {
                 }
             }
             Entry::End(_) => self.seen_end = true,
-            Entry::Fault(_)
+            Entry::FaultStart(_)
+            | Entry::Fault(_)
             | Entry::ServeStart(_)
             | Entry::ServeEnd(_)
             | Entry::Takeover(_)

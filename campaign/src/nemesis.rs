@@ -12,6 +12,8 @@
 
 mod away;
 
+pub use away::Fence;
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -354,6 +356,15 @@ pub enum NemesisError {
         timeout: Duration,
         regions: String,
     },
+    #[error(
+        "{node} (pid {pid}) lost its identities while hostd was away, but its process still runs {timeout:?} after the claim was seen: the coordinator kills a claimed node when no disk fences it (the process backend); regions: {regions}"
+    )]
+    NotKilled {
+        node: String,
+        pid: u32,
+        timeout: Duration,
+        regions: String,
+    },
     #[error("{first} and {second} both won: each owns the other's identity; regions: {regions}")]
     BothWon {
         first: String,
@@ -441,12 +452,14 @@ fn signal(pid: u32, signal: nix::sys::signal::Signal) -> Result<(), NemesisError
 /// cluster to recover.
 /// `torn` is the record a `torn_tail` fault leaves (a block of the node's own export);
 /// `acks` what the clients got acknowledged (the faults made while hostd is away wait
-/// for the taker to serve them).
+/// for the taker to serve them); `fence` how a node that lost its identities while hostd
+/// was away is stopped.
 pub fn inject(
     hostd: &Hostd,
     fault: &PlannedFault,
     torn: torn_tail::TornWrite,
     acks: &IdentityAcks,
+    fence: Fence,
 ) -> Result<FaultOutcome, NemesisError> {
     use nix::sys::signal::Signal;
     let node = fault.node.as_str();
@@ -460,7 +473,7 @@ pub fn inject(
         | FaultKind::Zombie
         | FaultKind::BothStop
         | FaultKind::LinksDown => {
-            let outcome = away::inject(hostd, fault, &status, acks)?;
+            let outcome = away::inject(hostd, fault, &status, acks, fence)?;
             node_t = outcome.node_t;
             outcome.detail
         }

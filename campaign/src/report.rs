@@ -53,13 +53,19 @@ impl AgentTakeoverStats {
     /// The statistics of `history`.
     pub fn of(history: &History) -> Self {
         let mut faults: Vec<(u64, &str, Option<u64>)> = Vec::new();
+        // Only these take a node over as soon as it is hit: `both_stop`'s claims wait
+        // until the nodes are continued, so its stop time would count as takeover time.
+        const TIMED: [&str; 2] = ["hostd_down_kill", "zombie"];
         let mut claims: Vec<(u64, &str, &str)> = Vec::new();
         let mut invoked: HashMap<u64, (u64, &str)> = HashMap::new();
         let mut acked: Vec<(u64, u64, &str)> = Vec::new();
         for entry in history.entries() {
             match entry {
                 Entry::Fault(fault) => {
-                    faults.push((fault.t, fault.node.as_str(), fault.node_t));
+                    let node_t = fault
+                        .node_t
+                        .filter(|_| TIMED.contains(&fault.fault.as_str()));
+                    faults.push((fault.t, fault.node.as_str(), node_t));
                 }
                 Entry::Claim(claim) => claims.push((claim.t, &claim.identity, &claim.node)),
                 Entry::Invoke(invoke) => {

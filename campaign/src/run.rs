@@ -21,11 +21,12 @@ use wire::error_chain::one_line as error_chain;
 use crate::attribution::Attribution;
 use crate::checker::{self, CheckOutcome, FinalContents};
 use crate::history::{
-    End, Entry, Fault, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover, WriterSpec,
+    End, Entry, Fault, FaultStart, History, HistoryWriter, RunInfo, ServeEnd, ServeStart, Takeover,
+    WriterSpec,
 };
 use crate::hostd::Hostd;
 use crate::nbd_client::NbdClient;
-use crate::nemesis::{self, FaultKind, PlannedFault};
+use crate::nemesis::{self, FaultKind, Fence, PlannedFault};
 use crate::plots;
 use crate::progress::Progress;
 use crate::report::Report;
@@ -324,6 +325,7 @@ fn drive(
         }
     };
     let acks = workload.acks();
+    let fence = Fence::of_backend(&config.backend);
     let mut aborted = None;
     let mut fault_times = Vec::new();
     let mut progress = Progress::new("campaign", "cycles", plan.len() as u64);
@@ -337,7 +339,19 @@ fn drive(
             fault.node,
             workload.acked()
         );
-        let outcome = match nemesis::inject(hostd, fault, torn, &acks) {
+        // Before the fault acts: what happens from now on is this fault's (and not the
+        // previous one's), even if it cannot be injected.
+        let started = history.append(&Entry::FaultStart(FaultStart {
+            t: wire::time::now_unix_us(),
+            cycle: fault.cycle,
+            fault: fault.kind.name().to_owned(),
+            node: fault.node.clone(),
+        }));
+        if let Err(error) = started {
+            aborted = Some(format!("cannot record the fault's start: {error}"));
+            break;
+        }
+        let outcome = match nemesis::inject(hostd, fault, torn, &acks, fence) {
             Ok(outcome) => outcome,
             Err(error) => {
                 aborted = Some(format!(

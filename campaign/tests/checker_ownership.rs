@@ -7,8 +7,8 @@
 use campaign::block::{self, BLOCK_SIZE};
 use campaign::checker::{self, AnomalyKind, CheckOutcome, FinalContents, Verdict};
 use campaign::history::{
-    Action, ClaimSeen, EjectionSeen, End, Entry, Fault, History, Invoke, OkCompletion, OwnerSeen,
-    RunInfo, ServeEnd, ServeStart, WriterSpec,
+    Action, ClaimSeen, EjectionSeen, End, Entry, Fault, FaultStart, History, Invoke, OkCompletion,
+    OwnerSeen, RunInfo, ServeEnd, ServeStart, WriterSpec,
 };
 use campaign::report::Report;
 
@@ -134,6 +134,31 @@ impl Run {
             node_t,
         }));
         t
+    }
+
+    /// The nemesis starts `fault` of `cycle` (before it acts); returns when.
+    fn fault_start(&mut self, cycle: u64, fault: &str, node: &str) -> u64 {
+        let t = self.tick();
+        self.entries.push(Entry::FaultStart(FaultStart {
+            t,
+            cycle,
+            fault: fault.into(),
+            node: node.into(),
+        }));
+        t
+    }
+
+    /// The `fault` entry of `cycle`, recorded once it hit, with `t` its start.
+    fn fault_hit(&mut self, cycle: u64, fault: &str, node: &str, start: u64) {
+        self.tick();
+        self.entries.push(Entry::Fault(Fault {
+            t: start,
+            cycle,
+            fault: fault.into(),
+            node: node.into(),
+            detail: String::new(),
+            node_t: None,
+        }));
     }
 
     /// Invokes a write by `writer` on a connection `server` accepted; returns (op, seq).
@@ -434,6 +459,53 @@ fn a_move_during_links_down_is_caught() {
     run.acked(0, 0, "a");
     run.fault("hostd_restart", "a", None);
     run.owner("a", "b", 1, Some(run.t));
+    assert_only(&run.check().0, AnomalyKind::UnexpectedMove, 1);
+}
+
+#[test]
+fn a_move_of_the_next_fault_is_not_blamed_on_links_down() {
+    // links_down (cycle 0) hit and returned; zombie (cycle 1) started, b claimed a, and the
+    // zombie could not be injected (no `fault` entry): hostd, back, adopted the claim.
+    let mut run = Run::new();
+    run.acked(0, 0, "a");
+    let start = run.fault_start(0, "links_down", "a");
+    run.acked(0, 1, "a");
+    run.fault_hit(0, "links_down", "a", start);
+    run.acked(0, 2, "a");
+    run.fault_start(1, "zombie", "a");
+    run.claim("b", B_LIFE, "a", "a", A_LIFE, 1);
+    run.owner("a", "b", 1, Some(run.t));
+    run.acked(0, 3, "b");
+    assert_valid(&run.check().0);
+}
+
+#[test]
+fn a_move_during_links_down_is_caught_before_the_next_fault_starts() {
+    // b claimed a during links_down, while the nemesis was still injecting it (before its
+    // `fault` entry), and the next fault started later.
+    let mut run = Run::new();
+    run.acked(0, 0, "a");
+    let start = run.fault_start(0, "links_down", "a");
+    run.claim("b", B_LIFE, "a", "a", A_LIFE, 1);
+    run.fault_hit(0, "links_down", "a", start);
+    run.owner("a", "b", 1, Some(run.t));
+    run.fault_start(1, "zombie", "b");
+    let (outcome, _) = run.check();
+    // The claim and hostd's adoption of it.
+    assert_only(&outcome, AnomalyKind::UnexpectedMove, 2);
+    assert!(
+        outcome.anomalies[0]
+            .explanation
+            .contains("during links_down on a (cycle 0"),
+        "{}",
+        outcome.anomalies[0].explanation
+    );
+
+    // A links_down that could not be injected (no `fault` entry) still owns its moves.
+    let mut run = Run::new();
+    run.acked(0, 0, "a");
+    run.fault_start(0, "links_down", "a");
+    run.claim("b", B_LIFE, "a", "a", A_LIFE, 1);
     assert_only(&run.check().0, AnomalyKind::UnexpectedMove, 1);
 }
 

@@ -18,8 +18,10 @@
 //!   membership: another node had claimed from it (in that life, at an older generation), or
 //!   it had ejected itself. A node that lost waits, serving nothing, until hostd restarts it.
 //! - `unexpected_move`: an owner record or a claim published during a fault that kills
-//!   nothing (`link_down`, `links_down`, `hostd_restart`, `blkd_restart`), before the next
-//!   fault.
+//!   nothing (`link_down`, `links_down`, `hostd_restart`, `blkd_restart`): after the fault
+//!   started and seen before the next fault started (its `fault_start` entry, recorded
+//!   before the nemesis acts, so a move of a fault that follows is never blamed on this
+//!   one, also when that fault could not be injected).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -328,34 +330,78 @@ fn claims_by_non_members(history: &History, found: &mut Vec<Anomaly>) {
     }
 }
 
-fn unexpected_moves(history: &History, found: &mut Vec<Anomaly>) {
-    let mut faults: Vec<(u64, &str, &str)> = history
+/// One fault as the nemesis started it: `start` from its `fault_start` entry (the `fault`
+/// entry's `t`, the moment it began to act, in a history without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FaultSpan<'h> {
+    start: u64,
+    cycle: u64,
+    kind: &'h str,
+    node: &'h str,
+}
+
+/// Every fault the nemesis started, by start time: each `fault_start` entry, and each
+/// `fault` entry without one (a history written before them).
+fn fault_spans(history: &History) -> Vec<FaultSpan<'_>> {
+    let mut spans: Vec<FaultSpan<'_>> = history
         .entries()
         .iter()
         .filter_map(|entry| match entry {
-            Entry::Fault(fault) => Some((fault.t, fault.fault.as_str(), fault.node.as_str())),
+            Entry::FaultStart(start) => Some(FaultSpan {
+                start: start.t,
+                cycle: start.cycle,
+                kind: &start.fault,
+                node: &start.node,
+            }),
             _ => None,
         })
         .collect();
-    faults.sort_unstable();
+    let started: BTreeSet<(u64, &str, &str)> = spans
+        .iter()
+        .map(|span| (span.cycle, span.kind, span.node))
+        .collect();
+    for entry in history.entries() {
+        let Entry::Fault(fault) = entry else { continue };
+        let key = (fault.cycle, fault.fault.as_str(), fault.node.as_str());
+        if !started.contains(&key) {
+            spans.push(FaultSpan {
+                start: fault.t,
+                cycle: fault.cycle,
+                kind: &fault.fault,
+                node: &fault.node,
+            });
+        }
+    }
+    spans.sort_unstable();
+    spans
+}
+
+fn unexpected_moves(history: &History, found: &mut Vec<Anomaly>) {
+    let spans = fault_spans(history);
     let records = records(history);
-    for (index, &(fault_t, kind, node)) in faults.iter().enumerate() {
-        if !MOVES_NOTHING.contains(&kind) {
+    for (index, span) in spans.iter().enumerate() {
+        if !MOVES_NOTHING.contains(&span.kind) {
             continue;
         }
-        let until = faults.get(index + 1).map_or(u64::MAX, |next| next.0);
+        // Until the next fault starts: what comes after is that fault's (also one that
+        // could not be injected, and left no `fault` entry).
+        let until = spans.get(index + 1).map_or(u64::MAX, |next| next.start);
         for (identity, list) in &records {
-            // Published after the fault hit, and by the next fault.
+            // Published after the fault started, and seen before the next one started.
             let moves = list.iter().filter(|record| {
-                record.since.is_some_and(|since| since >= fault_t) && record.t <= until
+                record.since.is_some_and(|since| since >= span.start) && record.t <= until
             });
             for record in moves {
                 let mut moved = anomaly(
                     AnomalyKind::UnexpectedMove,
                     format!(
-                        "identity {identity} moved to {} during {kind} on {node} (from t={fault_t}), \
+                        "identity {identity} moved to {} during {} on {} (cycle {}, from t={}), \
                          which kills nothing.",
-                        record.describe()
+                        record.describe(),
+                        span.kind,
+                        span.node,
+                        span.cycle,
+                        span.start
                     ),
                 );
                 moved.identity = Some((*identity).to_owned());

@@ -5,6 +5,11 @@
 //! nemesis cannot ask hostd then: it reads what the agents publish in their regions
 //! (claims, ejections) and what the clients get. hostd is started again before the fault
 //! returns, and must adopt what the agents decided; recovery gives back as after `kill`.
+//!
+//! A node that lost its identities is fenced as the backend allows ([`Fence`]): QEMU
+//! guests at the storage daemon (their disk keys preempted), so a stopped one wakes and
+//! must eject itself; agent processes by the coordinator's SIGKILL before it answers the
+//! claim, so a stopped one never wakes.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +28,9 @@ use crate::workload::IdentityAcks;
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node that woke after losing its identities gets to eject itself.
 const EJECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a claimed node's process may outlive the claim the nemesis saw (the
+/// coordinator kills it before it answers, so it is gone already; this covers the exit).
+const KILLED_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long two nodes woken together get to settle (the loser, if any, ejected).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the clients get to be served by the taker (only reported).
@@ -35,6 +43,37 @@ const ADOPT_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_DETECTION: Duration = Duration::from_secs(60);
 /// How often the regions are read while waiting.
 const POLL: Duration = Duration::from_millis(20);
+
+/// How a node that lost its identities while hostd was away is fenced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Its disk keys are preempted at the storage daemon (QEMU guests whose disks it
+    /// serves): the node keeps running, and must eject itself once it runs again.
+    Ejects,
+    /// The coordinator SIGKILLs its process before answering the claim (the process
+    /// backend: each agent opens its disk images itself, so no key fences it): it never
+    /// wakes, and hostd restarts it as a standby.
+    Killed,
+}
+
+impl Fence {
+    /// The fence of a cluster on `backend` ("qemu" or "process").
+    pub fn of_backend(backend: &str) -> Self {
+        if backend == "process" {
+            Fence::Killed
+        } else {
+            Fence::Ejects
+        }
+    }
+
+    /// Whether `node` (pid `pid`, in life `life` before the fault) is fenced now.
+    fn holds(self, snapshot: &Snapshot, node: &str, life: Option<u64>, pid: u32) -> bool {
+        match self {
+            Fence::Ejects => ejected_in(snapshot, node, life),
+            Fence::Killed => !process_alive(pid),
+        }
+    }
+}
 
 /// What a fault did while hostd was away.
 #[derive(Debug)]
@@ -51,11 +90,12 @@ pub(super) fn inject(
     fault: &PlannedFault,
     status: &ClusterStatus,
     acks: &IdentityAcks,
+    fence: Fence,
 ) -> Result<AwayOutcome, NemesisError> {
     match fault.kind {
         FaultKind::HostdDownKill => hostd_down_kill(hostd, fault, status, acks),
-        FaultKind::Zombie => zombie(hostd, fault, status, acks),
-        FaultKind::BothStop => both_stop(hostd, fault, status),
+        FaultKind::Zombie => zombie(hostd, fault, status, acks, fence),
+        FaultKind::BothStop => both_stop(hostd, fault, status, fence),
         FaultKind::LinksDown => links_down(hostd, fault, status),
         other => Err(NemesisError::DidNotFire(format!(
             "{other} is not a fault made while hostd is away"
@@ -101,14 +141,16 @@ fn hostd_down_kill(
     })
 }
 
-/// SIGKILL hostd and SIGSTOP the node past detection; its first taker claims and serves it;
-/// SIGCONT the node, which must eject itself; hostd started again adopts the claim (and
-/// fences and restarts the ejected node).
+/// SIGKILL hostd and SIGSTOP the node past detection; its first taker claims and serves it.
+/// With [`Fence::Ejects`], SIGCONT the node, which must eject itself; with
+/// [`Fence::Killed`], the coordinator must have killed it. hostd started again adopts the
+/// claim (and restarts the node as a standby).
 fn zombie(
     hostd: &Hostd,
     fault: &PlannedFault,
     status: &ClusterStatus,
     acks: &IdentityAcks,
+    fence: Fence,
 ) -> Result<AwayOutcome, NemesisError> {
     let node = fault.node.as_str();
     let pid = pid_of(status, node)?;
@@ -121,13 +163,28 @@ fn zombie(
     let claimed = away.wait_claimed(node, status.epoch, away.detection + CLAIM_TIMEOUT)?;
     claimed.expect_taker(node, &expected)?;
     let served = wait_served(acks, node, claimed.at_us, SERVED_TIMEOUT);
-    // Stopped past detection by the drawn margin at least.
-    let stopped_for = away.detection + Duration::from_millis(fault.pause_ms);
-    std::thread::sleep(stopped_for.saturating_sub(hit.elapsed()));
-    away.resume(&[pid])?;
-    let woke = Instant::now();
-    away.wait_ejected(node, life, EJECT_TIMEOUT)?;
-    let ejected_ms = woke.elapsed().as_millis();
+    let fenced = match fence {
+        Fence::Ejects => {
+            // Stopped past detection by the drawn margin at least.
+            let stopped_for = away.detection + Duration::from_millis(fault.pause_ms);
+            std::thread::sleep(stopped_for.saturating_sub(hit.elapsed()));
+            away.resume(&[pid])?;
+            let woke = Instant::now();
+            away.wait_ejected(node, life, EJECT_TIMEOUT)?;
+            format!(
+                "SIGCONT {node} after {} ms stopped, it ejected itself {} ms later",
+                woke.duration_since(hit).as_millis(),
+                woke.elapsed().as_millis()
+            )
+        }
+        Fence::Killed => {
+            away.wait_killed(node, pid, KILLED_TIMEOUT)?;
+            format!(
+                "the coordinator had killed {node} (gone within {} ms of the claim seen)",
+                claimed.at.elapsed().as_millis()
+            )
+        }
+    };
     // Its clients try it meanwhile: what it acknowledges now is an anomaly.
     std::thread::sleep(AWAY_DWELL);
     away.back()?;
@@ -135,14 +192,12 @@ fn zombie(
     Ok(AwayOutcome {
         detail: format!(
             "SIGKILL hostd pid {}, SIGSTOP {node} pid {pid}; {} claimed it at generation {} \
-             {} ms after the stop; {}; SIGCONT {node} after {} ms stopped, it ejected itself \
-             {ejected_ms} ms later; hostd back, adopted it",
+             {} ms after the stop; {}; {fenced}; hostd back, adopted it",
             away.hostd_pid,
             claimed.taker,
             claimed.generation,
             claimed.at.duration_since(hit).as_millis(),
             served_text(served, "the claim"),
-            woke.duration_since(hit).as_millis(),
         ),
         node_t: Some(node_t),
     })
@@ -150,12 +205,14 @@ fn zombie(
 
 /// SIGKILL hostd, SIGSTOP the node and the next one in the ring past detection, SIGCONT
 /// both at once: at most one of them may win the other's identity (in a larger cluster a
-/// third node takes both over while they are stopped), and every node that lost must eject
-/// itself; hostd started again adopts the outcome.
+/// third node takes both over while they are stopped), and every node that lost must be
+/// fenced (ejected itself, or killed by the winner's claim: `fence`); hostd started again
+/// adopts the outcome.
 fn both_stop(
     hostd: &Hostd,
     fault: &PlannedFault,
     status: &ClusterStatus,
+    fence: Fence,
 ) -> Result<AwayOutcome, NemesisError> {
     let node = fault.node.as_str();
     let second = fault
@@ -175,7 +232,13 @@ fn both_stop(
     let node_t = wire::time::now_unix_us();
     std::thread::sleep(away.detection + Duration::from_millis(fault.pause_ms));
     away.resume(&pids)?;
-    let settled = away.wait_settled(&nodes, &lives, status.epoch)?;
+    let losers = Losers {
+        nodes,
+        lives,
+        pids,
+        fence,
+    };
+    let settled = away.wait_settled(&losers, status.epoch)?;
     away.back()?;
     let moved: Vec<(&str, &str)> = nodes
         .iter()
@@ -195,7 +258,11 @@ fn both_stop(
             .iter()
             .map(|(identity, owner)| format!("{owner} took {identity} over"))
             .collect();
-        moves.join(", ")
+        let fenced = match fence {
+            Fence::Ejects => "every loser ejected itself",
+            Fence::Killed => "the coordinator killed every loser",
+        };
+        format!("{} ({fenced})", moves.join(", "))
     };
     Ok(AwayOutcome {
         detail: format!(
@@ -307,12 +374,13 @@ fn first_taker(status: &ClusterStatus, node: &str) -> Result<String, NemesisErro
         .ok_or_else(|| NemesisError::DidNotFire(format!("{node} has no taker")))
 }
 
-/// Waits until `pid` is gone (or a zombie), at most `timeout`.
-fn wait_gone(pid: u32, timeout: Duration) {
+/// Waits until `pid` is gone (or a zombie), at most `timeout`; whether it is.
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while process_alive(pid) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+    !process_alive(pid)
 }
 
 /// How long after `since_us` a client got an operation on `identity` invoked after it
@@ -544,25 +612,33 @@ impl<'a> Away<'a> {
         }
     }
 
+    /// Waits until `node`'s process `pid`, claimed, is gone; it is no longer continued
+    /// when hostd comes back (its pid may name another process by then).
+    fn wait_killed(&mut self, node: &str, pid: u32, timeout: Duration) -> Result<(), NemesisError> {
+        let gone = wait_gone(pid, timeout);
+        self.stopped.retain(|&stopped| stopped != pid);
+        if gone {
+            return Ok(());
+        }
+        Err(NemesisError::NotKilled {
+            node: node.to_owned(),
+            pid,
+            timeout,
+            regions: self.snapshot()?.summary(),
+        })
+    }
+
     /// After two nodes woke together: waits at least a detection time (a claim comes, if
     /// one does, as soon as either sees the other's heartbeat stale), then until every one
-    /// of `nodes` whose identity another node now owns ejected itself in its life of
-    /// `lives`. Two nodes that each own the other's identity both won: an error.
-    fn wait_settled(
-        &mut self,
-        nodes: &[&str; 2],
-        lives: &[Option<u64>; 2],
-        generation: u64,
-    ) -> Result<Snapshot, NemesisError> {
+    /// of the `losers`' nodes whose identity another node now owns is fenced. Two nodes that
+    /// each own the other's identity both won: an error.
+    fn wait_settled(&mut self, losers: &Losers, generation: u64) -> Result<Snapshot, NemesisError> {
         let woke = Instant::now();
         let deadline = woke + self.detection + SETTLE_TIMEOUT;
         loop {
             let snapshot = self.snapshot()?;
-            let lost_to = |node: &str| {
-                let (owner, newest) = snapshot.owner(node)?;
-                owner.filter(|owner| *owner != node && newest > generation)
-            };
-            let [first, second] = *nodes;
+            let [first, second] = losers.nodes;
+            let lost_to = |node: &str| lost_to(&snapshot, node, generation);
             if lost_to(first) == Some(second) && lost_to(second) == Some(first) {
                 return Err(NemesisError::BothWon {
                     first: first.to_owned(),
@@ -570,22 +646,60 @@ impl<'a> Away<'a> {
                     regions: snapshot.summary(),
                 });
             }
-            let unejected = nodes.iter().zip(lives).find(|(node, life)| {
-                lost_to(node).is_some() && !ejected_in(&snapshot, node, **life)
-            });
-            match unejected {
+            match losers.unfenced(&snapshot, generation) {
                 None if woke.elapsed() >= self.detection => return Ok(snapshot),
-                Some((node, _)) if Instant::now() >= deadline => {
-                    return Err(NemesisError::NotEjected {
-                        node: (*node).to_owned(),
-                        timeout: self.detection + SETTLE_TIMEOUT,
-                        regions: snapshot.summary(),
+                Some(index) if Instant::now() >= deadline => {
+                    let node = losers.nodes[index].to_owned();
+                    let timeout = self.detection + SETTLE_TIMEOUT;
+                    let regions = snapshot.summary();
+                    return Err(match losers.fence {
+                        Fence::Ejects => NemesisError::NotEjected {
+                            node,
+                            timeout,
+                            regions,
+                        },
+                        Fence::Killed => NemesisError::NotKilled {
+                            node,
+                            pid: losers.pids[index],
+                            timeout,
+                            regions,
+                        },
                     });
                 }
                 _ => std::thread::sleep(POLL),
             }
         }
     }
+}
+
+/// The two nodes `both_stop` stopped, as they were before: each may lose and must then be
+/// fenced.
+struct Losers<'n> {
+    nodes: [&'n str; 2],
+    /// Their lives (boot ids) before the fault, if known.
+    lives: [Option<u64>; 2],
+    pids: [u32; 2],
+    fence: Fence,
+}
+
+impl Losers<'_> {
+    /// The index of a node that lost its identity (claimed past `generation` by another
+    /// node) and is not fenced yet.
+    fn unfenced(&self, snapshot: &Snapshot, generation: u64) -> Option<usize> {
+        (0..2).find(|&index| {
+            let node = self.nodes[index];
+            lost_to(snapshot, node, generation).is_some()
+                && !self
+                    .fence
+                    .holds(snapshot, node, self.lives[index], self.pids[index])
+        })
+    }
+}
+
+/// The node that owns `node`'s identity by a record newer than `generation`, if another.
+fn lost_to<'s>(snapshot: &'s Snapshot, node: &str, generation: u64) -> Option<&'s str> {
+    let (owner, newest) = snapshot.owner(node)?;
+    owner.filter(|owner| *owner != node && newest > generation)
 }
 
 /// Whether `node` ejected itself in life `life` (any, if None).
@@ -686,6 +800,40 @@ mod tests {
             Some("a ejected itself")
         );
         assert_eq!(moves_since(&ejected, &ejected, 0), None);
+    }
+
+    #[test]
+    fn a_loser_is_fenced_as_its_backend_fences() {
+        // b claimed a at generation 3; b lost nothing.
+        let claimed = snapshot(&[(1, 0, 3)], &[]);
+        let ejected = snapshot(&[(1, 0, 3)], &[0]);
+        let alive = std::process::id();
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let gone = exited.id();
+        exited.wait().unwrap();
+        let losers = |fence, pids| Losers {
+            nodes: ["a", "b"],
+            lives: [Some(10), Some(11)],
+            pids,
+            fence,
+        };
+        // QEMU guests: a must eject itself, whatever its process does.
+        let ejects = losers(Fence::Ejects, [gone, alive]);
+        assert_eq!(ejects.unfenced(&claimed, 0), Some(0));
+        assert_eq!(ejects.unfenced(&ejected, 0), None);
+        // A claim of an earlier cycle is no loss now.
+        assert_eq!(ejects.unfenced(&claimed, 3), None);
+        // Agent processes: a's must be gone; an ejection note alone is not enough.
+        assert_eq!(
+            losers(Fence::Killed, [alive, alive]).unfenced(&ejected, 0),
+            Some(0)
+        );
+        assert_eq!(
+            losers(Fence::Killed, [gone, alive]).unfenced(&claimed, 0),
+            None
+        );
+        assert_eq!(Fence::of_backend("process"), Fence::Killed);
+        assert_eq!(Fence::of_backend("qemu"), Fence::Ejects);
     }
 
     #[test]
