@@ -90,6 +90,28 @@ fn process_campaign_of_every_kind_is_valid() {
     }
 }
 
+/// The faults hostd is away for, each twice: a kill while hostd
+/// is away (the partner claims it at the coordinator), a zombie (stopped past detection;
+/// the coordinator kills it before the claim is answered, as the process backend has no
+/// I/O fence), both stopped and continued together (exactly one wins), and every link cut
+/// while hostd is away (nobody may take over). hostd comes back and adopts each outcome.
+#[test]
+fn process_campaign_without_hostd_is_valid() {
+    if !agent_prerequisite() {
+        return;
+    }
+    let _one = one_pair();
+    let kinds = vec![
+        FaultKind::HostdDownKill,
+        FaultKind::Zombie,
+        FaultKind::BothStop,
+        FaultKind::LinksDown,
+    ];
+    let (_out, report) = valid_campaign(13, 8, 2, kinds);
+    // hostd_down_kill and zombie, twice each, were claimed by the agents.
+    assert!(report.takeovers_without_hostd.count >= 4, "{report}");
+}
+
 /// Three nodes, each kind twice: a kill, a double kill (a node and its first taker), a kill
 /// of a node and then of the node that took it over, and a kill of two nodes in quick
 /// succession. Every identity must end up on the live node, and back home after.
