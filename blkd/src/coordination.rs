@@ -85,6 +85,22 @@ impl Coordination {
                 state: coordinator.state(),
             },
             NodeRequest::Claim { victim, number } => {
+                // Where only a kill fences, a member whose process this daemon does not
+                // know (it asked nothing since the daemon started) cannot be fenced: it is
+                // not claimed, and the claimer asks again until it can be (a victim no
+                // member any more gets its stored or lost answer below).
+                let unfenceable = self
+                    .stonith
+                    .as_ref()
+                    .is_some_and(|s| s.known(victim).is_none())
+                    && coordinator.state().node(victim).is_some_and(|m| m.member);
+                if unfenceable {
+                    return NodeAnswer::Error {
+                        message: format!(
+                            "node {victim}'s process is not known to this daemon, so a claim could not fence it: not claimed"
+                        ),
+                    };
+                }
                 let fence = |victim, by| self.fence(victim, by);
                 match coordinator.claim(node, victim, number, fence) {
                     Ok(answer) => answer,
@@ -264,31 +280,24 @@ mod tests {
     }
 
     #[test]
-    fn where_victims_are_killed_an_unknown_process_is_listed_as_not_fenced() {
+    fn where_victims_are_killed_an_unknown_process_is_not_claimed() {
         let dir = tempfile::tempdir().unwrap();
         let table = Arc::new(Table::load(&dir.path().join("r.json"), &[]).unwrap());
         let coordinator = Coordinator::open(&plan(dir.path())).unwrap();
         let stonith = Stonith::new(Box::new(crate::stonith::HostProcesses));
         let coordination = Coordination::new(coordinator, table, Vec::new(), Some(stonith));
-        let answer = coordination.answer(
-            1,
-            &NodeRequest::Claim {
-                victim: 0,
-                number: 1,
-            },
-        );
-        assert_eq!(
-            answer,
-            NodeAnswer::Won {
-                number: 1,
-                generation: 1,
-                identities: vec![0],
-                preempted: vec![],
-                not_preempted: vec![
-                    "node 0's process: not known: it asked this daemon nothing".into()
-                ],
-            }
-        );
+        let claim = NodeRequest::Claim {
+            victim: 0,
+            number: 1,
+        };
+        let NodeAnswer::Error { message } = coordination.answer(1, &claim) else {
+            panic!("a victim nothing can fence was claimed");
+        };
+        assert!(message.contains("not known"), "{message}");
+        let StorageResponse::Coordinator { state } = coordination.state() else {
+            panic!("no state");
+        };
+        assert_eq!(state.generation, 0, "nothing changed");
     }
 
     #[test]

@@ -413,7 +413,16 @@ impl Coordinator {
                 });
             }
         }
-        if generation < self.state.generation {
+        // At the coordinator's own generation, a claim may have taken that number: the
+        // sync is stale unless it changes nothing.
+        let changes_something = owners.iter().any(|given| {
+            self.state
+                .owner(given.identity)
+                .is_some_and(|o| o.node != given.node || o.generation != given.generation)
+        });
+        if generation < self.state.generation
+            || (generation == self.state.generation && changes_something)
+        {
             log::info!(
                 "hostd's sync at generation {generation} is stale: the coordinator is at \
                  generation {}",

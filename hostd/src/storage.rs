@@ -450,7 +450,13 @@ impl StorageDaemon {
         if self.plan.coordinator.is_none() {
             return Err(StorageError::NoCoordinator);
         }
-        match self.call(request, COORDINATOR_TIMEOUT)? {
+        // A change waits as long as a preemption: a claim holds the coordinator while it
+        // fences, and a change given up on would still be carried out after hostd moved on.
+        let timeout = match request {
+            StorageRequest::Coordinator => COORDINATOR_TIMEOUT,
+            _ => REQUEST_TIMEOUT,
+        };
+        match self.call(request, timeout)? {
             StorageResponse::Coordinator { state } => Ok(Coordinated::Accepted(state)),
             StorageResponse::Stale { state } => Ok(Coordinated::Stale(state)),
             StorageResponse::Error { message } => Err(StorageError::Refused { message }),

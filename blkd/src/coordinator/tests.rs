@@ -265,6 +265,17 @@ fn a_sync_replaces_the_owners_unless_it_is_older() {
         coordinator.sync(3, &[]).unwrap(),
         Outcome::Stale(state.clone())
     );
+    // At the coordinator's own generation, a sync that would change an owner is stale: a
+    // claim may hold that number.
+    let other = [IdentityOwner {
+        identity: 0,
+        node: Some(0),
+        generation: 4,
+    }];
+    assert_eq!(
+        coordinator.sync(4, &other).unwrap(),
+        Outcome::Stale(state.clone())
+    );
     assert!(matches!(
         coordinator.sync(5, &[owners[0], owners[0]]),
         Err(ChangeError::DuplicateIdentity(0))

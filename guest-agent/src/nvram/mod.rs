@@ -546,7 +546,25 @@ impl Export for NvramExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.volume.read(offset, buf, self.nvram.region())
+        self.volume.read(offset, buf, self.nvram.region())?;
+        // A node that lost the identity (a claim while it hung) may not have the newest
+        // writes: what it read goes out only if it still owns the identity after reading.
+        fence(Ordering::SeqCst);
+        if self
+            .nvram
+            .ownership
+            .as_ref()
+            .is_some_and(|o| !o.owns(self.volume.export_id))
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "export {} is owned by another node now: the read is not answered",
+                    self.volume.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> std::io::Result<()> {

@@ -97,6 +97,13 @@ pub enum CommandError {
         epoch: u64,
         generation: u64,
     },
+    #[error("the coordinator did not take the move of {identity} at epoch {epoch}; it waits")]
+    CoordinatorSilent {
+        identity: String,
+        epoch: u64,
+        #[source]
+        source: crate::storage::StorageError,
+    },
 }
 
 /// The running cluster.

@@ -360,6 +360,20 @@ impl FailoverMonitor {
             let Ok(name) = self.export(identity).map(|e| e.volume().name.clone()) else {
                 continue;
             };
+            // A late answer (hostd came back, adopted the claim and moved the identity on)
+            // must not lay the victim's old records over a newer owner's.
+            let owner = self.owner(identity);
+            if owner
+                != Some(shm::Owner {
+                    node: Some(self.node_id),
+                    epoch: generation,
+                })
+            {
+                log::warn!(
+                    "{name}, won at generation {generation}, has a newer owner now ({owner:?}): not taken over here"
+                );
+                continue;
+            }
             let port = match self.listen_ip {
                 Some(_) => alone.identity_ports.port(&name).unwrap_or_else(|| {
                     log::warn!(

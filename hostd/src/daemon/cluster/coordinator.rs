@@ -475,15 +475,15 @@ impl Cluster {
                 })
             }
             Err(error) => {
-                log::warn!(
-                    "the coordinator did not take the move of {} to {} at {epoch}; the move goes on: {}",
-                    self.topology.identity_name(identity),
-                    self.topology.name(node),
-                    wire::error_chain::one_line(&error)
-                );
+                // Without the coordinator's word, a claim may hold this generation: the
+                // move waits for the next tick rather than make two owners of one number.
                 self.coordinator.answers = false;
                 self.coordinator.due = true;
-                Ok(())
+                Err(CommandError::CoordinatorSilent {
+                    identity: self.topology.identity_name(identity).to_owned(),
+                    epoch,
+                    source: error,
+                })
             }
         }
     }
