@@ -682,17 +682,22 @@ impl Storage for StorageDaemon {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_disk_is_attached_by_its_node_and_its_takers() {
-        let topology = Topology::new(["a".to_owned(), "b".to_owned(), "c".to_owned()]);
-        let state = StateDir::new("/run/ivha");
-        let files: Vec<NodeFiles> = ["a", "b", "c"]
+    /// The region and disk of nodes a, b and c.
+    fn three_nodes_files() -> Vec<NodeFiles> {
+        ["a", "b", "c"]
             .iter()
             .map(|n| NodeFiles {
                 region: PathBuf::from(format!("/r/{n}")),
                 disk: PathBuf::from(format!("/d/{n}.img")),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn every_disk_is_attached_by_its_node_and_its_takers() {
+        let topology = Topology::new(["a".to_owned(), "b".to_owned(), "c".to_owned()]);
+        let state = StateDir::new("/run/ivha");
+        let files = three_nodes_files();
         let disks_only = Served {
             disks: true,
             coordinator: false,
@@ -735,13 +740,7 @@ mod tests {
             vec![vec![1], vec![2, 0], vec![0, 1]],
         );
         let state = StateDir::new("/run/ivha");
-        let files: Vec<NodeFiles> = ["a", "b", "c"]
-            .iter()
-            .map(|n| NodeFiles {
-                region: PathBuf::from(format!("/r/{n}")),
-                disk: PathBuf::from(format!("/d/{n}.img")),
-            })
-            .collect();
+        let files = three_nodes_files();
         let both = Served {
             disks: true,
             coordinator: true,

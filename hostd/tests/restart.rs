@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::ack_checker::AckedWriter;
 use common::{FLUSH_DELAY, NODE_B, Pair, agent_prerequisite, alive, one_pair, prerequisites};
@@ -20,29 +20,15 @@ fn takeover(event: &Event) -> bool {
     matches!(event, Event::Takeover(_))
 }
 
-/// Waits until `writer` has `more` acknowledgements beyond what it had.
-fn wait_for_acks(writer: &AckedWriter, more: u64, what: &str) {
-    let target = writer.acked() + more;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < target {
-        assert!(
-            Instant::now() < deadline && !writer.finished(),
-            "{what}: the writer stalled at {} acknowledgements",
-            writer.acked()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn hostd_sigkill_then_adopt(pair: &Pair) {
     let epoch = pair.status()["epoch"].as_u64().unwrap();
     let takeovers = count(&pair.events(), takeover);
     let writer = AckedWriter::start(pair.addr(0), "a", 1, 0, 8192);
-    wait_for_acks(&writer, 100, "before the kill");
+    writer.wait_for(100, "before the kill");
 
     let old_hostd = pair.kill_hostd();
     // No hostd: the guests serve on their own.
-    wait_for_acks(&writer, 100, "while no hostd ran");
+    writer.wait_for(100, "while no hostd ran");
     for pid in &pair.pids {
         assert!(alive(*pid), "node process {pid} died with hostd");
     }
@@ -67,7 +53,7 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
             .all(|n| n["state"] == "up")
     });
     // Past a whole heartbeat timeout (3 s by default): still nothing moved.
-    wait_for_acks(&writer, 100, "after the adoption");
+    writer.wait_for(100, "after the adoption");
     std::thread::sleep(Duration::from_millis(3500));
     let settled = pair.status();
     assert_eq!(settled["epoch"].as_u64().unwrap(), epoch, "{settled:#}");
@@ -88,7 +74,7 @@ fn hostd_sigkill_then_adopt(pair: &Pair) {
     pair.wait_for("a served by b", Duration::from_secs(30), |status| {
         Pair::node(status, "a")["served_by"] == "b"
     });
-    wait_for_acks(&writer, 100, "after the takeover");
+    writer.wait_for(100, "after the takeover");
     let history = writer.stop();
     let mut reader = pair.connect(0, "a");
     let report = history

@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bridge::{Client, Written, mac_of};
-use common::{Pair, one_pair, prerequisites, tool, wait_served_by};
+use common::{Pair, one_pair, wait_served_by};
 
 fn hostd_ok(pair: &Pair, args: &[&str]) {
     let (code, stdout, stderr) = pair.hostd(args);
@@ -22,16 +22,7 @@ fn hostd_ok(pair: &Pair, args: &[&str]) {
 
 #[test]
 fn vm_bridge_service_ip_follows_its_identity() {
-    if !prerequisites() || !tool("qemu-io") {
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("SKIPPED: bridge mode needs root");
+    if !common::bridge::prerequisites() {
         return;
     }
     let _one = one_pair();

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use common::ack_checker::AckedWriter;
 use common::bridge::{Client, Written, mac_of};
 use common::{
-    FLUSH_DELAY, NODE_B, PROCESS, Pair, agent_prerequisite, alive, one_pair, prerequisites, tool,
-    wait_served_by,
+    FLUSH_DELAY, NODE_B, PROCESS, Pair, agent_prerequisite, alive, one_pair, wait_served_by,
 };
 use wire::events::Event;
 
@@ -63,19 +62,6 @@ fn claim_adopted(pair: &Pair, identity: &str, by: &str) -> bool {
     })
 }
 
-fn wait_for_acks(writer: &AckedWriter, more: u64, what: &str) {
-    let target = writer.acked() + more;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < target {
-        assert!(
-            Instant::now() < deadline && !writer.finished(),
-            "{what}: the writer stalled at {} acknowledgements",
-            writer.acked()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Process backend: hostd SIGKILLed, then a's agent: b claims a at the coordinator, which
 /// kills nothing more (a is dead) and says so, replays a's log and listens on a's port;
 /// the writer carries on at a's address with every acknowledged write in place; hostd
@@ -90,7 +76,7 @@ fn process_a_killed_while_hostd_is_away_is_taken_over_by_b() {
     let pair = Pair::up_with(NODE_B, &format!("{PROCESS}{FLUSH_DELAY}{FAILOVER}"));
     let epoch = pair.status()["epoch"].as_u64().unwrap();
     let writer = AckedWriter::start(pair.addr(0), "a", 1, 0, 8192);
-    wait_for_acks(&writer, 200, "before the kills");
+    writer.wait_for(200, "before the kills");
 
     pair.kill_hostd();
     let a_pid = pair.pids[0];
@@ -103,7 +89,7 @@ fn process_a_killed_while_hostd_is_away_is_taken_over_by_b() {
         "the claim's generation {generation} follows epoch {epoch}"
     );
     let acked = writer.acked();
-    wait_for_acks(&writer, 200, "after b's claim");
+    writer.wait_for(200, "after b's claim");
     eprintln!(
         "a killed while hostd was away: claimed by b after {claimed:?} (generation {generation}); the writer went on from {acked} acknowledgements"
     );
@@ -126,12 +112,12 @@ fn process_a_killed_while_hostd_is_away_is_taken_over_by_b() {
         |status| Pair::node(status, "a")["state"] == "up",
     );
     assert!(!alive(a_pid));
-    wait_for_acks(&writer, 100, "after the adoption");
+    writer.wait_for(100, "after the adoption");
 
     let (code, out, err) = pair.hostd(&["giveback", "a"]);
     assert_eq!(code, 0, "hostd giveback a: {out}{err}");
     wait_served_by(&pair, "a", "a", Duration::from_secs(60));
-    wait_for_acks(&writer, 100, "after the giveback");
+    writer.wait_for(100, "after the giveback");
     let history = writer.stop();
     let mut reader = pair.connect(0, "a");
     let report = history
@@ -147,16 +133,7 @@ fn process_a_killed_while_hostd_is_away_is_taken_over_by_b() {
 /// refuses its flusher's old records, it ejects itself, and the client's new data stays.
 #[test]
 fn vm_bridge_failover_without_hostd() {
-    if !prerequisites() || !tool("qemu-io") {
-        return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("SKIPPED: bridge mode needs root");
+    if !common::bridge::prerequisites() {
         return;
     }
     let _one = one_pair();

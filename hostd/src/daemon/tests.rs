@@ -90,6 +90,14 @@ impl Harness {
         config.heartbeat.interval_ms = 10;
         config.heartbeat.timeout_ms = 150;
         configure(&mut config);
+        // Tests run in parallel, and the launch checks that each node's port is free: each
+        // harness gets ports of its own, not the defaults every other harness has too.
+        for node in &mut config.nodes {
+            node.nbd_port = std::net::TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|listener| listener.local_addr())
+                .unwrap()
+                .port();
+        }
         let (files, control) = prepare::prepare(&config, &state, None).unwrap();
         let names: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         let (backend, fake) = FakeBackend::new(&names, &control);

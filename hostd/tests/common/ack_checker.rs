@@ -193,6 +193,21 @@ impl AckedWriter {
     }
 
     /// Writes acknowledged so far.
+    /// Waits until `more` acknowledgements beyond those so far have come (up to 60 s);
+    /// `what` names the moment in the failure.
+    pub fn wait_for(&self, more: u64, what: &str) {
+        let target = self.acked() + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked() < target {
+            assert!(
+                Instant::now() < deadline && !self.finished(),
+                "{what}: the writer stalled at {} acknowledgements",
+                self.acked()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
     }

@@ -6,6 +6,24 @@ use std::time::{Duration, Instant};
 
 use super::Pair;
 
+/// Whether a bridge-mode VM test can run here: a guest image, qemu-io, and root (CI runs as
+/// root, so a skip there is a failure).
+pub fn prerequisites() -> bool {
+    if !super::prerequisites() || !super::tool("qemu-io") {
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root"
+        );
+        eprintln!("SKIPPED: bridge mode needs root");
+        return false;
+    }
+    true
+}
+
 /// A client in the test's namespace.
 pub struct Client {
     pub netns: String,
